@@ -1,0 +1,274 @@
+//! The versioned binary encoding of [`Envelope`] used between instances.
+//!
+//! Layout of version 1 (all integers big-endian):
+//!
+//! ```text
+//! u8   version (= 1)
+//! u8   flags: bit 0 ephemeral, bit 1 has `from`, bit 2 has `cursor`; other bits must be 0
+//! [16] message id
+//! u64  ts (Unix ms)
+//! u8   room length, then the room bytes (validated as a Room on decode)
+//! if from:   u16 length, then UTF-8 bytes
+//! if cursor: u32 partition, u64 offset
+//! u32  payload length, then the payload bytes (zero-copy slice of the input on decode)
+//! ```
+//!
+//! The first byte names the version so a future layout can be rolled out instance by instance:
+//! a decoder rejects versions it does not know instead of misreading them. Decoding never
+//! panics and never allocates more than the input's length, whatever the bytes.
+
+use std::sync::Arc;
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::envelope::{Cursor, Envelope, Kind, MessageId, Room};
+use crate::{Error, Result};
+
+/// The version this build writes.
+pub const VERSION: u8 = 1;
+
+const F_EPHEMERAL: u8 = 1;
+const F_FROM: u8 = 1 << 1;
+const F_CURSOR: u8 = 1 << 2;
+const F_KNOWN: u8 = F_EPHEMERAL | F_FROM | F_CURSOR;
+
+/// The number of bytes [`encode`] writes for `env`.
+pub fn encoded_len(env: &Envelope) -> usize {
+    1 + 1
+        + 16
+        + 8
+        + 1
+        + env.room.as_str().len()
+        + env.from.as_ref().map_or(0, |f| 2 + f.len())
+        + env.cursor.map_or(0, |_| 12)
+        + 4
+        + env.payload.len()
+}
+
+/// Appends the encoding of `env` to `buf`.
+///
+/// Fails only when a field does not fit its length prefix (`from` over 65,535 bytes or a payload
+/// over 4 GiB), which callers that enforce a message size limit never hit.
+pub fn encode_into(env: &Envelope, buf: &mut BytesMut) -> Result<()> {
+    let from_len = match &env.from {
+        Some(f) => Some(u16::try_from(f.len()).map_err(|_| Error::TooLarge {
+            size: f.len(),
+            limit: u16::MAX as usize,
+        })?),
+        None => None,
+    };
+    let payload_len = u32::try_from(env.payload.len()).map_err(|_| Error::TooLarge {
+        size: env.payload.len(),
+        limit: u32::MAX as usize,
+    })?;
+    let mut flags = 0;
+    if env.kind == Kind::Ephemeral {
+        flags |= F_EPHEMERAL;
+    }
+    if from_len.is_some() {
+        flags |= F_FROM;
+    }
+    if env.cursor.is_some() {
+        flags |= F_CURSOR;
+    }
+    buf.reserve(encoded_len(env));
+    buf.put_u8(VERSION);
+    buf.put_u8(flags);
+    buf.put_slice(&env.id.to_bytes());
+    buf.put_u64(env.ts);
+    let room = env.room.as_str().as_bytes();
+    // Room::new guarantees at most 128 bytes.
+    buf.put_u8(room.len() as u8);
+    buf.put_slice(room);
+    if let (Some(len), Some(from)) = (from_len, &env.from) {
+        buf.put_u16(len);
+        buf.put_slice(from.as_bytes());
+    }
+    if let Some(c) = env.cursor {
+        buf.put_u32(c.partition);
+        buf.put_u64(c.offset);
+    }
+    buf.put_u32(payload_len);
+    buf.put_slice(&env.payload);
+    Ok(())
+}
+
+/// Encodes `env` into a new buffer.
+pub fn encode(env: &Envelope) -> Result<Bytes> {
+    let mut buf = BytesMut::with_capacity(encoded_len(env));
+    encode_into(env, &mut buf)?;
+    Ok(buf.freeze())
+}
+
+/// A bounds-checked reader over the input.
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8]> {
+        let end = self.pos.checked_add(n).ok_or(Error::Decode(what))?;
+        let s = self.buf.get(self.pos..end).ok_or(Error::Decode(what))?;
+        self.pos = end;
+        Ok(s)
+    }
+    fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N]> {
+        let s = self.take(N, what)?;
+        let mut out = [0u8; N];
+        out.copy_from_slice(s);
+        Ok(out)
+    }
+}
+
+/// Decodes one envelope. The payload is a zero-copy slice of `bytes`.
+pub fn decode(bytes: &Bytes) -> Result<Envelope> {
+    let mut r = Reader { buf: bytes, pos: 0 };
+    let [version] = r.array::<1>("truncated header")?;
+    if version != VERSION {
+        return Err(Error::Decode("unknown encoding version"));
+    }
+    let [flags] = r.array::<1>("truncated header")?;
+    if flags & !F_KNOWN != 0 {
+        return Err(Error::Decode("unknown flags"));
+    }
+    let id = MessageId::from_u128(u128::from_be_bytes(r.array("truncated id")?));
+    let ts = u64::from_be_bytes(r.array("truncated timestamp")?);
+    let [room_len] = r.array::<1>("truncated room")?;
+    let room = std::str::from_utf8(r.take(room_len.into(), "truncated room")?)
+        .map_err(|_| Error::Decode("room is not UTF-8"))?;
+    let room = Room::new(room).map_err(|_| Error::Decode("invalid room name"))?;
+    let from = if flags & F_FROM != 0 {
+        let len = u16::from_be_bytes(r.array("truncated sender")?);
+        let s = std::str::from_utf8(r.take(len.into(), "truncated sender")?)
+            .map_err(|_| Error::Decode("sender is not UTF-8"))?;
+        Some(Arc::<str>::from(s))
+    } else {
+        None
+    };
+    let cursor = if flags & F_CURSOR != 0 {
+        let partition = u32::from_be_bytes(r.array("truncated cursor")?);
+        let offset = u64::from_be_bytes(r.array("truncated cursor")?);
+        Some(Cursor { partition, offset })
+    } else {
+        None
+    };
+    let len = u32::from_be_bytes(r.array("truncated payload length")?);
+    let start = r.pos;
+    r.take(len as usize, "truncated payload")?;
+    if r.pos != bytes.len() {
+        return Err(Error::Decode("trailing bytes"));
+    }
+    Ok(Envelope {
+        id,
+        room,
+        kind: if flags & F_EPHEMERAL != 0 {
+            Kind::Ephemeral
+        } else {
+            Kind::Durable
+        },
+        from,
+        ts,
+        payload: bytes.slice(start..r.pos),
+        cursor,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample() -> Envelope {
+        Envelope::new(Room::new("general").unwrap_or_else(|e| panic!("{e}")), "hello")
+            .with_from("alice")
+    }
+
+    #[test]
+    fn round_trip_all_shapes() {
+        let mut e = sample();
+        for (from, cursor, kind) in [
+            (None, None, Kind::Durable),
+            (Some("bob"), Some(Cursor::new(7, 1 << 40)), Kind::Durable),
+            (Some(""), None, Kind::Ephemeral),
+            (None, Some(Cursor::new(0, 0)), Kind::Ephemeral),
+        ] {
+            e.from = from.map(Arc::from);
+            e.cursor = cursor;
+            e.kind = kind;
+            let b = encode(&e).unwrap_or_else(|err| panic!("{err}"));
+            assert_eq!(b.len(), encoded_len(&e));
+            assert_eq!(b[0], VERSION);
+            assert_eq!(decode(&b).ok(), Some(e.clone()));
+        }
+    }
+
+    #[test]
+    fn rejects_bad_input() {
+        let b = encode(&sample()).unwrap_or_else(|e| panic!("{e}"));
+        assert!(decode(&Bytes::new()).is_err());
+        for cut in 0..b.len() {
+            assert!(decode(&b.slice(..cut)).is_err(), "truncated at {cut} accepted");
+        }
+        let mut v = b.to_vec();
+        v.push(0);
+        assert!(decode(&Bytes::from(v)).is_err(), "trailing byte accepted");
+        let mut v = b.to_vec();
+        v[0] = 2;
+        assert!(matches!(decode(&Bytes::from(v)), Err(Error::Decode("unknown encoding version"))));
+        let mut v = b.to_vec();
+        v[1] |= 0x80;
+        assert!(decode(&Bytes::from(v)).is_err(), "unknown flag accepted");
+    }
+
+    fn arb_envelope() -> impl Strategy<Value = Envelope> {
+        (
+            any::<u128>(),
+            "[A-Za-z0-9._:-]{1,128}",
+            any::<bool>(),
+            proptest::option::of(".{0,40}"),
+            any::<u64>(),
+            proptest::collection::vec(any::<u8>(), 0..512),
+            proptest::option::of((any::<u32>(), any::<u64>())),
+        )
+            .prop_map(|(id, room, eph, from, ts, payload, cursor)| Envelope {
+                id: MessageId::from_u128(id),
+                room: Room::new(room).unwrap_or_else(|e| panic!("{e}")),
+                kind: if eph { Kind::Ephemeral } else { Kind::Durable },
+                from: from.map(Arc::from),
+                ts,
+                payload: Bytes::from(payload),
+                cursor: cursor.map(|(p, o)| Cursor::new(p, o)),
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(10_000))]
+
+        /// Arbitrary bytes never panic the decoder.
+        #[test]
+        fn decode_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = decode(&Bytes::from(bytes));
+        }
+
+        /// Arbitrary bytes behind a valid version byte and flags (to reach deeper branches) never
+        /// panic the decoder either.
+        #[test]
+        fn decode_arbitrary_body_never_panics(flags in 0u8..8, body in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let mut v = vec![VERSION, flags];
+            v.extend(body);
+            let _ = decode(&Bytes::from(v));
+        }
+
+        /// Every envelope survives a round trip, and corrupting one byte never panics.
+        #[test]
+        fn round_trip_and_corruption(env in arb_envelope(), at in any::<prop::sample::Index>(), x in any::<u8>()) {
+            let b = encode(&env).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(decode(&b).ok(), Some(env));
+            let mut v = b.to_vec();
+            let i = at.index(v.len());
+            v[i] ^= x;
+            let _ = decode(&Bytes::from(v));
+        }
+    }
+}

@@ -1,0 +1,925 @@
+//! [`Hub`]: local fan-out inside one instance.
+//!
+//! The Hub keeps rooms → local sessions. For each room with at least one local member it holds
+//! one broker subscription (only rooms with local members, so with a broker that filters by
+//! interest an instance receives only the traffic it delivers) and one pump task that, per
+//! message, encodes the client frame **once** and hands the same [`Bytes`] to every member.
+//!
+//! Every session has a bounded outbound queue. A member whose queue is full never slows the
+//! others: with [`SlowPolicy::Resync`] it stops receiving live messages of that room, and its
+//! own writer later replays what it missed from its last cursor, then switches back to live
+//! with no gap and no duplicate; with [`SlowPolicy::Close`] the session is closed with a reason.
+//!
+//! A transport drives a session from two tasks: a reader that handles client requests through
+//! the cloneable [`SessionHandle`] (join, leave, publish, replies), and a writer that loops on
+//! [`Session::recv`] and writes what it returns to the socket. Catch-up (resume from a cursor,
+//! resync after lag) runs inside `recv`, so it is paced by the writer: a client that reads
+//! slowly slows only its own catch-up.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::sync::{mpsc, Notify, OnceCell};
+
+use crate::broker::{Broker, HistoryStream, Interest, Receipt, ReplayFrom, Subscription};
+use crate::envelope::{Cursor, Envelope, Room};
+use crate::{Error, Result};
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The data behind these locks stays consistent between statements, so a panic elsewhere
+    // must not take the whole hub down with it.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A client frame produced by a [`FrameEncoder`].
+#[derive(Debug, Clone)]
+pub struct Frame {
+    /// The bytes sent to each recipient, shared by all of them.
+    pub bytes: Bytes,
+    /// Do not deliver to sessions of the sending user (`Envelope::from`), e.g. typing events.
+    pub skip_sender: bool,
+}
+
+/// Turns an envelope into the frame clients receive. Called once per message per instance.
+pub trait FrameEncoder: Send + Sync + fmt::Debug + 'static {
+    /// The frame for `envelope`, or `None` to deliver nothing to clients.
+    fn encode(&self, envelope: &Envelope) -> Option<Frame>;
+}
+
+/// The default encoder: the envelope's payload, as is.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RawPayload;
+
+impl FrameEncoder for RawPayload {
+    fn encode(&self, envelope: &Envelope) -> Option<Frame> {
+        Some(Frame {
+            bytes: envelope.payload.clone(),
+            skip_sender: false,
+        })
+    }
+}
+
+/// What the Hub does with a session whose outbound queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SlowPolicy {
+    /// Stop live delivery of the room to it and replay from its last cursor once it catches up
+    /// (when the broker keeps history; otherwise it is told with [`Outbound::Lagged`]).
+    #[default]
+    Resync,
+    /// Close the session with [`CloseReason::SlowConsumer`].
+    Close,
+}
+
+/// Configuration of a [`Hub`].
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    /// Frames buffered per session before it counts as slow. Default 1,024.
+    pub session_queue: usize,
+    /// Replies (acks, errors) buffered per session before it is closed as slow. Default 256.
+    pub control_queue: usize,
+    /// See [`SlowPolicy`]. Default `Resync`.
+    pub slow_policy: SlowPolicy,
+    /// Messages fetched per replay request during catch-up. Default 500.
+    pub replay_page: usize,
+    /// Most messages replayed in one catch-up; past it the client is told it lagged. Default
+    /// 100,000.
+    pub max_catchup: usize,
+    /// Live messages held for a member while it catches up; past it the catch-up goes on from
+    /// the log. Default 4,096.
+    pub pending_limit: usize,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        Self {
+            session_queue: 1024,
+            control_queue: 256,
+            slow_policy: SlowPolicy::Resync,
+            replay_page: 500,
+            max_catchup: 100_000,
+            pending_limit: 4096,
+        }
+    }
+}
+
+/// Why a session was closed by the hub.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// It could not keep up ([`SlowPolicy::Close`], or too many unread replies).
+    SlowConsumer,
+    /// The hub is shutting down.
+    Shutdown,
+}
+
+/// What [`Session::recv`] hands to the transport's writer.
+#[derive(Debug, Clone)]
+pub enum Outbound {
+    /// A frame to send as is (a message, or a reply queued with [`SessionHandle::reply`]).
+    Frame(Bytes),
+    /// Messages of `room` were lost for this session and cannot be replayed (the broker keeps
+    /// no history, or the catch-up limit was reached). `cursor` is the last one it received.
+    Lagged {
+        /// The room.
+        room: Room,
+        /// The last cursor delivered in that room.
+        cursor: Option<Cursor>,
+    },
+    /// The session is closed; send a close frame and stop.
+    Close(CloseReason),
+}
+
+/// Counters of one hub. All are totals since start except the gauges `sessions` and `rooms`.
+#[derive(Debug, Default)]
+pub struct HubStats {
+    /// Open sessions (gauge).
+    pub sessions: AtomicU64,
+    /// Rooms with local members (gauge).
+    pub rooms: AtomicU64,
+    /// Messages received from the broker.
+    pub messages_in: AtomicU64,
+    /// Frames handed to session queues (one per recipient).
+    pub deliveries: AtomicU64,
+    /// Times a member's queue overflowed.
+    pub lagged: AtomicU64,
+    /// Messages delivered from the log during catch-up.
+    pub replayed: AtomicU64,
+    /// Copies skipped because the member already had that cursor.
+    pub duplicates: AtomicU64,
+    /// Sessions closed as slow.
+    pub slow_closed: AtomicU64,
+    /// Errors from the broker subscription (lag, disconnects).
+    pub broker_errors: AtomicU64,
+}
+
+fn inc(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Local fan-out for one instance; cheap to clone.
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<HubInner>,
+}
+
+struct HubInner {
+    broker: Arc<dyn Broker>,
+    encoder: Arc<dyn FrameEncoder>,
+    config: HubConfig,
+    rooms: Mutex<HashMap<Room, Arc<RoomEntry>>>,
+    sessions: Mutex<HashMap<u64, Weak<SessionShared>>>,
+    next_session: AtomicU64,
+    stats: HubStats,
+}
+
+impl fmt::Debug for Hub {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Hub")
+            .field("broker", &self.inner.broker)
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+struct RoomEntry {
+    room: Room,
+    members: Mutex<Members>,
+    // Set once the broker subscription and its pump are running.
+    pump: OnceCell<tokio::task::AbortHandle>,
+}
+
+#[derive(Default)]
+struct Members {
+    list: Vec<Member>,
+    // Set under this lock when the entry leaves the hub's map: a joiner holding a stale Arc
+    // sees it and retries with a fresh entry.
+    removed: bool,
+}
+
+struct Member {
+    session: Arc<SessionShared>,
+    // The last cursor handed to this member: the resume point, and the dedupe bound.
+    last: Option<Cursor>,
+    mode: Mode,
+}
+
+enum Mode {
+    Live,
+    CatchingUp {
+        pending: VecDeque<(Option<Cursor>, Bytes)>,
+        overflowed: bool,
+    },
+}
+
+struct SessionShared {
+    id: u64,
+    user: Arc<str>,
+    tx: mpsc::Sender<Bytes>,
+    control: Mutex<VecDeque<Control>>,
+    notify: Notify,
+    closed: Mutex<Option<CloseReason>>,
+    is_closed: AtomicBool,
+    rooms: Mutex<HashSet<Room>>,
+}
+
+enum Control {
+    Reply(Bytes),
+    CatchUp { room: Room, since: Cursor },
+    Lagged { room: Room, cursor: Option<Cursor> },
+}
+
+impl SessionShared {
+    fn push_control(&self, c: Control, limit: usize) -> bool {
+        let mut q = lock(&self.control);
+        if q.len() >= limit {
+            return false;
+        }
+        q.push_back(c);
+        drop(q);
+        self.notify.notify_one();
+        true
+    }
+
+    fn close(&self, reason: CloseReason) {
+        let mut c = lock(&self.closed);
+        if c.is_none() {
+            *c = Some(reason);
+            self.is_closed.store(true, Ordering::Release);
+        }
+        drop(c);
+        self.notify.notify_one();
+    }
+}
+
+/// What [`Hub::join`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Joined {
+    /// A resume cursor was given and the broker keeps history: the missed messages will be
+    /// delivered before live ones.
+    pub resuming: bool,
+}
+
+impl Hub {
+    /// A hub over `broker` that sends each message's payload as the client frame.
+    pub fn new(broker: Arc<dyn Broker>) -> Self {
+        Self::with_encoder(broker, Arc::new(RawPayload), HubConfig::default())
+    }
+
+    /// A hub with a frame encoder and a configuration.
+    pub fn with_encoder(
+        broker: Arc<dyn Broker>,
+        encoder: Arc<dyn FrameEncoder>,
+        config: HubConfig,
+    ) -> Self {
+        Self {
+            inner: Arc::new(HubInner {
+                broker,
+                encoder,
+                config,
+                rooms: Mutex::new(HashMap::new()),
+                sessions: Mutex::new(HashMap::new()),
+                next_session: AtomicU64::new(1),
+                stats: HubStats::default(),
+            }),
+        }
+    }
+
+    /// The broker behind this hub.
+    pub fn broker(&self) -> &Arc<dyn Broker> {
+        &self.inner.broker
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &HubStats {
+        &self.inner.stats
+    }
+
+    /// Opens a session for `user`.
+    pub fn connect(&self, user: impl Into<Arc<str>>) -> Session {
+        let (tx, rx) = mpsc::channel(self.inner.config.session_queue.max(1));
+        let id = self.inner.next_session.fetch_add(1, Ordering::Relaxed);
+        let shared = Arc::new(SessionShared {
+            id,
+            user: user.into(),
+            tx,
+            control: Mutex::new(VecDeque::new()),
+            notify: Notify::new(),
+            closed: Mutex::new(None),
+            is_closed: AtomicBool::new(false),
+            rooms: Mutex::new(HashSet::new()),
+        });
+        lock(&self.inner.sessions).insert(id, Arc::downgrade(&shared));
+        inc(&self.inner.stats.sessions);
+        Session {
+            handle: SessionHandle {
+                hub: self.clone(),
+                shared,
+            },
+            rx,
+            catchup: None,
+            ready: VecDeque::new(),
+        }
+    }
+
+    /// Publishes through the broker; local members receive it through the broker subscription
+    /// like everyone else, so every instance delivers in the broker's order.
+    pub async fn publish(&self, envelope: &Envelope) -> Result<Receipt> {
+        self.inner.broker.publish(envelope).await
+    }
+
+    /// One page of older history of `room` (see [`Broker::history`]).
+    pub async fn history(
+        &self,
+        room: &Room,
+        before: Option<Cursor>,
+        limit: usize,
+    ) -> Result<Vec<Envelope>> {
+        self.inner.broker.history(room, before, limit).await
+    }
+
+    /// The distinct users with a local session in `room`.
+    pub fn local_members(&self, room: &Room) -> Vec<Arc<str>> {
+        let entry = lock(&self.inner.rooms).get(room).cloned();
+        let Some(entry) = entry else {
+            return Vec::new();
+        };
+        let members = lock(&entry.members);
+        let mut seen = HashSet::new();
+        members
+            .list
+            .iter()
+            .filter(|m| seen.insert(m.session.user.clone()))
+            .map(|m| m.session.user.clone())
+            .collect()
+    }
+
+    /// The rooms that have local members.
+    pub fn rooms(&self) -> Vec<Room> {
+        lock(&self.inner.rooms).keys().cloned().collect()
+    }
+
+    /// Closes every session with [`CloseReason::Shutdown`]: their writers send a going-away
+    /// close after the frames already queued.
+    pub fn shutdown(&self) {
+        let sessions: Vec<_> = lock(&self.inner.sessions)
+            .values()
+            .filter_map(Weak::upgrade)
+            .collect();
+        for s in sessions {
+            s.close(CloseReason::Shutdown);
+        }
+    }
+
+    /// Adds the session to `room`. With `since`, the messages after that cursor are delivered
+    /// first, then live ones, with no gap and no duplicate (where the broker keeps history).
+    /// `reply`, if given, is queued to the session before any of those messages.
+    ///
+    /// Joining a room the session is already in updates its resume point.
+    pub async fn join(
+        &self,
+        session: &SessionHandle,
+        room: Room,
+        since: Option<Cursor>,
+        reply: Option<Bytes>,
+    ) -> Result<Joined> {
+        let resuming = since.is_some() && self.inner.broker.capabilities().replay;
+        loop {
+            let entry = {
+                let mut rooms = lock(&self.inner.rooms);
+                rooms
+                    .entry(room.clone())
+                    .or_insert_with(|| {
+                        inc(&self.inner.stats.rooms);
+                        Arc::new(RoomEntry {
+                            room: room.clone(),
+                            members: Mutex::new(Members::default()),
+                            pump: OnceCell::new(),
+                        })
+                    })
+                    .clone()
+            };
+            // Subscribe before the member is added and before any replay, so that nothing
+            // published from now on can fall between history and live.
+            entry
+                .pump
+                .get_or_try_init(|| async {
+                    let sub = self
+                        .inner
+                        .broker
+                        .subscribe(Interest::room(room.clone()))
+                        .await?;
+                    let task = tokio::spawn(pump(
+                        Arc::downgrade(&self.inner),
+                        Arc::downgrade(&entry),
+                        sub,
+                    ));
+                    Ok::<_, Error>(task.abort_handle())
+                })
+                .await
+                .inspect_err(|_| self.remove_if_empty(&entry))?;
+            let mut members = lock(&entry.members);
+            if members.removed {
+                continue;
+            }
+            let mode = || match since {
+                Some(_) if resuming => Mode::CatchingUp {
+                    pending: VecDeque::new(),
+                    overflowed: false,
+                },
+                _ => Mode::Live,
+            };
+            match members
+                .list
+                .iter_mut()
+                .find(|m| m.session.id == session.shared.id)
+            {
+                Some(m) => {
+                    m.last = since.or(m.last);
+                    m.mode = mode();
+                }
+                None => members.list.push(Member {
+                    session: session.shared.clone(),
+                    last: since,
+                    mode: mode(),
+                }),
+            }
+            drop(members);
+            lock(&session.shared.rooms).insert(room.clone());
+            let limit = self.inner.config.control_queue;
+            if let Some(reply) = reply {
+                session.shared.push_control(Control::Reply(reply), usize::MAX);
+            }
+            if let (true, Some(since)) = (resuming, since) {
+                if !session
+                    .shared
+                    .push_control(Control::CatchUp { room, since }, limit)
+                {
+                    session.shared.close(CloseReason::SlowConsumer);
+                }
+            }
+            return Ok(Joined { resuming });
+        }
+    }
+
+    /// Removes the session from `room`. Returns whether it was a member.
+    pub fn leave(&self, session: &SessionHandle, room: &Room) -> bool {
+        lock(&session.shared.rooms).remove(room);
+        self.remove_member(session.shared.id, room)
+    }
+
+    fn remove_member(&self, session_id: u64, room: &Room) -> bool {
+        let entry = lock(&self.inner.rooms).get(room).cloned();
+        let Some(entry) = entry else {
+            return false;
+        };
+        let mut members = lock(&entry.members);
+        let before = members.list.len();
+        members.list.retain(|m| m.session.id != session_id);
+        let removed = members.list.len() != before;
+        drop(members);
+        self.remove_if_empty(&entry);
+        removed
+    }
+
+    fn remove_if_empty(&self, entry: &Arc<RoomEntry>) {
+        let mut rooms = lock(&self.inner.rooms);
+        let mut members = lock(&entry.members);
+        if members.list.is_empty() && !members.removed {
+            members.removed = true;
+            if rooms
+                .get(&entry.room)
+                .is_some_and(|e| Arc::ptr_eq(e, entry))
+            {
+                rooms.remove(&entry.room);
+                self.inner.stats.rooms.fetch_sub(1, Ordering::Relaxed);
+            }
+            // Dropping the pump drops the broker subscription (the broker unsubscribes).
+            if let Some(pump) = entry.pump.get() {
+                pump.abort();
+            }
+        }
+    }
+}
+
+/// The reader side of a session: cloneable, used to join, leave, publish and reply.
+#[derive(Clone)]
+pub struct SessionHandle {
+    hub: Hub,
+    shared: Arc<SessionShared>,
+}
+
+impl fmt::Debug for SessionHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SessionHandle")
+            .field("id", &self.shared.id)
+            .field("user", &self.shared.user)
+            .finish()
+    }
+}
+
+impl SessionHandle {
+    /// The session id, unique within this hub.
+    pub fn id(&self) -> u64 {
+        self.shared.id
+    }
+
+    /// The user this session belongs to.
+    pub fn user(&self) -> &Arc<str> {
+        &self.shared.user
+    }
+
+    /// The hub.
+    pub fn hub(&self) -> &Hub {
+        &self.hub
+    }
+
+    /// The rooms this session is in.
+    pub fn rooms(&self) -> Vec<Room> {
+        lock(&self.shared.rooms).iter().cloned().collect()
+    }
+
+    /// Whether this session is in `room`.
+    pub fn is_member(&self, room: &Room) -> bool {
+        lock(&self.shared.rooms).contains(room)
+    }
+
+    /// Queues a reply frame (ack, error, pong) to this session only, ahead of further messages.
+    /// Returns `false` and closes the session as slow if too many replies are unread.
+    pub fn reply(&self, frame: Bytes) -> bool {
+        let ok = self
+            .shared
+            .push_control(Control::Reply(frame), self.hub.inner.config.control_queue);
+        if !ok {
+            self.close(CloseReason::SlowConsumer);
+        }
+        ok
+    }
+
+    /// Closes the session: its writer gets [`Outbound::Close`].
+    pub fn close(&self, reason: CloseReason) {
+        if reason == CloseReason::SlowConsumer {
+            inc(&self.hub.inner.stats.slow_closed);
+        }
+        self.shared.close(reason);
+    }
+
+    /// Whether the session was closed.
+    pub fn is_closed(&self) -> bool {
+        self.shared.is_closed.load(Ordering::Acquire)
+    }
+}
+
+/// The writer side of a session. Dropping it leaves every room.
+pub struct Session {
+    handle: SessionHandle,
+    rx: mpsc::Receiver<Bytes>,
+    catchup: Option<CatchUp>,
+    ready: VecDeque<Bytes>,
+}
+
+struct CatchUp {
+    room: Room,
+    // The last cursor delivered: replay continues strictly after it.
+    last: Cursor,
+    stream: Option<HistoryStream>,
+    // Items read from the current page, to tell a full page from the end of the log.
+    page_len: usize,
+    delivered: usize,
+}
+
+impl fmt::Debug for Session {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Session")
+            .field("id", &self.handle.shared.id)
+            .field("user", &self.handle.shared.user)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let rooms: Vec<Room> = lock(&self.handle.shared.rooms).drain().collect();
+        for room in rooms {
+            self.handle.hub.remove_member(self.handle.shared.id, &room);
+        }
+        let inner = &self.handle.hub.inner;
+        lock(&inner.sessions).remove(&self.handle.shared.id);
+        inner.stats.sessions.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Session {
+    /// A handle for the reader side.
+    pub fn handle(&self) -> SessionHandle {
+        self.handle.clone()
+    }
+
+    /// The next thing to write to the client. Never returns `None` while the hub lives; after
+    /// [`Outbound::Close`] the transport should stop calling it.
+    pub async fn recv(&mut self) -> Outbound {
+        loop {
+            if let Some(b) = self.ready.pop_front() {
+                return Outbound::Frame(b);
+            }
+            if let Some(reason) = *lock(&self.handle.shared.closed) {
+                return Outbound::Close(reason);
+            }
+            // Replies first: an ack must not wait behind a burst of messages.
+            let control = lock(&self.handle.shared.control).pop_front();
+            match control {
+                Some(Control::Reply(b)) => return Outbound::Frame(b),
+                Some(Control::Lagged { room, cursor }) => return Outbound::Lagged { room, cursor },
+                Some(Control::CatchUp { room, since }) => {
+                    self.catchup = Some(CatchUp {
+                        room,
+                        last: since,
+                        stream: None,
+                        page_len: 0,
+                        delivered: 0,
+                    });
+                }
+                None => {}
+            }
+            if self.catchup.is_some() {
+                if let Some(out) = self.step_catchup().await {
+                    return out;
+                }
+                continue;
+            }
+            if let Ok(b) = self.rx.try_recv() {
+                return Outbound::Frame(b);
+            }
+            tokio::select! {
+                b = self.rx.recv() => match b {
+                    Some(b) => return Outbound::Frame(b),
+                    // The sender lives in `self.handle`; unreachable while we hold it.
+                    None => return Outbound::Close(CloseReason::Shutdown),
+                },
+                () = self.handle.shared.notify.notified() => {}
+            }
+        }
+    }
+
+    /// Advances the current catch-up by at most one message; `None` when it made progress
+    /// without a frame to send (a new page, a skipped copy, or the switch back to live).
+    async fn step_catchup(&mut self) -> Option<Outbound> {
+        let inner = self.handle.hub.inner.clone();
+        let page = inner.config.replay_page.max(1);
+        let cu = self.catchup.as_mut()?;
+        let stream = match &mut cu.stream {
+            Some(s) => s,
+            None => {
+                match inner
+                    .broker
+                    .replay(&cu.room, ReplayFrom::Cursor(cu.last), page)
+                    .await
+                {
+                    Ok(s) => {
+                        cu.page_len = 0;
+                        cu.stream.insert(s)
+                    }
+                    Err(e) => {
+                        tracing::warn!(room = %cu.room, error = %e, "catch-up replay failed");
+                        return Some(self.end_catchup_lagged());
+                    }
+                }
+            }
+        };
+        match stream.next().await {
+            Some(Ok(env)) => {
+                cu.page_len += 1;
+                let c = env.cursor?;
+                if c <= cu.last {
+                    return None;
+                }
+                cu.last = c;
+                cu.delivered += 1;
+                inc(&inner.stats.replayed);
+                let frame = inner.encoder.encode(&env).map(|f| f.bytes);
+                if cu.delivered >= inner.config.max_catchup {
+                    // Enough: go live from here and tell the client what it did not get.
+                    let lagged = self.end_catchup_lagged();
+                    if let Outbound::Lagged { room, cursor } = lagged {
+                        self.handle
+                            .shared
+                            .push_control(Control::Lagged { room, cursor }, usize::MAX);
+                    }
+                }
+                frame.map(Outbound::Frame)
+            }
+            Some(Err(e)) => {
+                tracing::warn!(room = %cu.room, error = %e, "catch-up replay failed");
+                Some(self.end_catchup_lagged())
+            }
+            None => {
+                cu.stream = None;
+                // A full page means the log may go on: fetch the next. A short page reached the
+                // end of the log as it was when fetched; everything published since then is
+                // either held for us (pending) or not yet fanned out (the pump will deliver it
+                // live, after our cursor).
+                if cu.page_len >= page {
+                    return None;
+                }
+                let (room, last) = (cu.room.clone(), cu.last);
+                if self.go_live(&room, last, false) {
+                    self.catchup = None;
+                }
+                None
+            }
+        }
+    }
+
+    /// Gives up a catch-up (replay failed or the limit was reached): the member goes live from
+    /// its last cursor and the client is told it lagged.
+    fn end_catchup_lagged(&mut self) -> Outbound {
+        let Some(cu) = self.catchup.take() else {
+            return Outbound::Close(CloseReason::Shutdown);
+        };
+        self.go_live(&cu.room, cu.last, true);
+        Outbound::Lagged {
+            room: cu.room,
+            cursor: Some(cu.last),
+        }
+    }
+
+    /// Moves this session's member of `room` from catching up to live: the live messages held
+    /// meanwhile that come after `last` are queued (older ones are copies of replayed ones).
+    /// Without `force`, refuses when held messages overflowed (returns false: those are in the
+    /// log, so the caller replays on; the buffer starts empty again).
+    fn go_live(&mut self, room: &Room, last: Cursor, force: bool) -> bool {
+        let inner = self.handle.hub.inner.clone();
+        let entry = lock(&inner.rooms).get(room).cloned();
+        let Some(entry) = entry else { return true };
+        let mut members = lock(&entry.members);
+        let Some(m) = members
+            .list
+            .iter_mut()
+            .find(|m| m.session.id == self.handle.shared.id)
+        else {
+            return true;
+        };
+        let Mode::CatchingUp {
+            pending,
+            overflowed,
+        } = &mut m.mode
+        else {
+            return true;
+        };
+        if *overflowed && !force {
+            pending.clear();
+            *overflowed = false;
+            return false;
+        }
+        let held = std::mem::take(pending);
+        m.last = Some(last);
+        for (c, frame) in held {
+            if let (Some(c), Some(l)) = (c, m.last) {
+                if c <= l {
+                    inc(&inner.stats.duplicates);
+                    continue;
+                }
+            }
+            self.ready.push_back(frame);
+            if c.is_some() {
+                m.last = c;
+            }
+        }
+        m.mode = Mode::Live;
+        true
+    }
+}
+
+/// Reads one room's broker subscription and fans every message out to the room's members.
+async fn pump(hub: Weak<HubInner>, entry: Weak<RoomEntry>, mut sub: Subscription) {
+    let mut batch = Vec::with_capacity(64);
+    loop {
+        if sub.recv_many(&mut batch, 64).await == 0 {
+            // The broker ended the subscription (it gave up reconnecting): resubscribe, and let
+            // members resync from their cursors since messages may have been missed.
+            let (Some(hub), Some(entry)) = (hub.upgrade(), entry.upgrade()) else {
+                return;
+            };
+            inc(&hub.stats.broker_errors);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            match hub.broker.subscribe(Interest::room(entry.room.clone())).await {
+                Ok(s) => {
+                    sub = s;
+                    resync_all(&hub, &entry);
+                }
+                Err(e) => tracing::warn!(room = %entry.room, error = %e, "resubscribe failed"),
+            }
+            continue;
+        }
+        let (Some(hub), Some(entry)) = (hub.upgrade(), entry.upgrade()) else {
+            return;
+        };
+        for item in batch.drain(..) {
+            match item {
+                Ok(env) => fan_out(&hub, &entry, &env),
+                Err(e) => {
+                    inc(&hub.stats.broker_errors);
+                    tracing::debug!(room = %entry.room, error = %e, "broker subscription error");
+                    if matches!(e, Error::Lagged { .. }) {
+                        resync_all(&hub, &entry);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Every live member of the room replays from its last cursor (or is told it lagged).
+fn resync_all(hub: &HubInner, entry: &RoomEntry) {
+    let mut members = lock(&entry.members);
+    for m in &mut members.list {
+        if matches!(m.mode, Mode::Live) {
+            lag_member(hub, &entry.room, m);
+        }
+    }
+}
+
+fn lag_member(hub: &HubInner, room: &Room, m: &mut Member) {
+    inc(&hub.stats.lagged);
+    match (hub.config.slow_policy, m.last, hub.broker.capabilities().replay) {
+        (SlowPolicy::Close, _, _) => {
+            inc(&hub.stats.slow_closed);
+            m.session.close(CloseReason::SlowConsumer);
+        }
+        (SlowPolicy::Resync, Some(since), true) => {
+            m.mode = Mode::CatchingUp {
+                pending: VecDeque::new(),
+                overflowed: false,
+            };
+            let job = Control::CatchUp {
+                room: room.clone(),
+                since,
+            };
+            if !m.session.push_control(job, hub.config.control_queue) {
+                m.session.close(CloseReason::SlowConsumer);
+            }
+        }
+        (SlowPolicy::Resync, cursor, _) => {
+            // Nothing to replay from: the loss is reported and live delivery goes on.
+            let note = Control::Lagged {
+                room: room.clone(),
+                cursor,
+            };
+            if !m.session.push_control(note, hub.config.control_queue) {
+                m.session.close(CloseReason::SlowConsumer);
+            }
+        }
+    }
+}
+
+fn fan_out(hub: &HubInner, entry: &RoomEntry, env: &Envelope) {
+    inc(&hub.stats.messages_in);
+    let Some(frame) = hub.encoder.encode(env) else {
+        return;
+    };
+    let mut delivered = 0u64;
+    let mut duplicates = 0u64;
+    let mut members = lock(&entry.members);
+    for m in &mut members.list {
+        if frame.skip_sender && env.from.as_deref() == Some(&*m.session.user) {
+            continue;
+        }
+        // Cursors of one room only grow, so a cursor at or below the member's last is a copy
+        // it already has (replayed during catch-up, or delivered twice by the broker).
+        if let (Some(c), Some(l)) = (env.cursor, m.last) {
+            if c <= l {
+                duplicates += 1;
+                continue;
+            }
+        }
+        match &mut m.mode {
+            Mode::Live => match m.session.tx.try_send(frame.bytes.clone()) {
+                Ok(()) => {
+                    delivered += 1;
+                    if env.cursor.is_some() {
+                        m.last = env.cursor;
+                    }
+                }
+                Err(mpsc::error::TrySendError::Full(_)) => lag_member(hub, &entry.room, m),
+                // The session is going away; its Drop removes the member.
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            },
+            Mode::CatchingUp {
+                pending,
+                overflowed,
+            } => {
+                if pending.len() < hub.config.pending_limit {
+                    pending.push_back((env.cursor, frame.bytes.clone()));
+                } else {
+                    *overflowed = true;
+                }
+            }
+        }
+    }
+    drop(members);
+    hub.stats.deliveries.fetch_add(delivered, Ordering::Relaxed);
+    hub.stats.duplicates.fetch_add(duplicates, Ordering::Relaxed);
+}

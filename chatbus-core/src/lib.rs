@@ -1,0 +1,53 @@
+//! Core of chatbus: the data model, the [`Broker`] trait, the in-memory broker and the local
+//! fan-out [`Hub`].
+//!
+//! - [`Envelope`] is one message as it travels between instances, encoded by [`codec`] in a
+//!   versioned binary format.
+//! - [`Broker`] is the publish / subscribe / replay contract every backend implements:
+//!   [`MemoryBroker`] here (no infrastructure), `RedisBroker` (`chatbus-redis`), `KafkaBroker`
+//!   (`chatbus-kafka`).
+//! - [`Hub`] delivers what the broker brings to the sessions of one instance, encoding each
+//!   client frame once and isolating slow clients.
+//! - `conformance` (feature `conformance`) is the suite every broker must pass.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use chatbus_core::{Envelope, Hub, MemoryBroker, Outbound, Room};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> chatbus_core::Result<()> {
+//! let hub = Hub::new(Arc::new(MemoryBroker::new()));
+//! let mut alice = hub.connect("alice");
+//! let room = Room::new("general")?;
+//! hub.join(&alice.handle(), room.clone(), None, None).await?;
+//! hub.publish(&Envelope::new(room, "hello").with_from("bob")).await?;
+//! match alice.recv().await {
+//!     Outbound::Frame(bytes) => assert_eq!(bytes, "hello"),
+//!     other => panic!("{other:?}"),
+//! }
+//! # Ok(()) }
+//! ```
+
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod broker;
+pub mod codec;
+mod envelope;
+mod error;
+mod hub;
+mod memory;
+
+#[cfg(feature = "conformance")]
+#[cfg_attr(docsrs, doc(cfg(feature = "conformance")))]
+pub mod conformance;
+
+pub use broker::{
+    history_stream, Broker, BrokerExt, Capabilities, Health, HistoryStream, Interest, Receipt,
+    ReplayFrom, SendOutcome, Subscription, SubscriptionSender,
+};
+pub use envelope::{now_ms, Cursor, Envelope, Kind, MessageId, Room, MAX_ROOM_LEN};
+pub use error::{BoxError, Error, Result};
+pub use hub::{
+    CloseReason, Frame, FrameEncoder, Hub, HubConfig, HubStats, Joined, Outbound, RawPayload,
+    Session, SessionHandle, SlowPolicy,
+};
+pub use memory::{MemoryBroker, MemoryConfig};

@@ -1,0 +1,1 @@
+//! chatbus kafka component (being built).

@@ -1,0 +1,1 @@
+//! chatbus redis component (being built).

@@ -1,0 +1,1 @@
+//! chatbus ws component (being built).
