@@ -131,8 +131,11 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
     /// messages, so it can resync from its last cursor with [`replay`](Broker::replay).
     ///
     /// Reconnects: brokers that reconnect by themselves keep the subscription alive across a
-    /// reconnect; messages published while disconnected are lost to the live stream (reported as
-    /// `Lagged` where the broker can tell) but are still in the durable log where there is one.
+    /// reconnect. When the connection drops they may yield `Err(Error::Unavailable { .. })`;
+    /// when live delivery resumes after a possible loss they yield `Err(Error::Lagged { missed })`
+    /// (`missed` = 0 when the number is unknown), so the subscriber resyncs from its cursor.
+    /// Messages published while disconnected are lost to the live stream but are still in the
+    /// log of brokers that keep one.
     async fn subscribe(&self, interest: Interest) -> Result<Subscription>;
 
     /// Durable messages of `room` from `from`, oldest first, at most `limit`.
@@ -291,6 +294,7 @@ impl SubscriptionSender {
 /// subscription.
 pub struct Subscription {
     rx: mpsc::Receiver<Result<Envelope>>,
+    start: Option<Vec<Cursor>>,
     // Dropped with the subscription: lets a broker unsubscribe (e.g. Redis UNSUBSCRIBE).
     _guard: Option<Box<dyn Send + Sync>>,
 }
@@ -304,7 +308,11 @@ impl Subscription {
                 tx,
                 missed: Arc::new(AtomicU64::new(0)),
             },
-            Self { rx, _guard: None },
+            Self {
+                rx,
+                start: None,
+                _guard: None,
+            },
         )
     }
 
@@ -313,6 +321,22 @@ impl Subscription {
     pub fn with_guard(mut self, guard: impl Send + Sync + 'static) -> Self {
         self._guard = Some(Box::new(guard));
         self
+    }
+
+    /// Records where this subscription starts in the broker's log (see [`start`](Self::start)).
+    #[must_use]
+    pub fn with_start(mut self, start: Vec<Cursor>) -> Self {
+        self.start = Some(start);
+        self
+    }
+
+    /// For brokers whose cursors are contiguous within a partition (Kafka offsets, the memory
+    /// broker's sequence): per partition, the cursor of the first message this subscription
+    /// can deliver. Every later durable message of that partition, whatever its room, takes the
+    /// next offset, which lets a consumer (DualBus) detect gaps exactly. `None` for brokers
+    /// without such a log.
+    pub fn start(&self) -> Option<&[Cursor]> {
+        self.start.as_deref()
     }
 
     /// The next item, or `None` when the broker ended the subscription.

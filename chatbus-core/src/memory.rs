@@ -221,8 +221,9 @@ impl Broker for MemoryBroker {
                 }
             }
         }
+        let start = Cursor::new(0, state.seq + 1);
         drop(state);
-        Ok(sub.with_guard(Unsubscribe {
+        Ok(sub.with_start(vec![start]).with_guard(Unsubscribe {
             shared: Arc::downgrade(&self.shared),
             id,
             interest,
