@@ -1,8 +1,7 @@
-//! chatbus: real-time chat fan-out to WebSocket clients spread over many server instances.
+#![doc = include_str!("../README.md")]
 //!
-//! This facade re-exports [`chatbus_core`] and, behind features, the backends:
-//! `redis` ([`RedisBroker`](redis::RedisBroker)), `kafka` ([`KafkaBroker`](kafka::KafkaBroker)),
-//! `ws` (the WebSocket transport), `full` (all of them).
+//! This facade re-exports `chatbus_core` and, behind features, the backends as modules:
+//! `redis`, `kafka`, `ws` (feature `full` enables all of them).
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 

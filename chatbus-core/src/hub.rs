@@ -321,6 +321,7 @@ impl Hub {
             },
             rx,
             catchup: None,
+            waiting: VecDeque::new(),
             ready: VecDeque::new(),
         }
     }
@@ -339,6 +340,15 @@ impl Hub {
         limit: usize,
     ) -> Result<Vec<Envelope>> {
         self.inner.broker.history(room, before, limit).await
+    }
+
+    /// Delivers `envelope` to this instance's members of its room only, without the broker:
+    /// exactly what happens to each message the broker brings (encode once, share with every
+    /// member). Returns the number of sessions it was queued for. Useful for server-local
+    /// notices and for measuring fan-out.
+    pub fn deliver_local(&self, envelope: &Envelope) -> u64 {
+        let entry = lock(&self.inner.rooms).get(&envelope.room).cloned();
+        entry.map_or(0, |entry| fan_out(&self.inner, &entry, envelope))
     }
 
     /// The distinct users with a local session in `room`.
@@ -578,6 +588,8 @@ pub struct Session {
     handle: SessionHandle,
     rx: mpsc::Receiver<Bytes>,
     catchup: Option<CatchUp>,
+    // Catch-ups not started yet, one per room, run one after another.
+    waiting: VecDeque<(Room, Cursor)>,
     ready: VecDeque<Bytes>,
 }
 
@@ -625,8 +637,9 @@ impl Session {
             if let Some(b) = self.ready.pop_front() {
                 return Outbound::Frame(b);
             }
-            if let Some(reason) = *lock(&self.handle.shared.closed) {
-                return Outbound::Close(reason);
+            let closed = *lock(&self.handle.shared.closed);
+            if closed == Some(CloseReason::SlowConsumer) {
+                return Outbound::Close(CloseReason::SlowConsumer);
             }
             // Replies first: an ack must not wait behind a burst of messages.
             let control = lock(&self.handle.shared.control).pop_front();
@@ -634,6 +647,20 @@ impl Session {
                 Some(Control::Reply(b)) => return Outbound::Frame(b),
                 Some(Control::Lagged { room, cursor }) => return Outbound::Lagged { room, cursor },
                 Some(Control::CatchUp { room, since }) => {
+                    // A newer resume point for a room already waiting replaces the older one.
+                    self.waiting.retain(|(r, _)| *r != room);
+                    self.waiting.push_back((room, since));
+                    continue;
+                }
+                None => {}
+            }
+            if self.catchup.is_none() {
+                if let Some((room, since)) = self.waiting.pop_front() {
+                    // Frames of this room queued before it stopped live delivery come first;
+                    // none are added while it catches up.
+                    while let Ok(b) = self.rx.try_recv() {
+                        self.ready.push_back(b);
+                    }
                     self.catchup = Some(CatchUp {
                         room,
                         last: since,
@@ -641,8 +668,8 @@ impl Session {
                         page_len: 0,
                         delivered: 0,
                     });
+                    continue;
                 }
-                None => {}
             }
             if self.catchup.is_some() {
                 if let Some(out) = self.step_catchup().await {
@@ -652,6 +679,10 @@ impl Session {
             }
             if let Ok(b) = self.rx.try_recv() {
                 return Outbound::Frame(b);
+            }
+            // On shutdown, what was queued before is still sent, then the close.
+            if let Some(reason) = closed {
+                return Outbound::Close(reason);
             }
             tokio::select! {
                 b = self.rx.recv() => match b {
@@ -819,7 +850,9 @@ async fn pump(hub: Weak<HubInner>, entry: Weak<RoomEntry>, mut sub: Subscription
         };
         for item in batch.drain(..) {
             match item {
-                Ok(env) => fan_out(&hub, &entry, &env),
+                Ok(env) => {
+                    fan_out(&hub, &entry, &env);
+                }
                 Err(e) => {
                     inc(&hub.stats.broker_errors);
                     tracing::debug!(room = %entry.room, error = %e, "broker subscription error");
@@ -875,10 +908,10 @@ fn lag_member(hub: &HubInner, room: &Room, m: &mut Member) {
     }
 }
 
-fn fan_out(hub: &HubInner, entry: &RoomEntry, env: &Envelope) {
+fn fan_out(hub: &HubInner, entry: &RoomEntry, env: &Envelope) -> u64 {
     inc(&hub.stats.messages_in);
     let Some(frame) = hub.encoder.encode(env) else {
-        return;
+        return 0;
     };
     let mut delivered = 0u64;
     let mut duplicates = 0u64;
@@ -922,4 +955,5 @@ fn fan_out(hub: &HubInner, entry: &RoomEntry, env: &Envelope) {
     drop(members);
     hub.stats.deliveries.fetch_add(delivered, Ordering::Relaxed);
     hub.stats.duplicates.fetch_add(duplicates, Ordering::Relaxed);
+    delivered
 }

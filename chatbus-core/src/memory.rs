@@ -16,7 +16,8 @@ use crate::Result;
 #[derive(Debug, Clone)]
 pub struct MemoryConfig {
     /// Durable messages kept per room for `replay`/`history` (oldest evicted first).
-    /// Default 1,024; 0 keeps none.
+    /// Default 1,024; 0 keeps none (then `replay` and `history` return nothing and
+    /// `capabilities().replay` is false).
     pub history_len: usize,
     /// Buffer of each subscription, in messages. Default 4,096.
     pub subscriber_capacity: usize,
@@ -267,7 +268,7 @@ impl Broker for MemoryBroker {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             durable: false,
-            replay: true,
+            replay: self.shared.config.history_len > 0,
             room_order: true,
             interest_filtering: true,
         }

@@ -1,0 +1,102 @@
+//! The conformance suite itself must be able to fail: brokers with planted bugs are run through
+//! it and the right checks must report them.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use async_trait::async_trait;
+use chatbus_core::conformance;
+use chatbus_core::{
+    Broker, Capabilities, Cursor, Envelope, Health, HistoryStream, Interest, MemoryBroker,
+    Receipt, ReplayFrom, Result, Room, Subscription,
+};
+
+/// Which bug to plant.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Bug {
+    /// Replay from a cursor also returns the message at the cursor: one message too many.
+    ReplayOneTooMany,
+    /// Every 37th publish is acknowledged but never delivered.
+    LosesMessages,
+    /// Ephemeral messages are stored and replayed.
+    ReplaysEphemeral,
+    /// Messages of every room reach room subscribers.
+    LeaksRooms,
+}
+
+#[derive(Debug)]
+struct Buggy {
+    inner: MemoryBroker,
+    bug: Bug,
+    count: AtomicU64,
+}
+
+#[async_trait]
+impl Broker for Buggy {
+    fn name(&self) -> &'static str {
+        "buggy"
+    }
+    async fn publish(&self, envelope: &Envelope) -> Result<Receipt> {
+        let n = self.count.fetch_add(1, Ordering::Relaxed);
+        if self.bug == Bug::LosesMessages && n % 37 == 36 {
+            return Ok(Receipt { id: envelope.id, cursor: Some(Cursor::new(0, u64::MAX)) });
+        }
+        let mut env = envelope.clone();
+        if self.bug == Bug::ReplaysEphemeral {
+            env.kind = chatbus_core::Kind::Durable;
+        }
+        self.inner.publish(&env).await
+    }
+    async fn subscribe(&self, interest: Interest) -> Result<Subscription> {
+        let interest = if self.bug == Bug::LeaksRooms { Interest::All } else { interest };
+        self.inner.subscribe(interest).await
+    }
+    async fn replay(&self, room: &Room, from: ReplayFrom, limit: usize) -> Result<HistoryStream> {
+        let from = match (self.bug, from) {
+            (Bug::ReplayOneTooMany, ReplayFrom::Cursor(c)) if c.offset > 0 => {
+                ReplayFrom::Cursor(Cursor::new(c.partition, c.offset - 1))
+            }
+            (_, f) => f,
+        };
+        self.inner.replay(room, from, limit).await
+    }
+    async fn history(&self, room: &Room, before: Option<Cursor>, limit: usize) -> Result<Vec<Envelope>> {
+        self.inner.history(room, before, limit).await
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    async fn health(&self) -> Health {
+        self.inner.health().await
+    }
+}
+
+async fn failed_checks(bug: Bug) -> Vec<&'static str> {
+    let b = Buggy { inner: MemoryBroker::new(), bug, count: AtomicU64::new(0) };
+    conformance::failures(&b).await.into_iter().map(|(name, _)| name).collect()
+}
+
+#[tokio::test]
+async fn correct_broker_passes() {
+    assert!(conformance::failures(&MemoryBroker::new()).await.is_empty());
+}
+
+#[tokio::test]
+async fn replay_one_too_many_is_caught() {
+    assert!(failed_checks(Bug::ReplayOneTooMany).await.contains(&"replay"));
+}
+
+#[tokio::test]
+async fn lost_messages_are_caught() {
+    let failed = failed_checks(Bug::LosesMessages).await;
+    assert!(failed.contains(&"room_order") || failed.contains(&"concurrent_publishers"), "{failed:?}");
+}
+
+#[tokio::test]
+async fn replayed_ephemeral_messages_are_caught() {
+    assert!(failed_checks(Bug::ReplaysEphemeral).await.contains(&"ephemeral"));
+}
+
+#[tokio::test]
+async fn room_leaks_are_caught() {
+    assert!(failed_checks(Bug::LeaksRooms).await.contains(&"room_isolation"));
+}
