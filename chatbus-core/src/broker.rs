@@ -124,6 +124,8 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
     ///
     /// Every message published after this returns is delivered, in the order of
     /// [`publish`](Broker::publish), until the [`Subscription`] is dropped (which cleans up).
+    /// A broker that reads its source asynchronously may also deliver some messages published
+    /// shortly before (consumers dedupe by cursor where it matters).
     ///
     /// Slow subscriber: the subscription has a bounded buffer; when it is full the broker drops
     /// messages for that subscriber only (it never slows the broker or other subscribers), and
@@ -210,7 +212,12 @@ forward_broker!(Box<T>);
 #[async_trait]
 pub trait BrokerExt: Broker {
     /// [`Broker::replay`] collected into a `Vec`.
-    async fn replay_vec(&self, room: &Room, from: ReplayFrom, limit: usize) -> Result<Vec<Envelope>> {
+    async fn replay_vec(
+        &self,
+        room: &Room,
+        from: ReplayFrom,
+        limit: usize,
+    ) -> Result<Vec<Envelope>> {
         self.replay(room, from, limit).await?.try_collect().await
     }
 }

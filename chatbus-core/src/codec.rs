@@ -180,8 +180,11 @@ mod tests {
     use proptest::prelude::*;
 
     fn sample() -> Envelope {
-        Envelope::new(Room::new("general").unwrap_or_else(|e| panic!("{e}")), "hello")
-            .with_from("alice")
+        Envelope::new(
+            Room::new("general").unwrap_or_else(|e| panic!("{e}")),
+            "hello",
+        )
+        .with_from("alice")
     }
 
     #[test]
@@ -208,14 +211,20 @@ mod tests {
         let b = encode(&sample()).unwrap_or_else(|e| panic!("{e}"));
         assert!(decode(&Bytes::new()).is_err());
         for cut in 0..b.len() {
-            assert!(decode(&b.slice(..cut)).is_err(), "truncated at {cut} accepted");
+            assert!(
+                decode(&b.slice(..cut)).is_err(),
+                "truncated at {cut} accepted"
+            );
         }
         let mut v = b.to_vec();
         v.push(0);
         assert!(decode(&Bytes::from(v)).is_err(), "trailing byte accepted");
         let mut v = b.to_vec();
         v[0] = 2;
-        assert!(matches!(decode(&Bytes::from(v)), Err(Error::Decode("unknown encoding version"))));
+        assert!(matches!(
+            decode(&Bytes::from(v)),
+            Err(Error::Decode("unknown encoding version"))
+        ));
         let mut v = b.to_vec();
         v[1] |= 0x80;
         assert!(decode(&Bytes::from(v)).is_err(), "unknown flag accepted");

@@ -317,7 +317,17 @@ mod tests {
         let c = Cursor::new(3, 1041);
         assert_eq!(c.to_string(), "3-1041");
         assert_eq!("3-1041".parse::<Cursor>().ok(), Some(c));
-        for bad in ["", "3", "-1", "3-", "a-1", "+3-1", "3-+1", "3-1-2", "99999999999-1"] {
+        for bad in [
+            "",
+            "3",
+            "-1",
+            "3-",
+            "a-1",
+            "+3-1",
+            "3-+1",
+            "3-1-2",
+            "99999999999-1",
+        ] {
             assert!(bad.parse::<Cursor>().is_err(), "{bad:?} parsed");
         }
         assert!(Cursor::new(0, 9) < Cursor::new(0, 10));

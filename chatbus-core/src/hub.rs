@@ -461,7 +461,9 @@ impl Hub {
             lock(&session.shared.rooms).insert(room.clone());
             let limit = self.inner.config.control_queue;
             if let Some(reply) = reply {
-                session.shared.push_control(Control::Reply(reply), usize::MAX);
+                session
+                    .shared
+                    .push_control(Control::Reply(reply), usize::MAX);
             }
             if let (true, Some(since)) = (resuming, since) {
                 if !session
@@ -836,7 +838,11 @@ async fn pump(hub: Weak<HubInner>, entry: Weak<RoomEntry>, mut sub: Subscription
             };
             inc(&hub.stats.broker_errors);
             tokio::time::sleep(Duration::from_millis(500)).await;
-            match hub.broker.subscribe(Interest::room(entry.room.clone())).await {
+            match hub
+                .broker
+                .subscribe(Interest::room(entry.room.clone()))
+                .await
+            {
                 Ok(s) => {
                     sub = s;
                     resync_all(&hub, &entry);
@@ -877,7 +883,11 @@ fn resync_all(hub: &HubInner, entry: &RoomEntry) {
 
 fn lag_member(hub: &HubInner, room: &Room, m: &mut Member) {
     inc(&hub.stats.lagged);
-    match (hub.config.slow_policy, m.last, hub.broker.capabilities().replay) {
+    match (
+        hub.config.slow_policy,
+        m.last,
+        hub.broker.capabilities().replay,
+    ) {
         (SlowPolicy::Close, _, _) => {
             inc(&hub.stats.slow_closed);
             m.session.close(CloseReason::SlowConsumer);
@@ -954,6 +964,8 @@ fn fan_out(hub: &HubInner, entry: &RoomEntry, env: &Envelope) -> u64 {
     }
     drop(members);
     hub.stats.deliveries.fetch_add(delivered, Ordering::Relaxed);
-    hub.stats.duplicates.fetch_add(duplicates, Ordering::Relaxed);
+    hub.stats
+        .duplicates
+        .fetch_add(duplicates, Ordering::Relaxed);
     delivered
 }

@@ -31,10 +31,12 @@
 
 mod broker;
 pub mod codec;
+pub mod dual;
 mod envelope;
 mod error;
 mod hub;
 mod memory;
+mod subscribers;
 
 #[cfg(feature = "conformance")]
 #[cfg_attr(docsrs, doc(cfg(feature = "conformance")))]
@@ -44,6 +46,7 @@ pub use broker::{
     history_stream, Broker, BrokerExt, Capabilities, Health, HistoryStream, Interest, Receipt,
     ReplayFrom, SendOutcome, Subscription, SubscriptionSender,
 };
+pub use dual::{DualBus, DualConfig, DualMode, DualStats, DurableDownPolicy};
 pub use envelope::{now_ms, Cursor, Envelope, Kind, MessageId, Room, MAX_ROOM_LEN};
 pub use error::{BoxError, Error, Result};
 pub use hub::{
@@ -51,3 +54,4 @@ pub use hub::{
     Session, SessionHandle, SlowPolicy,
 };
 pub use memory::{MemoryBroker, MemoryConfig};
+pub use subscribers::Subscribers;

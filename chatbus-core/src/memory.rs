@@ -1,23 +1,25 @@
 //! [`MemoryBroker`]: the embedded default, no infrastructure needed.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 
 use crate::broker::{
     history_stream, Broker, Capabilities, Health, HistoryStream, Interest, Receipt, ReplayFrom,
-    SendOutcome, Subscription, SubscriptionSender,
+    Subscription,
 };
 use crate::envelope::{Cursor, Envelope, Room};
+use crate::subscribers::Subscribers;
 use crate::Result;
 
 /// Configuration of a [`MemoryBroker`].
 #[derive(Debug, Clone)]
 pub struct MemoryConfig {
     /// Durable messages kept per room for `replay`/`history` (oldest evicted first).
-    /// Default 1,024; 0 keeps none (then `replay` and `history` return nothing and
-    /// `capabilities().replay` is false).
+    /// Default 1,024. 0 makes the broker a plain relay like Redis pub/sub: no history
+    /// (`capabilities().replay` is false), no cursors assigned, messages keep the cursor they
+    /// carry.
     pub history_len: usize,
     /// Buffer of each subscription, in messages. Default 4,096.
     pub subscriber_capacity: usize,
@@ -78,50 +80,13 @@ pub struct MemoryBroker {
 struct Shared {
     config: MemoryConfig,
     state: Mutex<State>,
+    subscribers: Subscribers,
 }
 
 #[derive(Debug, Default)]
 struct State {
     seq: u64,
-    next_sub: u64,
     history: HashMap<Room, VecDeque<Envelope>>,
-    // Indexed by room so a publish touches only the subscribers that want it.
-    by_room: HashMap<Room, Vec<(u64, SubscriptionSender)>>,
-    all: Vec<(u64, SubscriptionSender)>,
-}
-
-/// Removes a subscription from the broker when the `Subscription` is dropped.
-struct Unsubscribe {
-    shared: Weak<Shared>,
-    id: u64,
-    interest: Interest,
-}
-
-impl Drop for Unsubscribe {
-    fn drop(&mut self) {
-        if let Some(shared) = self.shared.upgrade() {
-            let mut state = shared.lock();
-            state.remove(self.id, &self.interest);
-        }
-    }
-}
-
-impl State {
-    fn remove(&mut self, id: u64, interest: &Interest) {
-        match interest {
-            Interest::All => self.all.retain(|(i, _)| *i != id),
-            Interest::Rooms(rooms) => {
-                for room in rooms {
-                    if let Some(subs) = self.by_room.get_mut(room) {
-                        subs.retain(|(i, _)| *i != id);
-                        if subs.is_empty() {
-                            self.by_room.remove(room);
-                        }
-                    }
-                }
-            }
-        }
-    }
 }
 
 impl Shared {
@@ -148,10 +113,21 @@ impl MemoryBroker {
     pub fn with_config(config: MemoryConfig) -> Self {
         Self {
             shared: Arc::new(Shared {
+                subscribers: Subscribers::new(config.subscriber_capacity),
                 config,
                 state: Mutex::new(State::default()),
             }),
         }
+    }
+
+    fn check_history(&self, what: &'static str) -> Result<()> {
+        if self.shared.config.history_len == 0 {
+            return Err(crate::Error::Unsupported {
+                backend: "memory",
+                what,
+            });
+        }
+        Ok(())
     }
 
     fn room_history(&self, room: &Room) -> Vec<Envelope> {
@@ -173,13 +149,16 @@ impl Broker for MemoryBroker {
     async fn publish(&self, envelope: &Envelope) -> Result<Receipt> {
         let mut env = envelope.clone();
         let mut state = self.shared.lock();
-        env.cursor = if env.is_durable() {
-            state.seq += 1;
-            Some(Cursor::new(0, state.seq))
-        } else {
-            None
-        };
         let history_len = self.shared.config.history_len;
+        if history_len == 0 {
+            // A plain relay (like Redis pub/sub): the message keeps whatever cursor it carries,
+            // which is what a DualBus fast path needs.
+        } else if env.is_durable() {
+            state.seq += 1;
+            env.cursor = Some(Cursor::new(0, state.seq));
+        } else {
+            env.cursor = None;
+        }
         if env.is_durable() && history_len > 0 {
             let h = state.history.entry(env.room.clone()).or_default();
             if h.len() >= history_len {
@@ -191,47 +170,24 @@ impl Broker for MemoryBroker {
             id: env.id,
             cursor: env.cursor,
         };
-        let subs = state
-            .by_room
-            .get(&env.room)
-            .into_iter()
-            .flatten()
-            .chain(state.all.iter());
-        for (_, tx) in subs {
-            // A closed sender belongs to a subscription being dropped right now; its guard
-            // removes it, so the outcome needs no handling here.
-            let _: SendOutcome = tx.send(env.clone());
-        }
+        // Dispatch under the state lock: every subscriber sees the sequence order.
+        self.shared.subscribers.dispatch(&env);
+        drop(state);
         Ok(receipt)
     }
 
     async fn subscribe(&self, interest: Interest) -> Result<Subscription> {
-        let (tx, sub) = Subscription::channel(self.shared.config.subscriber_capacity);
-        let mut state = self.shared.lock();
-        state.next_sub += 1;
-        let id = state.next_sub;
-        match &interest {
-            Interest::All => state.all.push((id, tx)),
-            Interest::Rooms(rooms) => {
-                for room in rooms {
-                    state
-                        .by_room
-                        .entry(room.clone())
-                        .or_default()
-                        .push((id, tx.clone()));
-                }
-            }
+        // Under the state lock so that no publish falls between the start and the registration.
+        let state = self.shared.lock();
+        let sub = self.shared.subscribers.subscribe(interest);
+        if self.shared.config.history_len == 0 {
+            return Ok(sub);
         }
-        let start = Cursor::new(0, state.seq + 1);
-        drop(state);
-        Ok(sub.with_start(vec![start]).with_guard(Unsubscribe {
-            shared: Arc::downgrade(&self.shared),
-            id,
-            interest,
-        }))
+        Ok(sub.with_start(vec![Cursor::new(0, state.seq + 1)]))
     }
 
     async fn replay(&self, room: &Room, from: ReplayFrom, limit: usize) -> Result<HistoryStream> {
+        self.check_history("replay")?;
         let items: Vec<Envelope> = self
             .room_history(room)
             .into_iter()
@@ -251,6 +207,7 @@ impl Broker for MemoryBroker {
         before: Option<Cursor>,
         limit: usize,
     ) -> Result<Vec<Envelope>> {
+        self.check_history("history")?;
         let mut items: Vec<Envelope> = self
             .room_history(room)
             .into_iter()
@@ -289,7 +246,8 @@ mod tests {
         let b = MemoryBroker::with_config(MemoryConfig::default().with_history_len(3));
         let room = Room::new("r")?;
         for i in 0..5 {
-            b.publish(&Envelope::new(room.clone(), format!("{i}"))).await?;
+            b.publish(&Envelope::new(room.clone(), format!("{i}")))
+                .await?;
         }
         let all = b.replay_vec(&room, ReplayFrom::Beginning, 100).await?;
         let bodies: Vec<_> = all.iter().map(|e| e.payload.clone()).collect();
@@ -306,10 +264,9 @@ mod tests {
         let room = Room::new("r")?;
         let sub = b.subscribe(Interest::room(room.clone())).await?;
         let all = b.subscribe(Interest::All).await?;
-        assert_eq!(b.shared.lock().by_room.len(), 1);
+        assert_eq!(b.shared.subscribers.rooms(), vec![room]);
         drop((sub, all));
-        let state = b.shared.lock();
-        assert!(state.by_room.is_empty() && state.all.is_empty());
+        assert!(b.shared.subscribers.is_empty());
         Ok(())
     }
 }
@@ -321,5 +278,11 @@ mod conformance_tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn memory_broker_passes_conformance() {
         crate::conformance::run_all(&MemoryBroker::new()).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn memory_relay_passes_conformance() {
+        let relay = MemoryBroker::with_config(MemoryConfig::default().with_history_len(0));
+        crate::conformance::run_all(&relay).await;
     }
 }

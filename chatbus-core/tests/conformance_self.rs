@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use async_trait::async_trait;
 use chatbus_core::conformance;
 use chatbus_core::{
-    Broker, Capabilities, Cursor, Envelope, Health, HistoryStream, Interest, MemoryBroker,
-    Receipt, ReplayFrom, Result, Room, Subscription,
+    Broker, Capabilities, Cursor, Envelope, Health, HistoryStream, Interest, MemoryBroker, Receipt,
+    ReplayFrom, Result, Room, Subscription,
 };
 
 /// Which bug to plant.
@@ -38,7 +38,10 @@ impl Broker for Buggy {
     async fn publish(&self, envelope: &Envelope) -> Result<Receipt> {
         let n = self.count.fetch_add(1, Ordering::Relaxed);
         if self.bug == Bug::LosesMessages && n % 37 == 36 {
-            return Ok(Receipt { id: envelope.id, cursor: Some(Cursor::new(0, u64::MAX)) });
+            return Ok(Receipt {
+                id: envelope.id,
+                cursor: Some(Cursor::new(0, u64::MAX)),
+            });
         }
         let mut env = envelope.clone();
         if self.bug == Bug::ReplaysEphemeral {
@@ -47,7 +50,11 @@ impl Broker for Buggy {
         self.inner.publish(&env).await
     }
     async fn subscribe(&self, interest: Interest) -> Result<Subscription> {
-        let interest = if self.bug == Bug::LeaksRooms { Interest::All } else { interest };
+        let interest = if self.bug == Bug::LeaksRooms {
+            Interest::All
+        } else {
+            interest
+        };
         self.inner.subscribe(interest).await
     }
     async fn replay(&self, room: &Room, from: ReplayFrom, limit: usize) -> Result<HistoryStream> {
@@ -59,7 +66,12 @@ impl Broker for Buggy {
         };
         self.inner.replay(room, from, limit).await
     }
-    async fn history(&self, room: &Room, before: Option<Cursor>, limit: usize) -> Result<Vec<Envelope>> {
+    async fn history(
+        &self,
+        room: &Room,
+        before: Option<Cursor>,
+        limit: usize,
+    ) -> Result<Vec<Envelope>> {
         self.inner.history(room, before, limit).await
     }
     fn capabilities(&self) -> Capabilities {
@@ -71,8 +83,16 @@ impl Broker for Buggy {
 }
 
 async fn failed_checks(bug: Bug) -> Vec<&'static str> {
-    let b = Buggy { inner: MemoryBroker::new(), bug, count: AtomicU64::new(0) };
-    conformance::failures(&b).await.into_iter().map(|(name, _)| name).collect()
+    let b = Buggy {
+        inner: MemoryBroker::new(),
+        bug,
+        count: AtomicU64::new(0),
+    };
+    conformance::failures(&b)
+        .await
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect()
 }
 
 #[tokio::test]
@@ -82,21 +102,30 @@ async fn correct_broker_passes() {
 
 #[tokio::test]
 async fn replay_one_too_many_is_caught() {
-    assert!(failed_checks(Bug::ReplayOneTooMany).await.contains(&"replay"));
+    assert!(failed_checks(Bug::ReplayOneTooMany)
+        .await
+        .contains(&"replay"));
 }
 
 #[tokio::test]
 async fn lost_messages_are_caught() {
     let failed = failed_checks(Bug::LosesMessages).await;
-    assert!(failed.contains(&"room_order") || failed.contains(&"concurrent_publishers"), "{failed:?}");
+    assert!(
+        failed.contains(&"room_order") || failed.contains(&"concurrent_publishers"),
+        "{failed:?}"
+    );
 }
 
 #[tokio::test]
 async fn replayed_ephemeral_messages_are_caught() {
-    assert!(failed_checks(Bug::ReplaysEphemeral).await.contains(&"ephemeral"));
+    assert!(failed_checks(Bug::ReplaysEphemeral)
+        .await
+        .contains(&"ephemeral"));
 }
 
 #[tokio::test]
 async fn room_leaks_are_caught() {
-    assert!(failed_checks(Bug::LeaksRooms).await.contains(&"room_isolation"));
+    assert!(failed_checks(Bug::LeaksRooms)
+        .await
+        .contains(&"room_isolation"));
 }

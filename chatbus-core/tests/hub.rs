@@ -41,7 +41,8 @@ async fn fan_out_reaches_every_member_once_and_only_members() -> Result<()> {
     hub.join(&c.handle(), r2.clone(), None, None).await?;
     assert_eq!(hub.rooms().len(), 2);
     for i in 0..10 {
-        hub.publish(&Envelope::new(r1.clone(), format!("m{i}"))).await?;
+        hub.publish(&Envelope::new(r1.clone(), format!("m{i}")))
+            .await?;
     }
     for s in [&mut a, &mut b] {
         for i in 0..10 {
@@ -50,7 +51,12 @@ async fn fan_out_reaches_every_member_once_and_only_members() -> Result<()> {
         silent(s).await;
     }
     silent(&mut c).await;
-    assert_eq!(hub.stats().deliveries.load(std::sync::atomic::Ordering::Relaxed), 20);
+    assert_eq!(
+        hub.stats()
+            .deliveries
+            .load(std::sync::atomic::Ordering::Relaxed),
+        20
+    );
     // Leaving stops delivery; the last member leaving drops the room.
     assert!(hub.leave(&a.handle(), &r1));
     hub.publish(&Envelope::new(r1.clone(), "after")).await?;
@@ -68,17 +74,25 @@ async fn join_with_since_replays_exactly_the_missed_messages_then_live() -> Resu
     let r = room("resume");
     let mut cursors: Vec<Cursor> = Vec::new();
     for i in 0..30 {
-        let rc = hub.publish(&Envelope::new(r.clone(), format!("m{i}"))).await?;
+        let rc = hub
+            .publish(&Envelope::new(r.clone(), format!("m{i}")))
+            .await?;
         cursors.extend(rc.cursor);
     }
     let mut s = hub.connect("late");
     let joined = hub
-        .join(&s.handle(), r.clone(), Some(cursors[9]), Some(Bytes::from("joined")))
+        .join(
+            &s.handle(),
+            r.clone(),
+            Some(cursors[9]),
+            Some(Bytes::from("joined")),
+        )
         .await?;
     assert!(joined.resuming);
     // Live traffic while catching up.
     for i in 30..40 {
-        hub.publish(&Envelope::new(r.clone(), format!("m{i}"))).await?;
+        hub.publish(&Envelope::new(r.clone(), format!("m{i}")))
+            .await?;
     }
     assert_eq!(next_frame(&mut s).await, "joined");
     for i in 10..40 {
@@ -102,7 +116,8 @@ async fn catch_up_over_many_pages_with_concurrent_traffic_has_no_gap_or_duplicat
     let r = room("pages");
     let first = hub.publish(&Envelope::new(r.clone(), "0")).await?;
     for i in 1..100 {
-        hub.publish(&Envelope::new(r.clone(), i.to_string())).await?;
+        hub.publish(&Envelope::new(r.clone(), i.to_string()))
+            .await?;
     }
     let mut s = hub.connect("x");
     hub.join(&s.handle(), r.clone(), first.cursor, None).await?;
@@ -111,7 +126,8 @@ async fn catch_up_over_many_pages_with_concurrent_traffic_has_no_gap_or_duplicat
         let r = r.clone();
         tokio::spawn(async move {
             for i in 100..400 {
-                hub.publish(&Envelope::new(r.clone(), i.to_string())).await?;
+                hub.publish(&Envelope::new(r.clone(), i.to_string()))
+                    .await?;
                 if i % 10 == 0 {
                     tokio::task::yield_now().await;
                 }
@@ -146,15 +162,25 @@ async fn slow_session_is_resynced_without_slowing_others() -> Result<()> {
     assert_eq!(next_frame(&mut fast).await, "base");
     let n = 200;
     for i in 0..n {
-        hub.publish(&Envelope::new(r.clone(), format!("m{i}"))).await?;
+        hub.publish(&Envelope::new(r.clone(), format!("m{i}")))
+            .await?;
         // The fast one keeps reading: never affected by the slow one.
         assert_eq!(next_frame(&mut fast).await, format!("m{i}"));
     }
-    assert!(hub.stats().lagged.load(std::sync::atomic::Ordering::Relaxed) > 0);
+    assert!(
+        hub.stats()
+            .lagged
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    );
     // Now the slow one reads everything: all 200, in order, no gap, no duplicate.
     assert_eq!(next_frame(&mut slow).await, "base");
     for i in 0..n {
-        assert_eq!(next_frame(&mut slow).await, format!("m{i}"), "slow session message {i}");
+        assert_eq!(
+            next_frame(&mut slow).await,
+            format!("m{i}"),
+            "slow session message {i}"
+        );
     }
     silent(&mut slow).await;
     Ok(())
@@ -172,7 +198,8 @@ async fn slow_session_is_closed_with_close_policy() -> Result<()> {
     let mut slow = hub.connect("slow");
     hub.join(&slow.handle(), r.clone(), None, None).await?;
     for i in 0..20 {
-        hub.publish(&Envelope::new(r.clone(), format!("m{i}"))).await?;
+        hub.publish(&Envelope::new(r.clone(), format!("m{i}")))
+            .await?;
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
     // Queued frames come first, then the close.
@@ -193,7 +220,9 @@ async fn slow_session_is_closed_with_close_policy() -> Result<()> {
 
 #[tokio::test]
 async fn broker_without_history_reports_lag() -> Result<()> {
-    let broker = Arc::new(MemoryBroker::with_config(MemoryConfig::default().with_history_len(0)));
+    let broker = Arc::new(MemoryBroker::with_config(
+        MemoryConfig::default().with_history_len(0),
+    ));
     assert!(!broker.capabilities().replay);
     let config = HubConfig {
         session_queue: 2,
@@ -204,7 +233,8 @@ async fn broker_without_history_reports_lag() -> Result<()> {
     let mut s = hub.connect("s");
     hub.join(&s.handle(), r.clone(), None, None).await?;
     for i in 0..10 {
-        hub.publish(&Envelope::new(r.clone(), format!("m{i}"))).await?;
+        hub.publish(&Envelope::new(r.clone(), format!("m{i}")))
+            .await?;
     }
     let mut saw_lag = false;
     for _ in 0..10 {
@@ -217,7 +247,10 @@ async fn broker_without_history_reports_lag() -> Result<()> {
             Err(_) => break,
         }
     }
-    assert!(saw_lag, "an overflow with nothing to replay must be reported");
+    assert!(
+        saw_lag,
+        "an overflow with nothing to replay must be reported"
+    );
     Ok(())
 }
 
@@ -231,6 +264,9 @@ async fn shutdown_closes_sessions_after_queued_frames() -> Result<()> {
     tokio::time::sleep(Duration::from_millis(50)).await;
     hub.shutdown();
     assert_eq!(next_frame(&mut s).await, "last");
-    assert!(matches!(s.recv().await, Outbound::Close(CloseReason::Shutdown)));
+    assert!(matches!(
+        s.recv().await,
+        Outbound::Close(CloseReason::Shutdown)
+    ));
     Ok(())
 }

@@ -1,0 +1,302 @@
+//! DualBus over in-process brokers with planted faults on either path. (The same guarantees
+//! over real Redis and Kafka processes are proven by the fault suite in the root `tests/`.)
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chatbus_core::{
+    conformance, Broker, Capabilities, Cursor, DualBus, DualConfig, DurableDownPolicy, Envelope,
+    Error, Health, HistoryStream, Interest, MemoryBroker, MemoryConfig, Receipt, ReplayFrom,
+    Result, Room, Subscription,
+};
+
+/// A broker wrapper with switchable faults.
+#[derive(Debug, Clone)]
+struct Faulty {
+    inner: MemoryBroker,
+    faults: Arc<Faults>,
+}
+
+#[derive(Debug, Default)]
+struct Faults {
+    /// Silently lose every Nth publish (acknowledged, never delivered); 0 = never.
+    lose_every: AtomicU64,
+    /// Publishes fail with Unavailable.
+    down: AtomicBool,
+    /// Delay every Nth publish by 5 ms (so concurrent publishers overtake it); 0 = never.
+    delay_every: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Faulty {
+    fn new(inner: MemoryBroker) -> Self {
+        Self {
+            inner,
+            faults: Arc::default(),
+        }
+    }
+}
+
+#[async_trait]
+impl Broker for Faulty {
+    fn name(&self) -> &'static str {
+        "faulty"
+    }
+    async fn publish(&self, envelope: &Envelope) -> Result<Receipt> {
+        let f = &self.faults;
+        if f.down.load(Ordering::Relaxed) {
+            return Err(Error::Unavailable {
+                backend: "faulty",
+                reason: "switched off".into(),
+            });
+        }
+        let n = f.count.fetch_add(1, Ordering::Relaxed) + 1;
+        let lose = f.lose_every.load(Ordering::Relaxed);
+        if lose > 0 && n % lose == 0 {
+            return Ok(Receipt {
+                id: envelope.id,
+                cursor: envelope.cursor,
+            });
+        }
+        let delay = f.delay_every.load(Ordering::Relaxed);
+        if delay > 0 && n % delay == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        self.inner.publish(envelope).await
+    }
+    async fn subscribe(&self, interest: Interest) -> Result<Subscription> {
+        self.inner.subscribe(interest).await
+    }
+    async fn replay(&self, room: &Room, from: ReplayFrom, limit: usize) -> Result<HistoryStream> {
+        self.inner.replay(room, from, limit).await
+    }
+    async fn history(
+        &self,
+        room: &Room,
+        before: Option<Cursor>,
+        limit: usize,
+    ) -> Result<Vec<Envelope>> {
+        self.inner.history(room, before, limit).await
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    async fn health(&self) -> Health {
+        if self.faults.down.load(Ordering::Relaxed) {
+            Health::Down("switched off".into())
+        } else {
+            Health::Healthy
+        }
+    }
+}
+
+fn relay() -> MemoryBroker {
+    MemoryBroker::with_config(MemoryConfig::default().with_history_len(0))
+}
+
+fn log() -> MemoryBroker {
+    MemoryBroker::with_config(MemoryConfig::default().with_history_len(100_000))
+}
+
+fn room(name: &str) -> Room {
+    Room::new(name).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Receives `n` messages and checks: every published id exactly once, in cursor order.
+async fn collect(sub: &mut Subscription, n: usize) -> Vec<Envelope> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        match tokio::time::timeout(Duration::from_secs(10), sub.recv()).await {
+            Ok(Some(Ok(env))) => out.push(env),
+            Ok(Some(Err(e))) => panic!("subscription error after {} messages: {e}", out.len()),
+            Ok(None) => panic!("subscription ended after {} messages", out.len()),
+            Err(_) => panic!("timed out after {} of {n} messages", out.len()),
+        }
+    }
+    if let Ok(Some(extra)) = tokio::time::timeout(Duration::from_millis(300), sub.recv()).await {
+        panic!("more than {n} messages: {extra:?}");
+    }
+    out
+}
+
+fn assert_exactly_once_in_order(got: &[Envelope], receipts: &[Receipt]) {
+    let mut seen = HashMap::new();
+    for e in got {
+        *seen.entry(e.id).or_insert(0) += 1;
+    }
+    let dups = seen.values().filter(|&&c| c > 1).count();
+    let missing = receipts
+        .iter()
+        .filter(|r| !seen.contains_key(&r.id))
+        .count();
+    assert_eq!((missing, dups), (0, 0), "missing, duplicated");
+    let cursors: Vec<_> = got.iter().map(|e| e.cursor).collect();
+    let mut sorted = cursors.clone();
+    sorted.sort();
+    assert_eq!(cursors, sorted, "delivered out of log order");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dual_bus_passes_conformance() {
+    conformance::run_all(&DualBus::new(relay(), log(), DualConfig::default())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fast_path_losses_are_filled_from_the_log_exactly_once_in_order() -> Result<()> {
+    let fast = Faulty::new(relay());
+    fast.faults.lose_every.store(7, Ordering::Relaxed);
+    let bus = DualBus::new(fast, log(), DualConfig::default());
+    let r = room("lossy");
+    let mut sub = bus.subscribe(Interest::room(r.clone())).await?;
+    let mut receipts = Vec::new();
+    for i in 0..1000 {
+        receipts.push(
+            bus.publish(&Envelope::new(r.clone(), format!("{i}")))
+                .await?,
+        );
+    }
+    let got = collect(&mut sub, 1000).await;
+    assert_exactly_once_in_order(&got, &receipts);
+    let s = bus.stats();
+    assert!(
+        s.via_durable.load(Ordering::Relaxed) >= 1000 / 7,
+        "losses came from the log"
+    );
+    assert!(
+        s.duplicates.load(Ordering::Relaxed) > 0,
+        "second copies were dropped"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_publishers_reordered_on_the_fast_path_are_delivered_in_log_order() -> Result<()>
+{
+    let fast = Faulty::new(relay());
+    fast.faults.delay_every.store(5, Ordering::Relaxed);
+    let bus = Arc::new(DualBus::new(fast, log(), DualConfig::default()));
+    let r = room("reorder");
+    let mut sub = bus.subscribe(Interest::room(r.clone())).await?;
+    let tasks: Vec<_> = (0..4)
+        .map(|p| {
+            let (bus, r) = (bus.clone(), r.clone());
+            tokio::spawn(async move {
+                let mut rs = Vec::new();
+                for i in 0..100 {
+                    rs.push(
+                        bus.publish(&Envelope::new(r.clone(), format!("{p}:{i}")))
+                            .await?,
+                    );
+                }
+                Ok::<_, Error>(rs)
+            })
+        })
+        .collect();
+    let mut receipts = Vec::new();
+    for t in tasks {
+        receipts.extend(t.await.unwrap_or_else(|e| panic!("{e}"))?);
+    }
+    let got = collect(&mut sub, 400).await;
+    assert_exactly_once_in_order(&got, &receipts);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fast_path_down_delivers_through_the_log() -> Result<()> {
+    let fast = Faulty::new(relay());
+    let faults = fast.faults.clone();
+    let bus = DualBus::new(fast, log(), DualConfig::default());
+    let r = room("fastdown");
+    let mut sub = bus.subscribe(Interest::room(r.clone())).await?;
+    faults.down.store(true, Ordering::Relaxed);
+    let mut receipts = Vec::new();
+    for i in 0..200 {
+        receipts.push(
+            bus.publish(&Envelope::new(r.clone(), format!("{i}")))
+                .await?,
+        );
+    }
+    assert!(matches!(bus.health().await, Health::Degraded(_)));
+    faults.down.store(false, Ordering::Relaxed);
+    for i in 200..300 {
+        receipts.push(
+            bus.publish(&Envelope::new(r.clone(), format!("{i}")))
+                .await?,
+        );
+    }
+    let got = collect(&mut sub, 300).await;
+    assert_exactly_once_in_order(&got, &receipts);
+    assert!(bus.stats().fast_publish_errors.load(Ordering::Relaxed) >= 200);
+    assert_eq!(bus.health().await, Health::Healthy);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_down_rejects_by_default_and_degrades_when_asked() -> Result<()> {
+    let durable = Faulty::new(log());
+    durable.faults.down.store(true, Ordering::Relaxed);
+    let strict = DualBus::new(relay(), durable.clone(), DualConfig::default());
+    let r = room("durdown");
+    let err = strict.publish(&Envelope::new(r.clone(), "x")).await;
+    assert!(matches!(err, Err(Error::Unavailable { .. })), "{err:?}");
+    assert!(matches!(strict.health().await, Health::Down(_)));
+    // Ephemeral events still flow.
+    strict
+        .publish(&Envelope::ephemeral(r.clone(), "typing"))
+        .await?;
+
+    let durable = Faulty::new(log());
+    let degrading = DualBus::new(
+        relay(),
+        durable.clone(),
+        DualConfig::default().with_policy(DurableDownPolicy::DegradeToFast),
+    );
+    let mut sub = degrading.subscribe(Interest::room(r.clone())).await?;
+    durable.faults.down.store(true, Ordering::Relaxed);
+    let receipt = degrading
+        .publish(&Envelope::new(r.clone(), "live only"))
+        .await?;
+    assert_eq!(receipt.cursor, None);
+    let got = collect(&mut sub, 1).await;
+    assert_eq!(got[0].payload, "live only");
+    assert_eq!(
+        degrading.stats().degraded_publishes.load(Ordering::Relaxed),
+        1
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_each_deliver_everything_exactly_once() -> Result<()> {
+    // Two DualBus instances over shared brokers, as two servers over one Redis and one Kafka.
+    let fast = Faulty::new(relay());
+    fast.faults.lose_every.store(11, Ordering::Relaxed);
+    let durable = log();
+    let a = Arc::new(DualBus::new(
+        fast.clone(),
+        durable.clone(),
+        DualConfig::default(),
+    ));
+    let b = Arc::new(DualBus::new(fast, durable, DualConfig::default()));
+    let r = room("two");
+    let mut sa = a.subscribe(Interest::room(r.clone())).await?;
+    let mut sb = b.subscribe(Interest::room(r.clone())).await?;
+    let mut receipts = Vec::new();
+    for i in 0..500 {
+        let bus = if i % 2 == 0 { &a } else { &b };
+        receipts.push(
+            bus.publish(&Envelope::new(r.clone(), format!("{i}")))
+                .await?,
+        );
+    }
+    let ga = collect(&mut sa, 500).await;
+    let gb = collect(&mut sb, 500).await;
+    assert_exactly_once_in_order(&ga, &receipts);
+    assert_exactly_once_in_order(&gb, &receipts);
+    let ids = |v: &[Envelope]| v.iter().map(|e| e.id).collect::<Vec<_>>();
+    assert_eq!(ids(&ga), ids(&gb), "both instances see one order");
+    Ok(())
+}
