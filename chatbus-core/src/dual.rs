@@ -383,15 +383,19 @@ enum Path {
     Durable,
 }
 
-/// Bounded set of recently seen ids.
-struct IdWindow {
+/// A bounded set of recently seen message ids: the dedupe window of [`DualBus`] for messages
+/// without a cursor. Remembers the last `cap` ids (a hash set plus a ring for eviction, about
+/// 40 bytes per id).
+#[derive(Debug)]
+pub struct DedupeWindow {
     set: HashSet<MessageId>,
     order: VecDeque<MessageId>,
     cap: usize,
 }
 
-impl IdWindow {
-    fn new(cap: usize) -> Self {
+impl DedupeWindow {
+    /// A window of `cap` ids (at least 1).
+    pub fn new(cap: usize) -> Self {
         Self {
             set: HashSet::new(),
             order: VecDeque::new(),
@@ -399,8 +403,8 @@ impl IdWindow {
         }
     }
 
-    /// Records `id`; false if it was already there.
-    fn insert(&mut self, id: MessageId) -> bool {
+    /// Records `id`; returns false if it was already in the window (a duplicate).
+    pub fn insert(&mut self, id: MessageId) -> bool {
         if !self.set.insert(id) {
             return false;
         }
@@ -425,7 +429,7 @@ struct Merger {
     held_total: usize,
     // Whether the durable broker has contiguous offsets; without them, dedupe by id only.
     contiguous: bool,
-    ids: IdWindow,
+    ids: DedupeWindow,
 }
 
 impl Merger {
@@ -435,7 +439,7 @@ impl Merger {
         stats: Arc<DualStats>,
         start: Option<&[Cursor]>,
     ) -> Self {
-        let ids = IdWindow::new(config.dedupe_window);
+        let ids = DedupeWindow::new(config.dedupe_window);
         let mut m = Self {
             config,
             out,

@@ -46,7 +46,7 @@ pub use broker::{
     history_stream, Broker, BrokerExt, Capabilities, Health, HistoryStream, Interest, Receipt,
     ReplayFrom, SendOutcome, Subscription, SubscriptionSender,
 };
-pub use dual::{DualBus, DualConfig, DualMode, DualStats, DurableDownPolicy};
+pub use dual::{DedupeWindow, DualBus, DualConfig, DualMode, DualStats, DurableDownPolicy};
 pub use envelope::{now_ms, Cursor, Envelope, Kind, MessageId, Room, MAX_ROOM_LEN};
 pub use error::{BoxError, Error, Result};
 pub use hub::{
