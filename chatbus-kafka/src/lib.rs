@@ -1,1 +1,730 @@
-//! chatbus kafka component (being built).
+//! [`KafkaBroker`]: the durable chatbus broker on Kafka (or anything that speaks the Kafka
+//! protocol, such as Tansu or Redpanda).
+//!
+//! Every message is stored in one topic before `publish` returns, so nothing acknowledged is
+//! lost and anything missed can be replayed by offset or by time. Use it alone (every message
+//! then takes the Kafka path, a few milliseconds), or as the durable half of `DualBus` with
+//! Redis as the fast path.
+//!
+//! ```no_run
+//! use chatbus_core::{Broker, Envelope, Interest, ReplayFrom, Room};
+//! use chatbus_kafka::{KafkaBroker, KafkaConfig};
+//! use futures::StreamExt;
+//!
+//! # async fn run() -> chatbus_core::Result<()> {
+//! // CHATBUS_KAFKA_BROKERS=kafka:9092 CHATBUS_KAFKA_TOPIC=chat ...
+//! let broker = KafkaBroker::connect(KafkaConfig::from_env()?).await?;
+//! let room = Room::new("general")?;
+//!
+//! let mut live = broker.subscribe(Interest::room(room.clone())).await?;
+//! let receipt = broker.publish(&Envelope::new(room.clone(), "hello")).await?;
+//! let got = live.recv().await.expect("subscription open")?;
+//! assert_eq!(got.cursor, receipt.cursor); // "3-1041": partition 3, offset 1041
+//!
+//! // Later: everything after a cursor the client kept.
+//! let mut missed = broker.replay(&room, ReplayFrom::Cursor(receipt.cursor.unwrap()), 100).await?;
+//! while let Some(env) = missed.next().await {
+//!     println!("{:?}", env?);
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! # How it works
+//!
+//! - **One topic** ([`KafkaConfig::topic`], created with the admin API when missing with
+//!   [`KafkaConfig::partitions`] partitions). A record is one message: key = room name, value =
+//!   the envelope in chatbus' binary encoding ([`chatbus_core::codec`]), timestamp = the
+//!   envelope's `ts`. The partition is `murmur2(room) % partitions` (Kafka's own keyed
+//!   partitioning, computed here so that replay knows where a room lives), so all messages of
+//!   a room are in one partition, in one order. A cursor is `partition-offset`.
+//! - **Publish**: an idempotent producer (`enable.idempotence=true`, `acks=all`): retries after
+//!   a lost connection never duplicate or reorder a record. `publish` returns after the
+//!   acknowledgement, with the record's offset as cursor, or fails with `Error::Timeout` /
+//!   `Error::Unavailable` within [`KafkaConfig::publish_timeout`] while the cluster is
+//!   unreachable. [`KafkaConfig::linger`] trades a little latency for batching.
+//! - **Ephemeral** messages (typing, presence) are produced to the same topic, so a Kafka-only
+//!   deployment still carries them between instances, in order with the room's other
+//!   messages; they are delivered live with no cursor, and skipped by `replay` and `history`.
+//!   They do occupy offsets: in a partition, the offsets of *durable* messages are contiguous
+//!   except where an ephemeral record sits between them.
+//! - **Subscribe**: one tail consumer per `KafkaBroker`, started by the first `subscribe`,
+//!   reads every partition from its end (`assign`, no consumer group: each instance sees
+//!   every message and no rebalance ever pauses it) and dispatches each record to the local
+//!   subscriptions of its room. [`Subscription::start`](chatbus_core::Subscription::start)
+//!   gives, per partition, the first offset the subscription delivers: the end of the
+//!   partition when `subscribe` was called. When the cluster goes away, the consumer keeps
+//!   retrying and resumes at the next offset when it returns, so the live stream has no gap
+//!   (Kafka keeps what was published meanwhile).
+//! - **Replay** reads the room's partition from the cursor, from the first offset at or after
+//!   a time (`ListOffsets` by timestamp) or from the beginning, keeps that room's durable
+//!   messages, and stops at `limit` or at the partition's end as it was when the replay
+//!   started. **History** reads backwards from a cursor (or the end) in growing chunks until
+//!   it has a page, bounded by [`KafkaConfig::history_scan_limit`] records.
+//!
+//! The client is rust-rdkafka over librdkafka, built from source (bundled, no system
+//! library): the most complete Kafka client available to Rust (idempotence, offsets by
+//! time, SASL/TLS, every broker version), and the same library the other language clients
+//! build on. Its version is fixed by this crate and re-exported as [`rdkafka`]. The crate
+//! feature `ssl` builds librdkafka with OpenSSL for TLS and SASL SCRAM.
+//!
+//! Retention: what the topic's retention keeps bounds what `replay` and `history` return.
+
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod client;
+mod config;
+mod partition;
+mod reader;
+mod tail;
+
+use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use chatbus_core::{
+    codec, Broker, Capabilities, Cursor, Envelope, Error, Health, HistoryStream, Interest, Receipt,
+    ReplayFrom, Result, Room, Subscription,
+};
+use futures::StreamExt;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
+use tokio::sync::OnceCell;
+
+pub use config::{KafkaConfig, ENV_PROP_PREFIX};
+/// The rdkafka version this crate is built with, for custom configuration or tooling.
+pub use rdkafka;
+
+use client::{Context, BACKEND};
+use reader::{is_of, Readers};
+use tail::Tail;
+
+/// How long `health` waits for the cluster to answer.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+/// Replayed messages buffered ahead of the consumer of a replay stream.
+const REPLAY_BUFFER: usize = 256;
+
+type Producer_ = FutureProducer<Context>;
+
+/// The Kafka broker. Cheap to clone (clones share the clients and the tail consumer).
+///
+/// See the [crate docs](crate) for how it maps chatbus onto Kafka, and [`Broker`] for the
+/// contract of each method.
+#[derive(Clone)]
+pub struct KafkaBroker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: KafkaConfig,
+    partitions: u32,
+    ctx: Context,
+    // Replaced when librdkafka reports a fatal error (the idempotent producer cannot go on
+    // after one): a fresh producer gets a new producer id.
+    producer: RwLock<Arc<Producer_>>,
+    tail: OnceCell<Tail>,
+    readers: Arc<Readers>,
+    published: AtomicU64,
+    publish_errors: AtomicU64,
+}
+
+/// Counters of a [`KafkaBroker`], for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct KafkaStats {
+    /// Messages acknowledged by the cluster.
+    pub published: u64,
+    /// Publishes that failed.
+    pub publish_errors: u64,
+    /// Records read by the tail consumer.
+    pub tail_records: u64,
+    /// Records the tail consumer dropped because they did not decode.
+    pub malformed: u64,
+    /// Times the tail consumer found records missing (retention deleted them while it was
+    /// behind); subscribers were told they lagged.
+    pub gaps: u64,
+    /// Errors librdkafka reported (mostly connection failures).
+    pub client_errors: u64,
+    /// Live subscriptions (one per room for a subscription to several rooms).
+    pub subscriptions: usize,
+}
+
+impl std::fmt::Debug for KafkaBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaBroker")
+            .field("brokers", &self.inner.config.brokers)
+            .field("topic", &self.inner.config.topic)
+            .field("partitions", &self.inner.partitions)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KafkaBroker {
+    /// Connects to the cluster, creates the topic if it is missing (and
+    /// [`KafkaConfig::create_topic`] allows it) and waits until every partition has a leader.
+    ///
+    /// Errors: `Error::Config` for a bad configuration or a missing topic that may not be
+    /// created, `Error::Unavailable` / `Error::Timeout` when the cluster does not answer within
+    /// [`KafkaConfig::request_timeout`].
+    pub async fn connect(config: KafkaConfig) -> Result<Self> {
+        config.validate()?;
+        let ctx = Context::default();
+        let producer = Arc::new(create_producer(&config, &ctx)?);
+        let partitions = ensure_topic(&config, &ctx, &producer).await?;
+        let readers = Arc::new(Readers::new(config.clone(), ctx.clone()));
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                partitions,
+                ctx,
+                producer: RwLock::new(producer),
+                tail: OnceCell::new(),
+                readers,
+                published: AtomicU64::new(0),
+                publish_errors: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &KafkaConfig {
+        &self.inner.config
+    }
+
+    /// The number of partitions of the topic (read at connect).
+    pub fn partitions(&self) -> u32 {
+        self.inner.partitions
+    }
+
+    /// The partition that holds `room`'s messages.
+    pub fn partition_of(&self, room: &Room) -> u32 {
+        partition::partition_for(room.as_str().as_bytes(), self.inner.partitions)
+    }
+
+    /// Counters for metrics.
+    pub fn stats(&self) -> KafkaStats {
+        let tail = self.inner.tail.get().map(Tail::stats);
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        KafkaStats {
+            published: load(&self.inner.published),
+            publish_errors: load(&self.inner.publish_errors),
+            tail_records: tail.map_or(0, |t| load(&t.records)),
+            malformed: tail.map_or(0, |t| load(&t.malformed)),
+            gaps: tail.map_or(0, |t| load(&t.gaps)),
+            client_errors: load(&self.inner.ctx.conn.errors),
+            subscriptions: self.inner.tail.get().map_or(0, Tail::subscriptions),
+        }
+    }
+
+    /// Waits until every message handed to the producer is acknowledged or failed, at most
+    /// `timeout` (for a graceful shutdown; `publish` already waits for its own message).
+    pub async fn flush(&self, timeout: Duration) -> Result<()> {
+        let producer = self.producer();
+        tokio::task::spawn_blocking(move || producer.flush(Timeout::After(timeout)))
+            .await
+            .map_err(|e| Error::backend(BACKEND, e))?
+            .map_err(|e| client::map_error("flush", e, timeout, &self.inner.ctx.conn))
+    }
+
+    fn producer(&self) -> Arc<Producer_> {
+        lock_read(&self.inner.producer).clone()
+    }
+
+    /// Replaces the producer after a fatal error, once (the first caller to notice wins).
+    fn recover_producer(&self, failed: &Arc<Producer_>) {
+        let Some((code, reason)) = failed.client().fatal_error() else {
+            return;
+        };
+        let mut slot = self
+            .inner
+            .producer
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        if !Arc::ptr_eq(&slot, failed) {
+            return;
+        }
+        tracing::error!(?code, %reason, "fatal Kafka producer error; creating a new producer");
+        match create_producer(&self.inner.config, &self.inner.ctx) {
+            Ok(p) => *slot = Arc::new(p),
+            Err(e) => tracing::error!(error = %e, "cannot recreate the Kafka producer"),
+        }
+    }
+
+    async fn tail(&self) -> Result<&Tail> {
+        self.inner
+            .tail
+            .get_or_try_init(|| async {
+                let (config, ctx, readers) = (
+                    self.inner.config.clone(),
+                    self.inner.ctx.clone(),
+                    self.inner.readers.clone(),
+                );
+                let partitions = self.inner.partitions;
+                blocking(move || {
+                    let reader = readers.take()?;
+                    let ends = readers.end_offsets(&reader, partitions);
+                    readers.give(reader);
+                    Tail::start(&config, ctx, ends?)
+                })
+                .await
+            })
+            .await
+    }
+
+    /// The end offset of every partition, read through the tail consumer's client.
+    async fn end_offsets(&self, tail: &Tail) -> Result<Vec<i64>> {
+        let consumer = tail.consumer().clone();
+        let readers = self.inner.readers.clone();
+        let partitions = self.inner.partitions;
+        blocking(move || readers.end_offsets(&consumer, partitions)).await
+    }
+
+    /// The room's partition, checking that `cursor` (if any) belongs to it.
+    fn partition_for_cursor(&self, room: &Room, cursor: Option<Cursor>) -> Result<u32> {
+        let partition = self.partition_of(room);
+        match cursor {
+            Some(c) if c.partition != partition => Err(Error::InvalidCursor(format!(
+                "{c} is not a cursor of room {room} (partition {partition})"
+            ))),
+            _ => Ok(partition),
+        }
+    }
+}
+
+fn lock_read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Runs blocking librdkafka calls off the async threads.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::backend(BACKEND, e))?
+}
+
+fn create_producer(config: &KafkaConfig, ctx: &Context) -> Result<Producer_> {
+    client::producer_config(config)
+        .create_with_context(ctx.clone())
+        .map_err(|e| match e {
+            rdkafka::error::KafkaError::ClientCreation(m) => Error::Config(m),
+            e => Error::backend(BACKEND, e),
+        })
+}
+
+/// Creates the topic if needed and waits for its partitions to have leaders; returns the
+/// partition count.
+async fn ensure_topic(
+    config: &KafkaConfig,
+    ctx: &Context,
+    producer: &Arc<Producer_>,
+) -> Result<u32> {
+    let deadline = Instant::now() + config.request_timeout;
+    let topic = config.topic.clone();
+    let mut created = false;
+    loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let probe = {
+            let (producer, topic) = (producer.clone(), topic.clone());
+            let wait = remaining
+                .min(Duration::from_secs(2))
+                .max(Duration::from_millis(100));
+            blocking(move || Ok(describe(&producer, &topic, wait))).await?
+        };
+        match probe {
+            TopicState::Ready(n) => {
+                ctx.conn.mark_up();
+                return Ok(n);
+            }
+            TopicState::Missing if !config.create_topic => {
+                return Err(Error::Config(format!(
+                    "Kafka topic {topic:?} does not exist and create_topic is off"
+                )));
+            }
+            TopicState::Missing if !created => {
+                create_topic(config, ctx).await?;
+                created = true;
+            }
+            TopicState::Missing | TopicState::NotReady => {}
+            TopicState::Unreachable(reason) => {
+                if Instant::now() >= deadline {
+                    return Err(Error::Unavailable {
+                        backend: BACKEND,
+                        reason: format!(
+                            "cannot reach Kafka at {} within {:?}: {reason}",
+                            config.brokers, config.request_timeout
+                        ),
+                    });
+                }
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::Timeout {
+                backend: BACKEND,
+                op: "waiting for the topic's partition leaders",
+                after: config.request_timeout,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+enum TopicState {
+    Ready(u32),
+    Missing,
+    NotReady,
+    Unreachable(String),
+}
+
+fn describe(producer: &Producer_, topic: &str, wait: Duration) -> TopicState {
+    let md = match producer.client().fetch_metadata(Some(topic), wait) {
+        Ok(md) => md,
+        Err(e) => return TopicState::Unreachable(e.to_string()),
+    };
+    let Some(t) = md.topics().iter().find(|t| t.name() == topic) else {
+        return TopicState::Missing;
+    };
+    match t.error().map(RDKafkaErrorCode::from) {
+        None => {}
+        Some(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic) => {
+            return TopicState::Missing;
+        }
+        Some(_) => return TopicState::NotReady,
+    }
+    let parts = t.partitions();
+    if parts.is_empty() || parts.iter().any(|p| p.leader() < 0 || p.error().is_some()) {
+        return TopicState::NotReady;
+    }
+    match u32::try_from(parts.len()) {
+        Ok(n) => TopicState::Ready(n),
+        Err(_) => TopicState::NotReady,
+    }
+}
+
+async fn create_topic(config: &KafkaConfig, ctx: &Context) -> Result<()> {
+    let admin: AdminClient<Context> = client::admin_config(config)
+        .create_with_context(ctx.clone())
+        .map_err(|e| Error::backend(BACKEND, e))?;
+    let partitions = i32::try_from(config.partitions).unwrap_or(i32::MAX);
+    let replication = i32::try_from(config.replication).unwrap_or(1);
+    let topic = NewTopic::new(
+        &config.topic,
+        partitions,
+        TopicReplication::Fixed(replication),
+    );
+    let opts = AdminOptions::new().request_timeout(Some(config.request_timeout));
+    let results = admin
+        .create_topics([&topic], &opts)
+        .await
+        .map_err(|e| client::map_error("create topic", e, config.request_timeout, &ctx.conn))?;
+    for r in results {
+        match r {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, code)) => {
+                return Err(Error::backend(
+                    BACKEND,
+                    format!("cannot create topic {name:?}: {code}"),
+                ));
+            }
+        }
+    }
+    tracing::info!(topic = %config.topic, partitions, replication, "created Kafka topic");
+    Ok(())
+}
+
+#[async_trait]
+impl Broker for KafkaBroker {
+    fn name(&self) -> &'static str {
+        BACKEND
+    }
+
+    /// Produces the message to its room's partition and waits for `acks=all`.
+    ///
+    /// The receipt's cursor is the record's `partition-offset` (none for ephemeral messages,
+    /// which are produced too but never replayed). Fails with `Error::Timeout` or
+    /// `Error::Unavailable` within [`KafkaConfig::publish_timeout`] when the cluster is
+    /// unreachable; such a message may still have been stored (an ack lost in transit).
+    async fn publish(&self, envelope: &Envelope) -> Result<Receipt> {
+        let config = &self.inner.config;
+        // The log position is the record's own offset: never store a stale cursor.
+        let value = if envelope.cursor.is_some() {
+            codec::encode(&Envelope {
+                cursor: None,
+                ..envelope.clone()
+            })?
+        } else {
+            codec::encode(envelope)?
+        };
+        if value.len() > config.max_message_bytes {
+            return Err(Error::TooLarge {
+                size: value.len(),
+                limit: config.max_message_bytes,
+            });
+        }
+        let partition = reader::to_i32(self.partition_of(&envelope.room))?;
+        let record = FutureRecord::to(&config.topic)
+            .key(envelope.room.as_str())
+            .payload(&value[..])
+            .partition(partition)
+            .timestamp(i64::try_from(envelope.ts).unwrap_or(i64::MAX));
+        let producer = self.producer();
+        let timeout = config.publish_timeout;
+        // librdkafka fails the message after `message.timeout.ms` (= publish_timeout); the
+        // outer bound only guards against a lost callback.
+        let sent = tokio::time::timeout(
+            timeout + Duration::from_secs(1),
+            producer.send(record, Timeout::After(timeout)),
+        )
+        .await;
+        match sent {
+            Ok(Ok(delivery)) => {
+                self.inner.ctx.conn.mark_up();
+                self.inner.published.fetch_add(1, Ordering::Relaxed);
+                let cursor = envelope.is_durable().then(|| {
+                    Cursor::new(
+                        u32::try_from(delivery.partition).unwrap_or(0),
+                        u64::try_from(delivery.offset).unwrap_or(0),
+                    )
+                });
+                Ok(Receipt {
+                    id: envelope.id,
+                    cursor,
+                })
+            }
+            Ok(Err((e, _))) => {
+                self.inner.publish_errors.fetch_add(1, Ordering::Relaxed);
+                self.recover_producer(&producer);
+                Err(client::map_error(
+                    "publish",
+                    e,
+                    timeout,
+                    &self.inner.ctx.conn,
+                ))
+            }
+            Err(_) => {
+                self.inner.publish_errors.fetch_add(1, Ordering::Relaxed);
+                Err(Error::Timeout {
+                    backend: BACKEND,
+                    op: "publish",
+                    after: timeout,
+                })
+            }
+        }
+    }
+
+    /// Registers a subscription with the shared tail consumer (started by the first call).
+    ///
+    /// Delivers every message (durable and ephemeral) of the rooms of interest from the end
+    /// of each partition at the time of the call, in log order, which is publish order within
+    /// a room. `start()` is set to that position per partition. Durable messages carry their
+    /// cursor, ephemeral ones none.
+    ///
+    /// Slow subscriber: a full buffer ([`KafkaConfig::subscriber_capacity`]) drops messages for
+    /// that subscriber only, which then gets `Err(Error::Lagged)` and resyncs with `replay`.
+    /// Cluster outage: the subscription stays open and silent; the consumer reconnects and
+    /// resumes at the next offset, so nothing published meanwhile is missed.
+    async fn subscribe(&self, interest: Interest) -> Result<Subscription> {
+        let tail = self.tail().await?;
+        let ends = self.end_offsets(tail).await?;
+        Ok(tail.subscribe(interest, &ends))
+    }
+
+    /// Streams the room's durable messages after a cursor, from a time, or from the
+    /// beginning, up to `limit` and up to the end of the partition when the call was made.
+    ///
+    /// `Error::InvalidCursor` for a cursor of another partition than the room's.
+    async fn replay(&self, room: &Room, from: ReplayFrom, limit: usize) -> Result<HistoryStream> {
+        let cursor = match from {
+            ReplayFrom::Cursor(c) => Some(c),
+            _ => None,
+        };
+        let partition = self.partition_for_cursor(room, cursor)?;
+        if limit == 0 {
+            return Ok(chatbus_core::history_stream(Vec::new()));
+        }
+        let readers = self.inner.readers.clone();
+        // Plan first, so that errors (cluster down) are returned by `replay` itself.
+        let (reader, range) = blocking({
+            let readers = readers.clone();
+            move || {
+                let reader = readers.take()?;
+                let planned = plan(&readers, &reader, partition, from);
+                match planned {
+                    Ok(range) => Ok((reader, range)),
+                    Err(e) => {
+                        readers.give(reader);
+                        Err(e)
+                    }
+                }
+            }
+        })
+        .await?;
+        let Some((start, end)) = range else {
+            readers.give(reader);
+            return Ok(chatbus_core::history_stream(Vec::new()));
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(REPLAY_BUFFER);
+        let room = room.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut sent = 0;
+            let result = readers.scan(&reader, partition, start, end, |env| {
+                let Some(env) = env.filter(|e| is_of(e, &room)) else {
+                    return ControlFlow::Continue(());
+                };
+                if tx.blocking_send(Ok(env)).is_err() {
+                    // The stream was dropped: stop reading.
+                    return ControlFlow::Break(());
+                }
+                sent += 1;
+                if sent >= limit {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
+            });
+            readers.give(reader);
+            if let Err(e) = result {
+                let _ = tx.blocking_send(Err(e));
+            }
+        });
+        Ok(futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        })
+        .boxed())
+    }
+
+    /// Reads the room's partition backwards from `before` (or its end) in growing chunks and
+    /// returns the newest `limit` durable messages of the room, oldest first. Reads at most
+    /// [`KafkaConfig::history_scan_limit`] records, so a quiet room in a busy partition may
+    /// get a short page.
+    async fn history(
+        &self,
+        room: &Room,
+        before: Option<Cursor>,
+        limit: usize,
+    ) -> Result<Vec<Envelope>> {
+        let partition = self.partition_for_cursor(room, before)?;
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let readers = self.inner.readers.clone();
+        let room = room.clone();
+        let scan_limit = i64::try_from(self.inner.config.history_scan_limit).unwrap_or(i64::MAX);
+        blocking(move || {
+            let reader = readers.take()?;
+            let page = history_page(
+                &readers, &reader, partition, &room, before, limit, scan_limit,
+            );
+            readers.give(reader);
+            page
+        })
+        .await
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            durable: true,
+            replay: true,
+            room_order: true,
+            interest_filtering: false,
+        }
+    }
+
+    /// `Healthy` when the cluster answers a metadata request for the topic within 2 s,
+    /// `Down` otherwise (with the reason) or after a fatal producer error.
+    async fn health(&self) -> Health {
+        let producer = self.producer();
+        if let Some((_, reason)) = producer.client().fatal_error() {
+            return Health::Down(format!("fatal Kafka producer error: {reason}"));
+        }
+        let topic = self.inner.config.topic.clone();
+        let probe = blocking(move || Ok(describe(&producer, &topic, HEALTH_TIMEOUT))).await;
+        match probe {
+            Ok(TopicState::Ready(_)) => {
+                self.inner.ctx.conn.mark_up();
+                Health::Healthy
+            }
+            Ok(TopicState::Unreachable(reason)) => Health::Down(format!(
+                "Kafka unreachable at {}: {reason}",
+                self.inner.config.brokers
+            )),
+            Ok(TopicState::Missing) => Health::Down(format!(
+                "Kafka topic {:?} does not exist",
+                self.inner.config.topic
+            )),
+            Ok(TopicState::NotReady) => Health::Degraded(format!(
+                "a partition of Kafka topic {:?} has no leader",
+                self.inner.config.topic
+            )),
+            Err(e) => Health::Down(e.to_string()),
+        }
+    }
+}
+
+/// The offsets `start..end` a replay reads, or `None` when there is nothing to read.
+fn plan(
+    readers: &Readers,
+    reader: &reader::Reader,
+    partition: u32,
+    from: ReplayFrom,
+) -> Result<Option<(i64, i64)>> {
+    let (low, high) = readers.watermarks(reader, partition)?;
+    let start = match from {
+        ReplayFrom::Beginning => low,
+        ReplayFrom::Cursor(c) => i64::try_from(c.offset)
+            .ok()
+            .and_then(|o| o.checked_add(1))
+            .ok_or_else(|| Error::InvalidCursor(c.to_string()))?,
+        ReplayFrom::Time(ms) => match readers.offset_for_time(reader, partition, ms)? {
+            Some(o) => o,
+            None => return Ok(None),
+        },
+    };
+    // Below `low`, retention has deleted the records: start with what is left.
+    let start = start.max(low);
+    Ok((start < high).then_some((start, high)))
+}
+
+fn history_page(
+    readers: &Readers,
+    reader: &reader::Reader,
+    partition: u32,
+    room: &Room,
+    before: Option<Cursor>,
+    limit: usize,
+    scan_limit: i64,
+) -> Result<Vec<Envelope>> {
+    let (low, high) = readers.watermarks(reader, partition)?;
+    let mut end = before.map_or(high, |c| {
+        i64::try_from(c.offset).unwrap_or(i64::MAX).min(high)
+    });
+    // A room usually shares its partition with others: start with a few pages' worth of
+    // records and double, so a busy room costs one read and a quiet one a few.
+    let mut chunk = i64::try_from(limit)
+        .unwrap_or(i64::MAX)
+        .saturating_mul(4)
+        .max(256);
+    let mut scanned = 0i64;
+    let mut found: Vec<Envelope> = Vec::new();
+    while end > low && found.len() < limit && scanned < scan_limit {
+        let size = chunk.min(scan_limit - scanned);
+        let start = end.saturating_sub(size).max(low);
+        let mut older = Vec::new();
+        readers.scan(reader, partition, start, end, |env| {
+            if let Some(env) = env.filter(|e| is_of(e, room)) {
+                older.push(env);
+            }
+            ControlFlow::Continue(())
+        })?;
+        scanned += end - start;
+        older.append(&mut found);
+        found = older;
+        end = start;
+        chunk = chunk.saturating_mul(2);
+    }
+    let skip = found.len().saturating_sub(limit);
+    found.drain(..skip);
+    Ok(found)
+}

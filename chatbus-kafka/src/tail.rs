@@ -1,0 +1,359 @@
+//! The shared tail consumer: one consumer per broker reads the end of every partition and
+//! dispatches each record to the local subscriptions of its room.
+//!
+//! Why one consumer and not one per subscription: the Hub subscribes once per room, so a busy
+//! instance holds thousands of subscriptions; a librdkafka consumer costs threads, sockets and
+//! a prefetch buffer each, and every one of them would read the whole topic anyway (a room is
+//! not a partition). One reader with a room index costs one of each, whatever the number of
+//! rooms.
+//!
+//! Why `assign` and not a group subscription: every instance must see every message, so no
+//! partition may be shared with or taken away by another instance, and a rebalance must never
+//! pause delivery.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use bytes::Bytes;
+use chatbus_core::{
+    codec, Cursor, Envelope, Error, Interest, Result, Room, SendOutcome, Subscription,
+    SubscriptionSender,
+};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::client::{self, lock, Context};
+use crate::config::KafkaConfig;
+
+type TailConsumer = BaseConsumer<Context>;
+
+/// How long one poll of the tail thread blocks, which bounds how late it notices shutdown.
+const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// Records taken from librdkafka's queue before dispatching them under one lock.
+const BATCH: usize = 512;
+
+/// Counters of the tail consumer.
+#[derive(Debug, Default)]
+pub(crate) struct TailStats {
+    pub(crate) records: AtomicU64,
+    pub(crate) malformed: AtomicU64,
+    pub(crate) gaps: AtomicU64,
+}
+
+/// The running tail consumer. Dropping it stops its thread.
+pub(crate) struct Tail {
+    shared: Arc<Shared>,
+    consumer: Arc<TailConsumer>,
+    thread: Option<JoinHandle<()>>,
+}
+
+struct Shared {
+    topic: String,
+    state: Mutex<State>,
+    stop: AtomicBool,
+    stats: TailStats,
+    capacity: usize,
+}
+
+struct State {
+    /// Per partition, the next offset the thread will dispatch.
+    positions: Vec<i64>,
+    next_id: u64,
+    by_room: HashMap<Room, Vec<Entry>>,
+    all: Vec<Entry>,
+}
+
+struct Entry {
+    id: u64,
+    tx: SubscriptionSender,
+    /// Per partition, the first offset this subscription receives.
+    start: Arc<[i64]>,
+}
+
+impl Entry {
+    fn wants(&self, partition: usize, offset: i64) -> bool {
+        self.start.get(partition).is_some_and(|s| offset >= *s)
+    }
+}
+
+/// Removes a subscription from the index when it is dropped.
+struct Unsubscribe {
+    shared: Weak<Shared>,
+    id: u64,
+    interest: Interest,
+}
+
+impl Drop for Unsubscribe {
+    fn drop(&mut self) {
+        let Some(shared) = self.shared.upgrade() else {
+            return;
+        };
+        let mut state = lock(&shared.state);
+        match &self.interest {
+            Interest::All => state.all.retain(|e| e.id != self.id),
+            Interest::Rooms(rooms) => {
+                for room in rooms {
+                    if let Some(list) = state.by_room.get_mut(room) {
+                        list.retain(|e| e.id != self.id);
+                        if list.is_empty() {
+                            state.by_room.remove(room);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Tail {
+    /// Starts reading every partition of the topic at `ends` (the current end offsets).
+    /// Blocking: call from a blocking thread.
+    pub(crate) fn start(config: &KafkaConfig, ctx: Context, ends: Vec<i64>) -> Result<Self> {
+        let consumer: TailConsumer = client::consumer_config(config, "tail", config.fetch_wait)
+            .create_with_context(ctx)
+            .map_err(|e| Error::backend(client::BACKEND, e))?;
+        let mut tpl = TopicPartitionList::new();
+        for (p, offset) in ends.iter().enumerate() {
+            let p = i32::try_from(p).map_err(|_| Error::Config("too many partitions".into()))?;
+            tpl.add_partition_offset(&config.topic, p, Offset::Offset(*offset))
+                .map_err(|e| Error::backend(client::BACKEND, e))?;
+        }
+        consumer
+            .assign(&tpl)
+            .map_err(|e| Error::backend(client::BACKEND, e))?;
+        let consumer = Arc::new(consumer);
+        let shared = Arc::new(Shared {
+            topic: config.topic.clone(),
+            state: Mutex::new(State {
+                positions: ends,
+                next_id: 0,
+                by_room: HashMap::new(),
+                all: Vec::new(),
+            }),
+            stop: AtomicBool::new(false),
+            stats: TailStats::default(),
+            capacity: config.subscriber_capacity,
+        });
+        let thread = {
+            let (shared, consumer) = (shared.clone(), consumer.clone());
+            std::thread::Builder::new()
+                .name("chatbus-kafka-tail".into())
+                .spawn(move || run(&shared, &consumer))
+                .map_err(|e| Error::backend(client::BACKEND, e))?
+        };
+        Ok(Self {
+            shared,
+            consumer,
+            thread: Some(thread),
+        })
+    }
+
+    /// Registers a subscription that receives every record at or after `ends` (the end offsets
+    /// read just now) and after what the thread already dispatched.
+    pub(crate) fn subscribe(&self, interest: Interest, ends: &[i64]) -> Subscription {
+        let (tx, sub) = Subscription::channel(self.shared.capacity);
+        let mut state = lock(&self.shared.state);
+        // A record below the current end was published before this call; one the thread
+        // already dispatched cannot be delivered any more. The later of the two is where this
+        // subscription starts, and the thread dispatches every record from there on.
+        let start: Arc<[i64]> = state
+            .positions
+            .iter()
+            .enumerate()
+            .map(|(p, pos)| (*pos).max(ends.get(p).copied().unwrap_or(0)))
+            .collect();
+        state.next_id += 1;
+        let id = state.next_id;
+        let entry = || Entry {
+            id,
+            tx: tx.clone(),
+            start: start.clone(),
+        };
+        match &interest {
+            Interest::All => state.all.push(entry()),
+            Interest::Rooms(rooms) => {
+                for room in rooms {
+                    state.by_room.entry(room.clone()).or_default().push(entry());
+                }
+            }
+        }
+        drop(state);
+        let cursors = start
+            .iter()
+            .enumerate()
+            .map(|(p, o)| Cursor::new(p as u32, u64::try_from(*o).unwrap_or(0)))
+            .collect();
+        sub.with_start(cursors).with_guard(Unsubscribe {
+            shared: Arc::downgrade(&self.shared),
+            id,
+            interest,
+        })
+    }
+
+    /// The consumer, for offset lookups that need one.
+    pub(crate) fn consumer(&self) -> &Arc<BaseConsumer<Context>> {
+        &self.consumer
+    }
+
+    pub(crate) fn stats(&self) -> &TailStats {
+        &self.shared.stats
+    }
+
+    /// Live subscriptions, for metrics.
+    pub(crate) fn subscriptions(&self) -> usize {
+        let state = lock(&self.shared.state);
+        state.all.len() + state.by_room.values().map(Vec::len).sum::<usize>()
+    }
+}
+
+impl Drop for Tail {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        if let Some(thread) = self.thread.take() {
+            // The thread notices within one poll interval. Never join from the tail thread
+            // itself (it cannot hold the last reference, but be safe).
+            if thread.thread().id() != std::thread::current().id() {
+                let _ = thread.join();
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for Tail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tail")
+            .field("topic", &self.shared.topic)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One decoded record.
+struct Record {
+    partition: usize,
+    offset: i64,
+    envelope: Option<Envelope>,
+}
+
+fn run(shared: &Shared, consumer: &TailConsumer) {
+    let mut batch: Vec<Record> = Vec::with_capacity(BATCH);
+    while !shared.stop.load(Ordering::Acquire) {
+        let mut timeout = POLL_INTERVAL;
+        while batch.len() < BATCH {
+            match consumer.poll(timeout) {
+                None => break,
+                Some(Ok(msg)) => {
+                    consumer.context().conn.mark_up();
+                    batch.push(decode(shared, &msg));
+                    // Take whatever else is already queued without waiting.
+                    timeout = Duration::ZERO;
+                }
+                Some(Err(e)) => {
+                    // librdkafka retries by itself and resumes at its fetch position when the
+                    // broker returns; nothing to do but note it.
+                    tracing::debug!(error = %e, "kafka tail consumer error");
+                    break;
+                }
+            }
+        }
+        if !batch.is_empty() {
+            dispatch(shared, &mut batch);
+        }
+    }
+}
+
+fn decode(shared: &Shared, msg: &rdkafka::message::BorrowedMessage<'_>) -> Record {
+    let partition = usize::try_from(msg.partition()).unwrap_or(usize::MAX);
+    let offset = msg.offset();
+    shared.stats.records.fetch_add(1, Ordering::Relaxed);
+    let envelope = match msg
+        .payload()
+        .map(|p| codec::decode(&Bytes::copy_from_slice(p)))
+    {
+        Some(Ok(mut env)) => {
+            env.cursor = env
+                .is_durable()
+                .then(|| Cursor::new(partition as u32, u64::try_from(offset).unwrap_or(0)));
+            Some(env)
+        }
+        Some(Err(e)) => {
+            shared.stats.malformed.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(partition, offset, error = %e, "dropping a malformed Kafka record");
+            None
+        }
+        None => {
+            shared.stats.malformed.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(partition, offset, "dropping a Kafka record without a value");
+            None
+        }
+    };
+    Record {
+        partition,
+        offset,
+        envelope,
+    }
+}
+
+fn dispatch(shared: &Shared, batch: &mut Vec<Record>) {
+    let mut state = lock(&shared.state);
+    let mut closed = false;
+    for record in batch.drain(..) {
+        let Some(position) = state.positions.get_mut(record.partition) else {
+            continue;
+        };
+        if record.offset < *position {
+            // Already dispatched (librdkafka re-fetched after a reset): never twice.
+            continue;
+        }
+        if record.offset > *position {
+            // Records were skipped, e.g. deleted by retention while this consumer was behind:
+            // subscribers must resync from their cursors.
+            let missed = u64::try_from(record.offset - *position).unwrap_or(0);
+            shared.stats.gaps.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                partition = record.partition,
+                missed,
+                "gap in the Kafka tail"
+            );
+            let from = *position;
+            *position = record.offset + 1;
+            let notify = |e: &Entry| {
+                if e.wants(record.partition, from) {
+                    let _ = e.tx.send_error(Error::Lagged { missed });
+                }
+            };
+            state.all.iter().for_each(notify);
+            state.by_room.values().flatten().for_each(notify);
+        } else {
+            *position = record.offset + 1;
+        }
+        let Some(env) = record.envelope else {
+            continue;
+        };
+        let targets = state
+            .by_room
+            .get(&env.room)
+            .into_iter()
+            .flatten()
+            .chain(state.all.iter());
+        for entry in targets {
+            if entry.wants(record.partition, record.offset)
+                && entry.tx.send(env.clone()) == SendOutcome::Closed
+            {
+                closed = true;
+            }
+        }
+    }
+    if closed {
+        // Normally the subscription's guard removes it; this catches a guard that has not run
+        // yet, so no dead sender lingers.
+        state.all.retain(|e| !e.tx.is_closed());
+        state.by_room.retain(|_, list| {
+            list.retain(|e| !e.tx.is_closed());
+            !list.is_empty()
+        });
+    }
+}
