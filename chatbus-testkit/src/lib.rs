@@ -5,6 +5,7 @@
 //! tests. A missing program is a test failure whose message says what to install, never a
 //! silent skip.
 
+pub mod redis;
 pub mod tansu;
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};

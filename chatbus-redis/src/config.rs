@@ -1,0 +1,393 @@
+//! [`RedisConfig`]: where the server is and how the broker behaves.
+
+use std::fmt;
+use std::time::Duration;
+
+use chatbus_core::Result;
+use redis::IntoConnectionInfo;
+
+use crate::error;
+
+/// The longest accepted [`RedisConfig::prefix`], in bytes.
+pub const MAX_PREFIX_LEN: usize = 64;
+
+/// Configuration of a [`RedisBroker`](crate::RedisBroker).
+///
+/// Build it with [`Default`] and the `with_*` setters, or from the environment with
+/// [`from_env`](Self::from_env). `Debug` never prints the password.
+///
+/// ```
+/// use std::time::Duration;
+/// use chatbus_redis::RedisConfig;
+///
+/// let config = RedisConfig::default()
+///     .with_url("redis://:secret@127.0.0.1:6380/2")
+///     .with_prefix("myapp")
+///     .with_history_len(500)
+///     .with_command_timeout(Duration::from_secs(1));
+/// assert!(!format!("{config:?}").contains("secret"));
+/// ```
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct RedisConfig {
+    /// The server: `redis://[[user]:password@]host[:port][/db]`, or `rediss://` for TLS (needs
+    /// the `tls` feature; `rediss://host/#insecure` skips certificate checks). Default
+    /// `redis://127.0.0.1:6379/`.
+    pub url: String,
+    /// A password used when the URL has none (it needs no URL escaping here). Default none.
+    pub password: Option<String>,
+    /// Prefix of every channel and key, so one Redis can serve several apps (or several
+    /// chatbus deployments). 1 to [`MAX_PREFIX_LEN`] bytes of `[A-Za-z0-9._:-]`. Default
+    /// `"chatbus"`.
+    pub prefix: String,
+    /// The history window: durable messages kept per room in a Redis stream for `replay` and
+    /// `history`. 0 (the default) keeps none: `replay`/`history` then answer
+    /// `Error::Unsupported` and `publish` carries the envelope's cursor through unchanged.
+    pub history_len: usize,
+    /// Buffer of each subscription, in messages. Default 4,096.
+    pub subscriber_capacity: usize,
+    /// Limit for making one connection (TCP, TLS and authentication). Default 5 s.
+    pub connect_timeout: Duration,
+    /// Limit for one operation (publish, subscribe, replay, history, health): past it the
+    /// operation fails with `Error::Timeout` instead of waiting for a reconnect. Default 2 s.
+    pub command_timeout: Duration,
+    /// First delay before reconnecting after the connection dropped; it doubles per failed
+    /// attempt (with jitter) up to [`backoff_max`](Self::backoff_max). Default 100 ms.
+    pub backoff_min: Duration,
+    /// Cap of the reconnect delay. Default 2 s.
+    pub backoff_max: Duration,
+    /// How often the pub/sub connection is checked with a `PING` when it is otherwise idle,
+    /// to notice a server that hangs without closing the connection. Default 5 s.
+    pub ping_interval: Duration,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379/".to_owned(),
+            password: None,
+            prefix: "chatbus".to_owned(),
+            history_len: 0,
+            subscriber_capacity: 4096,
+            connect_timeout: Duration::from_secs(5),
+            command_timeout: Duration::from_secs(2),
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(2),
+            ping_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+impl fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &redact_url(&self.url))
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("prefix", &self.prefix)
+            .field("history_len", &self.history_len)
+            .field("subscriber_capacity", &self.subscriber_capacity)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("command_timeout", &self.command_timeout)
+            .field("backoff_min", &self.backoff_min)
+            .field("backoff_max", &self.backoff_max)
+            .field("ping_interval", &self.ping_interval)
+            .finish()
+    }
+}
+
+/// The URL with the `user:password@` part replaced, for logs.
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            format!("{}://<redacted>{}", &url[..scheme_end], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+impl RedisConfig {
+    /// Reads the configuration from the environment; unset variables keep their default.
+    ///
+    /// | variable | meaning |
+    /// |---|---|
+    /// | `CHATBUS_REDIS_URL` | [`url`](Self::url), e.g. `redis://:pw@redis:6379/0` or `rediss://…` |
+    /// | `REDIS_HOST`, `REDIS_PORT` | host and port, when `CHATBUS_REDIS_URL` is unset (the variables of the stack this replaces) |
+    /// | `REDIS_PASSWORD` | [`password`](Self::password), used when the URL has none |
+    /// | `CHATBUS_REDIS_PREFIX` | [`prefix`](Self::prefix) |
+    /// | `CHATBUS_REDIS_HISTORY` | [`history_len`](Self::history_len) (0 = off) |
+    ///
+    /// A variable with a bad value is an `Error::Config` naming it.
+    pub fn from_env() -> Result<Self> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// [`from_env`](Self::from_env) over any lookup function (for tests and for other sources
+    /// of settings).
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        let get = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
+        let mut config = Self::default();
+        if let Some(url) = get("CHATBUS_REDIS_URL") {
+            config.url = url.trim().to_owned();
+        } else if get("REDIS_HOST").is_some() || get("REDIS_PORT").is_some() {
+            let host = get("REDIS_HOST").unwrap_or_else(|| "127.0.0.1".to_owned());
+            let port = match get("REDIS_PORT") {
+                Some(p) => p.trim().parse::<u16>().map_err(|_| {
+                    error::config(format!("REDIS_PORT must be a port number, got {p:?}"))
+                })?,
+                None => 6379,
+            };
+            let host = host.trim();
+            // An IPv6 literal needs brackets in a URL.
+            let host = if host.contains(':') && !host.starts_with('[') {
+                format!("[{host}]")
+            } else {
+                host.to_owned()
+            };
+            config.url = format!("redis://{host}:{port}/");
+        }
+        if let Some(pw) = lookup("REDIS_PASSWORD").filter(|p| !p.is_empty()) {
+            config.password = Some(pw);
+        }
+        if let Some(prefix) = get("CHATBUS_REDIS_PREFIX") {
+            config.prefix = prefix.trim().to_owned();
+        }
+        if let Some(h) = get("CHATBUS_REDIS_HISTORY") {
+            config.history_len = h.trim().parse().map_err(|_| {
+                error::config(format!(
+                    "CHATBUS_REDIS_HISTORY must be a number of messages (0 = off), got {h:?}"
+                ))
+            })?;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Sets [`url`](Self::url).
+    #[must_use]
+    pub fn with_url(mut self, url: impl Into<String>) -> Self {
+        self.url = url.into();
+        self
+    }
+
+    /// Sets [`password`](Self::password).
+    #[must_use]
+    pub fn with_password(mut self, password: impl Into<String>) -> Self {
+        self.password = Some(password.into());
+        self
+    }
+
+    /// Sets [`prefix`](Self::prefix).
+    #[must_use]
+    pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// Sets [`history_len`](Self::history_len) (0 turns the history window off).
+    #[must_use]
+    pub fn with_history_len(mut self, n: usize) -> Self {
+        self.history_len = n;
+        self
+    }
+
+    /// Sets [`subscriber_capacity`](Self::subscriber_capacity).
+    #[must_use]
+    pub fn with_subscriber_capacity(mut self, n: usize) -> Self {
+        self.subscriber_capacity = n;
+        self
+    }
+
+    /// Sets [`connect_timeout`](Self::connect_timeout).
+    #[must_use]
+    pub fn with_connect_timeout(mut self, d: Duration) -> Self {
+        self.connect_timeout = d;
+        self
+    }
+
+    /// Sets [`command_timeout`](Self::command_timeout).
+    #[must_use]
+    pub fn with_command_timeout(mut self, d: Duration) -> Self {
+        self.command_timeout = d;
+        self
+    }
+
+    /// Sets [`backoff_min`](Self::backoff_min) and [`backoff_max`](Self::backoff_max).
+    #[must_use]
+    pub fn with_backoff(mut self, min: Duration, max: Duration) -> Self {
+        self.backoff_min = min;
+        self.backoff_max = max;
+        self
+    }
+
+    /// Sets [`ping_interval`](Self::ping_interval).
+    #[must_use]
+    pub fn with_ping_interval(mut self, d: Duration) -> Self {
+        self.ping_interval = d;
+        self
+    }
+
+    /// Checks every value; [`RedisBroker::connect`](crate::RedisBroker::connect) calls it.
+    pub fn validate(&self) -> Result<()> {
+        let p = &self.prefix;
+        if p.is_empty() || p.len() > MAX_PREFIX_LEN {
+            return Err(error::config(format!(
+                "the Redis prefix must be 1 to {MAX_PREFIX_LEN} bytes, got {} bytes",
+                p.len()
+            )));
+        }
+        // Glob characters would break the `Interest::All` pattern subscription and braces the
+        // cluster hash tags, so the prefix uses the room charset.
+        if !p
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+        {
+            return Err(error::config(format!(
+                "the Redis prefix may only use A-Z, a-z, 0-9, '.', '_', ':' and '-', got {p:?}"
+            )));
+        }
+        if self.subscriber_capacity == 0 {
+            return Err(error::config("subscriber_capacity must be at least 1"));
+        }
+        for (name, d) in [
+            ("connect_timeout", self.connect_timeout),
+            ("command_timeout", self.command_timeout),
+            ("backoff_min", self.backoff_min),
+            ("backoff_max", self.backoff_max),
+            ("ping_interval", self.ping_interval),
+        ] {
+            if d.is_zero() {
+                return Err(error::config(format!("{name} must be more than zero")));
+            }
+        }
+        if self.backoff_min > self.backoff_max {
+            return Err(error::config("backoff_min must not exceed backoff_max"));
+        }
+        self.connection_info().map(|_| ())
+    }
+
+    /// The client's connection settings: the URL, with [`password`](Self::password) applied.
+    pub(crate) fn connection_info(&self) -> Result<redis::ConnectionInfo> {
+        let url = self.url.trim();
+        let scheme = url.split("://").next().unwrap_or_default();
+        match scheme {
+            "redis" => {}
+            "rediss" => {
+                if !cfg!(feature = "tls") {
+                    return Err(error::config(
+                        "a rediss:// URL needs the `tls` feature of chatbus-redis",
+                    ));
+                }
+            }
+            _ => {
+                return Err(error::config(format!(
+                    "the Redis URL must start with redis:// or rediss://, got {:?}",
+                    redact_url(url)
+                )))
+            }
+        }
+        let info = url
+            .into_connection_info()
+            .map_err(|e| error::config(format!("invalid Redis URL {:?}: {e}", redact_url(url))))?;
+        match &self.password {
+            Some(pw) if info.redis_settings().password().is_none() => {
+                let settings = info.redis_settings().clone().set_password(pw);
+                Ok(info.set_redis_settings(settings))
+            }
+            _ => Ok(info),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn from(vars: &[(&str, &str)]) -> Result<RedisConfig> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        RedisConfig::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn env_defaults_and_url() -> Result<()> {
+        let c = from(&[])?;
+        assert_eq!(c.url, "redis://127.0.0.1:6379/");
+        assert_eq!(c.history_len, 0);
+        let c = from(&[
+            ("CHATBUS_REDIS_URL", "redis://:pw@10.0.0.1:6380/3"),
+            ("CHATBUS_REDIS_PREFIX", "app1"),
+            ("CHATBUS_REDIS_HISTORY", "100"),
+            ("REDIS_HOST", "ignored"),
+        ])?;
+        assert_eq!(c.url, "redis://:pw@10.0.0.1:6380/3");
+        assert_eq!((c.prefix.as_str(), c.history_len), ("app1", 100));
+        let info = c.connection_info()?;
+        assert_eq!(info.redis_settings().db(), 3);
+        assert_eq!(info.redis_settings().password(), Some("pw"));
+        Ok(())
+    }
+
+    #[test]
+    fn env_compat_variables() -> Result<()> {
+        let c = from(&[
+            ("REDIS_HOST", "redis"),
+            ("REDIS_PORT", "6390"),
+            ("REDIS_PASSWORD", "p@ss:word"),
+        ])?;
+        assert_eq!(c.url, "redis://redis:6390/");
+        // The password needs no URL escaping.
+        let info = c.connection_info()?;
+        assert_eq!(info.redis_settings().password(), Some("p@ss:word"));
+        assert!(!format!("{c:?}").contains("p@ss"));
+        assert_eq!(
+            from(&[("REDIS_PORT", "7000")])?.url,
+            "redis://127.0.0.1:7000/"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn bad_values_are_config_errors() {
+        for vars in [
+            &[("REDIS_PORT", "x")][..],
+            &[("CHATBUS_REDIS_HISTORY", "-1")][..],
+            &[("CHATBUS_REDIS_URL", "http://x")][..],
+            &[("CHATBUS_REDIS_PREFIX", "a*b")][..],
+            &[("CHATBUS_REDIS_PREFIX", "a{b}")][..],
+        ] {
+            match from(vars) {
+                Err(chatbus_core::Error::Config(msg)) => assert!(!msg.is_empty()),
+                other => panic!("{vars:?}: expected a config error, got {other:?}"),
+            }
+        }
+        let c = RedisConfig::default().with_backoff(Duration::from_secs(2), Duration::from_secs(1));
+        assert!(c.validate().is_err());
+        assert!(RedisConfig::default()
+            .with_command_timeout(Duration::ZERO)
+            .validate()
+            .is_err());
+    }
+
+    #[test]
+    fn redaction() {
+        assert_eq!(redact_url("redis://:pw@h:1/"), "redis://<redacted>@h:1/");
+        assert_eq!(redact_url("redis://h:1/"), "redis://h:1/");
+        let c = RedisConfig::default()
+            .with_url("redis://u:secret@h/")
+            .with_password("other");
+        let s = format!("{c:?}");
+        assert!(!s.contains("secret") && !s.contains("other"), "{s}");
+    }
+
+    #[cfg(not(feature = "tls"))]
+    #[test]
+    fn rediss_without_tls_feature_is_explained() {
+        match RedisConfig::default().with_url("rediss://h/").validate() {
+            Err(chatbus_core::Error::Config(msg)) => assert!(msg.contains("tls"), "{msg}"),
+            other => panic!("{other:?}"),
+        }
+    }
+}
