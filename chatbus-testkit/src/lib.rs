@@ -5,6 +5,7 @@
 //! tests. A missing program is a test failure whose message says what to install, never a
 //! silent skip.
 
+pub mod chat;
 pub mod redis;
 pub mod tansu;
 
@@ -40,7 +41,11 @@ pub async fn wait_for_port(port: u16, timeout: Duration, what: &str) {
 /// Finds `program` on `PATH` (or at one of `extra` paths), or panics with `install_hint`.
 pub fn require_program(program: &str, extra: &[PathBuf], install_hint: &str) -> PathBuf {
     let from_path = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).map(|d| d.join(program)).collect::<Vec<_>>())
+        .map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join(program))
+                .collect::<Vec<_>>()
+        })
         .unwrap_or_default();
     from_path
         .into_iter()

@@ -1,0 +1,515 @@
+//! The example `chat-server` as a real process, and WebSocket clients that keep score.
+//!
+//! Fault tests run several server processes over real Redis and Tansu, kill and restart them,
+//! and let [`Participant`]s (clients that reconnect and resume from their last cursor by
+//! themselves) record every message they receive. [`Score`] then checks the guarantees: every
+//! acknowledged message delivered, nothing twice, and one order for everybody.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::{free_port, wait_for_port};
+
+/// Where cargo put the `chat-server` example for this build (`cargo test` builds examples):
+/// `target/<profile>/examples/chat-server`, found from the running test binary's path
+/// (`target/<profile>/deps/<test>`), so any `CARGO_TARGET_DIR` works.
+pub fn chat_server_program() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_else(|e| panic!("current_exe: {e}"));
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .unwrap_or_else(|| panic!("unexpected test binary path {}", exe.display()));
+    let path = profile_dir.join("examples").join("chat-server");
+    assert!(
+        path.is_file(),
+        "{} not found: build it with `cargo build --example chat-server` (cargo test builds it)",
+        path.display()
+    );
+    path
+}
+
+/// One `chat-server` process on a fixed loopback port; killed on drop.
+#[derive(Debug)]
+pub struct ChatServer {
+    port: u16,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    child: Option<Child>,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl ChatServer {
+    /// Starts the server with extra `args` (e.g. `["--broker", "dual"]`) and environment, on a
+    /// free port, and waits until `/healthz` answers.
+    pub async fn start(args: &[&str], env: &[(&str, String)]) -> Self {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let mut s = Self {
+            port: free_port(),
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                .collect(),
+            child: None,
+            log: dir.path().join("server.log"),
+            _dir: dir,
+        };
+        s.spawn().await;
+        s
+    }
+
+    async fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap_or_else(|e| panic!("log file: {e}"));
+        let err = log.try_clone().unwrap_or_else(|e| panic!("log file: {e}"));
+        let listen = format!("127.0.0.1:{}", self.port);
+        let child = Command::new(chat_server_program())
+            .arg("--listen")
+            .arg(&listen)
+            .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start chat-server: {e}"));
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        wait_for_port(self.port, Duration::from_secs(30), "chat-server").await;
+        // The port opens before the broker is connected: wait for readiness too.
+        while Instant::now() < deadline {
+            if http_get(self.port, "/readyz")
+                .await
+                .is_some_and(|(code, _)| code == 200)
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!(
+            "chat-server on {listen} not ready in 30 s; log:\n{}",
+            self.log()
+        );
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
+
+    /// What the server logged.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL: no drain, no goodbye.
+    pub async fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.start_kill();
+            let _ = c.wait().await;
+        }
+    }
+
+    /// Starts it again on the same port.
+    pub async fn restart(&mut self) {
+        self.kill().await;
+        self.spawn().await;
+    }
+
+    /// `/metrics` as text.
+    pub async fn metrics(&self) -> String {
+        http_get(self.port, "/metrics")
+            .await
+            .map(|(_, b)| b)
+            .unwrap_or_default()
+    }
+}
+
+/// A minimal HTTP/1.1 GET on loopback: (status, body), or None if the connection failed.
+pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fut = async {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()?;
+        let req =
+            format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.ok()?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.ok()?;
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let code = text.split_whitespace().nth(1)?.parse().ok()?;
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        Some((code, body))
+    };
+    tokio::time::timeout(Duration::from_secs(5), fut)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// One received chat message, as a participant recorded it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    /// Message id.
+    pub id: String,
+    /// Its cursor.
+    pub cursor: String,
+    /// Its body.
+    pub body: String,
+}
+
+/// Everything one participant saw.
+#[derive(Debug, Default)]
+pub struct Record {
+    /// Messages in the order received.
+    pub received: Vec<Received>,
+    /// Ids the server acknowledged to this participant as sender.
+    pub acked: Vec<String>,
+    /// Sends answered with an error frame, by error code.
+    pub send_errors: HashMap<String, u64>,
+    /// Sends that got neither an ack nor an error (connection lost).
+    pub unanswered: u64,
+    /// Connections made (1 + reconnects).
+    pub connections: u64,
+    /// Lagged notices and close reasons seen.
+    pub notices: Vec<String>,
+}
+
+/// Commands to a participant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ParticipantCommand {
+    /// Keep going.
+    Run,
+    /// Drop the connection and stay away until `Run` again.
+    Disconnect,
+    /// Close and stop for good.
+    Stop,
+}
+
+/// A client that joins one room, reconnects by itself (trying the servers in turn) with `since`
+/// = the last cursor it received, optionally sends numbered messages, and records everything.
+#[derive(Debug)]
+pub struct Participant {
+    /// Display name.
+    pub name: String,
+    record: Arc<Mutex<Record>>,
+    control: watch::Sender<ParticipantCommand>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// What a participant does.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// Servers' ports; it starts at the first and moves to the next when one fails.
+    pub ports: Vec<u16>,
+    /// The room.
+    pub room: String,
+    /// Messages to send (0 for a pure receiver).
+    pub send: u64,
+    /// Pause between sends.
+    pub every: Duration,
+    /// Read nothing at all after joining (a slow client).
+    pub stall: bool,
+}
+
+impl Participant {
+    /// Starts the participant's task; it is connected and joined when this returns.
+    pub async fn start(name: &str, plan: Plan) -> Self {
+        let record = Arc::new(Mutex::new(Record::default()));
+        let (control, rx) = watch::channel(ParticipantCommand::Run);
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(run(name.to_owned(), plan, record.clone(), rx, ready_tx));
+        match tokio::time::timeout(Duration::from_secs(20), ready_rx).await {
+            Ok(Ok(())) => {}
+            _ => panic!("participant {name} could not connect and join"),
+        }
+        Self {
+            name: name.to_owned(),
+            record,
+            control,
+            task,
+        }
+    }
+
+    /// Drops the connection until [`resume`](Self::resume).
+    pub fn disconnect(&self) {
+        let _ = self.control.send(ParticipantCommand::Disconnect);
+    }
+
+    /// Reconnects (with `since`).
+    pub fn resume(&self) {
+        let _ = self.control.send(ParticipantCommand::Run);
+    }
+
+    /// Stops and returns what it recorded.
+    pub async fn finish(self) -> Record {
+        let _ = self.control.send(ParticipantCommand::Stop);
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
+        std::mem::take(&mut *self.record.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// How many messages it has received so far.
+    pub fn received(&self) -> usize {
+        self.record
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .received
+            .len()
+    }
+
+    /// How many of its sends were acknowledged so far.
+    pub fn acked(&self) -> usize {
+        self.record
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .acked
+            .len()
+    }
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn connect_and_join(port: u16, name: &str, room: &str, since: Option<&str>) -> Option<Ws> {
+    let url = format!("ws://127.0.0.1:{port}/ws?name={name}");
+    let (mut ws, _) = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio_tungstenite::connect_async(url),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    let mut join = json!({"type": "join", "room": room});
+    if let Some(c) = since {
+        join["since"] = json!(c);
+    }
+    ws.send(Message::text(join.to_string())).await.ok()?;
+    Some(ws)
+}
+
+async fn run(
+    name: String,
+    plan: Plan,
+    record: Arc<Mutex<Record>>,
+    mut control: watch::Receiver<ParticipantCommand>,
+    ready: tokio::sync::oneshot::Sender<()>,
+) {
+    let rec =
+        |f: &mut dyn FnMut(&mut Record)| f(&mut record.lock().unwrap_or_else(|e| e.into_inner()));
+    let mut ready = Some(ready);
+    let mut last_cursor: Option<String> = None;
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut next_seq = 0u64;
+    let mut server = 0usize;
+    // Sends awaiting an answer on the current connection: client_id → seq.
+    let mut in_flight: HashMap<String, u64> = HashMap::new();
+    'outer: loop {
+        let command = control.borrow().clone();
+        match command {
+            ParticipantCommand::Stop => break,
+            ParticipantCommand::Disconnect => {
+                if control.changed().await.is_err() {
+                    break;
+                }
+                continue;
+            }
+            ParticipantCommand::Run => {}
+        }
+        let port = plan.ports[server % plan.ports.len()];
+        let Some(mut ws) = connect_and_join(port, &name, &plan.room, last_cursor.as_deref()).await
+        else {
+            server += 1;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        rec(&mut |r| r.connections += 1);
+        let mut joined = false;
+        let mut send_tick = tokio::time::interval(plan.every);
+        send_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                changed = control.changed() => {
+                    let command = control.borrow().clone();
+                    if changed.is_err() || command != ParticipantCommand::Run {
+                        let _ = ws.close(None).await;
+                        rec(&mut |r| r.unanswered += in_flight.len() as u64);
+                        in_flight.clear();
+                        if changed.is_err() || command == ParticipantCommand::Stop { break 'outer; }
+                        continue 'outer;
+                    }
+                }
+                _ = send_tick.tick(), if joined && next_seq < plan.send && in_flight.len() < 64 => {
+                    let cid = format!("{name}-{next_seq}");
+                    let body = format!("{name}:{next_seq}");
+                    let frame = json!({"type":"send","room":plan.room,"body":body,"client_id":cid});
+                    if ws.send(Message::text(frame.to_string())).await.is_err() {
+                        break;
+                    }
+                    in_flight.insert(cid, next_seq);
+                    next_seq += 1;
+                }
+                msg = ws.next(), if !(plan.stall && joined) => {
+                    let Some(Ok(msg)) = msg else { break };
+                    let Message::Text(text) = msg else {
+                        if let Message::Close(c) = msg {
+                            rec(&mut |r| r.notices.push(format!("close {c:?}")));
+                        }
+                        continue;
+                    };
+                    let Ok(v) = serde_json::from_str::<Value>(&text) else { continue };
+                    match v["type"].as_str().unwrap_or("") {
+                        "joined" => {
+                            joined = true;
+                            if let Some(tx) = ready.take() { let _ = tx.send(()); }
+                        }
+                        "message" => {
+                            let r = Received {
+                                id: v["id"].as_str().unwrap_or("").to_owned(),
+                                cursor: v["cursor"].as_str().unwrap_or("").to_owned(),
+                                body: v["body"].as_str().unwrap_or("").to_owned(),
+                            };
+                            if !r.cursor.is_empty() {
+                                last_cursor = Some(r.cursor.clone());
+                            }
+                            seen.insert(r.id.clone());
+                            rec(&mut |rc| rc.received.push(r.clone()));
+                        }
+                        "ack" => {
+                            let cid = v["client_id"].as_str().unwrap_or("");
+                            if in_flight.remove(cid).is_some() {
+                                let id = v["id"].as_str().unwrap_or("").to_owned();
+                                rec(&mut |r| r.acked.push(id.clone()));
+                            }
+                        }
+                        "error" => {
+                            let code = v["code"].as_str().unwrap_or("?").to_owned();
+                            if let Some(cid) = v["client_id"].as_str() {
+                                in_flight.remove(cid);
+                            }
+                            rec(&mut |r| *r.send_errors.entry(code.clone()).or_default() += 1);
+                        }
+                        "lagged" => rec(&mut |r| r.notices.push(format!("lagged {text}"))),
+                        _ => {}
+                    }
+                }
+            }
+        }
+        // Connection lost: what was in flight may or may not have been taken.
+        rec(&mut |r| r.unanswered += in_flight.len() as u64);
+        in_flight.clear();
+        server += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = seen;
+}
+
+/// The verdict over all participants of one room.
+#[derive(Debug, Default)]
+pub struct Score {
+    /// Acknowledged messages (any sender).
+    pub acked: usize,
+    /// Per receiver: acknowledged messages it never received.
+    pub missing: Vec<(String, usize)>,
+    /// Per receiver: messages received more than once.
+    pub duplicated: Vec<(String, usize)>,
+    /// Receivers whose order differs from the first receiver's.
+    pub reordered: Vec<String>,
+    /// Receivers whose per-sender sequence numbers go backwards.
+    pub sender_order_broken: Vec<String>,
+}
+
+impl Score {
+    /// Scores `records` (name → record); every participant is a receiver.
+    pub fn of(records: &[(String, Record)]) -> Self {
+        let acked: HashSet<&str> = records
+            .iter()
+            .flat_map(|(_, r)| r.acked.iter().map(String::as_str))
+            .collect();
+        let mut score = Score {
+            acked: acked.len(),
+            ..Score::default()
+        };
+        let mut reference: Option<Vec<&str>> = None;
+        for (name, r) in records {
+            let mut count: HashMap<&str, usize> = HashMap::new();
+            for m in &r.received {
+                *count.entry(m.id.as_str()).or_default() += 1;
+            }
+            let missing = acked.iter().filter(|id| !count.contains_key(*id)).count();
+            let dups = count.values().filter(|&&c| c > 1).count();
+            score.missing.push((name.clone(), missing));
+            score.duplicated.push((name.clone(), dups));
+            let order: Vec<&str> = r.received.iter().map(|m| m.id.as_str()).collect();
+            match &reference {
+                None => reference = Some(order),
+                Some(reference) if *reference != order => score.reordered.push(name.clone()),
+                Some(_) => {}
+            }
+            let mut last: HashMap<&str, u64> = HashMap::new();
+            for m in &r.received {
+                let Some((sender, seq)) = m.body.split_once(':') else {
+                    continue;
+                };
+                let Ok(seq) = seq.parse::<u64>() else {
+                    continue;
+                };
+                if last.get(sender).is_some_and(|&l| seq <= l) {
+                    score.sender_order_broken.push(name.clone());
+                    break;
+                }
+                last.insert(sender, seq);
+            }
+        }
+        score
+    }
+
+    /// Total acknowledged messages missing, over all receivers.
+    pub fn total_missing(&self) -> usize {
+        self.missing.iter().map(|(_, n)| n).sum()
+    }
+
+    /// Total duplicated messages, over all receivers.
+    pub fn total_duplicated(&self) -> usize {
+        self.duplicated.iter().map(|(_, n)| n).sum()
+    }
+
+    /// Panics with the full score unless nothing acknowledged is missing, nothing is
+    /// duplicated, and everybody saw one order.
+    pub fn assert_perfect(&self, scenario: &str) {
+        assert!(
+            self.acked > 0
+                && self.total_missing() == 0
+                && self.total_duplicated() == 0
+                && self.reordered.is_empty()
+                && self.sender_order_broken.is_empty(),
+            "{scenario}: {self:#?}"
+        );
+    }
+}
