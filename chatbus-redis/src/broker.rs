@@ -158,6 +158,7 @@ impl RedisBroker {
         let (commands, rx) = mpsc::unbounded_channel();
         let actor = Actor::new(
             client,
+            publisher.clone(),
             keys.clone(),
             shared.clone(),
             rx,

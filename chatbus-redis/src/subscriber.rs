@@ -218,6 +218,9 @@ enum End {
 /// Everything the actor needs to (re)connect.
 pub(crate) struct Actor {
     pub(crate) client: redis::Client,
+    // The publishing connection, checked before subscribers are told to resync (they replay
+    // through it).
+    publisher: redis::aio::ConnectionManager,
     pub(crate) keys: Keys,
     pub(crate) shared: Arc<Shared>,
     pub(crate) commands: mpsc::UnboundedReceiver<Command>,
@@ -269,6 +272,7 @@ impl Actor {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         client: redis::Client,
+        publisher: redis::aio::ConnectionManager,
         keys: Keys,
         shared: Arc<Shared>,
         commands: mpsc::UnboundedReceiver<Command>,
@@ -280,6 +284,7 @@ impl Actor {
     ) -> Self {
         Self {
             client,
+            publisher,
             keys,
             shared,
             commands,
@@ -330,6 +335,15 @@ impl Actor {
                     .counters
                     .reconnects
                     .fetch_add(1, Ordering::Relaxed);
+                // Subscribers act on the Lagged notice by replaying through the publishing
+                // connection, which reconnects on its own schedule: give it the chance to be
+                // back first (bounded; on failure the notice goes out anyway).
+                let mut publisher = self.publisher.clone();
+                let cmd = redis::cmd("PING");
+                let ping = cmd.query_async::<String>(&mut publisher);
+                if let Err(e) = self.with_timeout("PING", ping).await {
+                    tracing::warn!(error = %e, "redis publishing connection not back yet");
+                }
                 // Live delivery resumes now; what was published meanwhile is lost to the live
                 // stream, so every subscriber is told to resync from its cursor.
                 self.table.for_each_sender(|s| {
