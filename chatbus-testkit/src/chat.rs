@@ -148,6 +148,12 @@ impl ChatServer {
     }
 }
 
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// A minimal HTTP/1.1 GET on loopback: (status, body), or None if the connection failed.
 pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -183,6 +189,8 @@ pub struct Received {
     pub cursor: String,
     /// Its body.
     pub body: String,
+    /// Milliseconds from the sender's send to this receipt (from the body's timestamp).
+    pub latency_ms: u64,
 }
 
 /// Everything one participant saw.
@@ -221,6 +229,7 @@ pub struct Participant {
     pub name: String,
     record: Arc<Mutex<Record>>,
     control: watch::Sender<ParticipantCommand>,
+    stalled: Arc<std::sync::atomic::AtomicBool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -237,6 +246,8 @@ pub struct Plan {
     pub every: Duration,
     /// Read nothing at all after joining (a slow client).
     pub stall: bool,
+    /// Bytes of padding in each sent body (to make traffic heavy).
+    pub pad: usize,
 }
 
 impl Participant {
@@ -245,7 +256,15 @@ impl Participant {
         let record = Arc::new(Mutex::new(Record::default()));
         let (control, rx) = watch::channel(ParticipantCommand::Run);
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-        let task = tokio::spawn(run(name.to_owned(), plan, record.clone(), rx, ready_tx));
+        let stalled = Arc::new(std::sync::atomic::AtomicBool::new(plan.stall));
+        let task = tokio::spawn(run(
+            name.to_owned(),
+            plan,
+            record.clone(),
+            rx,
+            stalled.clone(),
+            ready_tx,
+        ));
         match tokio::time::timeout(Duration::from_secs(20), ready_rx).await {
             Ok(Ok(())) => {}
             _ => panic!("participant {name} could not connect and join"),
@@ -254,6 +273,7 @@ impl Participant {
             name: name.to_owned(),
             record,
             control,
+            stalled,
             task,
         }
     }
@@ -261,6 +281,12 @@ impl Participant {
     /// Drops the connection until [`resume`](Self::resume).
     pub fn disconnect(&self) {
         let _ = self.control.send(ParticipantCommand::Disconnect);
+    }
+
+    /// Stops (true) or restarts (false) reading from the socket, keeping the connection.
+    pub fn set_stalled(&self, stalled: bool) {
+        self.stalled
+            .store(stalled, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Reconnects (with `since`).
@@ -319,6 +345,7 @@ async fn run(
     plan: Plan,
     record: Arc<Mutex<Record>>,
     mut control: watch::Receiver<ParticipantCommand>,
+    stalled: Arc<std::sync::atomic::AtomicBool>,
     ready: tokio::sync::oneshot::Sender<()>,
 ) {
     let rec =
@@ -351,6 +378,7 @@ async fn run(
         };
         rec(&mut |r| r.connections += 1);
         let mut joined = false;
+        let mut recheck = tokio::time::interval(Duration::from_millis(50));
         let mut send_tick = tokio::time::interval(plan.every);
         send_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -365,9 +393,11 @@ async fn run(
                         continue 'outer;
                     }
                 }
+                // Wakes the loop so a change of `stalled` takes effect.
+                _ = recheck.tick() => {}
                 _ = send_tick.tick(), if joined && next_seq < plan.send && in_flight.len() < 64 => {
                     let cid = format!("{name}-{next_seq}");
-                    let body = format!("{name}:{next_seq}");
+                    let body = format!("{name}:{next_seq}:{}:{}", "x".repeat(plan.pad), now_ms());
                     let frame = json!({"type":"send","room":plan.room,"body":body,"client_id":cid});
                     if ws.send(Message::text(frame.to_string())).await.is_err() {
                         break;
@@ -375,7 +405,7 @@ async fn run(
                     in_flight.insert(cid, next_seq);
                     next_seq += 1;
                 }
-                msg = ws.next(), if !(plan.stall && joined) => {
+                msg = ws.next(), if !(joined && stalled.load(std::sync::atomic::Ordering::Relaxed)) => {
                     let Some(Ok(msg)) = msg else { break };
                     let Message::Text(text) = msg else {
                         if let Message::Close(c) = msg {
@@ -390,10 +420,13 @@ async fn run(
                             if let Some(tx) = ready.take() { let _ = tx.send(()); }
                         }
                         "message" => {
+                            let body = v["body"].as_str().unwrap_or("").to_owned();
+                            let sent_at = body.rsplit(':').next().and_then(|t| t.parse::<u64>().ok());
                             let r = Received {
                                 id: v["id"].as_str().unwrap_or("").to_owned(),
                                 cursor: v["cursor"].as_str().unwrap_or("").to_owned(),
-                                body: v["body"].as_str().unwrap_or("").to_owned(),
+                                latency_ms: sent_at.map_or(0, |t| now_ms().saturating_sub(t)),
+                                body,
                             };
                             if !r.cursor.is_empty() {
                                 last_cursor = Some(r.cursor.clone());
@@ -474,7 +507,8 @@ impl Score {
             }
             let mut last: HashMap<&str, u64> = HashMap::new();
             for m in &r.received {
-                let Some((sender, seq)) = m.body.split_once(':') else {
+                let mut parts = m.body.splitn(3, ':');
+                let (Some(sender), Some(seq)) = (parts.next(), parts.next()) else {
                     continue;
                 };
                 let Ok(seq) = seq.parse::<u64>() else {
