@@ -1,0 +1,493 @@
+//! [`ChatHub`]: a [`Hub`] whose frames are protocol v1 JSON, plus presence tracking.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use chatbus_core::{
+    Broker, Envelope, Frame, FrameEncoder, Hub, HubConfig, MessageId, Receipt, Room,
+};
+use serde::Serialize;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use crate::auth::Identity;
+use crate::payload::{self, Payload, Snapshot};
+use crate::protocol::{self, AsDisplay};
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Plain maps that stay consistent between statements: a panic elsewhere must not poison
+    // presence for every connection.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// How presence is shared between instances (see `docs/protocol.md`, "Presence").
+#[derive(Debug, Clone)]
+pub struct PresenceConfig {
+    /// Each instance republishes its snapshot of every room it has members in this often, and
+    /// forgets another instance's snapshot after three intervals without news (an instance that
+    /// died). Default 10 s.
+    pub interval: Duration,
+    /// Joins and leaves within this window are announced together, so a burst of joins costs
+    /// one snapshot per room. Default 25 ms.
+    pub debounce: Duration,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(10),
+            debounce: Duration::from_millis(25),
+        }
+    }
+}
+
+impl PresenceConfig {
+    /// Sets [`interval`](Self::interval).
+    #[must_use]
+    pub fn with_interval(mut self, interval: Duration) -> Self {
+        self.interval = interval;
+        self
+    }
+
+    /// Sets [`debounce`](Self::debounce).
+    #[must_use]
+    pub fn with_debounce(mut self, debounce: Duration) -> Self {
+        self.debounce = debounce;
+        self
+    }
+}
+
+/// Counters of the chat encoder.
+#[derive(Debug, Default)]
+pub struct ChatStats {
+    /// Envelopes from the broker whose payload was not a chatbus-ws payload (dropped).
+    pub decode_errors: AtomicU64,
+    /// Presence snapshots published by this instance.
+    pub presence_published: AtomicU64,
+}
+
+/// A [`Hub`] that speaks protocol v1, with presence shared between instances.
+///
+/// Build one per process over the broker of your choice and hand it to
+/// [`WsService`](crate::WsService) or [`serve`](crate::serve). Cheap to clone.
+///
+/// ```
+/// use std::sync::Arc;
+/// use chatbus_core::MemoryBroker;
+/// use chatbus_ws::ChatHub;
+///
+/// let chat = ChatHub::new(Arc::new(MemoryBroker::new()));
+/// assert_eq!(chat.hub().broker().name(), "memory");
+/// ```
+#[derive(Clone)]
+pub struct ChatHub {
+    hub: Hub,
+    shared: Arc<ChatShared>,
+}
+
+struct ChatShared {
+    presence: Arc<Presence>,
+    stats: Arc<ChatStats>,
+    task: OnceLock<()>,
+    stop: CancellationToken,
+    // Stops the presence task when the last clone of this ChatHub is dropped.
+    _guard: DropGuard,
+}
+
+impl fmt::Debug for ChatHub {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ChatHub")
+            .field("hub", &self.hub)
+            .field(
+                "instance",
+                &format_args!("{:032x}", self.shared.presence.instance),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+impl ChatHub {
+    /// A chat hub over `broker` with default settings.
+    pub fn new(broker: Arc<dyn Broker>) -> Self {
+        Self::with_config(broker, HubConfig::default(), PresenceConfig::default())
+    }
+
+    /// A chat hub with a hub configuration (queues, slow-client policy) and presence settings.
+    pub fn with_config(
+        broker: Arc<dyn Broker>,
+        hub_config: HubConfig,
+        presence: PresenceConfig,
+    ) -> Self {
+        let stats = Arc::new(ChatStats::default());
+        let presence = Arc::new(Presence::new(presence));
+        let encoder = ChatEncoder {
+            presence: presence.clone(),
+            stats: stats.clone(),
+        };
+        let hub = Hub::with_encoder(broker, Arc::new(encoder), hub_config);
+        let stop = CancellationToken::new();
+        Self {
+            hub,
+            shared: Arc::new(ChatShared {
+                presence,
+                stats,
+                task: OnceLock::new(),
+                _guard: stop.clone().drop_guard(),
+                stop,
+            }),
+        }
+    }
+
+    /// The underlying hub.
+    pub fn hub(&self) -> &Hub {
+        &self.hub
+    }
+
+    /// The encoder's counters.
+    pub fn stats(&self) -> &ChatStats {
+        &self.shared.stats
+    }
+
+    /// Who is online in `room` as this instance knows it: the members of every instance that
+    /// announced itself (including this one), sorted.
+    pub fn online(&self, room: &Room) -> Vec<Arc<str>> {
+        self.shared
+            .presence
+            .current(room, self.hub.local_members(room))
+    }
+
+    /// Publishes a chat message to `room` as `from`, like a client `send` would (for bots and
+    /// server-side announcements). Members of the room receive a `message` frame.
+    pub async fn post(
+        &self,
+        room: Room,
+        from: &Identity,
+        body: &str,
+    ) -> chatbus_core::Result<Receipt> {
+        let env = Envelope::new(
+            room,
+            payload::message(from.display_name_if_different(), body),
+        )
+        .with_from(from.user.clone());
+        self.hub.publish(&env).await
+    }
+
+    /// Starts the presence task once (needs a Tokio runtime, so it is not done in `new`).
+    pub(crate) fn ensure_started(&self) {
+        self.shared.task.get_or_init(|| {
+            let presence = self.shared.presence.clone();
+            let hub = self.hub.clone();
+            let stop = self.shared.stop.clone();
+            let stats = self.shared.stats.clone();
+            tokio::spawn(async move { presence.run(hub, stats, stop).await });
+        });
+    }
+
+    /// Presence of `rooms` changed on this instance (a join, a leave, a disconnect).
+    pub(crate) fn presence_changed(&self, rooms: impl IntoIterator<Item = Room>) {
+        self.shared.presence.mark_dirty(rooms);
+    }
+}
+
+/// The `message` frame of a chat message envelope.
+pub(crate) fn message_frame(env: &Envelope, from: &str, name: Option<&str>, body: &str) -> Bytes {
+    #[derive(Serialize)]
+    struct Out<'a> {
+        #[serde(rename = "type")]
+        ty: &'static str,
+        room: &'a str,
+        id: AsDisplay<MessageId>,
+        from: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        name: Option<&'a str>,
+        body: &'a str,
+        ts: u64,
+        cursor: Option<chatbus_core::Cursor>,
+    }
+    Bytes::from(
+        serde_json::to_vec(&Out {
+            ty: "message",
+            room: env.room.as_str(),
+            id: AsDisplay(env.id),
+            from,
+            name,
+            body,
+            ts: env.ts,
+            cursor: env.cursor,
+        })
+        .unwrap_or_default(),
+    )
+}
+
+fn typing_frame(room: &Room, from: &str, name: Option<&str>) -> Bytes {
+    #[derive(Serialize)]
+    struct Out<'a> {
+        #[serde(rename = "type")]
+        ty: &'static str,
+        room: &'a str,
+        from: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        name: Option<&'a str>,
+    }
+    Bytes::from(
+        serde_json::to_vec(&Out {
+            ty: "typing",
+            room: room.as_str(),
+            from,
+            name,
+        })
+        .unwrap_or_default(),
+    )
+}
+
+/// The message frame of a history envelope, or `None` for anything that is not a chat message.
+pub(crate) fn history_item(env: &Envelope) -> Option<Bytes> {
+    match payload::decode(&env.payload)? {
+        Payload::Message { name, body } => {
+            Some(message_frame(env, env.from.as_deref()?, name, body))
+        }
+        _ => None,
+    }
+}
+
+/// Turns chatbus-ws payloads into protocol v1 frames, once per message per instance.
+#[derive(Debug)]
+struct ChatEncoder {
+    presence: Arc<Presence>,
+    stats: Arc<ChatStats>,
+}
+
+impl FrameEncoder for ChatEncoder {
+    fn encode(&self, env: &Envelope) -> Option<Frame> {
+        let frame = match payload::decode(&env.payload) {
+            Some(Payload::Message { name, body }) => env.from.as_deref().map(|from| Frame {
+                bytes: message_frame(env, from, name, body),
+                skip_sender: false,
+            }),
+            Some(Payload::Typing { name }) => env.from.as_deref().map(|from| Frame {
+                bytes: typing_frame(&env.room, from, name),
+                // Typing is for the others: not echoed to any session of the typist.
+                skip_sender: true,
+            }),
+            Some(Payload::Presence(snapshot)) => {
+                return self
+                    .presence
+                    .on_snapshot(&env.room, snapshot)
+                    .map(|bytes| Frame {
+                        bytes,
+                        skip_sender: false,
+                    })
+            }
+            None => None,
+        };
+        if frame.is_none() {
+            self.stats.decode_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(room = %env.room, id = %env.id, "dropped an envelope that is not a chatbus-ws payload");
+        }
+        frame
+    }
+}
+
+/// Presence across instances: each instance publishes a snapshot of its local members of a room
+/// (as an ephemeral envelope) whenever they change and periodically; every instance keeps the
+/// latest snapshot per instance and tells its local members the union whenever it changes.
+struct Presence {
+    instance: u128,
+    config: PresenceConfig,
+    state: Mutex<PresenceState>,
+    wake: Notify,
+}
+
+impl fmt::Debug for Presence {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Presence")
+            .field("instance", &format_args!("{:032x}", self.instance))
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Default)]
+struct PresenceState {
+    views: HashMap<Room, RoomView>,
+    // Rooms whose snapshot must be published soon.
+    dirty: HashSet<Room>,
+    // Rooms this instance has published a non-empty snapshot for (and must retract).
+    announced: HashSet<Room>,
+    seq: u64,
+}
+
+#[derive(Default)]
+struct RoomView {
+    instances: HashMap<u128, InstanceView>,
+    // The list last sent to local members, to send only changes.
+    emitted: Option<Vec<Arc<str>>>,
+}
+
+struct InstanceView {
+    seq: u64,
+    users: Vec<Arc<str>>,
+    seen: Instant,
+}
+
+impl RoomView {
+    fn union(&self, extra: Vec<Arc<str>>) -> Vec<Arc<str>> {
+        let mut all = extra;
+        for v in self.instances.values() {
+            all.extend(v.users.iter().cloned());
+        }
+        all.sort_unstable();
+        all.dedup();
+        all
+    }
+}
+
+impl Presence {
+    fn new(config: PresenceConfig) -> Self {
+        Self {
+            // Random and time-ordered: distinct per process start, so a restarted instance never
+            // has its fresh snapshots ignored as older than its previous life's.
+            instance: MessageId::new().as_u128(),
+            config,
+            state: Mutex::new(PresenceState::default()),
+            wake: Notify::new(),
+        }
+    }
+
+    fn ttl(&self) -> Duration {
+        self.config.interval.saturating_mul(3)
+    }
+
+    fn mark_dirty(&self, rooms: impl IntoIterator<Item = Room>) {
+        let mut st = lock(&self.state);
+        let before = st.dirty.len();
+        st.dirty.extend(rooms);
+        let changed = st.dirty.len() != before;
+        drop(st);
+        if changed {
+            self.wake.notify_one();
+        }
+    }
+
+    fn current(&self, room: &Room, local: Vec<Arc<str>>) -> Vec<Arc<str>> {
+        let st = lock(&self.state);
+        match st.views.get(room) {
+            Some(view) => view.union(local),
+            None => {
+                drop(st);
+                let mut local = local;
+                local.sort_unstable();
+                local
+            }
+        }
+    }
+
+    /// A snapshot arrived through the broker; returns the frame for local members if the union
+    /// changed.
+    fn on_snapshot(&self, room: &Room, snap: Snapshot) -> Option<Bytes> {
+        let now = Instant::now();
+        let ttl = self.ttl();
+        let mut st = lock(&self.state);
+        if snap.hello && snap.instance != self.instance && st.dirty.insert(room.clone()) {
+            self.wake.notify_one();
+        }
+        let view = st.views.entry(room.clone()).or_default();
+        if view
+            .instances
+            .get(&snap.instance)
+            .is_some_and(|v| v.seq >= snap.seq)
+        {
+            return None;
+        }
+        // An empty snapshot is kept (not removed) so that its seq still rejects older ones that
+        // arrive late; it expires with the others.
+        view.instances.insert(
+            snap.instance,
+            InstanceView {
+                seq: snap.seq,
+                users: snap.users,
+                seen: now,
+            },
+        );
+        view.instances
+            .retain(|_, v| now.saturating_duration_since(v.seen) < ttl);
+        let online = view.union(Vec::new());
+        if view.emitted.as_ref() == Some(&online) {
+            return None;
+        }
+        let frame = protocol::presence(room, &online);
+        view.emitted = Some(online);
+        Some(frame)
+    }
+
+    async fn run(self: Arc<Self>, hub: Hub, stats: Arc<ChatStats>, stop: CancellationToken) {
+        let mut next_beat = Instant::now() + self.config.interval;
+        loop {
+            let beat = tokio::select! {
+                () = stop.cancelled() => return,
+                () = self.wake.notified() => {
+                    tokio::time::sleep(self.config.debounce).await;
+                    false
+                }
+                () = tokio::time::sleep_until(next_beat) => true,
+            };
+            let rooms: Vec<Room> = {
+                let mut st = lock(&self.state);
+                let mut rooms: HashSet<Room> = st.dirty.drain().collect();
+                if beat {
+                    let live: HashSet<Room> = hub.rooms().into_iter().collect();
+                    // Views of rooms without local members are not delivered to anyone.
+                    st.views.retain(|r, _| live.contains(r));
+                    rooms.extend(live);
+                    rooms.extend(st.announced.iter().cloned());
+                    next_beat = Instant::now() + self.config.interval;
+                }
+                rooms.into_iter().collect()
+            };
+            for room in rooms {
+                if stop.is_cancelled() {
+                    return;
+                }
+                self.publish(&hub, &stats, room).await;
+            }
+        }
+    }
+
+    async fn publish(&self, hub: &Hub, stats: &ChatStats, room: Room) {
+        let mut users = hub.local_members(&room);
+        users.sort_unstable();
+        let (seq, hello) = {
+            let mut st = lock(&self.state);
+            let hello = if users.is_empty() {
+                if !st.announced.remove(&room) {
+                    // Never announced: nothing to retract.
+                    return;
+                }
+                st.views.remove(&room);
+                false
+            } else {
+                st.announced.insert(room.clone())
+            };
+            st.seq += 1;
+            (st.seq, hello)
+        };
+        let snap = Snapshot {
+            instance: self.instance,
+            seq,
+            hello,
+            users,
+        };
+        let env = Envelope::ephemeral(room, payload::presence(&snap));
+        match hub.publish(&env).await {
+            Ok(_) => {
+                stats.presence_published.fetch_add(1, Ordering::Relaxed);
+            }
+            // The next heartbeat republishes every announced room.
+            Err(e) => tracing::warn!(room = %env.room, error = %e, "presence publish failed"),
+        }
+    }
+}

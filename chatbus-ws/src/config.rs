@@ -1,0 +1,250 @@
+//! [`WsConfig`]: limits, origins, heartbeats and the auth hook.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::auth::Verifier;
+
+/// A per-connection token bucket: `burst` frames at once, refilled at `per_second`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateLimit {
+    /// Frames allowed in a burst (the bucket size). At least 1.
+    pub burst: u32,
+    /// Frames per second refilled.
+    pub per_second: f64,
+}
+
+impl Default for RateLimit {
+    fn default() -> Self {
+        Self {
+            burst: 40,
+            per_second: 20.0,
+        }
+    }
+}
+
+/// Which browser origins may open a socket (checked on the `Origin` header at the handshake).
+///
+/// Clients that send no `Origin` (non-browser clients) are always accepted: the check exists to
+/// stop other web sites from using a visitor's browser, which always sends `Origin`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AllowedOrigins {
+    /// The server's own origin (the `Origin`'s host and port equal the request's `Host`), plus
+    /// these exact origins (e.g. `"https://app.example.com"`).
+    SameHost {
+        /// Further origins accepted, compared case-insensitively.
+        also: Vec<String>,
+    },
+    /// Any origin.
+    Any,
+}
+
+impl Default for AllowedOrigins {
+    fn default() -> Self {
+        Self::SameHost { also: Vec::new() }
+    }
+}
+
+impl AllowedOrigins {
+    /// Whether a request with this `Origin` (if any) and `Host` (if any) is accepted.
+    pub fn allows(&self, origin: Option<&str>, host: Option<&str>) -> bool {
+        let Some(origin) = origin else { return true };
+        match self {
+            Self::Any => true,
+            Self::SameHost { also } => {
+                let origin = origin.trim_end_matches('/');
+                if also
+                    .iter()
+                    .any(|o| o.trim_end_matches('/').eq_ignore_ascii_case(origin))
+                {
+                    return true;
+                }
+                let authority = origin
+                    .strip_prefix("http://")
+                    .or_else(|| origin.strip_prefix("https://"));
+                match (authority, host) {
+                    (Some(a), Some(h)) => same_authority(a, h),
+                    _ => false,
+                }
+            }
+        }
+    }
+}
+
+fn same_authority(origin: &str, host: &str) -> bool {
+    // Only a default port may be omitted on one side; browsers never send ":80" for http, but a
+    // Host header might, so both spellings compare equal.
+    let strip = |s: &str| -> String {
+        let s = s.to_ascii_lowercase();
+        match s.strip_suffix(":80").or_else(|| s.strip_suffix(":443")) {
+            Some(bare) => bare.to_owned(),
+            None => s,
+        }
+    };
+    strip(origin) == strip(host)
+}
+
+/// Configuration of the WebSocket transport. Every limit has a sane default.
+#[derive(Debug, Clone)]
+pub struct WsConfig {
+    /// The route of the socket in [`WsService::router`](crate::WsService::router). Default
+    /// `/ws`.
+    pub path: String,
+    /// Largest client frame handled. A larger one is answered with `too_large` and dropped;
+    /// the connection stays. Default 16 KiB.
+    pub max_frame_size: usize,
+    /// Largest frame the socket reads at all; a larger one closes the connection with 1009
+    /// after a `too_large` error. Default 1 MiB.
+    pub hard_frame_size: usize,
+    /// Per-connection rate limit; `None` disables it. Default 40 burst, 20/s.
+    pub rate_limit: Option<RateLimit>,
+    /// Rooms one connection may be in at once; joining more is `forbidden`. Default 64.
+    pub max_rooms: usize,
+    /// Most messages one `history` request returns. Default 100.
+    pub max_history: usize,
+    /// Messages a `history` request returns when it gives no `limit`. Default 50.
+    pub default_history: usize,
+    /// Browser origins allowed to connect. Default: the server's own.
+    pub allowed_origins: AllowedOrigins,
+    /// How often the server sends a WebSocket ping. Default 20 s.
+    pub ping_interval: Duration,
+    /// A connection that sends nothing at all (not even a pong) for this long is dead and is
+    /// closed (4001). Default 60 s.
+    pub idle_timeout: Duration,
+    /// A socket write that takes longer than this drops the connection. Default 10 s.
+    pub write_timeout: Duration,
+    /// On shutdown, how long connections may take to flush and close. Default 5 s.
+    pub drain_timeout: Duration,
+    /// The token check; `None` accepts everyone, named by `?name=`.
+    pub verifier: Option<Arc<dyn Verifier>>,
+}
+
+impl Default for WsConfig {
+    fn default() -> Self {
+        Self {
+            path: "/ws".to_owned(),
+            max_frame_size: 16 * 1024,
+            hard_frame_size: 1024 * 1024,
+            rate_limit: Some(RateLimit::default()),
+            max_rooms: 64,
+            max_history: 100,
+            default_history: 50,
+            allowed_origins: AllowedOrigins::default(),
+            ping_interval: Duration::from_secs(20),
+            idle_timeout: Duration::from_secs(60),
+            write_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(5),
+            verifier: None,
+        }
+    }
+}
+
+impl WsConfig {
+    /// Sets [`path`](Self::path).
+    #[must_use]
+    pub fn with_path(mut self, path: impl Into<String>) -> Self {
+        self.path = path.into();
+        self
+    }
+
+    /// Sets [`max_frame_size`](Self::max_frame_size) (and raises
+    /// [`hard_frame_size`](Self::hard_frame_size) to at least it).
+    #[must_use]
+    pub fn with_max_frame_size(mut self, bytes: usize) -> Self {
+        self.max_frame_size = bytes;
+        self.hard_frame_size = self.hard_frame_size.max(bytes);
+        self
+    }
+
+    /// Sets [`hard_frame_size`](Self::hard_frame_size).
+    #[must_use]
+    pub fn with_hard_frame_size(mut self, bytes: usize) -> Self {
+        self.hard_frame_size = bytes;
+        self
+    }
+
+    /// Sets [`rate_limit`](Self::rate_limit).
+    #[must_use]
+    pub fn with_rate_limit(mut self, limit: Option<RateLimit>) -> Self {
+        self.rate_limit = limit;
+        self
+    }
+
+    /// Sets [`max_rooms`](Self::max_rooms).
+    #[must_use]
+    pub fn with_max_rooms(mut self, n: usize) -> Self {
+        self.max_rooms = n;
+        self
+    }
+
+    /// Sets [`max_history`](Self::max_history).
+    #[must_use]
+    pub fn with_max_history(mut self, n: usize) -> Self {
+        self.max_history = n;
+        self
+    }
+
+    /// Sets [`allowed_origins`](Self::allowed_origins).
+    #[must_use]
+    pub fn with_allowed_origins(mut self, origins: AllowedOrigins) -> Self {
+        self.allowed_origins = origins;
+        self
+    }
+
+    /// Sets [`ping_interval`](Self::ping_interval).
+    #[must_use]
+    pub fn with_ping_interval(mut self, d: Duration) -> Self {
+        self.ping_interval = d;
+        self
+    }
+
+    /// Sets [`idle_timeout`](Self::idle_timeout).
+    #[must_use]
+    pub fn with_idle_timeout(mut self, d: Duration) -> Self {
+        self.idle_timeout = d;
+        self
+    }
+
+    /// Sets [`write_timeout`](Self::write_timeout).
+    #[must_use]
+    pub fn with_write_timeout(mut self, d: Duration) -> Self {
+        self.write_timeout = d;
+        self
+    }
+
+    /// Sets [`drain_timeout`](Self::drain_timeout).
+    #[must_use]
+    pub fn with_drain_timeout(mut self, d: Duration) -> Self {
+        self.drain_timeout = d;
+        self
+    }
+
+    /// Sets the token [`verifier`](Self::verifier).
+    #[must_use]
+    pub fn with_verifier(mut self, verifier: impl Verifier) -> Self {
+        self.verifier = Some(Arc::new(verifier));
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origins() {
+        let same = AllowedOrigins::default();
+        assert!(same.allows(None, Some("x:1")));
+        assert!(same.allows(Some("http://127.0.0.1:3000"), Some("127.0.0.1:3000")));
+        assert!(same.allows(Some("https://Chat.Example"), Some("chat.example:443")));
+        assert!(!same.allows(Some("http://evil.example"), Some("127.0.0.1:3000")));
+        assert!(!same.allows(Some("null"), Some("127.0.0.1:3000")));
+        assert!(!same.allows(Some("http://127.0.0.1:3001"), Some("127.0.0.1:3000")));
+        assert!(!same.allows(Some("http://a"), None));
+        let also = AllowedOrigins::SameHost {
+            also: vec!["https://app.example".into()],
+        };
+        assert!(also.allows(Some("https://APP.example/"), Some("api.example")));
+        assert!(AllowedOrigins::Any.allows(Some("http://evil"), None));
+    }
+}

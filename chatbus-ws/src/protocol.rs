@@ -1,0 +1,536 @@
+//! Protocol v1: the JSON frames clients send and receive, and the error codes.
+//!
+//! The full reference, with every field, is `docs/protocol.md` in the repository. This module
+//! parses client frames into [`Request`]s (validating rooms, cursors and fields once, here) and
+//! builds the server's reply frames.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use bytes::Bytes;
+use chatbus_core::{Cursor, Room};
+use serde::{Deserialize, Serialize};
+
+/// The protocol version announced in `welcome`.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The longest `client_id` string accepted, in bytes.
+pub const MAX_CLIENT_ID_LEN: usize = 64;
+
+/// The `code` of an `error` frame (and of refused handshakes).
+///
+/// Every error is counted per code in [`WsMetrics`](crate::WsMetrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// The frame is not valid protocol v1: malformed JSON, unknown `type`, a missing or
+    /// mistyped field, an invalid room name or cursor, a binary frame, invalid UTF-8.
+    BadRequest,
+    /// The frame is larger than the configured maximum.
+    TooLarge,
+    /// The connection sent more frames than its rate limit allows; the frame was dropped.
+    RateLimited,
+    /// The handshake carried no valid token (HTTP 401; never sent on an open socket).
+    Unauthorized,
+    /// Not allowed: a foreign `Origin` (HTTP 403 at the handshake) or too many rooms.
+    Forbidden,
+    /// The request names a room this connection has not joined.
+    NotJoined,
+    /// The broker cannot be reached right now; retrying later may succeed.
+    Unavailable,
+    /// The broker does not offer this operation (for example history on a broker without it).
+    Unsupported,
+    /// An unexpected server error.
+    Internal,
+}
+
+impl ErrorCode {
+    /// Every code, in a stable order (used to label metrics).
+    pub const ALL: [ErrorCode; 9] = [
+        Self::BadRequest,
+        Self::TooLarge,
+        Self::RateLimited,
+        Self::Unauthorized,
+        Self::Forbidden,
+        Self::NotJoined,
+        Self::Unavailable,
+        Self::Unsupported,
+        Self::Internal,
+    ];
+
+    /// The wire name, e.g. `"bad_request"`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::BadRequest => "bad_request",
+            Self::TooLarge => "too_large",
+            Self::RateLimited => "rate_limited",
+            Self::Unauthorized => "unauthorized",
+            Self::Forbidden => "forbidden",
+            Self::NotJoined => "not_joined",
+            Self::Unavailable => "unavailable",
+            Self::Unsupported => "unsupported",
+            Self::Internal => "internal",
+        }
+    }
+
+    pub(crate) const fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The code for a broker error.
+    pub fn for_error(e: &chatbus_core::Error) -> Self {
+        use chatbus_core::Error as E;
+        match e {
+            E::Unavailable { .. } | E::Timeout { .. } | E::Closed | E::Lagged { .. } => {
+                Self::Unavailable
+            }
+            E::TooLarge { .. } => Self::TooLarge,
+            E::Unsupported { .. } => Self::Unsupported,
+            E::InvalidRoom { .. } | E::InvalidCursor(_) => Self::BadRequest,
+            _ => Self::Internal,
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for ErrorCode {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+/// A client-chosen request id, echoed in the answer: a string of at most
+/// [`MAX_CLIENT_ID_LEN`] bytes, or a number.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub(crate) enum ClientId {
+    Num(serde_json::Number),
+    Str(String),
+}
+
+/// A validated client request.
+#[derive(Debug)]
+pub(crate) enum Request<'a> {
+    Join {
+        room: Room,
+        since: Option<Cursor>,
+    },
+    Leave {
+        room: Room,
+    },
+    Send {
+        room: Room,
+        body: Cow<'a, str>,
+    },
+    Typing {
+        room: Room,
+    },
+    History {
+        room: Room,
+        before: Option<Cursor>,
+        limit: Option<u64>,
+    },
+    Ping,
+}
+
+impl Request<'_> {
+    pub(crate) fn room(&self) -> Option<&Room> {
+        match self {
+            Self::Join { room, .. }
+            | Self::Leave { room }
+            | Self::Send { room, .. }
+            | Self::Typing { room }
+            | Self::History { room, .. } => Some(room),
+            Self::Ping => None,
+        }
+    }
+}
+
+/// A request that could not be accepted, with what to tell the client.
+#[derive(Debug)]
+pub(crate) struct Rejected {
+    pub(crate) code: ErrorCode,
+    pub(crate) message: String,
+    pub(crate) client_id: Option<ClientId>,
+}
+
+impl Rejected {
+    fn bad(message: impl Into<String>, client_id: Option<ClientId>) -> Self {
+        Self {
+            code: ErrorCode::BadRequest,
+            message: message.into(),
+            client_id,
+        }
+    }
+}
+
+// Every field any request may carry; which ones are required depends on `type`. Parsing into one
+// flat struct (rather than a serde-tagged enum) lets us name the missing field and the unknown
+// type precisely, and keep the `client_id` for the error reply. Unknown fields are ignored.
+#[derive(Deserialize)]
+struct Raw<'a> {
+    #[serde(rename = "type", borrow, default)]
+    ty: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    room: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    since: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    before: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    body: Option<Cow<'a, str>>,
+    #[serde(default)]
+    client_id: Option<ClientId>,
+    #[serde(default)]
+    limit: Option<u64>,
+}
+
+/// Parses one text frame.
+pub(crate) fn parse(text: &[u8]) -> Result<(Request<'_>, Option<ClientId>), Rejected> {
+    let raw: Raw<'_> = serde_json::from_slice(text)
+        .map_err(|e| Rejected::bad(format!("malformed frame: {e}"), None))?;
+    let client_id = match raw.client_id {
+        Some(ClientId::Str(s)) if s.len() > MAX_CLIENT_ID_LEN => {
+            return Err(Rejected::bad(
+                format!("client_id longer than {MAX_CLIENT_ID_LEN} bytes"),
+                None,
+            ))
+        }
+        other => other,
+    };
+    let cid = || client_id.clone();
+    let Some(ty) = raw.ty else {
+        return Err(Rejected::bad("missing field `type`", cid()));
+    };
+    let room = |field: Option<Cow<'_, str>>| -> Result<Room, Rejected> {
+        let name = field.ok_or_else(|| Rejected::bad("missing field `room`", cid()))?;
+        Room::new(&*name).map_err(|e| Rejected::bad(e.to_string(), cid()))
+    };
+    let cursor = |field: Option<Cow<'_, str>>, name: &str| -> Result<Option<Cursor>, Rejected> {
+        field
+            .map(|s| {
+                s.parse::<Cursor>()
+                    .map_err(|_| Rejected::bad(format!("invalid cursor in `{name}`"), cid()))
+            })
+            .transpose()
+    };
+    let req = match &*ty {
+        "join" => Request::Join {
+            room: room(raw.room)?,
+            since: cursor(raw.since, "since")?,
+        },
+        "leave" => Request::Leave {
+            room: room(raw.room)?,
+        },
+        "send" => {
+            let room = room(raw.room)?;
+            let body = raw
+                .body
+                .ok_or_else(|| Rejected::bad("missing field `body`", cid()))?;
+            if body.is_empty() {
+                return Err(Rejected::bad("`body` is empty", cid()));
+            }
+            Request::Send { room, body }
+        }
+        "typing" => Request::Typing {
+            room: room(raw.room)?,
+        },
+        "history" => Request::History {
+            room: room(raw.room)?,
+            before: cursor(raw.before, "before")?,
+            limit: raw.limit,
+        },
+        "ping" => Request::Ping,
+        other => {
+            let shown: String = other.chars().take(32).collect();
+            return Err(Rejected::bad(format!("unknown type {shown:?}"), cid()));
+        }
+    };
+    Ok((req, client_id))
+}
+
+// ---- server frames ---------------------------------------------------------------------------
+
+fn to_bytes<T: Serialize>(v: &T) -> Bytes {
+    // Serialising these plain structs into a Vec cannot fail (no maps with non-string keys, no
+    // fallible Serialize impls); an empty frame would be a bug, and is never sent as such.
+    Bytes::from(serde_json::to_vec(v).unwrap_or_default())
+}
+
+/// Serialises a value with its `Display` form (message ids).
+pub(crate) struct AsDisplay<T>(pub(crate) T);
+
+impl<T: fmt::Display> Serialize for AsDisplay<T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&self.0)
+    }
+}
+
+#[derive(Serialize)]
+struct Welcome<'a> {
+    #[serde(rename = "type")]
+    ty: &'static str,
+    session: u64,
+    user: &'a str,
+    name: &'a str,
+    protocol: u32,
+    limits: Limits,
+}
+
+/// The limits announced in `welcome`, so clients can stay within them.
+#[derive(Serialize)]
+pub(crate) struct Limits {
+    pub(crate) max_frame_size: usize,
+    pub(crate) max_rooms: usize,
+    pub(crate) max_history: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) rate_per_second: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) rate_burst: Option<u32>,
+}
+
+pub(crate) fn welcome(session: u64, user: &str, name: &str, limits: Limits) -> Bytes {
+    to_bytes(&Welcome {
+        ty: "welcome",
+        session,
+        user,
+        name,
+        protocol: PROTOCOL_VERSION,
+        limits,
+    })
+}
+
+#[derive(Serialize)]
+struct RoomReply<'a> {
+    #[serde(rename = "type")]
+    ty: &'static str,
+    room: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    resuming: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_id: Option<&'a ClientId>,
+}
+
+pub(crate) fn joined(room: &Room, resuming: bool, client_id: Option<&ClientId>) -> Bytes {
+    to_bytes(&RoomReply {
+        ty: "joined",
+        room: room.as_str(),
+        resuming: Some(resuming),
+        client_id,
+    })
+}
+
+pub(crate) fn left(room: &Room, client_id: Option<&ClientId>) -> Bytes {
+    to_bytes(&RoomReply {
+        ty: "left",
+        room: room.as_str(),
+        resuming: None,
+        client_id,
+    })
+}
+
+#[derive(Serialize)]
+struct Ack<'a> {
+    #[serde(rename = "type")]
+    ty: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_id: Option<&'a ClientId>,
+    id: AsDisplay<chatbus_core::MessageId>,
+    cursor: Option<Cursor>,
+}
+
+pub(crate) fn ack(
+    client_id: Option<&ClientId>,
+    id: chatbus_core::MessageId,
+    cursor: Option<Cursor>,
+) -> Bytes {
+    to_bytes(&Ack {
+        ty: "ack",
+        client_id,
+        id: AsDisplay(id),
+        cursor,
+    })
+}
+
+#[derive(Serialize)]
+struct ErrorFrame<'a> {
+    #[serde(rename = "type")]
+    ty: &'static str,
+    code: ErrorCode,
+    message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_id: Option<&'a ClientId>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    room: Option<&'a str>,
+}
+
+/// An `error` frame.
+pub(crate) fn error(
+    code: ErrorCode,
+    message: &str,
+    client_id: Option<&ClientId>,
+    room: Option<&Room>,
+) -> Bytes {
+    to_bytes(&ErrorFrame {
+        ty: "error",
+        code,
+        message,
+        client_id,
+        room: room.map(Room::as_str),
+    })
+}
+
+/// The JSON body of a refused handshake (401 / 403 / 400).
+pub(crate) fn handshake_error(code: ErrorCode, message: &str) -> Bytes {
+    error(code, message, None, None)
+}
+
+#[derive(Serialize)]
+struct Lagged<'a> {
+    #[serde(rename = "type")]
+    ty: &'static str,
+    room: &'a str,
+    cursor: Option<Cursor>,
+}
+
+pub(crate) fn lagged(room: &Room, cursor: Option<Cursor>) -> Bytes {
+    to_bytes(&Lagged {
+        ty: "lagged",
+        room: room.as_str(),
+        cursor,
+    })
+}
+
+#[derive(Serialize)]
+struct Presence<'a> {
+    #[serde(rename = "type")]
+    ty: &'static str,
+    room: &'a str,
+    online: Vec<&'a str>,
+}
+
+pub(crate) fn presence<U: AsRef<str>>(room: &Room, online: &[U]) -> Bytes {
+    to_bytes(&Presence {
+        ty: "presence",
+        room: room.as_str(),
+        online: online.iter().map(AsRef::as_ref).collect(),
+    })
+}
+
+pub(crate) const PONG: &[u8] = br#"{"type":"pong"}"#;
+
+/// `{"type":"history","room":R,"messages":[m1,m2,...]}` from already encoded message frames,
+/// so history reuses the exact bytes live delivery sends (no second serialisation path).
+pub(crate) fn history(room: &Room, messages: &[Bytes], client_id: Option<&ClientId>) -> Bytes {
+    let room_json = serde_json::to_string(room.as_str()).unwrap_or_default();
+    let mut out = Vec::with_capacity(64 + messages.iter().map(Bytes::len).sum::<usize>());
+    out.extend_from_slice(br#"{"type":"history","room":"#);
+    out.extend_from_slice(room_json.as_bytes());
+    if let Some(cid) = client_id {
+        out.extend_from_slice(br#","client_id":"#);
+        out.extend_from_slice(&serde_json::to_vec(cid).unwrap_or_default());
+    }
+    out.extend_from_slice(br#","messages":["#);
+    for (i, m) in messages.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(m);
+    }
+    out.extend_from_slice(b"]}");
+    Bytes::from(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code(text: &str) -> (ErrorCode, String) {
+        match parse(text.as_bytes()) {
+            Ok(r) => panic!("{text} parsed as {r:?}"),
+            Err(e) => (e.code, e.message),
+        }
+    }
+
+    #[test]
+    fn parses_every_request() {
+        let (r, cid) = parse(br#"{"type":"join","room":"a","since":"0-5"}"#).expect("join");
+        assert!(matches!(r, Request::Join { since: Some(c), .. } if c == Cursor::new(0, 5)));
+        assert!(cid.is_none());
+        let (r, cid) =
+            parse(br#"{"type":"send","room":"a","body":"h\u00e9","client_id":"c1"}"#).expect("s");
+        assert!(matches!(r, Request::Send { ref body, .. } if body == "hé"));
+        assert_eq!(cid, Some(ClientId::Str("c1".into())));
+        let (_, cid) = parse(br#"{"type":"send","room":"a","body":"x","client_id":7}"#).expect("n");
+        assert!(matches!(cid, Some(ClientId::Num(_))));
+        assert!(matches!(
+            parse(br#"{"type":"history","room":"a","limit":5,"before":null}"#),
+            Ok((
+                Request::History {
+                    limit: Some(5),
+                    before: None,
+                    ..
+                },
+                _
+            ))
+        ));
+        assert!(matches!(
+            parse(br#"{"type":"ping","extra":1}"#),
+            Ok((Request::Ping, _))
+        ));
+    }
+
+    #[test]
+    fn rejects_bad_input_with_a_reason() {
+        assert!(code("{nope").1.starts_with("malformed frame"));
+        assert_eq!(code(r#"{"type":"dance"}"#).1, r#"unknown type "dance""#);
+        assert_eq!(code(r#"{"room":"a"}"#).1, "missing field `type`");
+        assert_eq!(
+            code(r#"{"type":"send","room":"a"}"#).1,
+            "missing field `body`"
+        );
+        assert_eq!(code(r#"{"type":"join"}"#).1, "missing field `room`");
+        assert!(code(r#"{"type":"join","room":"no spaces"}"#)
+            .1
+            .contains("invalid room"));
+        assert!(code(r#"{"type":"join","room":"a","since":"x"}"#)
+            .1
+            .contains("cursor"));
+        assert!(code(r#"{"type":"join","room":5}"#)
+            .1
+            .starts_with("malformed"));
+        assert!(code(r#"[1,2]"#).1.starts_with("malformed"));
+        let long = format!(r#"{{"type":"ping","client_id":"{}"}}"#, "x".repeat(65));
+        assert!(code(&long).1.contains("client_id"));
+        // The client id is kept for the error reply when the frame itself parsed.
+        let e = parse(br#"{"type":"send","room":"a","client_id":"k"}"#).expect_err("no body");
+        assert_eq!(e.client_id, Some(ClientId::Str("k".into())));
+    }
+
+    #[test]
+    fn frames_are_valid_json() {
+        let room = Room::new("r").expect("room");
+        let m = [
+            Bytes::from_static(br#"{"a":1}"#),
+            Bytes::from_static(br#"{"b":2}"#),
+        ];
+        let cid = ClientId::Str("q".into());
+        let h: serde_json::Value =
+            serde_json::from_slice(&history(&room, &m, Some(&cid))).expect("json");
+        assert_eq!(h["messages"][1]["b"], 2);
+        assert_eq!(h["client_id"], "q");
+        let e: serde_json::Value =
+            serde_json::from_slice(&error(ErrorCode::NotJoined, "x", None, Some(&room)))
+                .expect("json");
+        assert_eq!(e["code"], "not_joined");
+        assert_eq!(e["room"], "r");
+        let p: serde_json::Value =
+            serde_json::from_slice(&presence(&room, &["b", "a"])).expect("json");
+        assert_eq!(p["online"][0], "b");
+    }
+}

@@ -1,0 +1,294 @@
+//! The axum integration: the `/ws` route, the handshake checks, and [`serve`].
+
+use std::borrow::Cow;
+use std::future::Future;
+use std::io;
+
+use axum::extract::ws::{self, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::any;
+use axum::Router;
+use bytes::Bytes;
+use futures::{future, SinkExt, StreamExt};
+use serde::Deserialize;
+use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite;
+
+use crate::auth::{display_name, Identity};
+use crate::chat::ChatHub;
+use crate::config::WsConfig;
+use crate::protocol::{self, ErrorCode};
+use crate::service::WsService;
+use crate::session::{CloseFrame, TransportError, WsMessage};
+
+#[derive(Deserialize, Default)]
+struct ConnectParams {
+    token: Option<String>,
+    name: Option<String>,
+}
+
+fn refuse(svc: &WsService, status: StatusCode, code: ErrorCode, message: &str) -> Response {
+    svc.metrics().count_error(code);
+    tracing::debug!(%status, %code, message, "handshake refused");
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        protocol::handshake_error(code, message),
+    )
+        .into_response()
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+impl WsService {
+    /// A router with the socket at [`WsConfig::path`] (default `/ws`), to merge into an app:
+    ///
+    /// ```no_run
+    /// # use std::sync::Arc;
+    /// # use chatbus_core::MemoryBroker;
+    /// # use chatbus_ws::{ChatHub, WsConfig, WsService};
+    /// # async fn f() {
+    /// let ws = WsService::new(ChatHub::new(Arc::new(MemoryBroker::new())), WsConfig::default());
+    /// let app = axum::Router::new()
+    ///     .route("/", axum::routing::get(|| async { "hello" }))
+    ///     .merge(ws.router());
+    /// # let _: axum::Router = app;
+    /// # }
+    /// ```
+    pub fn router<S>(&self) -> Router<S>
+    where
+        S: Clone + Send + Sync + 'static,
+    {
+        Router::new()
+            .route(&self.config().path, any(ws_route))
+            .with_state(self.clone())
+    }
+
+    /// Checks a WebSocket handshake (shutdown, `Origin`, token) and upgrades it, for apps that
+    /// mount the socket in a handler of their own rather than with [`router`](Self::router).
+    ///
+    /// Refusals: 503 while shutting down, 403 `forbidden` for a foreign `Origin`, 401
+    /// `unauthorized` for a missing or invalid token, 400 `bad_request` for an invalid
+    /// `?name=`; each with a JSON `error` body and counted by code.
+    pub async fn accept(
+        &self,
+        upgrade: WebSocketUpgrade,
+        headers: &HeaderMap,
+        uri: &Uri,
+    ) -> Response {
+        if self.is_shutting_down() {
+            return refuse(
+                self,
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::Unavailable,
+                "server shutting down",
+            );
+        }
+        let origin = headers
+            .get(header::ORIGIN)
+            .map(|v| v.to_str().unwrap_or("\u{0}"));
+        let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
+        if !self.config().allowed_origins.allows(origin, host) {
+            return refuse(
+                self,
+                StatusCode::FORBIDDEN,
+                ErrorCode::Forbidden,
+                "origin not allowed",
+            );
+        }
+        let params = Query::<ConnectParams>::try_from_uri(uri)
+            .map(|q| q.0)
+            .unwrap_or_default();
+        let identity = match &self.config().verifier {
+            Some(verifier) => {
+                let token = params.token.as_deref().or_else(|| bearer(headers));
+                let Some(token) = token.filter(|t| !t.is_empty()) else {
+                    return refuse(
+                        self,
+                        StatusCode::UNAUTHORIZED,
+                        ErrorCode::Unauthorized,
+                        "missing token",
+                    );
+                };
+                match verifier.verify(token).await {
+                    Ok(id) => id,
+                    Err(e) => {
+                        return refuse(
+                            self,
+                            StatusCode::UNAUTHORIZED,
+                            ErrorCode::Unauthorized,
+                            e.message(),
+                        )
+                    }
+                }
+            }
+            None => match anonymous(params.name.as_deref()) {
+                Ok(id) => id,
+                Err(message) => {
+                    return refuse(
+                        self,
+                        StatusCode::BAD_REQUEST,
+                        ErrorCode::BadRequest,
+                        &message,
+                    )
+                }
+            },
+        };
+        let svc = self.clone();
+        let limit = self.config().hard_frame_size;
+        upgrade
+            .max_message_size(limit)
+            .max_frame_size(limit)
+            .on_failed_upgrade(|e| tracing::debug!(error = %e, "websocket upgrade failed"))
+            .on_upgrade(move |socket| async move { svc.run_socket(socket, identity).await })
+    }
+
+    async fn run_socket(&self, socket: WebSocket, identity: Identity) {
+        let (sink, stream) = socket.split();
+        let sink = sink.with(|m: WsMessage| future::ready(to_axum(m)));
+        let stream = stream.map(|r| r.map(from_axum).map_err(classify));
+        self.run_session(identity, sink, stream).await;
+    }
+
+    /// Serves `app` merged with [`router`](Self::router) on `listener` until `shutdown`
+    /// resolves, then shuts down gracefully (see [`shutdown`](Self::shutdown)): no new
+    /// connections, every open one flushes and gets a 1001 close.
+    pub async fn serve<F>(&self, listener: TcpListener, app: Router, shutdown: F) -> io::Result<()>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let svc = self.clone();
+        let signal = async move {
+            shutdown.await;
+            tracing::info!("shutting down: draining connections");
+            svc.begin_shutdown();
+        };
+        axum::serve(listener, app.merge(self.router()))
+            .with_graceful_shutdown(signal)
+            .await?;
+        // Upgraded sockets are not HTTP connections any more, so axum does not wait for them:
+        // the service does.
+        self.shutdown().await;
+        Ok(())
+    }
+}
+
+/// Serves the WebSocket endpoint alone on `listener` until `shutdown` resolves, then drains
+/// (see [`WsService::serve`]).
+///
+/// ```no_run
+/// # use std::sync::Arc;
+/// # use chatbus_core::MemoryBroker;
+/// # use chatbus_ws::{ChatHub, WsConfig};
+/// # async fn f() -> std::io::Result<()> {
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
+/// let hub = ChatHub::new(Arc::new(MemoryBroker::new()));
+/// chatbus_ws::serve(listener, hub, WsConfig::default(), async {
+///     let _ = tokio::signal::ctrl_c().await;
+/// })
+/// .await
+/// # }
+/// ```
+pub async fn serve<F>(
+    listener: TcpListener,
+    hub: ChatHub,
+    config: WsConfig,
+    shutdown: F,
+) -> io::Result<()>
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    WsService::new(hub, config)
+        .serve(listener, Router::new(), shutdown)
+        .await
+}
+
+/// The axum handler behind [`WsService::router`].
+async fn ws_route(
+    State(svc): State<WsService>,
+    headers: HeaderMap,
+    uri: Uri,
+    upgrade: Result<WebSocketUpgrade, ws::rejection::WebSocketUpgradeRejection>,
+) -> Response {
+    match upgrade {
+        Ok(upgrade) => svc.accept(upgrade, &headers, &uri).await,
+        Err(rejection) => rejection.into_response(),
+    }
+}
+
+/// The identity of a client when no verifier is configured: `?name=`, or a guest name.
+fn anonymous(name: Option<&str>) -> Result<Identity, String> {
+    let name = display_name(name.unwrap_or("")).map_err(|e| e.to_string())?;
+    if name.is_empty() {
+        let n = chatbus_core::MessageId::new().as_u128() as u16;
+        return Identity::new(&format!("guest-{n:04x}")).map_err(|e| e.to_string());
+    }
+    Identity::new(name).map_err(|e| e.to_string())
+}
+
+fn to_axum(m: WsMessage) -> Result<Message, axum::Error> {
+    Ok(match m {
+        // Frames are built as JSON by this crate (valid UTF-8); axum checks once more, which is
+        // a read over bytes already in cache, not a copy.
+        WsMessage::Text(b) => Message::Text(ws::Utf8Bytes::try_from(b).map_err(axum::Error::new)?),
+        WsMessage::Binary(b) => Message::Binary(b),
+        WsMessage::Ping(b) => Message::Ping(b),
+        WsMessage::Pong(b) => Message::Pong(b),
+        WsMessage::Close(c) => Message::Close(c.map(|c| ws::CloseFrame {
+            code: c.code,
+            reason: ws::Utf8Bytes::from(&*c.reason),
+        })),
+    })
+}
+
+fn from_axum(m: Message) -> WsMessage {
+    match m {
+        Message::Text(t) => WsMessage::Text(Bytes::from(t)),
+        Message::Binary(b) => WsMessage::Binary(b),
+        Message::Ping(b) => WsMessage::Ping(b),
+        Message::Pong(b) => WsMessage::Pong(b),
+        Message::Close(c) => WsMessage::Close(c.map(|c| CloseFrame {
+            code: c.code,
+            reason: Cow::Owned(c.reason.to_string()),
+        })),
+    }
+}
+
+/// Recognises the read errors that have a documented outcome. axum wraps tungstenite's error
+/// in its own; this crate depends on the same tungstenite release as axum to look inside.
+fn classify(e: axum::Error) -> TransportError {
+    match e.into_inner().downcast::<tungstenite::Error>() {
+        Ok(te) => match *te {
+            tungstenite::Error::Capacity(_) => TransportError::TooLarge,
+            tungstenite::Error::Utf8(_) => TransportError::InvalidUtf8,
+            other => TransportError::Other(Box::new(other)),
+        },
+        Err(other) => TransportError::Other(other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_and_anonymous() {
+        let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, "Bearer abc".parse().expect("header"));
+        assert_eq!(bearer(&h), Some("abc"));
+        h.insert(header::AUTHORIZATION, "Basic abc".parse().expect("header"));
+        assert_eq!(bearer(&h), None);
+        assert_eq!(
+            anonymous(Some(" Ann ")).map(|i| i.user).ok().as_deref(),
+            Some("Ann")
+        );
+        assert!(anonymous(None).is_ok_and(|i| i.user.starts_with("guest-")));
+        assert!(anonymous(Some(&"x".repeat(40))).is_err());
+    }
+}

@@ -1,0 +1,130 @@
+//! [`WsService`]: the transport's shared state, independent of the HTTP framework.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{Sink, Stream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::Identity;
+use crate::chat::ChatHub;
+use crate::config::WsConfig;
+use crate::metrics::{self, WsMetrics};
+use crate::session::{self, TransportError, WsMessage};
+
+/// The WebSocket transport of one server: a [`ChatHub`], a [`WsConfig`], counters, and the
+/// shutdown state. Cheap to clone.
+///
+/// Mount it in an axum app with [`router`](Self::router), or drive a connection over any
+/// `Sink`/`Stream` of [`WsMessage`]s with [`run_session`](Self::run_session).
+#[derive(Clone)]
+pub struct WsService {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    chat: ChatHub,
+    config: WsConfig,
+    metrics: WsMetrics,
+    shutdown: CancellationToken,
+    sessions: TaskTracker,
+}
+
+impl fmt::Debug for WsService {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WsService")
+            .field("chat", &self.inner.chat)
+            .field("config", &self.inner.config)
+            .field("sessions", &self.inner.sessions.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl WsService {
+    /// A transport over `chat` with `config`.
+    pub fn new(chat: ChatHub, config: WsConfig) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                chat,
+                config,
+                metrics: WsMetrics::default(),
+                shutdown: CancellationToken::new(),
+                sessions: TaskTracker::new(),
+            }),
+        }
+    }
+
+    /// The chat hub.
+    pub fn chat(&self) -> &ChatHub {
+        &self.inner.chat
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &WsConfig {
+        &self.inner.config
+    }
+
+    /// The transport's counters.
+    pub fn metrics(&self) -> &WsMetrics {
+        &self.inner.metrics
+    }
+
+    /// Transport and hub counters in the Prometheus text format, for a `/metrics` route.
+    pub fn render_metrics(&self) -> String {
+        metrics::render(&self.inner.metrics, &self.inner.chat)
+    }
+
+    pub(crate) fn shutdown_token(&self) -> &CancellationToken {
+        &self.inner.shutdown
+    }
+
+    /// Runs one connection for `identity` over a sink and a stream of WebSocket messages, until
+    /// either side closes. This is what the axum integration calls after the upgrade; tests
+    /// and other transports can call it with channels.
+    ///
+    /// The identity must already be verified (the handshake is where tokens are checked).
+    pub async fn run_session<Si, St>(&self, identity: Identity, sink: Si, stream: St)
+    where
+        Si: Sink<WsMessage> + Unpin + Send,
+        Si::Error: fmt::Display,
+        St: Stream<Item = Result<WsMessage, TransportError>> + Unpin + Send,
+    {
+        self.inner
+            .sessions
+            .track_future(session::run(self, identity, sink, stream))
+            .await;
+    }
+
+    /// Whether shutdown has begun (new connections are refused with 503).
+    pub fn is_shutting_down(&self) -> bool {
+        self.inner.shutdown.is_cancelled()
+    }
+
+    /// Begins a graceful shutdown without waiting: connections stop reading, finish the
+    /// request in flight (a publish completes and its ack is queued), flush their queues and
+    /// close with 1001.
+    pub fn begin_shutdown(&self) {
+        self.inner.shutdown.cancel();
+    }
+
+    /// Shuts down gracefully: [`begin_shutdown`](Self::begin_shutdown), then waits for the
+    /// connections to close (at most [`WsConfig::drain_timeout`] plus a second), then closes
+    /// whatever hub sessions remain.
+    pub async fn shutdown(&self) {
+        self.begin_shutdown();
+        self.inner.sessions.close();
+        let grace = self.inner.config.drain_timeout + Duration::from_secs(1);
+        if tokio::time::timeout(grace, self.inner.sessions.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                open = self.inner.sessions.len(),
+                "connections still open after the drain timeout"
+            );
+        }
+        self.inner.chat.hub().shutdown();
+    }
+}
