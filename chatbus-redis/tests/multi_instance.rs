@@ -28,9 +28,8 @@ async fn read_all(mut session: Session) -> Tally {
     let mut seen: HashMap<String, Vec<bool>> = HashMap::new();
     let mut last: HashMap<String, Option<usize>> = HashMap::new();
     while tally.received + tally.duplicates < TOTAL {
-        let out = match tokio::time::timeout(Duration::from_secs(20), session.recv()).await {
-            Err(_) => break,
-            Ok(o) => o,
+        let Ok(out) = tokio::time::timeout(Duration::from_secs(20), session.recv()).await else {
+            break;
         };
         let frame = match out {
             Outbound::Frame(b) => b,
