@@ -1,0 +1,352 @@
+//! The chatbus chat server: the browser page at `/`, the WebSocket at `/ws`, health and metrics.
+//!
+//! Run with
+//!
+//! ```text
+//! cargo run --release --example chat-server
+//! # then open http://127.0.0.1:3000/ in two browser windows
+//!
+//! cargo run --release --example chat-server -- --help            # every option
+//! CHATBUS_LISTEN=127.0.0.1:8080 cargo run --release --example chat-server
+//! CHATBUS_JWT_SECRET=change-me cargo run --release --example chat-server   # require HS256 tokens
+//! ```
+//!
+//! Routes: `/` the chat page, `/ws` the WebSocket (protocol v1, see docs/protocol.md),
+//! `/healthz` liveness, `/readyz` broker health (503 when the broker is down or the server is
+//! draining), `/metrics` Prometheus text.
+//!
+//! Ctrl-C or SIGTERM drains: no new connections, every open one gets its pending acks and
+//! messages and then a 1001 close.
+
+use std::error::Error;
+use std::fmt;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use chatbus_core::{Broker, Health, HubConfig, MemoryBroker, MemoryConfig, SlowPolicy};
+use chatbus_ws::{
+    AllowedOrigins, ChatHub, JwtVerifier, PresenceConfig, RateLimit, WsConfig, WsService,
+};
+use clap::{Parser, ValueEnum};
+use tracing_subscriber::EnvFilter;
+
+/// The page, embedded at compile time: the binary is all there is to deploy.
+const INDEX_HTML: &str = include_str!("index.html");
+
+type BoxError = Box<dyn Error + Send + Sync>;
+
+/// Which broker carries messages between instances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum BrokerKind {
+    /// In-process, no infrastructure; one instance only; history kept in memory.
+    Memory,
+    /// Redis pub/sub (fast fan-out between instances).
+    Redis,
+    /// Kafka (durable, replayable).
+    Kafka,
+    /// Redis for speed plus Kafka for durability.
+    Dual,
+}
+
+impl fmt::Display for BrokerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Memory => "memory",
+            Self::Redis => "redis",
+            Self::Kafka => "kafka",
+            Self::Dual => "dual",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum SlowClients {
+    /// Stop live delivery to a slow client and replay what it missed once it catches up.
+    Resync,
+    /// Close a slow client's connection (close code 4000).
+    Close,
+}
+
+/// chatbus example chat server: a browser chat page, a WebSocket endpoint, health and metrics.
+///
+/// Every option can also be set with the environment variable shown.
+#[derive(Debug, Parser)]
+#[command(name = "chat-server", version, about, long_about = None)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, env = "CHATBUS_LISTEN", default_value = "127.0.0.1:3000")]
+    listen: String,
+
+    /// Message broker.
+    #[arg(long, env = "CHATBUS_BROKER", value_enum, default_value_t = BrokerKind::Memory)]
+    broker: BrokerKind,
+
+    /// Messages of history kept per room by the memory broker.
+    #[arg(long, env = "CHATBUS_MEMORY_HISTORY", default_value_t = 1024)]
+    memory_history: usize,
+
+    /// Require HS256 JWTs signed with this secret (`?token=` or `Authorization: Bearer`).
+    #[arg(long, env = "CHATBUS_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: Option<String>,
+
+    /// Require RS256 JWTs verified with the RSA public key in this PEM file.
+    #[arg(long, env = "CHATBUS_JWT_PUBLIC_KEY", conflicts_with = "jwt_secret")]
+    jwt_public_key: Option<std::path::PathBuf>,
+
+    /// Required JWT issuer (`iss`).
+    #[arg(long, env = "CHATBUS_JWT_ISSUER")]
+    jwt_issuer: Option<String>,
+
+    /// Required JWT audience (`aud`).
+    #[arg(long, env = "CHATBUS_JWT_AUDIENCE")]
+    jwt_audience: Option<String>,
+
+    /// Further browser origins allowed to connect, comma-separated (the server's own origin
+    /// always is); `*` allows any.
+    #[arg(long, env = "CHATBUS_ALLOWED_ORIGINS", value_delimiter = ',')]
+    allowed_origins: Vec<String>,
+
+    /// Largest client frame in bytes; larger ones get a `too_large` error.
+    #[arg(long, env = "CHATBUS_MAX_FRAME_BYTES", default_value_t = 16 * 1024)]
+    max_frame_bytes: usize,
+
+    /// Frames a connection may send in a burst.
+    #[arg(long, env = "CHATBUS_RATE_BURST", default_value_t = 40)]
+    rate_burst: u32,
+
+    /// Frames per second a connection may send on average; 0 disables the rate limit.
+    #[arg(long, env = "CHATBUS_RATE_PER_SEC", default_value_t = 20.0)]
+    rate_per_sec: f64,
+
+    /// Rooms one connection may be in at once.
+    #[arg(long, env = "CHATBUS_MAX_ROOMS", default_value_t = 64)]
+    max_rooms: usize,
+
+    /// Seconds without any frame from a client (pongs included) before it is dropped.
+    #[arg(long, env = "CHATBUS_IDLE_TIMEOUT_SECS", default_value_t = 60)]
+    idle_timeout_secs: u64,
+
+    /// Seconds between WebSocket pings from the server.
+    #[arg(long, env = "CHATBUS_PING_INTERVAL_SECS", default_value_t = 20)]
+    ping_interval_secs: u64,
+
+    /// Seconds connections get on shutdown to flush and close.
+    #[arg(long, env = "CHATBUS_DRAIN_TIMEOUT_SECS", default_value_t = 5)]
+    drain_timeout_secs: u64,
+
+    /// Frames queued per connection before it counts as slow.
+    #[arg(long, env = "CHATBUS_SESSION_QUEUE", default_value_t = 1024)]
+    session_queue: usize,
+
+    /// What happens to a client that cannot keep up.
+    #[arg(long, env = "CHATBUS_SLOW_CLIENTS", value_enum, default_value_t = SlowClients::Resync)]
+    slow_clients: SlowClients,
+}
+
+/// The one place the backend is chosen.
+async fn build_broker(args: &Args) -> Result<Arc<dyn Broker>, BoxError> {
+    match args.broker {
+        BrokerKind::Memory => Ok(Arc::new(MemoryBroker::with_config(
+            MemoryConfig::default().with_history_len(args.memory_history),
+        ))),
+        other => Err(format!(
+            "--broker {other} is not built yet in this example; use --broker memory"
+        )
+        .into()),
+    }
+}
+
+fn ws_config(args: &Args) -> Result<WsConfig, BoxError> {
+    let mut config = WsConfig::default()
+        .with_max_frame_size(args.max_frame_bytes)
+        .with_rate_limit((args.rate_per_sec > 0.0).then_some(RateLimit {
+            burst: args.rate_burst,
+            per_second: args.rate_per_sec,
+        }))
+        .with_max_rooms(args.max_rooms)
+        .with_idle_timeout(Duration::from_secs(args.idle_timeout_secs.max(1)))
+        .with_ping_interval(Duration::from_secs(args.ping_interval_secs.max(1)))
+        .with_drain_timeout(Duration::from_secs(args.drain_timeout_secs));
+    let origins: Vec<String> = args
+        .allowed_origins
+        .iter()
+        .map(|o| o.trim().to_owned())
+        .filter(|o| !o.is_empty())
+        .collect();
+    config = config.with_allowed_origins(if origins.iter().any(|o| o == "*") {
+        AllowedOrigins::Any
+    } else {
+        AllowedOrigins::SameHost { also: origins }
+    });
+    let verifier = match (&args.jwt_secret, &args.jwt_public_key) {
+        (Some(secret), _) => Some(JwtVerifier::hs256(secret.as_bytes())),
+        (None, Some(path)) => {
+            let pem = std::fs::read(path)
+                .map_err(|e| format!("cannot read --jwt-public-key {}: {e}", path.display()))?;
+            Some(JwtVerifier::rs256_pem(&pem)?)
+        }
+        (None, None) => None,
+    };
+    if let Some(mut v) = verifier {
+        if let Some(iss) = &args.jwt_issuer {
+            v = v.with_issuer(iss);
+        }
+        if let Some(aud) = &args.jwt_audience {
+            v = v.with_audience(aud);
+        }
+        config = config.with_verifier(v);
+    }
+    Ok(config)
+}
+
+async fn index() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            // A second line of defence behind rendering all text with textContent: no scripts
+            // or resources from anywhere else, and the socket only to this server.
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+                 connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'",
+            ),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        Html(INDEX_HTML),
+    )
+        .into_response()
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(ws): State<WsService>) -> Response {
+    if ws.is_shutting_down() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response();
+    }
+    let broker = ws.chat().hub().broker();
+    match broker.health().await {
+        Health::Healthy => (
+            StatusCode::OK,
+            format!("ready: {} broker healthy\n", broker.name()),
+        ),
+        Health::Degraded(why) => (
+            StatusCode::OK,
+            format!("ready: {} broker degraded: {why}\n", broker.name()),
+        ),
+        Health::Down(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {} broker down: {why}\n", broker.name()),
+        ),
+    }
+    .into_response()
+}
+
+async fn metrics(State(ws): State<WsService>) -> Response {
+    let mut body = ws.render_metrics();
+    let broker = ws.chat().hub().broker();
+    let up = u8::from(broker.health().await.is_up());
+    body.push_str(&format!(
+        "# HELP chatbus_broker_up Whether the broker accepts publishes.\n\
+         # TYPE chatbus_broker_up gauge\nchatbus_broker_up{{broker=\"{}\"}} {up}\n",
+        broker.name()
+    ));
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("Ctrl-C received"),
+        () = term => tracing::info!("SIGTERM received"),
+    }
+}
+
+async fn run(args: Args) -> Result<(), BoxError> {
+    let broker = build_broker(&args).await?;
+    let config = ws_config(&args)?;
+    let auth = if config.verifier.is_some() {
+        "jwt"
+    } else {
+        "anonymous (?name=)"
+    };
+    let hub_config = HubConfig {
+        session_queue: args.session_queue.max(1),
+        slow_policy: match args.slow_clients {
+            SlowClients::Resync => SlowPolicy::Resync,
+            SlowClients::Close => SlowPolicy::Close,
+        },
+        ..HubConfig::default()
+    };
+    let chat = ChatHub::with_config(broker, hub_config, PresenceConfig::default());
+    let ws = WsService::new(chat, config);
+
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    let addr = listener.local_addr()?;
+    let app = Router::new()
+        .route("/", get(index))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(ws.clone());
+    tracing::info!(%addr, broker = %args.broker, auth, "chat-server started");
+    println!("chat-server listening on http://{addr}/");
+    ws.serve(listener, app, shutdown_signal()).await?;
+    tracing::info!("chat-server stopped");
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    // Logs go to stderr (colored only on a terminal); stdout carries the listening URL.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("chat-server: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
