@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Browser test of the chat page: builds and starts the chat-server example (memory broker) on a
+# free loopback port, drives two pages in headless Debian Chromium with playwright-core
+# (chat.test.mjs), saves a screenshot to target/browser/chat.png, stops the server.
+#
+# Run with: bash tests/browser/run.sh
+# Needs /usr/bin/chromium (apt-get install chromium; installed here when missing and root),
+# node and npm (playwright-core from package-lock.json; it never downloads a browser).
+# Last line: "browser: N passed, M failed"; exit status non-zero on failure.
+set -uo pipefail
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
+OUT="$ROOT/target/browser"
+mkdir -p "$OUT"
+SERVER_PID=""
+
+finish() {
+  local status=$1
+  if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
+    kill -TERM "$SERVER_PID" 2>/dev/null
+    for _ in $(seq 50); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$SERVER_PID" 2>/dev/null
+  fi
+  if [ "$status" -eq 0 ]; then
+    echo "browser: 1 passed, 0 failed"
+  else
+    [ -f "$OUT/server.log" ] && { echo "--- server log (tail) ---"; tail -n 30 "$OUT/server.log"; }
+    echo "browser: 0 passed, 1 failed"
+  fi
+  exit "$status"
+}
+fail() { echo "browser: $*" >&2; finish 1; }
+
+if [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "browser: installing Debian's chromium"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >"$OUT/apt.log" 2>&1 \
+      || fail "apt-get install chromium failed (see $OUT/apt.log)"
+  fi
+  [ -x /usr/bin/chromium ] || fail "/usr/bin/chromium not found: apt-get install chromium"
+fi
+command -v node >/dev/null || fail "node not found: apt-get install nodejs npm"
+command -v npm >/dev/null || fail "npm not found: apt-get install npm"
+
+if [ ! -f "$HERE/node_modules/playwright-core/package.json" ]; then
+  (cd "$HERE" && npm ci --no-audit --no-fund --loglevel=error) || fail "npm ci failed"
+fi
+
+echo "browser: building the chat-server example"
+(cd "$ROOT" && cargo build --quiet --example chat-server) || fail "cargo build --example chat-server failed"
+BIN="$TARGET/debug/examples/chat-server"
+[ -x "$BIN" ] || fail "$BIN not found after the build"
+
+PORT=$(node -e 'const s=require("net").createServer().listen(0,"127.0.0.1",()=>{console.log(s.address().port);s.close()})') \
+  || fail "no free port"
+URL="http://127.0.0.1:$PORT/"
+RUST_LOG=${RUST_LOG:-info} "$BIN" --listen "127.0.0.1:$PORT" --broker memory >"$OUT/server.log" 2>&1 &
+SERVER_PID=$!
+
+ready=""
+for _ in $(seq 300); do
+  kill -0 "$SERVER_PID" 2>/dev/null || fail "chat-server exited at start"
+  if node -e 'fetch(process.argv[1]).then(r=>process.exit(r.ok?0:1),()=>process.exit(1))' "${URL}healthz"; then
+    ready=1; break
+  fi
+  sleep 0.1
+done
+[ -n "$ready" ] || fail "chat-server not ready on $URL within 30 s"
+echo "browser: chat-server on $URL"
+
+rm -f "$OUT/chat.png"
+timeout 120 node "$HERE/chat.test.mjs" "$URL" "$OUT/chat.png"
+status=$?
+if [ "$status" -eq 0 ] && [ ! -s "$OUT/chat.png" ]; then
+  echo "browser: no screenshot written" >&2
+  status=1
+fi
+finish "$status"
