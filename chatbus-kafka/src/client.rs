@@ -231,6 +231,18 @@ pub(crate) fn map_error(
             | C::NotEnoughReplicasAfterAppend
             | C::Resolve,
         ) => unreachable(),
+        // The broker refused the idempotent producer's state (see producer.rs): the next
+        // publish uses a fresh producer, so a retry can succeed.
+        Some(
+            C::Unknown
+            | C::OutOfOrderSequenceNumber
+            | C::UnknownProducerId
+            | C::InvalidProducerEpoch
+            | C::InvalidProducerIdMapping,
+        ) => Error::Unavailable {
+            backend: BACKEND,
+            reason: format!("{op}: the broker refused the producer state ({error}); retry"),
+        },
         Some(C::QueueFull) => Error::Unavailable {
             backend: BACKEND,
             reason: format!("{op}: the producer queue is full (the cluster is too slow or down)"),

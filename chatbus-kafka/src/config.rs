@@ -66,8 +66,12 @@ pub struct KafkaConfig {
     /// Limit of one metadata, admin, offset lookup or replay step. Default 10 s.
     pub request_timeout: Duration,
     /// Longest time the broker holds a fetch of the tail consumer open when there is no new
-    /// data (`fetch.wait.max.ms`). Brokers answer as soon as data arrives, so this bounds the
-    /// idle polling rate, not latency, on brokers that implement long polling. Default 100 ms.
+    /// data (`fetch.wait.max.ms`). Default 100 ms; env `CHATBUS_KAFKA_FETCH_WAIT_MS`.
+    ///
+    /// Kafka answers a fetch as soon as data arrives, so there this only sets the idle polling
+    /// rate. Tansu 0.6 holds every fetch for the full wait, so there it *is* the live delivery
+    /// latency: use 10–20 ms (each fetch costs the broker a storage read, so shorter waits
+    /// cost broker CPU while idle).
     pub fetch_wait: Duration,
     /// Buffer of each subscription, in messages (see `Broker::subscribe` for what happens when
     /// it is full). Default 4,096.
@@ -122,6 +126,7 @@ impl KafkaConfig {
     /// | `CHATBUS_KAFKA_REPLICATION` | [`replication`](Self::replication) |
     /// | `CHATBUS_KAFKA_LINGER_MS` | [`linger`](Self::linger) |
     /// | `CHATBUS_KAFKA_PUBLISH_TIMEOUT_MS` | [`publish_timeout`](Self::publish_timeout) |
+    /// | `CHATBUS_KAFKA_FETCH_WAIT_MS` | [`fetch_wait`](Self::fetch_wait) |
     /// | `CHATBUS_KAFKA_PROP_<NAME>` | a librdkafka property: `<NAME>` lowercased, `_` → `.` |
     ///
     /// For example `CHATBUS_KAFKA_PROP_SECURITY_PROTOCOL=SASL_SSL` sets `security.protocol`.
@@ -159,6 +164,9 @@ impl KafkaConfig {
                 }
                 "CHATBUS_KAFKA_PUBLISH_TIMEOUT_MS" => {
                     config.publish_timeout = Duration::from_millis(parse(key, &value)?);
+                }
+                "CHATBUS_KAFKA_FETCH_WAIT_MS" => {
+                    config.fetch_wait = Duration::from_millis(parse(key, &value)?);
                 }
                 _ => {
                     if let Some(name) = key.strip_prefix(ENV_PROP_PREFIX) {

@@ -74,12 +74,13 @@
 mod client;
 mod config;
 mod partition;
+mod producer;
 mod reader;
 mod tail;
 
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -90,7 +91,7 @@ use chatbus_core::{
 use futures::StreamExt;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::error::RDKafkaErrorCode;
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{FutureRecord, Producer as _};
 use rdkafka::util::Timeout;
 use tokio::sync::OnceCell;
 
@@ -99,6 +100,7 @@ pub use config::{KafkaConfig, ENV_PROP_PREFIX};
 pub use rdkafka;
 
 use client::{Context, BACKEND};
+use producer::{Producer, ProducerSlot};
 use reader::{is_of, Readers};
 use tail::Tail;
 
@@ -106,8 +108,6 @@ use tail::Tail;
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
 /// Replayed messages buffered ahead of the consumer of a replay stream.
 const REPLAY_BUFFER: usize = 256;
-
-type Producer_ = FutureProducer<Context>;
 
 /// The Kafka broker. Cheap to clone (clones share the clients and the tail consumer).
 ///
@@ -122,9 +122,7 @@ struct Inner {
     config: KafkaConfig,
     partitions: u32,
     ctx: Context,
-    // Replaced when librdkafka reports a fatal error (the idempotent producer cannot go on
-    // after one): a fresh producer gets a new producer id.
-    producer: RwLock<Arc<Producer_>>,
+    producer: ProducerSlot,
     tail: OnceCell<Tail>,
     readers: Arc<Readers>,
     published: AtomicU64,
@@ -150,6 +148,9 @@ pub struct KafkaStats {
     pub client_errors: u64,
     /// Live subscriptions (one per room for a subscription to several rooms).
     pub subscriptions: usize,
+    /// Times the producer was replaced by a fresh one after a failed delivery (see
+    /// `docs/ARCHITECTURE.md`, "Kafka on Tansu").
+    pub producer_replacements: u64,
 }
 
 impl std::fmt::Debug for KafkaBroker {
@@ -172,15 +173,15 @@ impl KafkaBroker {
     pub async fn connect(config: KafkaConfig) -> Result<Self> {
         config.validate()?;
         let ctx = Context::default();
-        let producer = Arc::new(create_producer(&config, &ctx)?);
-        let partitions = ensure_topic(&config, &ctx, &producer).await?;
+        let producer = ProducerSlot::new(&config, &ctx)?;
+        let partitions = ensure_topic(&config, &ctx, &producer.peek()).await?;
         let readers = Arc::new(Readers::new(config.clone(), ctx.clone()));
         Ok(Self {
             inner: Arc::new(Inner {
                 config,
                 partitions,
                 ctx,
-                producer: RwLock::new(producer),
+                producer,
                 tail: OnceCell::new(),
                 readers,
                 published: AtomicU64::new(0),
@@ -216,41 +217,18 @@ impl KafkaBroker {
             gaps: tail.map_or(0, |t| load(&t.gaps)),
             client_errors: load(&self.inner.ctx.conn.errors),
             subscriptions: self.inner.tail.get().map_or(0, Tail::subscriptions),
+            producer_replacements: self.inner.producer.replaced(),
         }
     }
 
     /// Waits until every message handed to the producer is acknowledged or failed, at most
     /// `timeout` (for a graceful shutdown; `publish` already waits for its own message).
     pub async fn flush(&self, timeout: Duration) -> Result<()> {
-        let producer = self.producer();
+        let producer = self.inner.producer.peek();
         tokio::task::spawn_blocking(move || producer.flush(Timeout::After(timeout)))
             .await
             .map_err(|e| Error::backend(BACKEND, e))?
             .map_err(|e| client::map_error("flush", e, timeout, &self.inner.ctx.conn))
-    }
-
-    fn producer(&self) -> Arc<Producer_> {
-        lock_read(&self.inner.producer).clone()
-    }
-
-    /// Replaces the producer after a fatal error, once (the first caller to notice wins).
-    fn recover_producer(&self, failed: &Arc<Producer_>) {
-        let Some((code, reason)) = failed.client().fatal_error() else {
-            return;
-        };
-        let mut slot = self
-            .inner
-            .producer
-            .write()
-            .unwrap_or_else(|e| e.into_inner());
-        if !Arc::ptr_eq(&slot, failed) {
-            return;
-        }
-        tracing::error!(?code, %reason, "fatal Kafka producer error; creating a new producer");
-        match create_producer(&self.inner.config, &self.inner.ctx) {
-            Ok(p) => *slot = Arc::new(p),
-            Err(e) => tracing::error!(error = %e, "cannot recreate the Kafka producer"),
-        }
     }
 
     async fn tail(&self) -> Result<&Tail> {
@@ -294,10 +272,6 @@ impl KafkaBroker {
     }
 }
 
-fn lock_read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    l.read().unwrap_or_else(|e| e.into_inner())
-}
-
 /// Runs blocking librdkafka calls off the async threads.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     tokio::task::spawn_blocking(f)
@@ -305,21 +279,12 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
         .map_err(|e| Error::backend(BACKEND, e))?
 }
 
-fn create_producer(config: &KafkaConfig, ctx: &Context) -> Result<Producer_> {
-    client::producer_config(config)
-        .create_with_context(ctx.clone())
-        .map_err(|e| match e {
-            rdkafka::error::KafkaError::ClientCreation(m) => Error::Config(m),
-            e => Error::backend(BACKEND, e),
-        })
-}
-
 /// Creates the topic if needed and waits for its partitions to have leaders; returns the
 /// partition count.
 async fn ensure_topic(
     config: &KafkaConfig,
     ctx: &Context,
-    producer: &Arc<Producer_>,
+    producer: &Arc<Producer>,
 ) -> Result<u32> {
     let deadline = Instant::now() + config.request_timeout;
     let topic = config.topic.clone();
@@ -378,7 +343,7 @@ enum TopicState {
     Unreachable(String),
 }
 
-fn describe(producer: &Producer_, topic: &str, wait: Duration) -> TopicState {
+fn describe(producer: &Producer, topic: &str, wait: Duration) -> TopicState {
     let md = match producer.client().fetch_metadata(Some(topic), wait) {
         Ok(md) => md,
         Err(e) => return TopicState::Unreachable(e.to_string()),
@@ -469,7 +434,7 @@ impl Broker for KafkaBroker {
             .payload(&value[..])
             .partition(partition)
             .timestamp(i64::try_from(envelope.ts).unwrap_or(i64::MAX));
-        let producer = self.producer();
+        let producer = self.inner.producer.get()?;
         let timeout = config.publish_timeout;
         // librdkafka fails the message after `message.timeout.ms` (= publish_timeout); the
         // outer bound only guards against a lost callback.
@@ -478,7 +443,7 @@ impl Broker for KafkaBroker {
             producer.send(record, Timeout::After(timeout)),
         )
         .await;
-        match sent {
+        let result = match sent {
             Ok(Ok(delivery)) => {
                 self.inner.ctx.conn.mark_up();
                 self.inner.published.fetch_add(1, Ordering::Relaxed);
@@ -495,7 +460,7 @@ impl Broker for KafkaBroker {
             }
             Ok(Err((e, _))) => {
                 self.inner.publish_errors.fetch_add(1, Ordering::Relaxed);
-                self.recover_producer(&producer);
+                self.inner.producer.failed(&producer, Some(&e));
                 Err(client::map_error(
                     "publish",
                     e,
@@ -505,13 +470,16 @@ impl Broker for KafkaBroker {
             }
             Err(_) => {
                 self.inner.publish_errors.fetch_add(1, Ordering::Relaxed);
+                self.inner.producer.failed(&producer, None);
                 Err(Error::Timeout {
                     backend: BACKEND,
                     op: "publish",
                     after: timeout,
                 })
             }
-        }
+        };
+        self.inner.producer.release(producer);
+        result
     }
 
     /// Registers a subscription with the shared tail consumer (started by the first call).
@@ -569,10 +537,32 @@ impl Broker for KafkaBroker {
         let room = room.clone();
         tokio::task::spawn_blocking(move || {
             let mut sent = 0;
+            let since = match from {
+                ReplayFrom::Time(ms) => Some(ms),
+                _ => None,
+            };
+            let mut first = true;
             let result = readers.scan(&reader, partition, start, end, |env| {
-                let Some(env) = env.filter(|e| is_of(e, &room)) else {
+                let is_first = std::mem::take(&mut first);
+                let Some(env) = env else {
                     return ControlFlow::Continue(());
                 };
+                if let Some(ms) = since {
+                    // Kafka answers a time lookup with the first offset whose timestamp is at
+                    // or after it, so that record is never older. Tansu 0.6 answers 0 instead
+                    // of "none" when every record is older: detect it here.
+                    if is_first && env.ts < ms {
+                        return ControlFlow::Break(());
+                    }
+                    // Timestamps of one room need not be monotonic (several producers'
+                    // clocks): keep exactly the messages at or after the time.
+                    if env.ts < ms {
+                        return ControlFlow::Continue(());
+                    }
+                }
+                if !is_of(&env, &room) {
+                    return ControlFlow::Continue(());
+                }
                 if tx.blocking_send(Ok(env)).is_err() {
                     // The stream was dropped: stop reading.
                     return ControlFlow::Break(());
@@ -635,7 +625,7 @@ impl Broker for KafkaBroker {
     /// `Healthy` when the cluster answers a metadata request for the topic within 2 s,
     /// `Down` otherwise (with the reason) or after a fatal producer error.
     async fn health(&self) -> Health {
-        let producer = self.producer();
+        let producer = self.inner.producer.peek();
         if let Some((_, reason)) = producer.client().fatal_error() {
             return Health::Down(format!("fatal Kafka producer error: {reason}"));
         }
@@ -727,4 +717,123 @@ fn history_page(
     let skip = found.len().saturating_sub(limit);
     found.drain(..skip);
     Ok(found)
+}
+
+/// Quick checks against librdkafka's in-process mock cluster. They run without Tansu, but the
+/// mock is not Kafka: the integration tests in `tests/` run everything against a real broker.
+#[cfg(test)]
+mod mock_tests {
+    use super::*;
+    use chatbus_core::BrokerExt;
+    use rdkafka::mocking::MockCluster;
+
+    async fn broker(mock: &MockCluster<'_, impl rdkafka::ClientContext>) -> KafkaBroker {
+        mock.create_topic("mocked", 3, 1).expect("mock topic");
+        let config = KafkaConfig::new(mock.bootstrap_servers())
+            .with_topic("mocked")
+            .with_publish_timeout(Duration::from_millis(1500))
+            .with_fetch_wait(Duration::from_millis(10));
+        KafkaBroker::connect(config)
+            .await
+            .expect("connect to the mock cluster")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn publish_subscribe_replay_on_the_mock_cluster() {
+        let mock = MockCluster::new(1).expect("mock cluster");
+        let b = broker(&mock).await;
+        assert_eq!(b.partitions(), 3);
+        let room = Room::new("mock-room").expect("room");
+        let mut sub = b
+            .subscribe(Interest::room(room.clone()))
+            .await
+            .expect("subscribe");
+        let start = sub.start().expect("start").to_vec();
+        assert_eq!(start.len(), 3);
+        let env = Envelope::new(room.clone(), "hello").with_from("alice");
+        let receipt = b.publish(&env).await.expect("publish");
+        let cursor = receipt.cursor.expect("durable cursor");
+        assert_eq!(cursor.partition, b.partition_of(&room));
+        assert_eq!(cursor, start[cursor.partition as usize]);
+        let got = tokio::time::timeout(Duration::from_secs(10), sub.recv())
+            .await
+            .expect("delivered in time")
+            .expect("open")
+            .expect("ok");
+        assert_eq!(
+            (got.id, got.cursor, got.from),
+            (env.id, Some(cursor), env.from)
+        );
+
+        let typing = b
+            .publish(&Envelope::ephemeral(room.clone(), "typing"))
+            .await
+            .expect("publish");
+        assert_eq!(typing.cursor, None);
+        let got = tokio::time::timeout(Duration::from_secs(10), sub.recv())
+            .await
+            .expect("delivered in time")
+            .expect("open")
+            .expect("ok");
+        assert_eq!((got.payload.as_ref(), got.cursor), (&b"typing"[..], None));
+        let all = b
+            .replay_vec(&room, ReplayFrom::Beginning, 10)
+            .await
+            .expect("replay");
+        assert_eq!(all.iter().map(|e| e.id).collect::<Vec<_>>(), [env.id]);
+        assert_eq!(b.stats().subscriptions, 1);
+        drop(sub);
+        assert_eq!(b.stats().subscriptions, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn publish_fails_within_the_timeout_when_the_broker_is_down() {
+        let mock = MockCluster::new(1).expect("mock cluster");
+        let b = broker(&mock).await;
+        let room = Room::new("mock-down").expect("room");
+        b.publish(&Envelope::new(room.clone(), "up"))
+            .await
+            .expect("publish while up");
+        mock.broker_down(-1).expect("down");
+        let t = Instant::now();
+        let err = b
+            .publish(&Envelope::new(room.clone(), "down"))
+            .await
+            .expect_err("publish must fail while the broker is down");
+        assert!(err.is_transient(), "{err}");
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "took {:?}",
+            t.elapsed()
+        );
+        assert!(matches!(b.health().await, Health::Down(_)));
+        mock.broker_up(-1).expect("up");
+        let t = Instant::now();
+        loop {
+            match b.publish(&Envelope::new(room.clone(), "again")).await {
+                Ok(_) => break,
+                Err(e) => assert!(t.elapsed() < Duration::from_secs(20), "still failing: {e}"),
+            }
+        }
+        assert_eq!(b.health().await, Health::Healthy);
+    }
+
+    #[tokio::test]
+    async fn rejects_oversized_messages_and_foreign_cursors_without_io() {
+        let mock = MockCluster::new(1).expect("mock cluster");
+        let b = broker(&mock).await;
+        let room = Room::new("mock-big").expect("room");
+        let big = Envelope::new(room.clone(), vec![0u8; 2_000_000]);
+        assert!(matches!(b.publish(&big).await, Err(Error::TooLarge { .. })));
+        let other = (b.partition_of(&room) + 1) % b.partitions();
+        let foreign = Cursor::new(other, 0);
+        assert!(matches!(
+            b.replay(&room, ReplayFrom::Cursor(foreign), 1).await,
+            Err(Error::InvalidCursor(_))
+        ));
+        assert!(matches!(
+            b.history(&room, Some(foreign), 1).await,
+            Err(Error::InvalidCursor(_))
+        ));
+    }
 }

@@ -22,6 +22,7 @@ pub(crate) type Reader = BaseConsumer<Context>;
 /// a metadata round trip, too much for every page of history.
 const MAX_IDLE: usize = 4;
 const POLL: Duration = Duration::from_millis(100);
+const READER_FETCH_WAIT: Duration = Duration::from_millis(5);
 
 /// A pool of replay consumers.
 pub(crate) struct Readers {
@@ -35,6 +36,16 @@ impl std::fmt::Debug for Readers {
         f.debug_struct("Readers")
             .field("idle", &lock(&self.idle).len())
             .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Readers {
+    fn drop(&mut self) {
+        // Closing a consumer blocks (it joins librdkafka's threads): not on an async worker.
+        let idle = std::mem::take(&mut *lock(&self.idle));
+        if !idle.is_empty() {
+            crate::producer::retire(idle);
+        }
     }
 }
 
@@ -52,9 +63,10 @@ impl Readers {
         if let Some(r) = lock(&self.idle).pop() {
             return Ok(r);
         }
-        // Replays want data as soon as the broker has it, and are bounded by the high
-        // watermark, so the fetch wait only matters at the very end of a range.
-        client::consumer_config(&self.config, "reader", Duration::from_millis(20))
+        // A reader only asks for offsets below the high watermark, so Kafka answers its
+        // fetches at once whatever the wait. Tansu 0.6 holds every fetch for the full wait even
+        // when it has data: keep the wait short so a replay is not paced by it.
+        client::consumer_config(&self.config, "reader", READER_FETCH_WAIT)
             .create_with_context(self.ctx.clone())
             .map_err(|e| Error::backend(client::BACKEND, e))
     }

@@ -212,14 +212,10 @@ impl Tail {
 
 impl Drop for Tail {
     fn drop(&mut self) {
+        // The thread notices within one poll interval, then drops the last reference to the
+        // consumer and closes it there: nothing blocks the (possibly async) dropping thread.
         self.shared.stop.store(true, Ordering::Release);
-        if let Some(thread) = self.thread.take() {
-            // The thread notices within one poll interval. Never join from the tail thread
-            // itself (it cannot hold the last reference, but be safe).
-            if thread.thread().id() != std::thread::current().id() {
-                let _ = thread.join();
-            }
-        }
+        drop(self.thread.take());
     }
 }
 
