@@ -117,8 +117,7 @@ impl RedisBroker {
             let _ = rustls::crypto::ring::default_provider().install_default();
         }
         let info = config.connection_info()?;
-        let client = redis::Client::open(info)
-            .map_err(|e| error::config(format!("invalid Redis connection settings: {e}")))?;
+        let client = Self::client(&config, info)?;
         // The pub/sub connection first: it reports an unreachable server or a wrong password
         // straight away, where the connection manager would retry with backoff.
         let first = subscriber::connect_pubsub(&client, config.connect_timeout).await?;
@@ -180,6 +179,29 @@ impl RedisBroker {
                 actor,
             }),
         })
+    }
+
+    fn client(config: &RedisConfig, info: redis::ConnectionInfo) -> Result<redis::Client> {
+        let bad =
+            |e: redis::RedisError| error::config(format!("invalid Redis connection settings: {e}"));
+        #[cfg(feature = "tls")]
+        if let Some(path) = &config.tls_ca_file {
+            let pem = std::fs::read(path).map_err(|e| {
+                error::config(format!(
+                    "cannot read the TLS CA file {}: {e}",
+                    path.display()
+                ))
+            })?;
+            let certs = redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem),
+            };
+            return redis::Client::build_with_tls(info, certs).map_err(bad);
+        }
+        // Without the feature, validation already refused TLS settings.
+        #[cfg(not(feature = "tls"))]
+        let _ = config;
+        redis::Client::open(info).map_err(bad)
     }
 
     /// The configuration it was connected with.

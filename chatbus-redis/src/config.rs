@@ -1,6 +1,7 @@
 //! [`RedisConfig`]: where the server is and how the broker behaves.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use chatbus_core::Result;
@@ -31,11 +32,15 @@ pub const MAX_PREFIX_LEN: usize = 64;
 #[non_exhaustive]
 pub struct RedisConfig {
     /// The server: `redis://[[user]:password@]host[:port][/db]`, or `rediss://` for TLS (needs
-    /// the `tls` feature; `rediss://host/#insecure` skips certificate checks). Default
-    /// `redis://127.0.0.1:6379/`.
+    /// the `tls` feature; the server's certificate is always verified, against the webpki
+    /// roots or [`tls_ca_file`](Self::tls_ca_file)). Default `redis://127.0.0.1:6379/`.
     pub url: String,
     /// A password used when the URL has none (it needs no URL escaping here). Default none.
     pub password: Option<String>,
+    /// For `rediss://`: a PEM file with the CA certificate(s) that signed the server's
+    /// certificate, trusted instead of the usual web roots (a private CA, as managed Redis
+    /// services and self-hosted TLS setups use). Default none: the webpki roots.
+    pub tls_ca_file: Option<PathBuf>,
     /// Prefix of every channel and key, so one Redis can serve several apps (or several
     /// chatbus deployments). 1 to [`MAX_PREFIX_LEN`] bytes of `[A-Za-z0-9._:-]`. Default
     /// `"chatbus"`.
@@ -66,6 +71,7 @@ impl Default for RedisConfig {
         Self {
             url: "redis://127.0.0.1:6379/".to_owned(),
             password: None,
+            tls_ca_file: None,
             prefix: "chatbus".to_owned(),
             history_len: 0,
             subscriber_capacity: 4096,
@@ -83,6 +89,7 @@ impl fmt::Debug for RedisConfig {
         f.debug_struct("RedisConfig")
             .field("url", &redact_url(&self.url))
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("tls_ca_file", &self.tls_ca_file)
             .field("prefix", &self.prefix)
             .field("history_len", &self.history_len)
             .field("subscriber_capacity", &self.subscriber_capacity)
@@ -113,6 +120,7 @@ impl RedisConfig {
     /// | `CHATBUS_REDIS_URL` | [`url`](Self::url), e.g. `redis://:pw@redis:6379/0` or `rediss://…` |
     /// | `REDIS_HOST`, `REDIS_PORT` | host and port, when `CHATBUS_REDIS_URL` is unset (the variables of the stack this replaces) |
     /// | `REDIS_PASSWORD` | [`password`](Self::password), used when the URL has none |
+    /// | `CHATBUS_REDIS_TLS_CA` | [`tls_ca_file`](Self::tls_ca_file) |
     /// | `CHATBUS_REDIS_PREFIX` | [`prefix`](Self::prefix) |
     /// | `CHATBUS_REDIS_HISTORY` | [`history_len`](Self::history_len) (0 = off) |
     ///
@@ -148,6 +156,9 @@ impl RedisConfig {
         if let Some(pw) = lookup("REDIS_PASSWORD").filter(|p| !p.is_empty()) {
             config.password = Some(pw);
         }
+        if let Some(ca) = get("CHATBUS_REDIS_TLS_CA") {
+            config.tls_ca_file = Some(PathBuf::from(ca.trim()));
+        }
         if let Some(prefix) = get("CHATBUS_REDIS_PREFIX") {
             config.prefix = prefix.trim().to_owned();
         }
@@ -173,6 +184,13 @@ impl RedisConfig {
     #[must_use]
     pub fn with_password(mut self, password: impl Into<String>) -> Self {
         self.password = Some(password.into());
+        self
+    }
+
+    /// Sets [`tls_ca_file`](Self::tls_ca_file).
+    #[must_use]
+    pub fn with_tls_ca_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.tls_ca_file = Some(path.into());
         self
     }
 
@@ -270,8 +288,19 @@ impl RedisConfig {
         let url = self.url.trim();
         let scheme = url.split("://").next().unwrap_or_default();
         match scheme {
+            "redis" if self.tls_ca_file.is_some() => {
+                return Err(error::config(
+                    "tls_ca_file (CHATBUS_REDIS_TLS_CA) needs a rediss:// URL",
+                ))
+            }
             "redis" => {}
             "rediss" => {
+                if url.ends_with("#insecure") {
+                    return Err(error::config(
+                        "rediss://...#insecure (no certificate check) is not supported; trust the \
+                         server's CA with tls_ca_file (CHATBUS_REDIS_TLS_CA) instead",
+                    ));
+                }
                 if !cfg!(feature = "tls") {
                     return Err(error::config(
                         "a rediss:// URL needs the `tls` feature of chatbus-redis",

@@ -90,7 +90,10 @@
 //!
 //! # Features
 //!
-//! - `tls`: `rediss://` URLs, with rustls (ring) and the webpki root certificates.
+//! - `tls`: `rediss://` URLs, with rustls (ring as the crypto provider, installed as the
+//!   process default unless the application installed one). The server certificate is
+//!   verified against the webpki roots, or against a private CA given as
+//!   [`RedisConfig::tls_ca_file`] (`CHATBUS_REDIS_TLS_CA`).
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 

@@ -41,6 +41,10 @@ pub struct RedisOptions {
     /// Append-only-file persistence (`--appendonly yes --appendfsync always`) in the server's
     /// private directory, so data survives a kill and restart. Default: off.
     pub appendonly: bool,
+    /// Also listen with TLS on a second port, with a certificate for `127.0.0.1`/`localhost`
+    /// signed by a throwaway CA (made with the `openssl` program; see
+    /// [`RedisServer::tls_url`] and [`RedisServer::ca_cert`]). Default: off.
+    pub tls: bool,
     /// Further `redis-server` arguments, e.g. `["--maxclients", "100"]`.
     pub extra_args: Vec<String>,
 }
@@ -50,6 +54,7 @@ impl Default for RedisOptions {
         Self {
             password: format!("pw-{}", random_suffix()),
             appendonly: false,
+            tls: false,
             extra_args: Vec::new(),
         }
     }
@@ -67,6 +72,13 @@ impl RedisOptions {
     #[must_use]
     pub fn with_appendonly(mut self, on: bool) -> Self {
         self.appendonly = on;
+        self
+    }
+
+    /// Sets [`tls`](Self::tls).
+    #[must_use]
+    pub fn with_tls(mut self, on: bool) -> Self {
+        self.tls = on;
         self
     }
 
@@ -99,6 +111,7 @@ fn random_suffix() -> String {
 pub struct RedisServer {
     program: PathBuf,
     port: u16,
+    tls_port: Option<u16>,
     options: RedisOptions,
     dir: tempfile::TempDir,
     child: Option<Child>,
@@ -135,15 +148,24 @@ impl RedisServer {
         let mut server = Self {
             program,
             port: 0,
+            tls_port: None,
             options,
             dir,
             child: None,
         };
+        if server.options.tls {
+            if let Err(e) = make_certificates(server.dir.path()) {
+                panic!("cannot make TLS certificates for redis-server: {e}");
+            }
+        }
         // Another process may grab the free port between `free_port` and the server's bind:
         // try a few ports before giving up.
         let mut last_error = String::new();
         for _ in 0..5 {
             server.port = free_port();
+            if server.options.tls {
+                server.tls_port = Some(free_port());
+            }
             match server.spawn_and_wait().await {
                 Ok(()) => return server,
                 Err(e) => last_error = e,
@@ -175,6 +197,23 @@ impl RedisServer {
     /// The URL without a password.
     pub fn url_without_password(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// The TLS port, when started with [`RedisOptions::tls`].
+    pub fn tls_port(&self) -> Option<u16> {
+        self.tls_port
+    }
+
+    /// `rediss://:<password>@127.0.0.1:<tls port>/` (verify it with [`ca_cert`](Self::ca_cert)),
+    /// when started with [`RedisOptions::tls`].
+    pub fn tls_url(&self) -> Option<String> {
+        self.tls_port
+            .map(|p| format!("rediss://:{}@127.0.0.1:{p}/", self.options.password))
+    }
+
+    /// The PEM file of the CA that signed the server's TLS certificate.
+    pub fn ca_cert(&self) -> PathBuf {
+        self.dir.path().join("ca.crt")
     }
 
     /// The server's private working directory (its log and, with `appendonly`, its data).
@@ -302,6 +341,21 @@ impl RedisServer {
         } else {
             args.extend(["--appendonly".to_owned(), "no".to_owned()]);
         }
+        if let Some(tls_port) = self.tls_port {
+            let file = |name: &str| self.dir.path().join(name).display().to_string();
+            args.extend([
+                "--tls-port".to_owned(),
+                tls_port.to_string(),
+                "--tls-cert-file".to_owned(),
+                file("server.crt"),
+                "--tls-key-file".to_owned(),
+                file("server.key"),
+                "--tls-ca-cert-file".to_owned(),
+                file("ca.crt"),
+                "--tls-auth-clients".to_owned(),
+                "no".to_owned(),
+            ]);
+        }
         args.extend(self.options.extra_args.iter().cloned());
         args
     }
@@ -341,6 +395,91 @@ impl RedisServer {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+/// Makes `ca.crt`/`ca.key` (a throwaway CA) and `server.crt`/`server.key` (for 127.0.0.1 and
+/// localhost, signed by that CA) in `dir`, with the `openssl` program.
+fn make_certificates(dir: &Path) -> Result<(), String> {
+    let openssl = require_program(
+        "openssl",
+        &[],
+        "Install it with `apt-get install openssl` (needed for TLS tests).",
+    );
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
+         keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+    )
+    .map_err(|e| e.to_string())?;
+    let steps: [&[&str]; 3] = [
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=chatbus test CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ],
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
+        ],
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+        ],
+    ];
+    for args in steps {
+        let out = Command::new(&openssl)
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .map_err(|e| format!("cannot run openssl: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "openssl {} failed: {}",
+                args[0],
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// One authenticated `PING` over a fresh connection, answered `+PONG`.
