@@ -345,3 +345,52 @@ async fn repeated_outages_leak_no_tasks() {
         "tasks leaked across reconnects: {baseline} -> {after}"
     );
 }
+
+/// A server that hangs without closing its connections (SIGSTOP) is noticed by the periodic
+/// `PING`: health goes down, subscribers get `Unavailable`, publishes time out instead of
+/// hanging; when it resumes, subscriptions recover (`Lagged(0)`) and traffic flows again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_server_is_detected_and_survived() {
+    let mut server = RedisServer::start().await;
+    let b = common::broker(&server, 0).await;
+    let r = room("hung");
+    let mut sub = match b.subscribe(Interest::room(r.clone())).await {
+        Ok(s) => s,
+        Err(e) => panic!("subscribe: {e}"),
+    };
+    server.pause();
+    let t = Instant::now();
+    let published = b.publish(&Envelope::new(r.clone(), "lost")).await;
+    assert!(
+        matches!(published, Err(Error::Timeout { .. })),
+        "expected a timeout, got {published:?}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "publish took {:?}",
+        t.elapsed()
+    );
+    // ping_interval 1 s + command_timeout 1.5 s in the test config.
+    match tokio::time::timeout(Duration::from_secs(6), sub.recv()).await {
+        Ok(Some(Err(Error::Unavailable { reason, .. }))) => println!("noticed: {reason}"),
+        other => panic!("expected Unavailable while the server hangs, got {other:?}"),
+    }
+    assert!(matches!(b.health().await, Health::Down(_)));
+    server.resume();
+    match tokio::time::timeout(Duration::from_secs(10), sub.recv()).await {
+        Ok(Some(Err(Error::Lagged { missed: 0 }))) => {}
+        other => panic!("expected Lagged(0) after the server resumed, got {other:?}"),
+    }
+    common::eventually(Duration::from_secs(10), "publish after resume", || async {
+        b.publish(&Envelope::new(r.clone(), "back")).await.is_ok()
+    })
+    .await;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), sub.recv()).await {
+            Ok(Some(Ok(env))) if env.payload == "back" => break,
+            Ok(Some(_)) => {}
+            other => panic!("no traffic after resume: {other:?}"),
+        }
+    }
+    assert_eq!(b.health().await, Health::Healthy);
+}
