@@ -235,6 +235,8 @@ pub(crate) struct Actor {
     psubscribed: bool,
     // Rooms whose last subscriber may have gone (a closed sender seen while dispatching).
     maybe_empty: HashSet<Room>,
+    // The same for the pattern subscription.
+    all_maybe_empty: bool,
 }
 
 /// Opens the pub/sub connection (authenticating), bounded by `timeout`.
@@ -297,6 +299,7 @@ impl Actor {
             subscribed: HashSet::new(),
             psubscribed: false,
             maybe_empty: HashSet::new(),
+            all_maybe_empty: false,
         }
     }
 
@@ -480,7 +483,7 @@ impl Actor {
                     Some(msg) => {
                         last_activity = Instant::now();
                         self.dispatch(&msg);
-                        if !self.maybe_empty.is_empty() {
+                        if !self.maybe_empty.is_empty() || self.all_maybe_empty {
                             if let Err(reason) = self.apply(Vec::new(), sink, stream).await {
                                 return End::Lost(reason);
                             }
@@ -501,7 +504,7 @@ impl Actor {
     ) -> std::result::Result<(), String> {
         let mut joining = Vec::new();
         let mut touched: HashSet<Room> = std::mem::take(&mut self.maybe_empty);
-        let mut touched_all = false;
+        let mut touched_all = std::mem::take(&mut self.all_maybe_empty);
         for cmd in batch {
             match cmd {
                 Command::Unsubscribe { id, interest } => {
@@ -650,9 +653,13 @@ impl Actor {
             // Normally the guard's Unsubscribe removes it; this covers a subscriber that
             // vanished without one.
             targets.retain(|(_, tx)| !tx.is_closed());
-            if !msg.from_pattern() && targets.is_empty() {
-                self.table.rooms.remove(&env.room);
-                self.maybe_empty.insert(env.room);
+            if targets.is_empty() {
+                if msg.from_pattern() {
+                    self.all_maybe_empty = true;
+                } else {
+                    self.table.rooms.remove(&env.room);
+                    self.maybe_empty.insert(env.room);
+                }
             }
         }
     }
