@@ -143,3 +143,61 @@ async fn client_close_ends_the_session_and_leaves_rooms() {
         .expect("no panic");
     assert!(chat.hub().local_members(&room).is_empty());
 }
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_dropped_and_others_are_unaffected() {
+    let hub_config = chatbus_core::HubConfig {
+        session_queue: 8,
+        ..chatbus_core::HubConfig::default()
+    };
+    let chat = ChatHub::with_config(
+        Arc::new(MemoryBroker::new()),
+        hub_config,
+        chatbus_ws::PresenceConfig::default(),
+    );
+    let config = WsConfig::default().with_write_timeout(Duration::from_millis(300));
+    let svc = WsService::new(chat.clone(), config);
+
+    // The slow client joins, then never reads again: its writer blocks once the channel (its
+    // "socket") is full.
+    let (mut slow_tx, _slow_rx, slow_task) = start(&svc, "slow");
+    slow_tx
+        .send(text(json!({"type":"join","room":"busy"})))
+        .await
+        .expect("send");
+    let (mut fast_tx, mut fast_rx, _fast_task) = start(&svc, "fast");
+    assert_eq!(next_json(&mut fast_rx).await["type"], "welcome");
+    fast_tx
+        .send(text(json!({"type":"join","room":"busy"})))
+        .await
+        .expect("send");
+    assert_eq!(next_json(&mut fast_rx).await["type"], "joined");
+
+    let room = chatbus_core::Room::new("busy").expect("room");
+    let poster = Identity::new("bot").expect("identity");
+    for i in 0..200 {
+        chat.post(room.clone(), &poster, &format!("m{i}"))
+            .await
+            .expect("post");
+    }
+    for i in 0..200 {
+        let m = next_json(&mut fast_rx).await;
+        assert_eq!(
+            m["body"],
+            format!("m{i}"),
+            "the reading client gets everything in order"
+        );
+    }
+    // The stuck one is dropped after the write timeout, freeing what it held.
+    tokio::time::timeout(Duration::from_secs(10), slow_task)
+        .await
+        .expect("the slow session ends")
+        .expect("no panic");
+    assert!(
+        svc.metrics()
+            .slow_closed
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
+    assert_eq!(chat.hub().local_members(&room).len(), 1);
+}
