@@ -118,7 +118,41 @@ try {
   if (copies !== 1) problems.push(`after resume, "Hello from Alice" shows ${copies} times`);
   step("after a dropped connection Alice resumed and got the missed message once");
 
+  // "Load older": 55 messages in a fresh room; a newcomer sees the newest 50, then all.
+  await bob.locator("#join-input").fill("history-test");
+  await bob.locator("#join-input").press("Enter");
+  await bob.locator("#text:not([disabled])").waitFor();
+  await bob.evaluate(() => {
+    for (let i = 1; i <= 55; i++) send({ type: "send", room: "history-test", body: `old ${i}` });
+  });
+  await message(bob, "old 55").waitFor();
+  const carol = await browser
+    .newContext({ viewport: { width: 1000, height: 700 } })
+    .then((c) => c.newPage());
+  carol.setDefaultTimeout(WAIT);
+  carol.on("pageerror", (e) => problems.push(`Carol: page error: ${e.message}`));
+  await carol.goto(url);
+  await carol.locator("#name-input").fill("Carol");
+  await carol.locator("#name-form button[type=submit]").click();
+  await carol.locator("#join-input").fill("history-test");
+  await carol.locator("#join-input").press("Enter");
+  await message(carol, "old 55").waitFor();
+  const firstPage = await carol.locator("#messages .msg").count();
+  if (firstPage !== 50) problems.push(`first history page shows ${firstPage} messages, expected 50`);
+  await carol.locator("#older").click();
+  await message(carol, "old 1").waitFor();
+  const bodies = await carol.locator("#messages .msg .body").allTextContents();
+  const want = Array.from({ length: 55 }, (_, i) => `old ${i + 1}`);
+  if (JSON.stringify(bodies) !== JSON.stringify(want)) {
+    problems.push(`after "load older": ${bodies.length} messages, not old 1…old 55 in order`);
+  }
+  if (!(await carol.locator("#older-wrap").isHidden())) {
+    problems.push(`"load older" still offered at the beginning of history`);
+  }
+  step('a newcomer sees the newest 50, "load older" brings the rest in order');
+
   await say(alice, "Back again!");
+  await bob.locator(`#rooms li[data-room="${ROOM}"]`).click();
   await message(bob, "Back again").waitFor();
   await alice.locator("#text").fill("");
   await alice.screenshot({ path: screenshot });

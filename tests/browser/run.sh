@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Browser test of the chat page: builds and starts the chat-server example (memory broker) on a
-# free loopback port, drives two pages in headless Debian Chromium with playwright-core
+# free loopback port (a rate limit high enough for a scripted burst), drives two pages in headless Debian Chromium with playwright-core
 # (chat.test.mjs), saves a screenshot to target/browser/chat.png, stops the server.
 #
 # Run with: bash tests/browser/run.sh
@@ -56,7 +56,8 @@ BIN="$TARGET/debug/examples/chat-server"
 PORT=$(node -e 'const s=require("net").createServer().listen(0,"127.0.0.1",()=>{console.log(s.address().port);s.close()})') \
   || fail "no free port"
 URL="http://127.0.0.1:$PORT/"
-RUST_LOG=${RUST_LOG:-info} "$BIN" --listen "127.0.0.1:$PORT" --broker memory >"$OUT/server.log" 2>&1 &
+RUST_LOG=${RUST_LOG:-info} "$BIN" --listen "127.0.0.1:$PORT" --broker memory \
+  --rate-burst 200 --rate-per-sec 200 >"$OUT/server.log" 2>&1 &
 SERVER_PID=$!
 
 ready=""
