@@ -77,7 +77,7 @@ enum SlowClients {
 ///
 /// Every option can also be set with the environment variable shown.
 #[derive(Debug, Parser)]
-#[command(name = "chat-server", version, about, long_about = None)]
+#[command(name = "chat-server", version)]
 struct Args {
     /// Address to listen on.
     #[arg(long, env = "CHATBUS_LISTEN", default_value = "127.0.0.1:3000")]
