@@ -1,0 +1,126 @@
+//! CPU time and RSS of other processes, from `/proc/PID/stat` and `/proc/PID/status`.
+
+use std::fs;
+
+use serde::Serialize;
+
+/// A process to watch, with the role it plays.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Watched {
+    pub(crate) pid: u32,
+    /// `server` or `broker`.
+    pub(crate) role: &'static str,
+    pub(crate) name: String,
+}
+
+/// One reading of one process.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub(crate) struct Sample {
+    /// User + system CPU time, microseconds.
+    pub(crate) cpu_us: u64,
+    /// Resident set size, bytes.
+    pub(crate) rss: u64,
+}
+
+/// Clock ticks per second of `/proc/PID/stat` times (`getconf CLK_TCK`; 100 on Linux).
+pub(crate) fn clock_ticks() -> u64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .filter(|&t| t > 0)
+        .unwrap_or(100)
+}
+
+/// The command name of `pid`.
+pub(crate) fn comm(pid: u32) -> Result<String, String> {
+    fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|s| s.trim().to_owned())
+        .map_err(|e| format!("process {pid}: {e}"))
+}
+
+/// Reads `pid`'s CPU time and RSS.
+pub(crate) fn sample(pid: u32, ticks: u64) -> Result<Sample, String> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map_err(|e| format!("/proc/{pid}/stat: {e}"))?;
+    // The command name (field 2) is in parentheses and may contain spaces: fields are counted
+    // from after its closing parenthesis. utime and stime are fields 14 and 15.
+    let rest = stat
+        .rfind(')')
+        .map(|i| &stat[i + 1..])
+        .ok_or_else(|| format!("/proc/{pid}/stat: unexpected format"))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |n: usize| -> Result<u64, String> {
+        fields
+            .get(n - 3)
+            .and_then(|f| f.parse().ok())
+            .ok_or_else(|| format!("/proc/{pid}/stat: no field {n}"))
+    };
+    let ticks_total = field(14)? + field(15)?;
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(|e| format!("/proc/{pid}/status: {e}"))?;
+    let rss_kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    Ok(Sample {
+        cpu_us: ticks_total * 1_000_000 / ticks,
+        rss: rss_kb * 1024,
+    })
+}
+
+/// Readings of every watched process at one moment.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Snapshot {
+    pub(crate) at: Option<std::time::Instant>,
+    pub(crate) samples: Vec<Sample>,
+}
+
+impl Snapshot {
+    pub(crate) fn take(watched: &[Watched], ticks: u64) -> Result<Self, String> {
+        let samples = watched
+            .iter()
+            .map(|w| sample(w.pid, ticks))
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            at: Some(std::time::Instant::now()),
+            samples,
+        })
+    }
+
+    /// CPU µs used between `earlier` and `self` by the watched processes with `role`.
+    pub(crate) fn cpu_since(&self, earlier: &Snapshot, watched: &[Watched], role: &str) -> u64 {
+        self.samples
+            .iter()
+            .zip(&earlier.samples)
+            .zip(watched)
+            .filter(|(_, w)| w.role == role)
+            .map(|((a, b), _)| a.cpu_us.saturating_sub(b.cpu_us))
+            .sum()
+    }
+
+    /// Total RSS of the watched processes with `role`.
+    pub(crate) fn rss(&self, watched: &[Watched], role: &str) -> u64 {
+        self.samples
+            .iter()
+            .zip(watched)
+            .filter(|(_, w)| w.role == role)
+            .map(|(s, _)| s.rss)
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_own_process() {
+        let s = sample(std::process::id(), clock_ticks()).unwrap_or_else(|e| panic!("{e}"));
+        assert!(s.rss > 0);
+        assert!(sample(u32::MAX, 100).is_err());
+    }
+}

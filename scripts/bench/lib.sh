@@ -1,0 +1,163 @@
+# shellcheck shell=bash
+# Shared by the scenario scripts in scripts/bench/: build, free ports, start and stop the
+# servers and brokers a scenario needs, and stop everything it started on exit (trap).
+# Everything binds 127.0.0.1 on free ports; nothing uses 6379.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
+BIN=$TARGET/release/examples
+OUT=$TARGET/loadgen
+LOGS=$OUT/logs
+LOADGEN=$BIN/loadgen
+mkdir -p "$LOGS"
+
+STARTED_PIDS=()
+TMP_DIRS=()
+
+say() { printf '[%s] %s\n' "$(basename "$0" .sh)" "$*" >&2; }
+die() { say "error: $*"; exit 1; }
+
+# Stops what this script started, newest first: SIGTERM, then SIGKILL after 5 s.
+cleanup() {
+  local status=$?
+  local i pid
+  for ((i = ${#STARTED_PIDS[@]} - 1; i >= 0; i--)); do
+    pid=${STARTED_PIDS[i]}
+    kill -TERM "$pid" 2>/dev/null || true
+  done
+  for ((i = ${#STARTED_PIDS[@]} - 1; i >= 0; i--)); do
+    pid=${STARTED_PIDS[i]}
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+  done
+  for d in "${TMP_DIRS[@]}"; do rm -rf "$d"; done
+  exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# Builds the chat server and the load generator (release). Quiet unless it fails.
+build() {
+  say "building chat-server and loadgen (release)"
+  (cd "$ROOT" && cargo build --release --quiet --example chat-server --example loadgen) \
+    || die "cargo build failed"
+}
+
+free_port() { "$LOADGEN" free-port; }
+
+# wait_tcp PORT [SECS]: until something accepts on 127.0.0.1:PORT.
+wait_tcp() {
+  local port=$1 secs=${2:-30} i
+  for ((i = 0; i < secs * 10; i++)); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  die "nothing listening on 127.0.0.1:$port after ${secs}s"
+}
+
+# start_redis: sets REDIS_PORT and REDIS_PID.
+start_redis() {
+  command -v redis-server >/dev/null || die "redis-server not found: apt-get install redis-server"
+  REDIS_PORT=$(free_port)
+  redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
+    --logfile "$LOGS/redis-$REDIS_PORT.log" &
+  REDIS_PID=$!
+  STARTED_PIDS+=("$REDIS_PID")
+  wait_tcp "$REDIS_PORT"
+  say "redis-server pid $REDIS_PID on 127.0.0.1:$REDIS_PORT"
+}
+
+# start_tansu: sets KAFKA_PORT and TANSU_PID (SQLite storage in a temp dir, absolute path).
+start_tansu() {
+  local tansu
+  tansu=$(command -v tansu || echo "$HOME/.cargo/bin/tansu")
+  [ -x "$tansu" ] || die "tansu not found: cargo install tansu --version 0.6.0 --locked --features libsql"
+  local dir
+  dir=$(mktemp -d "${TMPDIR:-/tmp}/chatbus-bench-tansu.XXXXXX")
+  TMP_DIRS+=("$dir")
+  KAFKA_PORT=$(free_port)
+  # An absolute path needs four slashes (sqlite:// + /abs/path).
+  (cd "$dir" && env -u CLUSTER_ID -u LISTENER_URL -u ADVERTISED_LISTENER_URL -u STORAGE_ENGINE \
+    RUST_LOG=${TANSU_LOG:-warn} exec "$tansu" broker \
+    --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+    --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+    --storage-engine "sqlite:///$dir/tansu.db") >"$LOGS/tansu-$KAFKA_PORT.log" 2>&1 &
+  TANSU_PID=$!
+  STARTED_PIDS+=("$TANSU_PID")
+  wait_tcp "$KAFKA_PORT"
+  say "tansu pid $TANSU_PID on 127.0.0.1:$KAFKA_PORT (storage $dir/tansu.db)"
+}
+
+# start_chatbus BROKER: starts one chat-server; sets CB_PORT and CB_PID and appends to
+# CB_PORTS / CB_PIDS. The per-connection rate limit is off: the load generator's senders
+# send far more than a person would.
+CB_PORTS=()
+CB_PIDS=()
+start_chatbus() {
+  local broker=$1
+  CB_PORT=$(free_port)
+  local envs=(RUST_LOG="${RUST_LOG:-warn}")
+  [ -n "${REDIS_PORT:-}" ] && envs+=(CHATBUS_REDIS_URL="redis://127.0.0.1:$REDIS_PORT")
+  [ -n "${KAFKA_PORT:-}" ] && envs+=(CHATBUS_KAFKA_BROKERS="127.0.0.1:$KAFKA_PORT")
+  # shellcheck disable=SC2086 # CHATBUS_SERVER_ARGS is a list of extra flags
+  env "${envs[@]}" "$BIN/chat-server" --listen "127.0.0.1:$CB_PORT" --broker "$broker" \
+    --rate-per-sec 0 ${CHATBUS_SERVER_ARGS:-} >"$LOGS/chat-server-$CB_PORT.log" 2>&1 &
+  CB_PID=$!
+  STARTED_PIDS+=("$CB_PID")
+  CB_PORTS+=("$CB_PORT")
+  CB_PIDS+=("$CB_PID")
+  "$LOADGEN" wait-http "http://127.0.0.1:$CB_PORT/readyz" --timeout 60 \
+    || { tail -n 20 "$LOGS/chat-server-$CB_PORT.log" >&2; die "chat-server ($broker) not ready"; }
+  say "chat-server pid $CB_PID on 127.0.0.1:$CB_PORT (broker $broker)"
+}
+
+# The peer needs its npm dependencies; shared/ is read-only, so it runs from a copy.
+PEER_SRC=${PEER_SRC:-$ROOT/../shared/peers/socketio}
+PEER_DIR=$TARGET/bench-peer/socketio
+prepare_peer() {
+  [ -f "$PEER_SRC/server.js" ] || die "peer not found at $PEER_SRC (set PEER_SRC)"
+  command -v node >/dev/null || die "node not found: apt-get install nodejs npm"
+  if [ ! -d "$PEER_DIR/node_modules/socket.io" ] || ! cmp -s "$PEER_SRC/package-lock.json" "$PEER_DIR/package-lock.json"; then
+    say "installing the peer's npm dependencies into $PEER_DIR"
+    rm -rf "$PEER_DIR"
+    mkdir -p "$PEER_DIR"
+    cp -r "$PEER_SRC/." "$PEER_DIR/"
+    chmod -R u+w "$PEER_DIR"
+    (cd "$PEER_DIR" && npm ci --no-audit --no-fund --loglevel=error) || die "npm ci failed"
+  fi
+}
+
+# start_peer: one Socket.IO server on the running redis; sets PEER_PORT/PEER_PID and appends
+# to PEER_PORTS / PEER_PIDS.
+PEER_PORTS=()
+PEER_PIDS=()
+start_peer() {
+  PEER_PORT=$(free_port)
+  (cd "$PEER_DIR" && PORT=$PEER_PORT REDIS_PORT=$REDIS_PORT exec node server.js) \
+    >"$LOGS/peer-$PEER_PORT.log" 2>&1 &
+  PEER_PID=$!
+  STARTED_PIDS+=("$PEER_PID")
+  PEER_PORTS+=("$PEER_PORT")
+  PEER_PIDS+=("$PEER_PID")
+  "$LOADGEN" wait-http "http://127.0.0.1:$PEER_PORT/healthz" --timeout 30 \
+    || { tail -n 20 "$LOGS/peer-$PEER_PORT.log" >&2; die "peer not ready"; }
+  say "socket.io peer pid $PEER_PID on 127.0.0.1:$PEER_PORT"
+}
+
+# urls PROTO PORT...: comma-separated WebSocket URLs.
+urls() {
+  local proto=$1 out="" p
+  shift
+  for p in "$@"; do
+    if [ "$proto" = chatbus ]; then out+="ws://127.0.0.1:$p/ws,"; else out+="ws://127.0.0.1:$p,"; fi
+  done
+  echo "${out%,}"
+}
+
+# join_by , a b c -> a,b,c
+join_by() { local IFS=$1; shift; echo "$*"; }
+
+# Seconds since this script started (for the 3-minute budget).
+SECONDS=0
+finish_line() { say "done in ${SECONDS}s; reports in $OUT"; }

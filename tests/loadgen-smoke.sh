@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Smoke run of the load generator: builds the chat-server and loadgen examples (debug, the
+# artifacts `cargo test` already built), starts one chat-server (memory broker, no rate limit)
+# on a free loopback port, runs 60 clients in 3 rooms with 6 senders for 2 seconds, and fails
+# unless every client connected and every message reached every member exactly once. Then the
+# same through two processes (--procs 2) to cover the multi-process path. Stops the server.
+#
+# Run with: bash tests/loadgen-smoke.sh
+# Last line: "loadgen-smoke: N passed, M failed"; exit status non-zero on failure.
+set -uo pipefail
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$HERE/.." && pwd)
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
+OUT="$TARGET/loadgen/smoke"
+mkdir -p "$OUT"
+SERVER_PID=""
+PASSED=0
+FAILED=0
+
+stop_server() {
+  if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
+    kill -TERM "$SERVER_PID" 2>/dev/null
+    for _ in $(seq 50); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$SERVER_PID" 2>/dev/null
+  fi
+  SERVER_PID=""
+}
+finish() {
+  stop_server
+  if [ "$FAILED" -gt 0 ] && [ -f "$OUT/server.log" ]; then
+    echo "--- server log (tail) ---"
+    tail -n 30 "$OUT/server.log"
+  fi
+  echo "loadgen-smoke: $PASSED passed, $FAILED failed"
+  [ "$FAILED" -eq 0 ] && [ "$PASSED" -gt 0 ]
+  exit $?
+}
+trap finish EXIT
+trap 'FAILED=$((FAILED + 1)); exit 130' INT TERM
+fail_now() { echo "loadgen-smoke: $*" >&2; FAILED=$((FAILED + 1)); exit 1; }
+
+echo "loadgen-smoke: building the chat-server and loadgen examples"
+(cd "$ROOT" && cargo build --quiet --example chat-server --example loadgen) \
+  || fail_now "cargo build --example chat-server --example loadgen failed"
+BIN="$TARGET/debug/examples"
+LOADGEN="$BIN/loadgen"
+[ -x "$BIN/chat-server" ] && [ -x "$LOADGEN" ] || fail_now "examples not found in $BIN"
+
+PORT=$("$LOADGEN" free-port) || fail_now "no free port"
+RUST_LOG=${RUST_LOG:-warn} "$BIN/chat-server" --listen "127.0.0.1:$PORT" --broker memory \
+  --rate-per-sec 0 >"$OUT/server.log" 2>&1 &
+SERVER_PID=$!
+"$LOADGEN" wait-http "http://127.0.0.1:$PORT/readyz" --timeout 30 \
+  || fail_now "chat-server not ready on 127.0.0.1:$PORT"
+echo "loadgen-smoke: chat-server pid $SERVER_PID on 127.0.0.1:$PORT"
+
+# check NAME ARGS...: one loadgen run that must be clean (exit 0 with --assert-clean) and
+# must report deliveries.
+check() {
+  local name=$1
+  shift
+  if timeout 60 "$LOADGEN" run --url "ws://127.0.0.1:$PORT/ws" --server-pid "$SERVER_PID" \
+    --clients 60 --rooms 3 --senders 6 --rate 60 --duration 2 --drain-secs 5 \
+    --assert-clean --out "$OUT" --name "$name" --label smoke "$@" >"$OUT/$name.out" 2>&1 \
+    && grep -q '"delivered": [1-9]' "$OUT/$name.json"; then
+    echo "loadgen-smoke: ok   $name ($(grep -o 'lost [0-9]* dup [0-9]* total' "$OUT/$name.out"))"
+    PASSED=$((PASSED + 1))
+  else
+    echo "loadgen-smoke: FAIL $name"
+    tail -n 20 "$OUT/$name.out"
+    FAILED=$((FAILED + 1))
+  fi
+}
+
+check smoke-1proc
+check smoke-2procs --procs 2 --sources 2
