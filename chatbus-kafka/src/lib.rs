@@ -22,9 +22,11 @@
 //! assert_eq!(got.cursor, receipt.cursor); // "3-1041": partition 3, offset 1041
 //!
 //! // Later: everything after a cursor the client kept.
-//! let mut missed = broker.replay(&room, ReplayFrom::Cursor(receipt.cursor.unwrap()), 100).await?;
-//! while let Some(env) = missed.next().await {
-//!     println!("{:?}", env?);
+//! if let Some(cursor) = receipt.cursor {
+//!     let mut missed = broker.replay(&room, ReplayFrom::Cursor(cursor), 100).await?;
+//!     while let Some(env) = missed.next().await {
+//!         println!("{:?}", env?);
+//!     }
 //! }
 //! # Ok(()) }
 //! ```
@@ -41,7 +43,9 @@
 //!   a lost connection never duplicate or reorder a record. `publish` returns after the
 //!   acknowledgement, with the record's offset as cursor, or fails with `Error::Timeout` /
 //!   `Error::Unavailable` within [`KafkaConfig::publish_timeout`] while the cluster is
-//!   unreachable. [`KafkaConfig::linger`] trades a little latency for batching.
+//!   unreachable; a producer that gave up on a message is replaced by a fresh one (new
+//!   producer id) for the next publish. [`KafkaConfig::linger`] (default 0) trades latency
+//!   for batching.
 //! - **Ephemeral** messages (typing, presence) are produced to the same topic, so a Kafka-only
 //!   deployment still carries them between instances, in order with the room's other
 //!   messages; they are delivered live with no cursor, and skipped by `replay` and `history`.
@@ -54,20 +58,28 @@
 //!   gives, per partition, the first offset the subscription delivers: the end of the
 //!   partition when `subscribe` was called. When the cluster goes away, the consumer keeps
 //!   retrying and resumes at the next offset when it returns, so the live stream has no gap
-//!   (Kafka keeps what was published meanwhile).
+//!   (Kafka keeps what was published meanwhile). Delivery latency on Kafka is a few
+//!   milliseconds; on Tansu it is about [`KafkaConfig::fetch_wait`] (Tansu holds every fetch
+//!   for the full wait), so set that to 10–20 ms there.
 //! - **Replay** reads the room's partition from the cursor, from the first offset at or after
 //!   a time (`ListOffsets` by timestamp) or from the beginning, keeps that room's durable
 //!   messages, and stops at `limit` or at the partition's end as it was when the replay
 //!   started. **History** reads backwards from a cursor (or the end) in growing chunks until
 //!   it has a page, bounded by [`KafkaConfig::history_scan_limit`] records.
 //!
-//! The client is rust-rdkafka over librdkafka, built from source (bundled, no system
-//! library): the most complete Kafka client available to Rust (idempotence, offsets by
-//! time, SASL/TLS, every broker version), and the same library the other language clients
-//! build on. Its version is fixed by this crate and re-exported as [`rdkafka`]. The crate
-//! feature `ssl` builds librdkafka with OpenSSL for TLS and SASL SCRAM.
+//! The client is rust-rdkafka 0.39 over librdkafka 2.12, built from source (bundled, no
+//! system library, so the version is the one tested): it has everything this broker needs
+//! (idempotence, offsets by time, manual assignment, SASL/TLS, any librdkafka property through
+//! [`KafkaConfig::with_property`]) and librdkafka is the library most Kafka clients share. It
+//! is re-exported as [`rdkafka`]. The crate feature `ssl` builds librdkafka with OpenSSL for
+//! TLS and SASL SCRAM.
 //!
 //! Retention: what the topic's retention keeps bounds what `replay` and `history` return.
+//! Dropping the last clone of a `KafkaBroker` stops the tail consumer and closes every
+//! client on background threads (closing a librdkafka client blocks).
+//!
+//! Tested against Tansu 0.6 (see `docs/ARCHITECTURE.md`, "Kafka on Tansu", for the gaps found
+//! there and the workarounds in this crate).
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 

@@ -106,6 +106,13 @@ impl ProducerSlot {
     }
 }
 
+impl Drop for ProducerSlot {
+    fn drop(&mut self) {
+        // Destroying the producer flushes it (up to 500 ms) and joins its threads.
+        retire(lock(&self.state).current.clone());
+    }
+}
+
 impl std::fmt::Debug for ProducerSlot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ProducerSlot").finish_non_exhaustive()
