@@ -504,10 +504,26 @@ impl Broker for KafkaBroker {
     /// Slow subscriber: a full buffer ([`KafkaConfig::subscriber_capacity`]) drops messages for
     /// that subscriber only, which then gets `Err(Error::Lagged)` and resyncs with `replay`.
     /// Cluster outage: the subscription stays open and silent; the consumer reconnects and
-    /// resumes at the next offset, so nothing published meanwhile is missed.
+    /// resumes at the next offset, so nothing published meanwhile is missed. Subscribing
+    /// during an outage works once the tail consumer runs (it starts from where the tail is);
+    /// the very first `subscribe` needs the cluster, to learn where the partitions end.
     async fn subscribe(&self, interest: Interest) -> Result<Subscription> {
         let tail = self.tail().await?;
-        let ends = self.end_offsets(tail).await?;
+        // Normally start at the current end offsets (so nothing older is delivered even when
+        // the tail is behind). When the cluster is known to be unreachable, start where the
+        // tail is: still no message published after this call can be missed, since its offset
+        // will be at or after the tail's position.
+        let ends = if self.inner.ctx.conn.is_down() {
+            Vec::new()
+        } else {
+            match self.end_offsets(tail).await {
+                Ok(ends) => ends,
+                Err(e) => {
+                    tracing::warn!(error = %e, "end offsets unavailable; subscribing at the tail's position");
+                    Vec::new()
+                }
+            }
+        };
         Ok(tail.subscribe(interest, &ends))
     }
 
