@@ -109,6 +109,9 @@ struct RunArgs {
     /// Open-loop ramp: steps of rising rate until p99 > --p99-limit-ms or any loss.
     #[arg(long)]
     ramp: bool,
+    /// Explicit ramp steps (messages/s, comma-separated) instead of a geometric series.
+    #[arg(long, value_delimiter = ',')]
+    rates: Vec<f64>,
     /// First rate of the ramp (messages/s); --rate is used as the first step if given.
     #[arg(long, default_value_t = 10.0)]
     ramp_from: f64,
@@ -121,6 +124,10 @@ struct RunArgs {
     /// Seconds of sending per ramp step.
     #[arg(long, default_value_t = 3.0)]
     step_secs: f64,
+    /// In a ramp, a rate that fails is tried again this many times before the ramp stops
+    /// (the machine is shared: one noisy step should not end the search).
+    #[arg(long, default_value_t = 1)]
+    retries: u32,
     /// A step holds while its p99 stays at or below this.
     #[arg(long, default_value_t = 50.0)]
     p99_limit_ms: f64,
@@ -536,6 +543,7 @@ impl Controller {
 
     fn connect(&mut self, upto: u32, out: &mut ConnectOut) -> Result<(), String> {
         let t0 = Instant::now();
+        let ready0 = out.ready;
         self.broadcast(&Cmd::Connect { upto })?;
         let tty = self.tty;
         let mut last_print = Instant::now();
@@ -559,7 +567,8 @@ impl Controller {
             |ready, failed, pending, _| {
                 if tty || last_print.elapsed() >= Duration::from_secs(1) {
                     last_print = Instant::now();
-                    let rate = f64::from(ready) / t0.elapsed().as_secs_f64().max(1e-3);
+                    let rate = f64::from(ready.saturating_sub(ready0))
+                        / t0.elapsed().as_secs_f64().max(1e-3);
                     let line = format!(
                         "[connect] {ready:>6}/{upto} ready  {failed} failed  {pending} in handshake  {rate:.0}/s"
                     );
@@ -1025,7 +1034,13 @@ fn drive(c: &mut Controller) -> Result<RunReport, String> {
         }
     }
     r.connect = connect;
-    let rates: Vec<(f64, f64)> = if args.ramp {
+    let rates: Vec<(f64, f64)> = if args.ramp && !args.rates.is_empty() {
+        args.rates
+            .iter()
+            .filter(|r| **r > 0.0)
+            .map(|&r| (r, args.step_secs))
+            .collect()
+    } else if args.ramp {
         let mut v = Vec::new();
         let mut rate = if args.rate > 0.0 {
             args.rate
@@ -1043,13 +1058,23 @@ fn drive(c: &mut Controller) -> Result<RunReport, String> {
         Vec::new()
     };
     let epoch_us = unix_us() + 100_000;
-    for (i, (rate, secs)) in rates.into_iter().enumerate() {
+    let attempts = rates.into_iter().flat_map(|(rate, secs)| {
+        (0..=args.retries.min(5)).map(move |attempt| (rate, secs, attempt))
+    });
+    let mut i = 0;
+    let mut held_rate = f64::NAN;
+    for (rate, secs, attempt) in attempts {
+        if attempt > 0 && held_rate == rate {
+            // This rate already held: no retry needed.
+            continue;
+        }
         let need = Duration::from_secs_f64(secs + args.drain_secs.min(2.0) + 1.0);
         if Instant::now() + need > c.deadline {
             eprintln!("[load] stopping: --max-secs {} reached", args.max_secs);
             break;
         }
         let s = c.step(rate, secs, epoch_us)?;
+        i += 1;
         eprintln!(
             "[step {i}] {:.1} msg/s -> {:.0} deliveries/s (offered {:.0}), p50 {:.2} ms p99 {:.2} ms p99.9 {:.2} ms, lost {} dup {}, server {:.2} µs/delivery ({:.0}% CPU), generator {:.0}% CPU{}",
             s.rate_msgs,
@@ -1071,8 +1096,11 @@ fn drive(c: &mut Controller) -> Result<RunReport, String> {
         r.steps.push(s);
         if held {
             r.max_held = Some(r.steps.len() - 1);
-        } else if args.ramp {
+            held_rate = rate;
+        } else if !args.ramp || attempt >= args.retries.min(5) {
             break;
+        } else {
+            eprintln!("[load] trying {rate} msg/s again");
         }
     }
     if !r.steps.is_empty() {

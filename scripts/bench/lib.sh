@@ -78,8 +78,9 @@ start_tansu() {
   TMP_DIRS+=("$dir")
   KAFKA_PORT=$(free_port)
   # An absolute path needs four slashes (sqlite:// + /abs/path).
-  (cd "$dir" && env -u CLUSTER_ID -u LISTENER_URL -u ADVERTISED_LISTENER_URL -u STORAGE_ENGINE \
-    RUST_LOG=${TANSU_LOG:-warn} exec "$tansu" broker \
+  # Tansu reads these as flag defaults: a developer's shell must not redirect the bench broker.
+  (cd "$dir" && exec env -u CLUSTER_ID -u LISTENER_URL -u ADVERTISED_LISTENER_URL -u STORAGE_ENGINE \
+    RUST_LOG="${TANSU_LOG:-warn}" "$tansu" broker \
     --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
     --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
     --storage-engine "sqlite:///$dir/tansu.db") >"$LOGS/tansu-$KAFKA_PORT.log" 2>&1 &
@@ -97,9 +98,11 @@ CB_PIDS=()
 start_chatbus() {
   local broker=$1
   CB_PORT=$(free_port)
-  local envs=(RUST_LOG="${RUST_LOG:-warn}")
-  [ -n "${REDIS_PORT:-}" ] && envs+=(CHATBUS_REDIS_URL="redis://127.0.0.1:$REDIS_PORT")
-  [ -n "${KAFKA_PORT:-}" ] && envs+=(CHATBUS_KAFKA_BROKERS="127.0.0.1:$KAFKA_PORT")
+  # Redis pub/sub only, like the peer's adapter (no Redis Streams history window; `dual`
+  # requires it off anyway: Kafka keeps the history).
+  local envs=(RUST_LOG="${RUST_LOG:-warn}" CHATBUS_REDIS_HISTORY="${CHATBUS_REDIS_HISTORY:-0}")
+  if [ -n "${REDIS_PORT:-}" ]; then envs+=(CHATBUS_REDIS_URL="redis://127.0.0.1:$REDIS_PORT"); fi
+  if [ -n "${KAFKA_PORT:-}" ]; then envs+=(CHATBUS_KAFKA_BROKERS="127.0.0.1:$KAFKA_PORT"); fi
   # shellcheck disable=SC2086 # CHATBUS_SERVER_ARGS is a list of extra flags
   env "${envs[@]}" "$BIN/chat-server" --listen "127.0.0.1:$CB_PORT" --broker "$broker" \
     --rate-per-sec 0 ${CHATBUS_SERVER_ARGS:-} >"$LOGS/chat-server-$CB_PORT.log" 2>&1 &
@@ -143,6 +146,18 @@ start_peer() {
   "$LOADGEN" wait-http "http://127.0.0.1:$PEER_PORT/healthz" --timeout 30 \
     || { tail -n 20 "$LOGS/peer-$PEER_PORT.log" >&2; die "peer not ready"; }
   say "socket.io peer pid $PEER_PID on 127.0.0.1:$PEER_PORT"
+}
+
+# stop_servers: stops the chat servers and peers started so far (not the brokers), so one
+# script can measure both stacks one after the other on the same brokers.
+stop_servers() {
+  local pid
+  for pid in "${CB_PIDS[@]}" "${PEER_PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${CB_PIDS[@]}" "${PEER_PIDS[@]}"; do
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+  done
+  CB_PIDS=(); CB_PORTS=(); PEER_PIDS=(); PEER_PORTS=()
 }
 
 # urls PROTO PORT...: comma-separated WebSocket URLs.

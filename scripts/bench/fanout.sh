@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Scenario "fanout": 1,000 clients in one room over two instances that share a redis-server;
+# 10 senders; an open-loop ramp of the send rate (3 s steps) until p99 > 50 ms or any loss.
+# Reports the highest rate that held, server CPU µs per delivery at every step.
+#
+#   scripts/bench/fanout.sh                 # chatbus (--broker redis)
+#   PEER=1 scripts/bench/fanout.sh          # the Socket.IO + Redis adapter peer
+#   RATES=30,100,200 scripts/bench/fanout.sh   # other steps (messages/s over all senders)
+#
+# Each message reaches 1,000 clients, so 100 msg/s is 100,000 deliveries/s. The 100 msg/s
+# step is the "p99 at 100,000 deliveries/s" figure.
+# Report: target/loadgen/fanout-chatbus.{json,svg} (or fanout-peer.*); table on stdout.
+source "$(dirname "$0")/lib.sh"
+
+CLIENTS=${CLIENTS:-1000}
+SENDERS=${SENDERS:-10}
+if [ -n "${PEER:-}" ]; then
+  RATES=${RATES:-30,40,50,60,70,85,100,120,150}
+else
+  RATES=${RATES:-30,50,100,150,200,300,400,500,650,800,1000,1250,1500}
+fi
+build
+start_redis
+if [ -n "${PEER:-}" ]; then
+  prepare_peer
+  start_peer; start_peer
+  proto=socketio; name=fanout-peer; ports=("${PEER_PORTS[@]}"); pids=("${PEER_PIDS[@]}")
+  label="socket.io + redis adapter, 2 instances"
+else
+  start_chatbus redis; start_chatbus redis
+  proto=chatbus; name=fanout-chatbus; ports=("${CB_PORTS[@]}"); pids=("${CB_PIDS[@]}")
+  label="chatbus --broker redis, 2 instances"
+fi
+"$LOADGEN" run --protocol "$proto" --url "$(urls "$proto" "${ports[@]}")" \
+  --clients "$CLIENTS" --rooms 1 --senders "$SENDERS" \
+  --ramp --rates "$RATES" --step-secs 3 --p99-limit-ms 50 --drain-secs 3 \
+  --server-pid "$(join_by , "${pids[@]}")" --broker-pid "$REDIS_PID" \
+  --name "$name" --label "$label" --max-secs 150
+finish_line
