@@ -23,6 +23,13 @@ use crate::protocol::{self, ErrorCode};
 use crate::service::WsService;
 use crate::session::{CloseFrame, TransportError, WsMessage};
 
+/// Bytes tungstenite reads per `read` call (its default is 128 KiB). Before every read attempt
+/// it zero-fills up to this much of its buffer, and the session polls the socket on every wake-up
+/// (each outbound batch), so the default cost a 128 KiB memset per delivery batch and made every
+/// connection resident for 128 KiB after its first frame. Client frames are small (a `send` is
+/// a few hundred bytes); a larger one is still read whole, in several reads.
+const READ_BUFFER: usize = 1024;
+
 #[derive(Deserialize, Default)]
 struct ConnectParams {
     token: Option<String>,
@@ -145,6 +152,7 @@ impl WsService {
         upgrade
             .max_message_size(limit)
             .max_frame_size(limit)
+            .read_buffer_size(READ_BUFFER)
             .on_failed_upgrade(|e| tracing::debug!(error = %e, "websocket upgrade failed"))
             .on_upgrade(move |socket| async move { svc.run_socket(socket, identity).await })
     }

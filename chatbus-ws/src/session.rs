@@ -1,8 +1,9 @@
 //! The per-connection session loop, generic over a `Sink`/`Stream` of [`WsMessage`]s so that it
 //! runs over axum's socket in production and over plain channels in unit tests.
 //!
-//! Two halves run concurrently for each connection (joined in one task, so neither can block
-//! the other):
+//! Two halves run concurrently for each connection (in one task, so neither can block the
+//! other; each is polled only when its own waker fired, so a delivery does not also poll the
+//! socket's read side):
 //! - the reader turns client frames into hub calls and queues replies with
 //!   [`SessionHandle::reply`], which the hub delivers ahead of further messages;
 //! - the writer loops on [`Session::recv`] (which also runs catch-up replay, paced by how fast
@@ -10,10 +11,14 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
 use chatbus_core::{CloseReason, Envelope, Outbound, Room, Session, SessionHandle};
+use futures::stream::FuturesUnordered;
 use futures::{FutureExt, Sink, SinkExt, Stream, StreamExt};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -179,7 +184,14 @@ where
 
     let (end_tx, end_rx) = oneshot::channel();
     let stop = CancellationToken::new();
-    let reader = async {
+    // The halves are boxed and driven by a FuturesUnordered rather than `tokio::join!`:
+    // - join! polls every branch whenever the task wakes, so each outbound batch also polled the
+    //   reader (its select!, idle timer, the socket lock and a read attempt);
+    //   FuturesUnordered polls only the half whose waker fired;
+    // - held inline, the two state machines (and the copies the compiler keeps of futures moved
+    //   into join!) made this task's future about 4.7 KiB, the bulk of an idle connection's
+    //   memory; boxed, each takes what it needs.
+    let reader: Half<'_> = Box::pin(async {
         let mut r = Reader {
             svc,
             handle: handle.clone(),
@@ -189,9 +201,9 @@ where
         let end = r.run(&mut stream, &stop).await;
         // The writer may already be gone; then there is no one left to tell.
         let _ = end_tx.send(end);
-        end
-    };
-    let writer = async {
+        Done::Reader(end)
+    });
+    let writer: Half<'_> = Box::pin(async {
         let mut w = Writer {
             svc,
             session,
@@ -200,9 +212,21 @@ where
         };
         w.run(end_rx).await;
         stop.cancel();
-        (w.session, w.sent_close)
+        Done::Writer(w.session, w.sent_close)
+    });
+    let mut halves: FuturesUnordered<Half<'_>> = [reader, writer].into_iter().collect();
+    let (mut end, mut writer_done) = (End::WriterStopped, None);
+    while let Some(done) = halves.next().await {
+        match done {
+            Done::Reader(e) => end = e,
+            Done::Writer(session, sent_close) => writer_done = Some((session, sent_close)),
+        }
+    }
+    drop(halves);
+    // Both halves ran to completion, so the writer's result is there.
+    let Some((session, sent_close)) = writer_done else {
+        return;
     };
-    let (end, (session, sent_close)) = tokio::join!(reader, writer);
 
     // Leave every room (dropping the session), then announce the departure: the presence task
     // reads the hub's members after this, so it must no longer see this session.
@@ -233,6 +257,14 @@ where
 
     tracing::debug!(session = handle.id(), user = %identity.user, "disconnected");
 }
+
+/// What a half of the session returns.
+enum Done {
+    Reader(End),
+    Writer(Session, bool),
+}
+
+type Half<'a> = Pin<Box<dyn Future<Output = Done> + Send + 'a>>;
 
 struct Reader<'a> {
     svc: &'a WsService,
@@ -292,7 +324,9 @@ impl Reader<'_> {
                 WsMessage::Text(bytes) => {
                     WsMetrics::inc(&self.svc.metrics().frames_in);
                     let allowed = self.bucket.as_mut().is_none_or(TokenBucket::allow);
-                    self.text(&bytes, allowed).await;
+                    // Boxed: a client frame is rare next to deliveries, and inline its state
+                    // (join, publish, history futures) would size the idle reader.
+                    Box::pin(self.text(&bytes, allowed)).await;
                 }
                 WsMessage::Binary(_) => {
                     WsMetrics::inc(&self.svc.metrics().frames_in);
@@ -508,7 +542,8 @@ where
             let flow = tokio::select! {
                 biased;
                 end = &mut end_rx => {
-                    self.finish(end.unwrap_or(End::WriterStopped)).await;
+                    // Boxed for the same reason as the reader's frame handler: once per session.
+                    Box::pin(self.finish(end.unwrap_or(End::WriterStopped))).await;
                     return;
                 }
                 out = self.session.recv() => self.write(out).await,
@@ -524,31 +559,38 @@ where
     async fn write(&mut self, first: Outbound) -> Flow {
         let timeout = self.svc.config().write_timeout;
         let svc = self.svc;
-        let result = tokio::time::timeout(timeout, async {
-            let mut next = Some(first);
-            let mut n = 0;
-            while let Some(out) = next.take() {
-                let msg = match out {
-                    Outbound::Frame(bytes) => WsMessage::Text(bytes),
-                    Outbound::Lagged { room, cursor } => {
-                        WsMessage::Text(protocol::lagged(&room, cursor))
+        let result = {
+            let mut write = std::pin::pin!(async {
+                let mut next = Some(first);
+                let mut n = 0;
+                while let Some(out) = next.take() {
+                    let msg = match out {
+                        Outbound::Frame(bytes) => WsMessage::Text(bytes),
+                        Outbound::Lagged { room, cursor } => {
+                            WsMessage::Text(protocol::lagged(&room, cursor))
+                        }
+                        Outbound::Close(reason) => {
+                            self.sink.flush().await.map_err(|e| e.to_string())?;
+                            return Ok(Some(reason));
+                        }
+                    };
+                    self.sink.feed(msg).await.map_err(|e| e.to_string())?;
+                    WsMetrics::inc(&svc.metrics().frames_out);
+                    n += 1;
+                    if n < BATCH {
+                        next = self.session.recv().now_or_never();
                     }
-                    Outbound::Close(reason) => {
-                        self.sink.flush().await.map_err(|e| e.to_string())?;
-                        return Ok(Some(reason));
-                    }
-                };
-                self.sink.feed(msg).await.map_err(|e| e.to_string())?;
-                WsMetrics::inc(&svc.metrics().frames_out);
-                n += 1;
-                if n < BATCH {
-                    next = self.session.recv().now_or_never();
                 }
+                self.sink.flush().await.map_err(|e| e.to_string())?;
+                Ok::<_, String>(None)
+            });
+            // Almost every write completes in its first poll (the socket buffer has room): arm
+            // the write timeout only when it does not, instead of a timer per batch.
+            match futures::poll!(write.as_mut()) {
+                Poll::Ready(r) => Ok(r),
+                Poll::Pending => tokio::time::timeout(timeout, write).await,
             }
-            self.sink.flush().await.map_err(|e| e.to_string())?;
-            Ok::<_, String>(None)
-        })
-        .await;
+        };
         match result {
             Ok(Ok(None)) => Flow::Continue,
             Ok(Ok(Some(reason))) => {
