@@ -189,7 +189,13 @@ pub struct DualBus<F, D> {
     subscribers: Subscribers,
     stats: Arc<DualStats>,
     merger: OnceCell<tokio::task::AbortHandle>,
+    // Set when a fast publish failed, cleared when one succeeds.
+    fast_failed: Arc<AtomicBool>,
+    background: Arc<tokio::sync::Semaphore>,
 }
+
+/// Fast-path copies sent in the background at once while the fast broker is failing.
+const FAST_IN_BACKGROUND: usize = 4096;
 
 impl<F: fmt::Debug, D: fmt::Debug> fmt::Debug for DualBus<F, D> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -219,6 +225,8 @@ impl<F: Broker, D: Broker> DualBus<F, D> {
             config,
             stats: Arc::new(DualStats::default()),
             merger: OnceCell::new(),
+            fast_failed: Arc::new(AtomicBool::new(false)),
+            background: Arc::new(tokio::sync::Semaphore::new(FAST_IN_BACKGROUND)),
         }
     }
 
@@ -235,6 +243,40 @@ impl<F: Broker, D: Broker> DualBus<F, D> {
     /// The durable broker.
     pub fn durable(&self) -> &D {
         &self.durable
+    }
+
+    /// Publishes the cursor-carrying copy on the fast path. The message is already durable, so
+    /// a failure only costs latency (the tail delivers it). While the fast path is failing, the
+    /// copy is sent from a background task instead of awaited, so that senders are not slowed
+    /// down by the fast broker's timeout during its outage; at most
+    /// `FAST_IN_BACKGROUND` such copies are in flight, the rest are left to the tail.
+    async fn publish_fast(&self, env: Envelope) {
+        let failing = self.stats.fast_down.load(Ordering::Relaxed)
+            || self.fast_failed.load(Ordering::Relaxed);
+        if !failing {
+            if let Err(e) = self.fast.publish(&env).await {
+                inc(&self.stats.fast_publish_errors);
+                self.fast_failed.store(true, Ordering::Relaxed);
+                tracing::debug!(error = %e, "fast publish failed; delivery continues via the durable tail");
+            }
+            return;
+        }
+        let Ok(permit) = self.background.clone().try_acquire_owned() else {
+            inc(&self.stats.fast_publish_errors);
+            return;
+        };
+        let (fast, stats, failed) = (
+            self.fast.clone(),
+            self.stats.clone(),
+            self.fast_failed.clone(),
+        );
+        tokio::spawn(async move {
+            match fast.publish(&env).await {
+                Ok(_) => failed.store(false, Ordering::Relaxed),
+                Err(_) => inc(&stats.fast_publish_errors),
+            }
+            drop(permit);
+        });
     }
 
     async fn ensure_merger(&self) -> Result<()> {
@@ -286,11 +328,7 @@ impl<F: Broker, D: Broker> Broker for DualBus<F, D> {
                 self.stats.durable_down.store(false, Ordering::Relaxed);
                 let mut env = envelope.clone();
                 env.cursor = receipt.cursor;
-                if let Err(e) = self.fast.publish(&env).await {
-                    // Still durable; other instances get it from the tail.
-                    inc(&self.stats.fast_publish_errors);
-                    tracing::debug!(error = %e, "fast publish failed; delivery continues via the durable tail");
-                }
+                self.publish_fast(env).await;
                 Ok(receipt)
             }
             Err(e) => {

@@ -229,7 +229,7 @@ async fn fast_path_down_delivers_through_the_log() -> Result<()> {
     }
     let got = collect(&mut sub, 300).await;
     assert_exactly_once_in_order(&got, &receipts);
-    assert!(bus.stats().fast_publish_errors.load(Ordering::Relaxed) >= 200);
+    assert!(bus.stats().fast_publish_errors.load(Ordering::Relaxed) > 0);
     assert_eq!(bus.health().await, Health::Healthy);
     Ok(())
 }

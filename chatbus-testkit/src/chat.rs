@@ -200,6 +200,8 @@ pub struct Record {
     pub received: Vec<Received>,
     /// Ids the server acknowledged to this participant as sender.
     pub acked: Vec<String>,
+    /// Milliseconds from each acknowledged send to its ack.
+    pub ack_ms: Vec<u64>,
     /// Sends answered with an error frame, by error code.
     pub send_errors: HashMap<String, u64>,
     /// Sends that got neither an ack nor an error (connection lost).
@@ -230,6 +232,7 @@ pub struct Participant {
     record: Arc<Mutex<Record>>,
     control: watch::Sender<ParticipantCommand>,
     stalled: Arc<std::sync::atomic::AtomicBool>,
+    sending: Arc<std::sync::atomic::AtomicBool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -257,12 +260,16 @@ impl Participant {
         let (control, rx) = watch::channel(ParticipantCommand::Run);
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let stalled = Arc::new(std::sync::atomic::AtomicBool::new(plan.stall));
+        let sending = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let task = tokio::spawn(run(
             name.to_owned(),
             plan,
             record.clone(),
             rx,
-            stalled.clone(),
+            Flags {
+                stalled: stalled.clone(),
+                sending: sending.clone(),
+            },
             ready_tx,
         ));
         match tokio::time::timeout(Duration::from_secs(20), ready_rx).await {
@@ -274,6 +281,7 @@ impl Participant {
             record,
             control,
             stalled,
+            sending,
             task,
         }
     }
@@ -281,6 +289,13 @@ impl Participant {
     /// Drops the connection until [`resume`](Self::resume).
     pub fn disconnect(&self) {
         let _ = self.control.send(ParticipantCommand::Disconnect);
+    }
+
+    /// Starts sending (once every participant has joined, so that all of them can be expected
+    /// to receive every message).
+    pub fn start_sending(&self) {
+        self.sending
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Stops (true) or restarts (false) reading from the socket, keeping the connection.
@@ -320,6 +335,12 @@ impl Participant {
     }
 }
 
+/// Switches shared between a participant's handle and its task.
+struct Flags {
+    stalled: Arc<std::sync::atomic::AtomicBool>,
+    sending: Arc<std::sync::atomic::AtomicBool>,
+}
+
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
@@ -345,9 +366,10 @@ async fn run(
     plan: Plan,
     record: Arc<Mutex<Record>>,
     mut control: watch::Receiver<ParticipantCommand>,
-    stalled: Arc<std::sync::atomic::AtomicBool>,
+    flags: Flags,
     ready: tokio::sync::oneshot::Sender<()>,
 ) {
+    let Flags { stalled, sending } = flags;
     let rec =
         |f: &mut dyn FnMut(&mut Record)| f(&mut record.lock().unwrap_or_else(|e| e.into_inner()));
     let mut ready = Some(ready);
@@ -356,7 +378,7 @@ async fn run(
     let mut next_seq = 0u64;
     let mut server = 0usize;
     // Sends awaiting an answer on the current connection: client_id → seq.
-    let mut in_flight: HashMap<String, u64> = HashMap::new();
+    let mut in_flight: HashMap<String, Instant> = HashMap::new();
     'outer: loop {
         let command = control.borrow().clone();
         match command {
@@ -395,14 +417,14 @@ async fn run(
                 }
                 // Wakes the loop so a change of `stalled` takes effect.
                 _ = recheck.tick() => {}
-                _ = send_tick.tick(), if joined && next_seq < plan.send && in_flight.len() < 64 => {
+                _ = send_tick.tick(), if joined && sending.load(std::sync::atomic::Ordering::Relaxed) && next_seq < plan.send && in_flight.len() < 64 => {
                     let cid = format!("{name}-{next_seq}");
                     let body = format!("{name}:{next_seq}:{}:{}", "x".repeat(plan.pad), now_ms());
                     let frame = json!({"type":"send","room":plan.room,"body":body,"client_id":cid});
                     if ws.send(Message::text(frame.to_string())).await.is_err() {
                         break;
                     }
-                    in_flight.insert(cid, next_seq);
+                    in_flight.insert(cid, Instant::now());
                     next_seq += 1;
                 }
                 msg = ws.next(), if !(joined && stalled.load(std::sync::atomic::Ordering::Relaxed)) => {
@@ -436,9 +458,13 @@ async fn run(
                         }
                         "ack" => {
                             let cid = v["client_id"].as_str().unwrap_or("");
-                            if in_flight.remove(cid).is_some() {
+                            if let Some(sent) = in_flight.remove(cid) {
                                 let id = v["id"].as_str().unwrap_or("").to_owned();
-                                rec(&mut |r| r.acked.push(id.clone()));
+                                let ms = sent.elapsed().as_millis() as u64;
+                                rec(&mut |r| {
+                                    r.acked.push(id.clone());
+                                    r.ack_ms.push(ms);
+                                });
                             }
                         }
                         "error" => {
@@ -476,6 +502,8 @@ pub struct Score {
     pub reordered: Vec<String>,
     /// Receivers whose per-sender sequence numbers go backwards.
     pub sender_order_broken: Vec<String>,
+    /// Up to 5 missing messages per receiver (body and cursor, as another receiver got them).
+    pub missing_examples: Vec<(String, Vec<String>)>,
 }
 
 impl Score {
@@ -496,6 +524,30 @@ impl Score {
                 *count.entry(m.id.as_str()).or_default() += 1;
             }
             let missing = acked.iter().filter(|id| !count.contains_key(*id)).count();
+            let examples: Vec<String> = acked
+                .iter()
+                .filter(|id| !count.contains_key(*id))
+                .take(5)
+                .map(|id| {
+                    records
+                        .iter()
+                        .flat_map(|(_, r)| r.received.iter())
+                        .find(|m| m.id == *id)
+                        .map_or_else(
+                            || format!("{id} (nobody got it)"),
+                            |m| {
+                                format!(
+                                    "{} at {}",
+                                    m.body.chars().take(24).collect::<String>(),
+                                    m.cursor
+                                )
+                            },
+                        )
+                })
+                .collect();
+            if !examples.is_empty() {
+                score.missing_examples.push((name.clone(), examples));
+            }
             let dups = count.values().filter(|&&c| c > 1).count();
             score.missing.push((name.clone(), missing));
             score.duplicated.push((name.clone(), dups));

@@ -29,7 +29,12 @@ use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use chatbus_core::{Broker, Health, HubConfig, MemoryBroker, MemoryConfig, SlowPolicy};
+use chatbus_core::{
+    Broker, DualBus, DualConfig, DualMode, DualStats, DurableDownPolicy, Health, HubConfig,
+    MemoryBroker, MemoryConfig, SlowPolicy,
+};
+use chatbus_kafka::{KafkaBroker, KafkaConfig};
+use chatbus_redis::{RedisBroker, RedisConfig};
 use chatbus_ws::{
     AllowedOrigins, ChatHub, JwtVerifier, PresenceConfig, RateLimit, WsConfig, WsService,
 };
@@ -147,19 +152,239 @@ struct Args {
     /// What happens to a client that cannot keep up.
     #[arg(long, env = "CHATBUS_SLOW_CLIENTS", value_enum, default_value_t = SlowClients::Resync)]
     slow_clients: SlowClients,
+
+    /// With `--broker dual`: what a send gets while Kafka is down (`reject`: an `unavailable`
+    /// error, nothing silently lost; `degrade-to-fast`: delivered live through Redis but not
+    /// stored, so not replayable).
+    #[arg(long, env = "CHATBUS_DURABLE_DOWN", value_enum, default_value_t = DurableDown::Reject)]
+    durable_down: DurableDown,
 }
 
-/// The one place the backend is chosen.
-async fn build_broker(args: &Args) -> Result<Arc<dyn Broker>, BoxError> {
-    match args.broker {
-        BrokerKind::Memory => Ok(Arc::new(MemoryBroker::with_config(
-            MemoryConfig::default().with_history_len(args.memory_history),
-        ))),
-        other => Err(format!(
-            "--broker {other} is not built yet in this example; use --broker memory"
-        )
-        .into()),
+/// `--durable-down`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum DurableDown {
+    /// Refuse the send with `unavailable`.
+    Reject,
+    /// Deliver live only, without storing.
+    DegradeToFast,
+}
+
+/// Renders a broker's own counters as Prometheus text.
+type BrokerMetrics = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// The broker, and a renderer of its own metrics.
+struct Backend {
+    broker: Arc<dyn Broker>,
+    metrics: Option<BrokerMetrics>,
+}
+
+/// The one place the backend is chosen. Redis and Kafka settings come from the environment
+/// (`CHATBUS_REDIS_URL`, `CHATBUS_KAFKA_BROKERS`, `CHATBUS_KAFKA_TOPIC`, ...; see the README).
+async fn build_broker(args: &Args) -> Result<Backend, BoxError> {
+    Ok(match args.broker {
+        BrokerKind::Memory => Backend {
+            broker: Arc::new(MemoryBroker::with_config(
+                MemoryConfig::default().with_history_len(args.memory_history),
+            )),
+            metrics: None,
+        },
+        BrokerKind::Redis => {
+            let redis = Arc::new(RedisBroker::connect(RedisConfig::from_env()?).await?);
+            let stats = redis.clone();
+            Backend {
+                broker: redis,
+                metrics: Some(Arc::new(move || redis_metrics(&stats.stats()))),
+            }
+        }
+        BrokerKind::Kafka => {
+            let kafka = Arc::new(KafkaBroker::connect(KafkaConfig::from_env()?).await?);
+            let stats = kafka.clone();
+            Backend {
+                broker: kafka,
+                metrics: Some(Arc::new(move || kafka_metrics(&stats.stats()))),
+            }
+        }
+        BrokerKind::Dual => {
+            let redis_config = RedisConfig::from_env()?;
+            if redis_config.history_len > 0 {
+                // The DualBus carries Kafka cursors through Redis; a Redis history window would
+                // replace them with its own.
+                return Err(
+                    "--broker dual needs CHATBUS_REDIS_HISTORY=0 (Kafka keeps the history)".into(),
+                );
+            }
+            let fast = RedisBroker::connect(redis_config).await?;
+            let durable = KafkaBroker::connect(KafkaConfig::from_env()?).await?;
+            let policy = match args.durable_down {
+                DurableDown::Reject => DurableDownPolicy::Reject,
+                DurableDown::DegradeToFast => DurableDownPolicy::DegradeToFast,
+            };
+            let bus = Arc::new(DualBus::new(
+                fast,
+                durable,
+                DualConfig::default().with_policy(policy),
+            ));
+            let stats = bus.clone();
+            Backend {
+                broker: bus,
+                metrics: Some(Arc::new(move || {
+                    let mut out = dual_metrics(stats.stats());
+                    out.push_str(&redis_metrics(&stats.fast().stats()));
+                    out.push_str(&kafka_metrics(&stats.durable().stats()));
+                    out
+                })),
+            }
+        }
+    })
+}
+
+fn counter(out: &mut String, name: &str, help: &str, value: u64) {
+    use std::fmt::Write as _;
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+    );
+}
+
+fn redis_metrics(s: &chatbus_redis::RedisStats) -> String {
+    let mut out = String::new();
+    counter(
+        &mut out,
+        "chatbus_redis_published_total",
+        "Messages published to Redis.",
+        s.published,
+    );
+    counter(
+        &mut out,
+        "chatbus_redis_publish_errors_total",
+        "Failed Redis publishes.",
+        s.publish_errors,
+    );
+    counter(
+        &mut out,
+        "chatbus_redis_received_total",
+        "Messages received from Redis.",
+        s.received,
+    );
+    counter(
+        &mut out,
+        "chatbus_redis_decode_errors_total",
+        "Undecodable Redis messages, dropped.",
+        s.decode_errors,
+    );
+    counter(
+        &mut out,
+        "chatbus_redis_reconnects_total",
+        "Redis subscriber reconnects.",
+        s.reconnects,
+    );
+    out
+}
+
+fn kafka_metrics(s: &chatbus_kafka::KafkaStats) -> String {
+    let mut out = String::new();
+    counter(
+        &mut out,
+        "chatbus_kafka_published_total",
+        "Messages acknowledged by Kafka.",
+        s.published,
+    );
+    counter(
+        &mut out,
+        "chatbus_kafka_publish_errors_total",
+        "Failed Kafka publishes.",
+        s.publish_errors,
+    );
+    counter(
+        &mut out,
+        "chatbus_kafka_tail_records_total",
+        "Records read by the Kafka tail.",
+        s.tail_records,
+    );
+    counter(
+        &mut out,
+        "chatbus_kafka_malformed_total",
+        "Undecodable Kafka records, skipped.",
+        s.malformed,
+    );
+    out
+}
+
+fn dual_metrics(s: &DualStats) -> String {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut out = String::new();
+    counter(
+        &mut out,
+        "chatbus_dual_via_fast_total",
+        "Messages delivered first by the fast path (Redis).",
+        s.via_fast.load(Relaxed),
+    );
+    counter(
+        &mut out,
+        "chatbus_dual_via_durable_total",
+        "Messages delivered first by the durable tail (Kafka).",
+        s.via_durable.load(Relaxed),
+    );
+    counter(
+        &mut out,
+        "chatbus_dual_duplicates_total",
+        "Second copies dropped.",
+        s.duplicates.load(Relaxed),
+    );
+    counter(
+        &mut out,
+        "chatbus_dual_gaps_filled_total",
+        "Fast-path gaps filled from the durable log.",
+        s.gaps_filled.load(Relaxed),
+    );
+    counter(
+        &mut out,
+        "chatbus_dual_gap_timeouts_total",
+        "Gaps given up after the gap timeout.",
+        s.gap_timeouts.load(Relaxed),
+    );
+    counter(
+        &mut out,
+        "chatbus_dual_fast_publish_errors_total",
+        "Failed fast publishes (delivered via the tail).",
+        s.fast_publish_errors.load(Relaxed),
+    );
+    counter(
+        &mut out,
+        "chatbus_dual_durable_publish_errors_total",
+        "Failed durable publishes.",
+        s.durable_publish_errors.load(Relaxed),
+    );
+    counter(
+        &mut out,
+        "chatbus_dual_degraded_publishes_total",
+        "Durable messages published fast-only.",
+        s.degraded_publishes.load(Relaxed),
+    );
+    let mode = match s.mode() {
+        DualMode::Dual => "dual",
+        DualMode::DurableOnly => "durable-only",
+        DualMode::FastOnly => "fast-only",
+        DualMode::Down => "down",
+    };
+    use std::fmt::Write as _;
+    let _ = writeln!(
+        out,
+        "# HELP chatbus_dual_mode The paths in use (1 for the current mode).\n# TYPE chatbus_dual_mode gauge"
+    );
+    for m in ["dual", "durable-only", "fast-only", "down"] {
+        let _ = writeln!(
+            out,
+            "chatbus_dual_mode{{mode=\"{m}\"}} {}",
+            u8::from(m == mode)
+        );
     }
+    let _ = writeln!(
+        out,
+        "# HELP chatbus_dual_held Fast-path messages waiting for a gap to fill.\n# TYPE chatbus_dual_held gauge\nchatbus_dual_held {}",
+        s.held.load(Relaxed)
+    );
+    out
 }
 
 fn ws_config(args: &Args) -> Result<WsConfig, BoxError> {
@@ -249,8 +474,11 @@ async fn readyz(State(ws): State<WsService>) -> Response {
     .into_response()
 }
 
-async fn metrics(State(ws): State<WsService>) -> Response {
+async fn metrics(ws: WsService, broker_metrics: Option<BrokerMetrics>) -> Response {
     let mut body = ws.render_metrics();
+    if let Some(render) = broker_metrics {
+        body.push_str(&render());
+    }
     let broker = ws.chat().hub().broker();
     let up = u8::from(broker.health().await.is_up());
     body.push_str(&format!(
@@ -296,7 +524,10 @@ async fn shutdown_signal() {
 }
 
 async fn run(args: Args) -> Result<(), BoxError> {
-    let broker = build_broker(&args).await?;
+    let Backend {
+        broker,
+        metrics: broker_metrics,
+    } = build_broker(&args).await?;
     let config = ws_config(&args)?;
     let auth = if config.verifier.is_some() {
         "jwt"
@@ -322,7 +553,10 @@ async fn run(args: Args) -> Result<(), BoxError> {
         .route("/", get(index))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+        .route(
+            "/metrics",
+            get(move |State(ws): State<WsService>| metrics(ws, broker_metrics.clone())),
+        )
         .with_state(ws.clone());
     tracing::info!(%addr, broker = %args.broker, auth, "chat-server started");
     println!("chat-server listening on http://{addr}/");
