@@ -1,0 +1,70 @@
+//! The example server on each backend: two `chat-server` instances over real Redis or Kafka
+//! (Tansu), clients on both, every message to every client exactly once, in one order.
+
+use std::time::{Duration, Instant};
+
+use chatbus_testkit::chat::{ChatServer, Participant, Plan, Score};
+use chatbus_testkit::redis::RedisServer;
+use chatbus_testkit::tansu::Tansu;
+
+async fn chat_over(servers: &[ChatServer], room: &str) -> Score {
+    let ports: Vec<u16> = servers.iter().map(ChatServer::port).collect();
+    let mut ps = Vec::new();
+    for (i, _) in servers.iter().enumerate() {
+        let mut order = ports.clone();
+        order.rotate_left(i);
+        for role in ["recv", "send"] {
+            let plan = Plan {
+                ports: order.clone(),
+                room: room.to_owned(),
+                send: if role == "send" { 50 } else { 0 },
+                every: Duration::from_millis(60),
+                stall: false,
+                pad: 0,
+            };
+            ps.push(Participant::start(&format!("{role}{i}"), plan).await);
+        }
+    }
+    for p in &ps {
+        p.start_sending();
+    }
+    let expected = 50 * servers.len();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline && ps.iter().any(|p| p.received() < expected) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A moment for late duplicates to show.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut records = Vec::new();
+    for p in ps {
+        records.push((p.name.clone(), p.finish().await));
+    }
+    let score = Score::of(&records);
+    assert_eq!(score.acked, expected, "every send acknowledged: {score:#?}");
+    score
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_server_over_redis() {
+    let redis = RedisServer::start().await;
+    let env = [("CHATBUS_REDIS_URL", redis.url())];
+    let a = ChatServer::start(&["--broker", "redis"], &env).await;
+    let b = ChatServer::start(&["--broker", "redis"], &env).await;
+    chat_over(&[a, b], "backend-redis")
+        .await
+        .assert_perfect("redis");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_server_over_kafka() {
+    let tansu = Tansu::start().await;
+    let env = [
+        ("CHATBUS_KAFKA_BROKERS", tansu.bootstrap()),
+        ("CHATBUS_KAFKA_TOPIC", "backend-kafka".to_owned()),
+    ];
+    let a = ChatServer::start(&["--broker", "kafka"], &env).await;
+    let b = ChatServer::start(&["--broker", "kafka"], &env).await;
+    chat_over(&[a, b], "backend-kafka")
+        .await
+        .assert_perfect("kafka");
+}

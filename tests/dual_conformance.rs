@@ -1,0 +1,26 @@
+//! The core conformance suite against `DualBus<RedisBroker, KafkaBroker>` over real
+//! `redis-server` and Tansu processes.
+
+use chatbus_core::{conformance, DualBus, DualConfig};
+use chatbus_kafka::{KafkaBroker, KafkaConfig};
+use chatbus_redis::{RedisBroker, RedisConfig};
+use chatbus_testkit::redis::RedisServer;
+use chatbus_testkit::tansu::Tansu;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dual_bus_over_redis_and_kafka_passes_conformance() {
+    let redis = RedisServer::start().await;
+    let tansu = Tansu::start().await;
+    let fast = RedisBroker::connect(RedisConfig::default().with_url(redis.url()))
+        .await
+        .unwrap_or_else(|e| panic!("redis: {e}"));
+    let durable = KafkaBroker::connect(
+        KafkaConfig::new(tansu.bootstrap())
+            .with_topic("dual-conformance")
+            .with_partitions(3),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("kafka: {e}"));
+    let bus = DualBus::new(fast, durable, DualConfig::default());
+    conformance::run_all(&bus).await;
+}
