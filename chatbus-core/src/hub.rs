@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use tokio::sync::{mpsc, Notify, OnceCell};
+use tokio::sync::{Notify, OnceCell};
 
 use crate::broker::{Broker, HistoryStream, Interest, Receipt, ReplayFrom, Subscription};
 use crate::envelope::{Cursor, Envelope, Room};
@@ -160,6 +160,9 @@ fn inc(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
+/// A session's frame queue keeps at most this much capacity once drained.
+const SHRINK_ABOVE: usize = 64;
+
 /// Local fan-out for one instance; cheap to clone.
 #[derive(Clone)]
 pub struct Hub {
@@ -218,7 +221,11 @@ enum Mode {
 struct SessionShared {
     id: u64,
     user: Arc<str>,
-    tx: mpsc::Sender<Bytes>,
+    // Live frames, bounded by `HubConfig::session_queue`. A plain deque under a mutex rather
+    // than a tokio mpsc channel: it allocates nothing until a frame is queued (the channel's
+    // first block cost about 1.5 KiB per connection, idle or not), and one lock per push is
+    // cheaper than the channel's semaphore and block list.
+    frames: Mutex<VecDeque<Bytes>>,
     control: Mutex<VecDeque<Control>>,
     notify: Notify,
     closed: Mutex<Option<CloseReason>>,
@@ -233,6 +240,38 @@ enum Control {
 }
 
 impl SessionShared {
+    /// Queues a live frame; false when the queue is full (the member lags).
+    fn push_frame(&self, frame: Bytes, limit: usize) -> bool {
+        let mut q = lock(&self.frames);
+        if q.len() >= limit {
+            return false;
+        }
+        let was_empty = q.is_empty();
+        q.push_back(frame);
+        drop(q);
+        // The writer only waits after it found the queue empty (under this lock), so a push
+        // onto a non-empty queue has nobody to wake: at high rates most pushes skip the wake.
+        if was_empty {
+            self.notify.notify_one();
+        }
+        true
+    }
+
+    /// Moves every queued frame to the end of `into` (one lock per batch: the fan-out, which
+    /// pushes under this lock, rarely finds it held by the writer). False if there were none.
+    fn take_frames(&self, into: &mut VecDeque<Bytes>) -> bool {
+        let mut q = lock(&self.frames);
+        if q.is_empty() {
+            return false;
+        }
+        if into.is_empty() {
+            std::mem::swap(&mut *q, into);
+        } else {
+            into.extend(q.drain(..));
+        }
+        true
+    }
+
     fn push_control(&self, c: Control, limit: usize) -> bool {
         let mut q = lock(&self.control);
         if q.len() >= limit {
@@ -300,12 +339,11 @@ impl Hub {
 
     /// Opens a session for `user`.
     pub fn connect(&self, user: impl Into<Arc<str>>) -> Session {
-        let (tx, rx) = mpsc::channel(self.inner.config.session_queue.max(1));
         let id = self.inner.next_session.fetch_add(1, Ordering::Relaxed);
         let shared = Arc::new(SessionShared {
             id,
             user: user.into(),
-            tx,
+            frames: Mutex::new(VecDeque::new()),
             control: Mutex::new(VecDeque::new()),
             notify: Notify::new(),
             closed: Mutex::new(None),
@@ -319,7 +357,7 @@ impl Hub {
                 hub: self.clone(),
                 shared,
             },
-            rx,
+            live: VecDeque::new(),
             catchup: None,
             waiting: VecDeque::new(),
             ready: VecDeque::new(),
@@ -588,7 +626,8 @@ impl SessionHandle {
 /// The writer side of a session. Dropping it leaves every room.
 pub struct Session {
     handle: SessionHandle,
-    rx: mpsc::Receiver<Bytes>,
+    // Live frames taken from the shared queue, written before the next take.
+    live: VecDeque<Bytes>,
     catchup: Option<CatchUp>,
     // Catch-ups not started yet, one per room, run one after another.
     waiting: VecDeque<(Room, Cursor)>,
@@ -660,9 +699,8 @@ impl Session {
                 if let Some((room, since)) = self.waiting.pop_front() {
                     // Frames of this room queued before it stopped live delivery come first;
                     // none are added while it catches up.
-                    while let Ok(b) = self.rx.try_recv() {
-                        self.ready.push_back(b);
-                    }
+                    self.ready.append(&mut self.live);
+                    self.handle.shared.take_frames(&mut self.ready);
                     self.catchup = Some(CatchUp {
                         room,
                         last: since,
@@ -679,21 +717,23 @@ impl Session {
                 }
                 continue;
             }
-            if let Ok(b) = self.rx.try_recv() {
+            if let Some(b) = self.live.pop_front() {
                 return Outbound::Frame(b);
+            }
+            // Give back the memory of a burst once it is written: idle connections stay small.
+            if self.live.capacity() > SHRINK_ABOVE {
+                self.live = VecDeque::new();
+            }
+            if self.handle.shared.take_frames(&mut self.live) {
+                continue;
             }
             // On shutdown, what was queued before is still sent, then the close.
             if let Some(reason) = closed {
                 return Outbound::Close(reason);
             }
-            tokio::select! {
-                b = self.rx.recv() => match b {
-                    Some(b) => return Outbound::Frame(b),
-                    // The sender lives in `self.handle`; unreachable while we hold it.
-                    None => return Outbound::Close(CloseReason::Shutdown),
-                },
-                () = self.handle.shared.notify.notified() => {}
-            }
+            // Frames, replies, catch-up jobs and closes all notify; a permit stored by a push
+            // that raced with the checks above makes this return at once.
+            self.handle.shared.notify.notified().await;
         }
     }
 
@@ -939,17 +979,18 @@ fn fan_out(hub: &HubInner, entry: &RoomEntry, env: &Envelope) -> u64 {
             }
         }
         match &mut m.mode {
-            Mode::Live => match m.session.tx.try_send(frame.bytes.clone()) {
-                Ok(()) => {
+            Mode::Live => {
+                if m.session
+                    .push_frame(frame.bytes.clone(), hub.config.session_queue.max(1))
+                {
                     delivered += 1;
                     if env.cursor.is_some() {
                         m.last = env.cursor;
                     }
+                } else {
+                    lag_member(hub, &entry.room, m);
                 }
-                Err(mpsc::error::TrySendError::Full(_)) => lag_member(hub, &entry.room, m),
-                // The session is going away; its Drop removes the member.
-                Err(mpsc::error::TrySendError::Closed(_)) => {}
-            },
+            }
             Mode::CatchingUp {
                 pending,
                 overflowed,
