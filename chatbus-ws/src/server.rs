@@ -24,11 +24,11 @@ use crate::service::WsService;
 use crate::session::{CloseFrame, TransportError, WsMessage};
 
 /// Bytes tungstenite reads per `read` call (its default is 128 KiB). Before every read attempt
-/// it zero-fills up to this much of its buffer, and the session polls the socket on every wake-up
-/// (each outbound batch), so the default cost a 128 KiB memset per delivery batch and made every
-/// connection resident for 128 KiB after its first frame. Client frames are small (a `send` is
-/// a few hundred bytes); a larger one is still read whole, in several reads.
-const READ_BUFFER: usize = 1024;
+/// it zero-fills up to this much of its buffer, so the default cost a 128 KiB memset per read
+/// attempt and made every connection resident for 128 KiB after its first frame. Client frames
+/// are small (a `send` with a 100-byte body is about 160 bytes); a larger one is still read
+/// whole, in several reads.
+const READ_BUFFER: usize = 512;
 
 #[derive(Deserialize, Default)]
 struct ConnectParams {
