@@ -78,7 +78,9 @@ pub enum SlowPolicy {
 /// Configuration of a [`Hub`].
 #[derive(Debug, Clone)]
 pub struct HubConfig {
-    /// Frames buffered per session before it counts as slow. Default 1,024.
+    /// Frames queued per session, not yet taken by its writer, before it counts as slow.
+    /// The writer takes what is queued in one batch, so up to twice this many may be
+    /// buffered in all. Default 1,024.
     pub session_queue: usize,
     /// Replies (acks, errors) buffered per session before it is closed as slow. Default 256.
     pub control_queue: usize,
