@@ -9,6 +9,7 @@ use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
+use axum::serve::ListenerExt;
 use axum::Router;
 use bytes::Bytes;
 use futures::{future, SinkExt, StreamExt};
@@ -177,6 +178,14 @@ impl WsService {
             tracing::info!("shutting down: draining connections");
             svc.begin_shutdown();
         };
+        // TCP_NODELAY: frames are small and already batched per flush by the session writer;
+        // with Nagle on, a frame written while the previous one is unacknowledged waits for
+        // the client's (delayed, up to 40 ms) ACK, which showed as a 35-40 ms p99.9 under load.
+        let listener = listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+            }
+        });
         axum::serve(listener, app.merge(self.router()))
             .with_graceful_shutdown(signal)
             .await?;
