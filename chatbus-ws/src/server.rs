@@ -69,6 +69,10 @@ impl WsService {
     /// # let _: axum::Router = app;
     /// # }
     /// ```
+    ///
+    /// Serving it yourself, set `TCP_NODELAY` on accepted sockets (as [`serve`](Self::serve)
+    /// does, e.g. with `axum::serve::ListenerExt::tap_io`): with Nagle's algorithm on, a
+    /// frame can wait up to the client's delayed-ACK timeout (40 ms) behind the previous one.
     pub fn router<S>(&self) -> Router<S>
     where
         S: Clone + Send + Sync + 'static,
