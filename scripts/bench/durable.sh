@@ -12,7 +12,7 @@
 # Report: target/loadgen/durable-chatbus.{json,svg}; table on stdout.
 source "$(dirname "$0")/lib.sh"
 
-RATES=${RATES:-10,25,50,100,150,200,300,400,500,650,800,1000}
+RATES=${RATES:-10,30,100,200,400,700,1000,1500,2000}
 build
 start_redis
 start_tansu

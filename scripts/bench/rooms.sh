@@ -11,7 +11,7 @@
 source "$(dirname "$0")/lib.sh"
 
 BROKER=${BROKER:-redis}
-RATES=${RATES:-1000,2500,5000,7500,10000,15000,20000,30000}
+RATES=${RATES:-1000,2500,5000,7500,10000,12500,15000,20000,30000}
 build
 if [ "$BROKER" = memory ]; then
   start_chatbus memory
