@@ -260,14 +260,14 @@ impl SubscriptionSender {
     }
 
     fn offer(&self, item: Result<Envelope>) -> SendOutcome {
-        let missed = self.missed.load(Ordering::Acquire);
+        // Taken, not read: the receiver may report the same loss when it finds its buffer empty
+        // (see `Subscription::poll_recv_many`), and a loss must be reported once.
+        let missed = self.missed.swap(0, Ordering::AcqRel);
         if missed > 0 {
             match self.tx.try_send(Err(Error::Lagged { missed })) {
-                Ok(()) => {
-                    self.missed.fetch_sub(missed, Ordering::AcqRel);
-                }
+                Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(_)) => {
-                    self.missed.fetch_add(1, Ordering::AcqRel);
+                    self.missed.fetch_add(missed + 1, Ordering::AcqRel);
                     return SendOutcome::Dropped;
                 }
                 Err(mpsc::error::TrySendError::Closed(_)) => return SendOutcome::Closed,
@@ -301,6 +301,9 @@ impl SubscriptionSender {
 /// subscription.
 pub struct Subscription {
     rx: mpsc::Receiver<Result<Envelope>>,
+    // Shared with the senders: messages dropped and not reported yet. Checked when the buffer
+    // is empty, so a loss at the end of a burst is reported without waiting for a next message.
+    missed: Arc<AtomicU64>,
     start: Option<Vec<Cursor>>,
     // Dropped with the subscription: lets a broker unsubscribe (e.g. Redis UNSUBSCRIBE).
     _guard: Option<Box<dyn Send + Sync>>,
@@ -310,13 +313,15 @@ impl Subscription {
     /// A subscription with a buffer of `capacity` messages (at least 1), and its sender.
     pub fn channel(capacity: usize) -> (SubscriptionSender, Self) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
+        let missed = Arc::new(AtomicU64::new(0));
         (
             SubscriptionSender {
                 tx,
-                missed: Arc::new(AtomicU64::new(0)),
+                missed: missed.clone(),
             },
             Self {
                 rx,
+                missed,
                 start: None,
                 _guard: None,
             },
@@ -348,14 +353,44 @@ impl Subscription {
 
     /// The next item, or `None` when the broker ended the subscription.
     pub async fn recv(&mut self) -> Option<Result<Envelope>> {
-        self.rx.recv().await
+        std::future::poll_fn(|cx| self.poll_next_item(cx)).await
+    }
+
+    fn poll_next_item(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Envelope>>> {
+        match self.rx.poll_recv(cx) {
+            Poll::Pending => match self.missed.swap(0, Ordering::AcqRel) {
+                0 => Poll::Pending,
+                missed => Poll::Ready(Some(Err(Error::Lagged { missed }))),
+            },
+            ready => ready,
+        }
+    }
+
+    fn poll_recv_many(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut Vec<Result<Envelope>>,
+        limit: usize,
+    ) -> Poll<usize> {
+        match self.rx.poll_recv_many(cx, out, limit) {
+            // Empty buffer: the senders report a loss only with their next message, which may
+            // never come; report it now.
+            Poll::Pending => match self.missed.swap(0, Ordering::AcqRel) {
+                0 => Poll::Pending,
+                missed => {
+                    out.push(Err(Error::Lagged { missed }));
+                    Poll::Ready(1)
+                }
+            },
+            ready => ready,
+        }
     }
 
     /// Receives up to `limit` buffered items at once into `out` (waiting for at least one);
     /// returns how many were added, 0 when the subscription ended. Cheaper per item than
     /// [`recv`](Self::recv) under load.
     pub async fn recv_many(&mut self, out: &mut Vec<Result<Envelope>>, limit: usize) -> usize {
-        self.rx.recv_many(out, limit).await
+        std::future::poll_fn(|cx| self.poll_recv_many(cx, out, limit.max(1))).await
     }
 }
 
@@ -370,7 +405,7 @@ impl fmt::Debug for Subscription {
 impl Stream for Subscription {
     type Item = Result<Envelope>;
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.rx.poll_recv(cx)
+        self.poll_next_item(cx)
     }
 }
 

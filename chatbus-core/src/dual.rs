@@ -245,6 +245,20 @@ impl<F: Broker, D: Broker> DualBus<F, D> {
         &self.durable
     }
 
+    /// The fast broker must relay the durable cursors unchanged: one that keeps its own
+    /// history (Redis with a Streams window, a memory broker with history) assigns its own
+    /// cursors, which would silently break gap detection.
+    fn check_fast(&self) -> Result<()> {
+        if self.fast.capabilities().replay {
+            return Err(Error::Config(format!(
+                "DualBus needs a fast broker without history (it relays the durable cursors); \
+                 the {} broker keeps its own (e.g. set the Redis history window to 0)",
+                self.fast.name()
+            )));
+        }
+        Ok(())
+    }
+
     /// Publishes the cursor-carrying copy on the fast path. The message is already durable, so
     /// a failure only costs latency (the tail delivers it). While the fast path is failing, the
     /// copy is sent from a background task instead of awaited, so that senders are not slowed
@@ -280,6 +294,7 @@ impl<F: Broker, D: Broker> DualBus<F, D> {
     }
 
     async fn ensure_merger(&self) -> Result<()> {
+        self.check_fast()?;
         self.merger
             .get_or_try_init(|| async {
                 let tail = self.durable.subscribe(Interest::All).await?;
@@ -320,6 +335,7 @@ impl<F: Broker, D: Broker> Broker for DualBus<F, D> {
     /// Durable first, then fast with the cursor; the receipt follows the durable ack. See
     /// [`DurableDownPolicy`] for a durable outage. Ephemeral messages go to the fast broker only.
     async fn publish(&self, envelope: &Envelope) -> Result<Receipt> {
+        self.check_fast()?;
         if !envelope.is_durable() {
             return self.fast.publish(envelope).await;
         }
@@ -441,6 +457,11 @@ impl DedupeWindow {
         }
     }
 
+    /// Whether `id` is in the window.
+    pub fn contains(&self, id: &MessageId) -> bool {
+        self.set.contains(id)
+    }
+
     /// Records `id`; returns false if it was already in the window (a duplicate).
     pub fn insert(&mut self, id: MessageId) -> bool {
         if !self.set.insert(id) {
@@ -468,6 +489,9 @@ struct Merger {
     // Whether the durable broker has contiguous offsets; without them, dedupe by id only.
     contiguous: bool,
     ids: DedupeWindow,
+    // A durable message came without a cursor (DegradeToFast): from then on, cursor-carrying
+    // copies are also checked against `ids`.
+    degraded_seen: bool,
 }
 
 impl Merger {
@@ -487,6 +511,7 @@ impl Merger {
             held_total: 0,
             contiguous: start.is_some(),
             ids,
+            degraded_seen: false,
         };
         m.reset_start(start);
         m
@@ -550,10 +575,10 @@ impl Merger {
                         self.stats.durable_down.store(true, Ordering::Relaxed);
                         tokio::time::sleep(Duration::from_millis(500)).await;
                         if let Ok(t) = durable_broker.subscribe(Interest::All).await {
+                            self.out.broadcast_error(|| Error::Lagged { missed: 0 });
                             self.reset_start(t.start());
                             self.release_all_held();
                             tail = t;
-                            self.out.broadcast_error(|| Error::Lagged { missed: 0 });
                         }
                         continue;
                     }
@@ -598,6 +623,9 @@ impl Merger {
 
     fn accept(&mut self, env: Envelope, path: Path) {
         let Some(c) = env.cursor.filter(|_| self.contiguous) else {
+            if env.is_durable() {
+                self.degraded_seen = true;
+            }
             if self.ids.insert(env.id) {
                 self.deliver(&env, path);
             } else {
@@ -608,6 +636,13 @@ impl Merger {
         let next = *self.next.entry(c.partition).or_insert(c.offset);
         if c.offset < next {
             inc(&self.stats.duplicates);
+            return;
+        }
+        if self.degraded_seen && self.ids.contains(&env.id) {
+            // Delivered earlier without a cursor (published fast-only while the durable broker
+            // seemed down, yet it had stored the message): account for the offset only.
+            inc(&self.stats.duplicates);
+            self.advance(c.partition, c.offset + 1);
             return;
         }
         if c.offset > next && path == Path::Fast {
@@ -677,8 +712,10 @@ impl Merger {
                 "gap not filled by the durable tail in time; skipping it"
             );
             inc(&self.stats.gap_timeouts);
-            self.advance(partition, first);
+            // Lagged first: subscribers resync from the cursor they had *before* the held
+            // messages, so the skipped ones come from the log when it has them.
             self.out.broadcast_error(|| Error::Lagged { missed });
+            self.advance(partition, first);
         }
     }
 

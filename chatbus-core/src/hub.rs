@@ -18,7 +18,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -84,6 +84,9 @@ pub struct HubConfig {
     pub session_queue: usize,
     /// Replies (acks, errors) buffered per session before it is closed as slow. Default 256.
     pub control_queue: usize,
+    /// Bytes of replies (history pages can be large) buffered per session before it is
+    /// closed as slow. Default 8 MiB.
+    pub control_bytes: usize,
     /// See [`SlowPolicy`]. Default `Resync`.
     pub slow_policy: SlowPolicy,
     /// Messages fetched per replay request during catch-up. Default 500.
@@ -101,6 +104,7 @@ impl Default for HubConfig {
         Self {
             session_queue: 1024,
             control_queue: 256,
+            control_bytes: 8 << 20,
             slow_policy: SlowPolicy::Resync,
             replay_page: 500,
             max_catchup: 100_000,
@@ -178,6 +182,7 @@ struct HubInner {
     rooms: Mutex<HashMap<Room, Arc<RoomEntry>>>,
     sessions: Mutex<HashMap<u64, Weak<SessionShared>>>,
     next_session: AtomicU64,
+    next_gen: AtomicU64,
     stats: HubStats,
 }
 
@@ -207,9 +212,13 @@ struct Members {
 
 struct Member {
     session: Arc<SessionShared>,
-    // The last cursor handed to this member: the resume point, and the dedupe bound.
+    // The last cursor handed to this member: the resume point, and the dedupe bound. Only
+    // cursors actually delivered go here, never a client's `since` (which may be wrong).
     last: Option<Cursor>,
     mode: Mode,
+    // Which join this membership belongs to: a catch-up queued by an earlier join (or before
+    // a leave) carries an older number and is dropped.
+    gen: u64,
 }
 
 enum Mode {
@@ -232,12 +241,17 @@ struct SessionShared {
     notify: Notify,
     closed: Mutex<Option<CloseReason>>,
     is_closed: AtomicBool,
-    rooms: Mutex<HashSet<Room>>,
+    // Rooms joined, with the generation of the join.
+    rooms: Mutex<HashMap<Room, u64>>,
+    // Bytes of queued replies (bounded by `HubConfig::control_bytes`).
+    control_bytes: AtomicUsize,
+    // Set when the `Session` is dropped: a `join` finishing afterwards undoes itself.
+    dropped: AtomicBool,
 }
 
 enum Control {
     Reply(Bytes),
-    CatchUp { room: Room, since: Cursor },
+    CatchUp { room: Room, since: Cursor, gen: u64 },
     Lagged { room: Room, cursor: Option<Cursor> },
 }
 
@@ -279,10 +293,26 @@ impl SessionShared {
         if q.len() >= limit {
             return false;
         }
+        if let Control::Reply(b) = &c {
+            self.control_bytes.fetch_add(b.len(), Ordering::Relaxed);
+        }
         q.push_back(c);
         drop(q);
         self.notify.notify_one();
         true
+    }
+
+    fn pop_control(&self) -> Option<Control> {
+        let c = lock(&self.control).pop_front();
+        if let Some(Control::Reply(b)) = &c {
+            self.control_bytes.fetch_sub(b.len(), Ordering::Relaxed);
+        }
+        c
+    }
+
+    /// The generation of this session's membership of `room`, if it is a member.
+    fn gen(&self, room: &Room) -> Option<u64> {
+        lock(&self.rooms).get(room).copied()
     }
 
     fn close(&self, reason: CloseReason) {
@@ -324,6 +354,7 @@ impl Hub {
                 rooms: Mutex::new(HashMap::new()),
                 sessions: Mutex::new(HashMap::new()),
                 next_session: AtomicU64::new(1),
+                next_gen: AtomicU64::new(1),
                 stats: HubStats::default(),
             }),
         }
@@ -350,7 +381,9 @@ impl Hub {
             notify: Notify::new(),
             closed: Mutex::new(None),
             is_closed: AtomicBool::new(false),
-            rooms: Mutex::new(HashSet::new()),
+            rooms: Mutex::new(HashMap::new()),
+            control_bytes: AtomicUsize::new(0),
+            dropped: AtomicBool::new(false),
         });
         lock(&self.inner.sessions).insert(id, Arc::downgrade(&shared));
         inc(&self.inner.stats.sessions);
@@ -428,7 +461,8 @@ impl Hub {
     /// first, then live ones, with no gap and no duplicate (where the broker keeps history).
     /// `reply`, if given, is queued to the session before any of those messages.
     ///
-    /// Joining a room the session is already in updates its resume point.
+    /// Joining a room the session is already in updates its resume point; a catch-up still
+    /// running from an earlier join of that room is abandoned.
     pub async fn join(
         &self,
         session: &SessionHandle,
@@ -471,16 +505,24 @@ impl Hub {
                 })
                 .await
                 .inspect_err(|_| self.remove_if_empty(&entry))?;
+            let gen = self.inner.next_gen.fetch_add(1, Ordering::Relaxed);
             let mut members = lock(&entry.members);
             if members.removed {
                 continue;
             }
-            let mode = || match since {
-                Some(_) if resuming => Mode::CatchingUp {
+            // The reply goes first, before the member can receive anything.
+            if let Some(reply) = reply {
+                session
+                    .shared
+                    .push_control(Control::Reply(reply), usize::MAX);
+            }
+            let mode = if resuming {
+                Mode::CatchingUp {
                     pending: VecDeque::new(),
                     overflowed: false,
-                },
-                _ => Mode::Live,
+                }
+            } else {
+                Mode::Live
             };
             match members
                 .list
@@ -488,27 +530,28 @@ impl Hub {
                 .find(|m| m.session.id == session.shared.id)
             {
                 Some(m) => {
-                    m.last = since.or(m.last);
-                    m.mode = mode();
+                    m.mode = mode;
+                    m.gen = gen;
                 }
                 None => members.list.push(Member {
                     session: session.shared.clone(),
-                    last: since,
-                    mode: mode(),
+                    last: None,
+                    mode,
+                    gen,
                 }),
             }
             drop(members);
-            lock(&session.shared.rooms).insert(room.clone());
-            let limit = self.inner.config.control_queue;
-            if let Some(reply) = reply {
-                session
-                    .shared
-                    .push_control(Control::Reply(reply), usize::MAX);
+            lock(&session.shared.rooms).insert(room.clone(), gen);
+            if session.shared.dropped.load(Ordering::Acquire) {
+                // The Session was dropped while we joined: its Drop could not see this room.
+                self.remove_member(session.shared.id, &room);
+                return Err(Error::Closed);
             }
             if let (true, Some(since)) = (resuming, since) {
+                let job = Control::CatchUp { room, since, gen };
                 if !session
                     .shared
-                    .push_control(Control::CatchUp { room, since }, limit)
+                    .push_control(job, self.inner.config.control_queue)
                 {
                     session.shared.close(CloseReason::SlowConsumer);
                 }
@@ -591,20 +634,24 @@ impl SessionHandle {
 
     /// The rooms this session is in.
     pub fn rooms(&self) -> Vec<Room> {
-        lock(&self.shared.rooms).iter().cloned().collect()
+        lock(&self.shared.rooms).keys().cloned().collect()
     }
 
     /// Whether this session is in `room`.
     pub fn is_member(&self, room: &Room) -> bool {
-        lock(&self.shared.rooms).contains(room)
+        lock(&self.shared.rooms).contains_key(room)
     }
 
     /// Queues a reply frame (ack, error, pong) to this session only, ahead of further messages.
-    /// Returns `false` and closes the session as slow if too many replies are unread.
+    /// Returns `false` and closes the session as slow if too many replies (by count or by
+    /// bytes) are unread.
     pub fn reply(&self, frame: Bytes) -> bool {
-        let ok = self
-            .shared
-            .push_control(Control::Reply(frame), self.hub.inner.config.control_queue);
+        let config = &self.hub.inner.config;
+        let ok = self.shared.control_bytes.load(Ordering::Relaxed) + frame.len()
+            <= config.control_bytes.max(1)
+            && self
+                .shared
+                .push_control(Control::Reply(frame), config.control_queue);
         if !ok {
             self.close(CloseReason::SlowConsumer);
         }
@@ -632,19 +679,40 @@ pub struct Session {
     live: VecDeque<Bytes>,
     catchup: Option<CatchUp>,
     // Catch-ups not started yet, one per room, run one after another.
-    waiting: VecDeque<(Room, Cursor)>,
+    waiting: VecDeque<(Room, Cursor, u64)>,
     ready: VecDeque<Bytes>,
 }
 
+/// A replay request in flight, kept across cancellations of `Session::recv` (transports call it
+/// inside `select!`), so that a cancelled call neither loses nor repeats work.
+type Fetch = futures::future::BoxFuture<'static, Result<HistoryStream>>;
+
 struct CatchUp {
     room: Room,
-    // The last cursor delivered: replay continues strictly after it.
-    last: Cursor,
+    // The membership this catch-up belongs to.
+    gen: u64,
+    // Where the client said it was.
+    since: Cursor,
+    // The last cursor replayed to it: replay continues strictly after it.
+    delivered: Option<Cursor>,
+    fetch: Option<Fetch>,
     stream: Option<HistoryStream>,
     // Items read from the current page, to tell a full page from the end of the log.
     page_len: usize,
-    delivered: usize,
+    count: usize,
+    // Failed replay requests in a row; transient errors are retried a few times.
+    failures: u32,
 }
+
+impl CatchUp {
+    /// The position replay continues from.
+    fn position(&self) -> Cursor {
+        self.delivered.unwrap_or(self.since)
+    }
+}
+
+/// Replay requests retried after a failure before the client is told it lagged.
+const CATCHUP_RETRIES: u32 = 3;
 
 impl fmt::Debug for Session {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -657,7 +725,11 @@ impl fmt::Debug for Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        let rooms: Vec<Room> = lock(&self.handle.shared.rooms).drain().collect();
+        self.handle.shared.dropped.store(true, Ordering::Release);
+        let rooms: Vec<Room> = lock(&self.handle.shared.rooms)
+            .drain()
+            .map(|(r, _)| r)
+            .collect();
         for room in rooms {
             self.handle.hub.remove_member(self.handle.shared.id, &room);
         }
@@ -675,50 +747,55 @@ impl Session {
 
     /// The next thing to write to the client. Never returns `None` while the hub lives; after
     /// [`Outbound::Close`] the transport should stop calling it.
+    ///
+    /// Cancel-safe: it may be used in `select!`; nothing is lost or repeated when a call is
+    /// dropped before it returns.
     pub async fn recv(&mut self) -> Outbound {
+        let shared = self.handle.shared.clone();
         loop {
             if let Some(b) = self.ready.pop_front() {
                 return Outbound::Frame(b);
             }
-            let closed = *lock(&self.handle.shared.closed);
+            let closed = *lock(&shared.closed);
             if closed == Some(CloseReason::SlowConsumer) {
                 return Outbound::Close(CloseReason::SlowConsumer);
             }
             // Replies first: an ack must not wait behind a burst of messages.
-            let control = lock(&self.handle.shared.control).pop_front();
-            match control {
+            match shared.pop_control() {
                 Some(Control::Reply(b)) => return Outbound::Frame(b),
                 Some(Control::Lagged { room, cursor }) => return Outbound::Lagged { room, cursor },
-                Some(Control::CatchUp { room, since }) => {
-                    // A newer resume point for a room already waiting replaces the older one.
-                    self.waiting.retain(|(r, _)| *r != room);
-                    self.waiting.push_back((room, since));
+                Some(Control::CatchUp { room, since, gen }) => {
+                    // A newer join of a room replaces a catch-up still waiting for it.
+                    self.waiting.retain(|(r, _, _)| *r != room);
+                    self.waiting.push_back((room, since, gen));
                     continue;
                 }
                 None => {}
             }
             if self.catchup.is_none() {
-                if let Some((room, since)) = self.waiting.pop_front() {
+                if let Some((room, since, gen)) = self.waiting.pop_front() {
+                    if shared.gen(&room) != Some(gen) {
+                        continue; // left or re-joined since: stale
+                    }
                     // Frames of this room queued before it stopped live delivery come first;
                     // none are added while it catches up.
                     self.ready.append(&mut self.live);
-                    self.handle.shared.take_frames(&mut self.ready);
+                    shared.take_frames(&mut self.ready);
                     self.catchup = Some(CatchUp {
                         room,
-                        last: since,
+                        gen,
+                        since,
+                        delivered: None,
+                        fetch: None,
                         stream: None,
                         page_len: 0,
-                        delivered: 0,
+                        count: 0,
+                        failures: 0,
                     });
                     continue;
                 }
             }
-            if self.catchup.is_some() {
-                if let Some(out) = self.step_catchup().await {
-                    return out;
-                }
-                continue;
-            }
+            // Live frames (of other rooms: the one catching up gets none) go on meanwhile.
             if let Some(b) = self.live.pop_front() {
                 return Outbound::Frame(b);
             }
@@ -726,7 +803,19 @@ impl Session {
             if self.live.capacity() > SHRINK_ABOVE {
                 self.live = VecDeque::new();
             }
-            if self.handle.shared.take_frames(&mut self.live) {
+            if shared.take_frames(&mut self.live) {
+                continue;
+            }
+            if self.catchup.is_some() {
+                // A reply or a live frame arriving meanwhile interrupts a slow replay request.
+                tokio::select! {
+                    out = self.step_catchup() => {
+                        if let Some(out) = out {
+                            return out;
+                        }
+                    }
+                    () = shared.notify.notified() => {}
+                }
                 continue;
             }
             // On shutdown, what was queued before is still sent, then the close.
@@ -735,7 +824,7 @@ impl Session {
             }
             // Frames, replies, catch-up jobs and closes all notify; a permit stored by a push
             // that raced with the checks above makes this return at once.
-            self.handle.shared.notify.notified().await;
+            shared.notify.notified().await;
         }
     }
 
@@ -744,50 +833,76 @@ impl Session {
     async fn step_catchup(&mut self) -> Option<Outbound> {
         let inner = self.handle.hub.inner.clone();
         let page = inner.config.replay_page.max(1);
+        let shared = self.handle.shared.clone();
         let cu = self.catchup.as_mut()?;
-        let stream = match &mut cu.stream {
-            Some(s) => s,
-            None => {
-                match inner
-                    .broker
-                    .replay(&cu.room, ReplayFrom::Cursor(cu.last), page)
-                    .await
-                {
-                    Ok(s) => {
-                        cu.page_len = 0;
-                        cu.stream.insert(s)
+        if shared.gen(&cu.room) != Some(cu.gen) {
+            // Left, or joined again (which queued its own catch-up): abandon this one.
+            self.catchup = None;
+            return None;
+        }
+        if cu.stream.is_none() {
+            let fetch = cu.fetch.get_or_insert_with(|| {
+                let (broker, room, from) = (
+                    inner.broker.clone(),
+                    cu.room.clone(),
+                    ReplayFrom::Cursor(cu.delivered.unwrap_or(cu.since)),
+                );
+                let backoff = Duration::from_millis(200 << cu.failures.min(4));
+                let wait = cu.failures > 0;
+                Box::pin(async move {
+                    if wait {
+                        tokio::time::sleep(backoff).await;
                     }
-                    Err(e) => {
-                        tracing::warn!(room = %cu.room, error = %e, "catch-up replay failed");
-                        return Some(self.end_catchup_lagged());
-                    }
+                    broker.replay(&room, from, page).await
+                })
+            });
+            let result = fetch.await;
+            cu.fetch = None;
+            match result {
+                Ok(s) => {
+                    cu.page_len = 0;
+                    cu.failures = 0;
+                    cu.stream = Some(s);
+                }
+                Err(e) if e.is_transient() && cu.failures < CATCHUP_RETRIES => {
+                    cu.failures += 1;
+                    tracing::debug!(room = %cu.room, error = %e, "catch-up replay failed; retrying");
+                    return None;
+                }
+                Err(e) => {
+                    tracing::warn!(room = %cu.room, error = %e, "catch-up replay failed");
+                    return Some(self.end_catchup_lagged());
                 }
             }
-        };
+        }
+        let stream = cu.stream.as_mut()?;
         match stream.next().await {
             Some(Ok(env)) => {
                 cu.page_len += 1;
                 let c = env.cursor?;
-                if c <= cu.last {
+                if c <= cu.position() {
                     return None;
                 }
-                cu.last = c;
-                cu.delivered += 1;
+                cu.delivered = Some(c);
+                cu.count += 1;
                 inc(&inner.stats.replayed);
                 let frame = inner.encoder.encode(&env).map(|f| f.bytes);
-                if cu.delivered >= inner.config.max_catchup {
+                if cu.count >= inner.config.max_catchup {
                     // Enough: go live from here and tell the client what it did not get.
                     let lagged = self.end_catchup_lagged();
                     if let Outbound::Lagged { room, cursor } = lagged {
-                        self.handle
-                            .shared
-                            .push_control(Control::Lagged { room, cursor }, usize::MAX);
+                        shared.push_control(Control::Lagged { room, cursor }, usize::MAX);
                     }
                 }
                 frame.map(Outbound::Frame)
             }
             Some(Err(e)) => {
                 tracing::warn!(room = %cu.room, error = %e, "catch-up replay failed");
+                cu.stream = None;
+                if e.is_transient() && cu.failures < CATCHUP_RETRIES {
+                    cu.failures += 1;
+                    return None;
+                }
                 Some(self.end_catchup_lagged())
             }
             None => {
@@ -799,8 +914,7 @@ impl Session {
                 if cu.page_len >= page {
                     return None;
                 }
-                let (room, last) = (cu.room.clone(), cu.last);
-                if self.go_live(&room, last, false) {
+                if self.go_live(false) {
                     self.catchup = None;
                 }
                 None
@@ -808,32 +922,37 @@ impl Session {
         }
     }
 
-    /// Gives up a catch-up (replay failed or the limit was reached): the member goes live from
-    /// its last cursor and the client is told it lagged.
+    /// Gives up a catch-up (replay failed or the limit was reached): the member goes live and
+    /// the client is told it lagged, with the last cursor it got.
     fn end_catchup_lagged(&mut self) -> Outbound {
+        self.go_live(true);
         let Some(cu) = self.catchup.take() else {
             return Outbound::Close(CloseReason::Shutdown);
         };
-        self.go_live(&cu.room, cu.last, true);
+        let cursor = Some(cu.position());
         Outbound::Lagged {
             room: cu.room,
-            cursor: Some(cu.last),
+            cursor,
         }
     }
 
-    /// Moves this session's member of `room` from catching up to live: the live messages held
-    /// meanwhile that come after `last` are queued (older ones are copies of replayed ones).
-    /// Without `force`, refuses when held messages overflowed (returns false: those are in the
-    /// log, so the caller replays on; the buffer starts empty again).
-    fn go_live(&mut self, room: &Room, last: Cursor, force: bool) -> bool {
+    /// Moves this session's member of the catching-up room to live: the live messages held
+    /// meanwhile that come after what the client has are queued (older ones are copies of
+    /// replayed ones). Without `force`, refuses when held messages overflowed or the room's
+    /// live stream lagged meanwhile (returns false: what was missed is in the log, so the
+    /// caller replays on; the buffer starts empty again).
+    fn go_live(&mut self, force: bool) -> bool {
+        let Some(cu) = self.catchup.as_ref() else {
+            return true;
+        };
         let inner = self.handle.hub.inner.clone();
-        let entry = lock(&inner.rooms).get(room).cloned();
+        let entry = lock(&inner.rooms).get(&cu.room).cloned();
         let Some(entry) = entry else { return true };
         let mut members = lock(&entry.members);
         let Some(m) = members
             .list
             .iter_mut()
-            .find(|m| m.session.id == self.handle.shared.id)
+            .find(|m| m.session.id == self.handle.shared.id && m.gen == cu.gen)
         else {
             return true;
         };
@@ -850,18 +969,21 @@ impl Session {
             return false;
         }
         let held = std::mem::take(pending);
-        m.last = Some(last);
+        // What the client has: what was replayed to it, or else what it said it had.
+        let mut bound = cu.position();
+        if let Some(d) = cu.delivered {
+            m.last = m.last.max(Some(d));
+        }
         for (c, frame) in held {
-            if let (Some(c), Some(l)) = (c, m.last) {
-                if c <= l {
+            if let Some(c) = c {
+                if c <= bound {
                     inc(&inner.stats.duplicates);
                     continue;
                 }
+                bound = c;
+                m.last = Some(c);
             }
             self.ready.push_back(frame);
-            if c.is_some() {
-                m.last = c;
-            }
         }
         m.mode = Mode::Live;
         true
@@ -917,17 +1039,25 @@ async fn pump(hub: Weak<HubInner>, entry: Weak<RoomEntry>, mut sub: Subscription
 fn resync_all(hub: &HubInner, entry: &RoomEntry) {
     let mut members = lock(&entry.members);
     for m in &mut members.list {
-        if matches!(m.mode, Mode::Live) {
-            lag_member(hub, &entry.room, m);
+        match &mut m.mode {
+            Mode::Live => lag_member(hub, &entry.room, m, None),
+            // What the live stream lost may be in neither the page already fetched nor the
+            // held messages: make its catch-up replay again before going live.
+            Mode::CatchingUp { overflowed, .. } => *overflowed = true,
         }
     }
 }
 
-fn lag_member(hub: &HubInner, room: &Room, m: &mut Member) {
+/// `missed` is the cursor of the message that did not fit, if known: with no cursor delivered
+/// yet, replay resumes just before it.
+fn lag_member(hub: &HubInner, room: &Room, m: &mut Member, missed: Option<Cursor>) {
     inc(&hub.stats.lagged);
+    let before_missed = missed
+        .filter(|c| c.offset > 0)
+        .map(|c| Cursor::new(c.partition, c.offset - 1));
     match (
         hub.config.slow_policy,
-        m.last,
+        m.last.or(before_missed),
         hub.broker.capabilities().replay,
     ) {
         (SlowPolicy::Close, _, _) => {
@@ -942,6 +1072,7 @@ fn lag_member(hub: &HubInner, room: &Room, m: &mut Member) {
             let job = Control::CatchUp {
                 room: room.clone(),
                 since,
+                gen: m.gen,
             };
             if !m.session.push_control(job, hub.config.control_queue) {
                 m.session.close(CloseReason::SlowConsumer);
@@ -990,7 +1121,7 @@ fn fan_out(hub: &HubInner, entry: &RoomEntry, env: &Envelope) -> u64 {
                         m.last = env.cursor;
                     }
                 } else {
-                    lag_member(hub, &entry.room, m);
+                    lag_member(hub, &entry.room, m, env.cursor);
                 }
             }
             Mode::CatchingUp {

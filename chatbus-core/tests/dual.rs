@@ -300,3 +300,90 @@ async fn two_instances_each_deliver_everything_exactly_once() -> Result<()> {
     assert_eq!(ids(&ga), ids(&gb), "both instances see one order");
     Ok(())
 }
+
+/// A durable broker whose tail is slow (each record delayed), to let a gap time out.
+#[derive(Debug)]
+struct SlowTail(MemoryBroker, Duration);
+
+#[async_trait]
+impl Broker for SlowTail {
+    fn name(&self) -> &'static str {
+        "slow-tail"
+    }
+    async fn publish(&self, e: &Envelope) -> Result<Receipt> {
+        self.0.publish(e).await
+    }
+    async fn subscribe(&self, i: Interest) -> Result<Subscription> {
+        let mut inner = self.0.subscribe(i).await?;
+        let start = inner.start().map(<[Cursor]>::to_vec);
+        let (tx, sub) = Subscription::channel(4096);
+        let delay = self.1;
+        tokio::spawn(async move {
+            while let Some(item) = inner.recv().await {
+                tokio::time::sleep(delay).await;
+                let _ = match item {
+                    Ok(e) => tx.send(e),
+                    Err(e) => tx.send_error(e),
+                };
+            }
+        });
+        Ok(match start {
+            Some(s) => sub.with_start(s),
+            None => sub,
+        })
+    }
+    async fn replay(&self, r: &Room, f: ReplayFrom, l: usize) -> Result<HistoryStream> {
+        self.0.replay(r, f, l).await
+    }
+    async fn history(&self, r: &Room, b: Option<Cursor>, l: usize) -> Result<Vec<Envelope>> {
+        self.0.history(r, b, l).await
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.0.capabilities()
+    }
+    async fn health(&self) -> Health {
+        Health::Healthy
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gap_given_up_after_the_timeout_is_still_delivered_through_resync() -> Result<()> {
+    use chatbus_core::{Hub, Outbound};
+    let durable_log = log();
+    let bus = Arc::new(DualBus::new(
+        relay(),
+        SlowTail(durable_log.clone(), Duration::from_millis(1500)),
+        DualConfig::default().with_gap_timeout(Duration::from_millis(200)),
+    ));
+    let hub = Hub::new(bus.clone());
+    let r = room("gap");
+    let mut s = hub.connect("u");
+    hub.join(&s.handle(), r.clone(), None, None).await?;
+    hub.publish(&Envelope::new(r.clone(), "m0")).await?;
+    // "A" is in the log but its fast copy is lost (a Redis blip): only the slow tail has it.
+    durable_log.publish(&Envelope::new(r.clone(), "A")).await?;
+    hub.publish(&Envelope::new(r.clone(), "B")).await?;
+    let mut got = Vec::new();
+    while let Ok(o) = tokio::time::timeout(Duration::from_millis(2500), s.recv()).await {
+        if let Outbound::Frame(b) = o {
+            got.push(String::from_utf8_lossy(&b).into_owned());
+        }
+        if got.len() == 3 {
+            break;
+        }
+    }
+    assert_eq!(got, ["m0", "A", "B"]);
+    assert_eq!(bus.stats().gap_timeouts.load(Ordering::Relaxed), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_fast_broker_with_its_own_cursors_is_refused() {
+    let bus = DualBus::new(log(), log(), DualConfig::default());
+    let err = bus.publish(&Envelope::new(room("x"), "m")).await;
+    assert!(matches!(err, Err(Error::Config(_))), "{err:?}");
+    assert!(matches!(
+        bus.subscribe(Interest::All).await,
+        Err(Error::Config(_))
+    ));
+}

@@ -270,3 +270,249 @@ async fn shutdown_closes_sessions_after_queued_frames() -> Result<()> {
     ));
     Ok(())
 }
+
+// ---- Regressions found in review: membership generations, bad cursors, fairness, races ----
+
+/// Everything the session gets until it stays quiet for 300 ms (frames as text, notices).
+async fn drain(s: &mut Session) -> Vec<String> {
+    let mut out = Vec::new();
+    while let Ok(o) = tokio::time::timeout(Duration::from_millis(300), s.recv()).await {
+        match o {
+            Outbound::Frame(b) => out.push(String::from_utf8_lossy(&b).into_owned()),
+            Outbound::Lagged { cursor, .. } => out.push(format!("LAGGED {cursor:?}")),
+            Outbound::Close(r) => {
+                out.push(format!("CLOSE {r:?}"));
+                break;
+            }
+        }
+    }
+    out
+}
+
+async fn publish_n(b: &MemoryBroker, r: &Room, prefix: &str, n: usize) -> Result<Vec<Cursor>> {
+    let mut cursors = Vec::new();
+    for i in 0..n {
+        let rc = b
+            .publish(&Envelope::new(r.clone(), format!("{prefix}{i}")))
+            .await?;
+        cursors.extend(rc.cursor);
+    }
+    Ok(cursors)
+}
+
+#[tokio::test]
+async fn leaving_during_a_catch_up_stops_it() -> Result<()> {
+    let broker = Arc::new(MemoryBroker::new());
+    let hub = Hub::new(broker.clone());
+    let r = room("r");
+    let cursors = publish_n(&broker, &r, "m", 6).await?;
+    let mut s = hub.connect("u");
+    hub.join(&s.handle(), r.clone(), Some(cursors[0]), None)
+        .await?;
+    assert!(hub.leave(&s.handle(), &r));
+    let got = drain(&mut s).await;
+    assert!(got.is_empty(), "received {got:?} after leaving");
+    Ok(())
+}
+
+#[tokio::test]
+async fn joining_again_during_a_catch_up_never_duplicates() -> Result<()> {
+    let broker = Arc::new(MemoryBroker::new());
+    let hub = Hub::new(broker.clone());
+    let r = room("r");
+    let cursors = publish_n(&broker, &r, "m", 4).await?;
+    let mut s = hub.connect("u");
+    hub.join(&s.handle(), r.clone(), Some(cursors[0]), None)
+        .await?;
+    hub.join(&s.handle(), r.clone(), None, None).await?;
+    hub.publish(&Envelope::new(r.clone(), "live")).await?;
+    let got = drain(&mut s).await;
+    let mut unique = got.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), got.len(), "duplicates: {got:?}");
+    assert_eq!(
+        got,
+        ["live"],
+        "the second join (no cursor) replaces the catch-up"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_resume_cursor_beyond_the_log_does_not_silence_the_room() -> Result<()> {
+    let hub = Hub::new(Arc::new(MemoryBroker::new()));
+    let r = room("r");
+    let mut s = hub.connect("u");
+    hub.join(
+        &s.handle(),
+        r.clone(),
+        Some(Cursor::new(0, 1_000_000)),
+        None,
+    )
+    .await?;
+    let _ = drain(&mut s).await;
+    for i in 0..3 {
+        hub.publish(&Envelope::new(r.clone(), format!("live{i}")))
+            .await?;
+    }
+    assert_eq!(drain(&mut s).await, ["live0", "live1", "live2"]);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catch_up_does_not_hold_back_other_rooms() -> Result<()> {
+    let broker = Arc::new(MemoryBroker::with_config(
+        MemoryConfig::default().with_history_len(10_000),
+    ));
+    let config = HubConfig {
+        session_queue: 8,
+        slow_policy: SlowPolicy::Close,
+        replay_page: 2,
+        ..HubConfig::default()
+    };
+    let hub = Hub::with_encoder(broker.clone(), Arc::new(RawPayload), config);
+    let (a, b) = (room("a"), room("b"));
+    let cursors = publish_n(&broker, &a, "a", 200).await?;
+    let mut s = hub.connect("u");
+    hub.join(&s.handle(), b.clone(), None, None).await?;
+    hub.join(&s.handle(), a.clone(), Some(cursors[0]), None)
+        .await?;
+    // One frame read (the catch-up has started), then room b gets traffic.
+    let _ = tokio::time::timeout(T, s.recv()).await;
+    for i in 0..20 {
+        hub.publish(&Envelope::new(b.clone(), format!("b{i}")))
+            .await?;
+        // A reading client: one frame per publish.
+        let _ = tokio::time::timeout(T, s.recv()).await;
+    }
+    let got = drain(&mut s).await;
+    assert!(
+        !got.iter().any(|g| g.starts_with("CLOSE")),
+        "closed as slow while reading everything: {:?}",
+        got.last()
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_room_stream_lagging_during_a_catch_up_loses_nothing() -> Result<()> {
+    // A tiny broker buffer: the hub's room subscription lags while the member catches up.
+    let broker = Arc::new(MemoryBroker::with_config(
+        MemoryConfig::default().with_subscriber_capacity(4),
+    ));
+    let hub = Hub::new(broker.clone());
+    let r = room("r");
+    let cursors = publish_n(&broker, &r, "m", 4).await?;
+    let mut s = hub.connect("u");
+    hub.join(&s.handle(), r.clone(), Some(cursors[0]), None)
+        .await?;
+    let mut got = Vec::new();
+    if let Ok(Outbound::Frame(b)) = tokio::time::timeout(T, s.recv()).await {
+        got.push(String::from_utf8_lossy(&b).into_owned());
+    }
+    publish_n(&broker, &r, "p", 11).await?;
+    tokio::task::yield_now().await;
+    got.extend(drain(&mut s).await);
+    let expected: Vec<String> = (1..4)
+        .map(|i| format!("m{i}"))
+        .chain((0..11).map(|i| format!("p{i}")))
+        .collect();
+    assert_eq!(got, expected);
+    Ok(())
+}
+
+/// A broker whose `subscribe` waits for a signal, to drop a session in the middle of `join`.
+#[derive(Debug)]
+struct GatedSubscribe(MemoryBroker, Arc<tokio::sync::Notify>);
+
+#[async_trait::async_trait]
+impl Broker for GatedSubscribe {
+    fn name(&self) -> &'static str {
+        "gated"
+    }
+    async fn publish(&self, e: &Envelope) -> Result<chatbus_core::Receipt> {
+        self.0.publish(e).await
+    }
+    async fn subscribe(&self, i: chatbus_core::Interest) -> Result<chatbus_core::Subscription> {
+        self.1.notified().await;
+        self.0.subscribe(i).await
+    }
+    async fn replay(
+        &self,
+        r: &Room,
+        f: chatbus_core::ReplayFrom,
+        l: usize,
+    ) -> Result<chatbus_core::HistoryStream> {
+        self.0.replay(r, f, l).await
+    }
+    async fn history(&self, r: &Room, b: Option<Cursor>, l: usize) -> Result<Vec<Envelope>> {
+        self.0.history(r, b, l).await
+    }
+    fn capabilities(&self) -> chatbus_core::Capabilities {
+        self.0.capabilities()
+    }
+    async fn health(&self) -> chatbus_core::Health {
+        chatbus_core::Health::Healthy
+    }
+}
+
+#[tokio::test]
+async fn a_session_dropped_during_join_leaves_no_member_behind() -> Result<()> {
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let hub = Hub::new(Arc::new(GatedSubscribe(MemoryBroker::new(), gate.clone())));
+    let r = room("r");
+    let s = hub.connect("ghost");
+    let (h, hub2, r2) = (s.handle(), hub.clone(), r.clone());
+    let join = tokio::spawn(async move { hub2.join(&h, r2, None, None).await });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    drop(s);
+    gate.notify_one();
+    let joined = join.await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        matches!(joined, Err(chatbus_core::Error::Closed)),
+        "{joined:?}"
+    );
+    assert!(
+        hub.local_members(&r).is_empty(),
+        "dropped session still a member"
+    );
+    assert!(hub.rooms().is_empty());
+    Ok(())
+}
+
+#[tokio::test]
+async fn recv_is_cancel_safe_during_catch_up() -> Result<()> {
+    use futures::FutureExt;
+    let broker = Arc::new(MemoryBroker::with_config(
+        MemoryConfig::default().with_history_len(10_000),
+    ));
+    let config = HubConfig {
+        replay_page: 50,
+        ..HubConfig::default()
+    };
+    let hub = Hub::with_encoder(broker.clone(), Arc::new(RawPayload), config);
+    let r = room("r");
+    let cursors = publish_n(&broker, &r, "", 1001).await?;
+    let mut s = hub.connect("u");
+    hub.join(&s.handle(), r.clone(), Some(cursors[0]), None)
+        .await?;
+    // The transport's pattern: await one, then take what is ready without waiting (dropping
+    // the pending call when nothing is).
+    let mut got = Vec::new();
+    while let Ok(Outbound::Frame(b)) =
+        tokio::time::timeout(Duration::from_millis(300), s.recv()).await
+    {
+        got.push(String::from_utf8_lossy(&b).into_owned());
+        for _ in 0..63 {
+            match s.recv().now_or_never() {
+                Some(Outbound::Frame(b)) => got.push(String::from_utf8_lossy(&b).into_owned()),
+                Some(other) => panic!("{other:?}"),
+                None => break,
+            }
+        }
+    }
+    let expected: Vec<String> = (1..1001).map(|i| i.to_string()).collect();
+    assert_eq!(got, expected);
+    Ok(())
+}
