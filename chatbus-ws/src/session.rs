@@ -212,7 +212,7 @@ where
         };
         w.run(end_rx).await;
         stop.cancel();
-        Done::Writer(w.session, w.sent_close)
+        Done::Writer(Box::new(w.session), w.sent_close)
     });
     let mut halves: FuturesUnordered<Half<'_>> = [reader, writer].into_iter().collect();
     let (mut end, mut writer_done) = (End::WriterStopped, None);
@@ -258,10 +258,11 @@ where
     tracing::debug!(session = handle.id(), user = %identity.user, "disconnected");
 }
 
-/// What a half of the session returns.
+/// What a half of the session returns. The session is boxed so that the enum (which each
+/// half's future holds room for) stays small; it is returned once per connection.
 enum Done {
     Reader(End),
-    Writer(Session, bool),
+    Writer(Box<Session>, bool),
 }
 
 type Half<'a> = Pin<Box<dyn Future<Output = Done> + Send + 'a>>;

@@ -68,6 +68,41 @@ struct Track {
     missing: Vec<u32>,
 }
 
+/// What one received sequence number was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Seen {
+    /// The next expected, or past a gap (the gap is remembered).
+    InOrder,
+    /// Fills an earlier gap: arrived out of order.
+    Late,
+    /// Already received.
+    Duplicate,
+}
+
+/// Gaps remembered per (receiver, sender) at most; past it a gap still counts as loss (the
+/// delivered count is what loss is computed from), it just cannot be filled late any more.
+const MAX_MISSING: usize = 100_000;
+
+impl Track {
+    fn accept(&mut self, seq: u32) -> Seen {
+        if seq == self.next {
+            self.next = self.next.saturating_add(1);
+            Seen::InOrder
+        } else if seq > self.next {
+            let room = MAX_MISSING.saturating_sub(self.missing.len());
+            let gap_end = seq.min(self.next.saturating_add(room as u32));
+            self.missing.extend(self.next..gap_end);
+            self.next = seq.saturating_add(1);
+            Seen::InOrder
+        } else if let Some(p) = self.missing.iter().position(|&m| m == seq) {
+            self.missing.swap_remove(p);
+            Seen::Late
+        } else {
+            Seen::Duplicate
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Client {
     gid: u32,
@@ -819,24 +854,13 @@ impl Engine {
             self.step.foreign += 1;
             return;
         };
-        let fresh = if b.seq == t.next {
-            t.next += 1;
-            true
-        } else if b.seq > t.next {
-            // A gap: remember what is missing, in case it arrives late (reordered).
-            t.missing.extend(t.next..b.seq);
-            t.next = b.seq + 1;
-            true
-        } else if let Some(p) = t.missing.iter().position(|&m| m == b.seq) {
-            t.missing.swap_remove(p);
-            self.step.reordered += 1;
-            true
-        } else {
-            false
-        };
-        if !fresh {
-            self.step.dups += 1;
-            return;
+        match t.accept(b.seq) {
+            Seen::InOrder => {}
+            Seen::Late => self.step.reordered += 1,
+            Seen::Duplicate => {
+                self.step.dups += 1;
+                return;
+            }
         }
         let lat = now_us.saturating_sub(b.ts_us).max(1);
         let step = &mut self.step;
@@ -1011,5 +1035,29 @@ impl Engine {
                 self.clients[idx].sock = None;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sequence_tracking() {
+        let mut t = Track::default();
+        assert_eq!(t.accept(0), Seen::InOrder);
+        assert_eq!(t.accept(1), Seen::InOrder);
+        assert_eq!(t.accept(1), Seen::Duplicate);
+        // 2 and 3 missing.
+        assert_eq!(t.accept(4), Seen::InOrder);
+        assert_eq!(t.missing.len(), 2);
+        assert_eq!(t.accept(3), Seen::Late);
+        assert_eq!(t.accept(3), Seen::Duplicate);
+        assert_eq!(t.accept(0), Seen::Duplicate);
+        assert_eq!(t.missing, vec![2]);
+        assert_eq!(t.accept(5), Seen::InOrder);
+        // A huge jump does not allocate without bound.
+        assert_eq!(t.accept(u32::MAX - 1), Seen::InOrder);
+        assert!(t.missing.len() <= MAX_MISSING);
     }
 }
