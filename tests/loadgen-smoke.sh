@@ -3,7 +3,8 @@
 # artifacts `cargo test` already built), starts one chat-server (memory broker, no rate limit)
 # on a free loopback port, runs 60 clients in 3 rooms with 6 senders for 2 seconds, and fails
 # unless every client connected and every message reached every member exactly once. Then the
-# same through two processes (--procs 2) to cover the multi-process path. Stops the server.
+# same through two processes (--procs 2) to cover the multi-process path, and checks that a run
+# against a server that refuses sends (rate limit) is reported as not clean. Stops the servers.
 #
 # Run with: bash tests/loadgen-smoke.sh
 # Last line: "loadgen-smoke: N passed, M failed"; exit status non-zero on failure.
@@ -75,3 +76,27 @@ check() {
 
 check smoke-1proc
 check smoke-2procs --procs 2 --sources 2
+
+# The check must be able to fail: against a server that refuses most sends (rate limit 1/s),
+# --assert-clean has to exit non-zero and say why.
+stop_server
+PORT=$("$LOADGEN" free-port) || fail_now "no free port"
+RUST_LOG=${RUST_LOG:-warn} "$BIN/chat-server" --listen "127.0.0.1:$PORT" --broker memory \
+  --rate-burst 3 --rate-per-sec 1 >"$OUT/server-limited.log" 2>&1 &
+SERVER_PID=$!
+"$LOADGEN" wait-http "http://127.0.0.1:$PORT/readyz" --timeout 30 \
+  || fail_now "rate-limited chat-server not ready on 127.0.0.1:$PORT"
+if timeout 60 "$LOADGEN" run --url "ws://127.0.0.1:$PORT/ws" --clients 10 --rooms 1 --senders 2 \
+  --rate 40 --duration 1 --drain-secs 2 --assert-clean --out "$OUT" --name smoke-detects \
+  >"$OUT/smoke-detects.out" 2>&1; then
+  echo "loadgen-smoke: FAIL smoke-detects (refused sends were not reported)"
+  tail -n 20 "$OUT/smoke-detects.out"
+  FAILED=$((FAILED + 1))
+elif grep -q "NOT CLEAN" "$OUT/smoke-detects.out" && grep -q '"rejected": [1-9]' "$OUT/smoke-detects.json"; then
+  echo "loadgen-smoke: ok   smoke-detects (refused sends reported, exit status non-zero)"
+  PASSED=$((PASSED + 1))
+else
+  echo "loadgen-smoke: FAIL smoke-detects"
+  tail -n 20 "$OUT/smoke-detects.out"
+  FAILED=$((FAILED + 1))
+fi
