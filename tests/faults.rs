@@ -275,7 +275,7 @@ async fn slow_client_that_reads_nothing() {
     let c = Cluster::start(3, &["--session-queue", "64", "--rate-per-sec", "0"]).await;
     let heavy = Load {
         sends: 600,
-        every: Duration::from_millis(8),
+        every: Duration::from_millis(16),
         pad: 8_000,
     };
     let mut ps = c.participants("faults-slow", heavy).await;
@@ -293,7 +293,7 @@ async fn slow_client_that_reads_nothing() {
     .await;
     go(&ps);
     let rss_before = rss_kib(c.servers[0].pid());
-    tokio::time::sleep(Duration::from_secs(8)).await;
+    tokio::time::sleep(Duration::from_secs(11)).await;
     let rss_during = rss_kib(c.servers[0].pid());
     let lagged = metric(&c.servers[0].metrics().await, "chatbus_lagged_total");
     let slow_closed = metric(&c.servers[0].metrics().await, "chatbus_slow_closed_total");
