@@ -609,6 +609,7 @@ impl Controller {
     fn step(&mut self, rate: f64, secs: f64, epoch_us: u64) -> Result<StepOut, String> {
         let before = self.snapshot()?;
         let own_before = self.own_cpu();
+        let machine_before = procstat::machine_cpu(self.ticks);
         let start_us = unix_us() + 100_000;
         let duration_ms = (secs * 1000.0) as u64;
         self.broadcast(&Cmd::Send {
@@ -670,6 +671,10 @@ impl Controller {
         )?;
         let after = self.snapshot()?;
         let own_after = self.own_cpu();
+        let machine_busy_us = match (machine_before, procstat::machine_cpu(self.ticks)) {
+            (Some((b0, _)), Some((b1, _))) => b1.saturating_sub(b0),
+            _ => 0,
+        };
         let wall = match (before.at, after.at) {
             (Some(a), Some(b)) => b.duration_since(a).as_secs_f64(),
             _ => secs,
@@ -689,6 +694,7 @@ impl Controller {
             after,
             wall,
             own_cpu_us: own_after.saturating_sub(own_before),
+            machine_busy_us,
         }))
     }
 
@@ -768,6 +774,8 @@ impl Controller {
             s.server_cpu_pct = s.server_cpu_us as f64 / wall_us * 100.0;
             s.broker_cpu_pct = s.broker_cpu_us as f64 / wall_us * 100.0;
             s.loadgen_cpu_pct = i.own_cpu_us as f64 / wall_us * 100.0;
+            let ours = s.server_cpu_us + s.broker_cpu_us + i.own_cpu_us;
+            s.other_cpu_pct = i.machine_busy_us.saturating_sub(ours) as f64 / wall_us * 100.0;
         }
         s.server_rss_bytes = i.after.rss(&self.watched, "server");
         s.t_start = i.start_us.saturating_sub(i.epoch_us) as f64 / 1e6;
@@ -863,6 +871,7 @@ struct StepInput {
     after: Snapshot,
     wall: f64,
     own_cpu_us: u64,
+    machine_busy_us: u64,
 }
 
 fn default_out() -> PathBuf {
@@ -1076,7 +1085,7 @@ fn drive(c: &mut Controller) -> Result<RunReport, String> {
         let s = c.step(rate, secs, epoch_us)?;
         i += 1;
         eprintln!(
-            "[step {i}] {:.1} msg/s -> {:.0} deliveries/s (offered {:.0}), p50 {:.2} ms p99 {:.2} ms p99.9 {:.2} ms, lost {} dup {}, server {:.2} µs/delivery ({:.0}% CPU), generator {:.0}% CPU{}",
+            "[step {i}] {:.1} msg/s -> {:.0} deliveries/s (offered {:.0}), p50 {:.2} ms p99 {:.2} ms p99.9 {:.2} ms, lost {} dup {}, server {:.2} µs/delivery ({:.0}% CPU), generator {:.0}% CPU, other {:.0}%{}",
             s.rate_msgs,
             s.deliveries_per_s,
             s.target_deliveries_per_s,
@@ -1088,6 +1097,7 @@ fn drive(c: &mut Controller) -> Result<RunReport, String> {
             s.server_cpu_us_per_delivery,
             s.server_cpu_pct,
             s.loadgen_cpu_pct,
+            s.other_cpu_pct,
             if s.held { String::new() } else { format!(" -- NOT HELD: {}", s.why_not) }
         );
         let held = s.held;

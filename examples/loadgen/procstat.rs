@@ -72,6 +72,22 @@ pub(crate) fn sample(pid: u32, ticks: u64) -> Result<Sample, String> {
     })
 }
 
+/// Busy and total CPU time of the whole machine, microseconds (from the `cpu` line of
+/// `/proc/stat`; busy excludes idle and iowait).
+pub(crate) fn machine_cpu(ticks: u64) -> Option<(u64, u64)> {
+    let stat = fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    let total: u64 = v.iter().take(8).sum();
+    let idle = v.get(3)? + v.get(4).copied().unwrap_or(0);
+    let us = |t: u64| t * 1_000_000 / ticks;
+    Some((us(total - idle), us(total)))
+}
+
 /// Readings of every watched process at one moment.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Snapshot {

@@ -135,6 +135,9 @@ pub(crate) struct StepOut {
     pub(crate) server_cpu_pct: f64,
     pub(crate) broker_cpu_pct: f64,
     pub(crate) loadgen_cpu_pct: f64,
+    /// CPU used on the machine by everything else (other processes, unattributed kernel
+    /// work), share of one core: the noise of a shared machine.
+    pub(crate) other_cpu_pct: f64,
     pub(crate) server_rss_bytes: u64,
     /// How far the generator fell behind its send schedule at worst.
     pub(crate) max_send_late_ms: f64,
@@ -216,15 +219,15 @@ pub(crate) fn table(r: &RunReport) -> String {
     if !r.steps.is_empty() {
         let _ = writeln!(
             o,
-            "{:>8} {:>10} {:>10} {:>9} {:>6} {:>5} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6} {:>6} {:>6}  held",
+            "{:>8} {:>10} {:>10} {:>9} {:>6} {:>5} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6} {:>6} {:>6} {:>6}  held",
             "msg/s", "target/s", "dlv/s", "delivered", "lost", "dup", "p50 ms", "p99 ms",
-            "p99.9", "max ms", "srv µs/d", "+brk µs/d", "srv%", "brk%", "lg%"
+            "p99.9", "max ms", "srv µs/d", "+brk µs/d", "srv%", "brk%", "lg%", "oth%"
         );
     }
     for s in &r.steps {
         let _ = writeln!(
             o,
-            "{:>8.1} {:>10.0} {:>10.0} {:>9} {:>6} {:>5} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>6.0} {:>6.0} {:>6.0}  {}",
+            "{:>8.1} {:>10.0} {:>10.0} {:>9} {:>6} {:>5} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>6.0} {:>6.0} {:>6.0} {:>6.0}  {}",
             s.rate_msgs,
             s.target_deliveries_per_s,
             s.deliveries_per_s,
@@ -240,6 +243,7 @@ pub(crate) fn table(r: &RunReport) -> String {
             s.server_cpu_pct,
             s.broker_cpu_pct,
             s.loadgen_cpu_pct,
+            s.other_cpu_pct,
             if s.held { "yes".to_owned() } else { format!("no: {}", s.why_not) }
         );
     }
