@@ -37,10 +37,14 @@ const SCAN_PAGE: usize = 256;
 /// - **slow subscribers**: each subscription has a buffer of
 ///   [`RedisConfig::subscriber_capacity`]; when it is full its messages are dropped (for it
 ///   only) and it gets `Err(Lagged { missed })`.
-/// - **reconnects**: when the connection drops, subscribers get `Err(Unavailable)`; the
-///   broker reconnects with capped exponential backoff, re-subscribes every room, then yields
-///   `Err(Lagged { missed: 0 })` so that subscribers resync from their cursors (what was
-///   published meanwhile is lost to the live stream, and still in the window if it is on).
+/// - **reconnects**: when the connection drops, subscribers get `Err(Unavailable)` (once per
+///   outage); the broker reconnects with capped exponential backoff, re-subscribes every
+///   room, then yields `Err(Lagged { missed: 0 })` so that subscribers resync from their
+///   cursors (what was published meanwhile is lost to the live stream, and still in the
+///   window if it is on). Only a connection that served for 5 s is retried at once when it
+///   drops; a re-subscribe that fails (an ACL denying `SUBSCRIBE`) or a connection the
+///   server closes soon after it opened keeps backing off, so a server that keeps refusing
+///   is not hammered.
 ///   Publishes and new subscriptions fail meanwhile (within
 ///   [`RedisConfig::command_timeout`]); [`health`](Broker::health) reports `Down`, then
 ///   `Degraded` while re-subscribing.
@@ -525,7 +529,7 @@ impl Broker for RedisBroker {
                 "redis connection lost {:.1}s ago, reconnecting: {reason}",
                 since.elapsed().as_secs_f64()
             )),
-            ConnState::Resubscribing => {
+            ConnState::Resubscribing { .. } => {
                 Health::Degraded("redis reconnected, re-subscribing rooms".to_owned())
             }
             ConnState::Up => {

@@ -58,6 +58,10 @@ pub struct RedisConfig {
     pub command_timeout: Duration,
     /// First delay before reconnecting after the connection dropped; it doubles per failed
     /// attempt (with jitter) up to [`backoff_max`](Self::backoff_max). Default 100 ms.
+    ///
+    /// An attempt fails when the connection cannot be made, when re-subscribing on it fails,
+    /// or when it is lost again within 5 s. Only the loss of a connection that served
+    /// longer resets the delay (and is retried at once).
     pub backoff_min: Duration,
     /// Cap of the reconnect delay. Default 2 s.
     pub backoff_max: Duration,

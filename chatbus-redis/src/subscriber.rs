@@ -31,6 +31,10 @@ use crate::wire::Keys;
 /// Channels per `SUBSCRIBE` command when re-subscribing many rooms at once.
 const CHUNK: usize = 512;
 
+/// How long a connection must serve before its loss resets the backoff and is retried at
+/// once. Shorter-lived connections keep backing off: the server keeps refusing or closing them.
+const STABLE_AFTER: Duration = Duration::from_secs(5);
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // The guarded values are plain data that stay consistent between statements.
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -40,8 +44,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 #[derive(Debug, Clone)]
 pub(crate) enum ConnState {
     Up,
-    /// Connected again; the rooms are being re-subscribed.
-    Resubscribing,
+    /// Connected again; the rooms are being re-subscribed. `since`: when the outage began.
+    Resubscribing {
+        since: Instant,
+    },
     Down {
         since: Instant,
         reason: String,
@@ -237,6 +243,8 @@ pub(crate) struct Actor {
     maybe_empty: HashSet<Room>,
     // The same for the pattern subscription.
     all_maybe_empty: bool,
+    // Subscribers were told Unavailable and not yet Lagged (the outage is still going on).
+    told_down: bool,
 }
 
 /// Opens the pub/sub connection (authenticating), bounded by `timeout`.
@@ -300,6 +308,7 @@ impl Actor {
             psubscribed: false,
             maybe_empty: HashSet::new(),
             all_maybe_empty: false,
+            told_down: false,
         }
     }
 
@@ -308,9 +317,22 @@ impl Actor {
     pub(crate) async fn run(mut self, first: (PubSubSink, PubSubStream)) {
         let mut conn = Some(first);
         let mut reconnecting = false;
+        // Failed attempts since the last connection that proved stable: the backoff step.
         let mut attempt = 0u32;
+        // Whether to back off before the next attempt. Only a connection that served for
+        // STABLE_AFTER earns an immediate reconnect; one refused or closed right after it
+        // opened (an ACL that denies SUBSCRIBE, a server at maxclients that closes every new
+        // connection) must not turn the loop into a busy connect/SUBSCRIBE cycle.
+        let mut wait_first = false;
         let mut seed = jitter_seed();
         loop {
+            if std::mem::take(&mut wait_first) {
+                let wait = backoff(self.backoff_min, self.backoff_max, attempt, &mut seed);
+                attempt = attempt.saturating_add(1);
+                if self.wait_down(wait).await {
+                    return self.shutdown();
+                }
+            }
             let (mut sink, mut stream) = match conn.take() {
                 Some(c) => c,
                 None => match connect_pubsub(&self.client, self.connect_timeout).await {
@@ -318,20 +340,17 @@ impl Actor {
                     Err(e) => {
                         tracing::debug!(error = %e, attempt, "redis reconnect failed");
                         self.note_down(&e.to_string());
-                        let wait = backoff(self.backoff_min, self.backoff_max, attempt, &mut seed);
-                        attempt = attempt.saturating_add(1);
-                        if self.wait_down(wait).await {
-                            return self.shutdown();
-                        }
+                        wait_first = true;
                         continue;
                     }
                 },
             };
             if reconnecting {
-                self.shared.set_state(ConnState::Resubscribing);
+                self.set_resubscribing();
                 if let Err(e) = self.resubscribe_all(&mut sink).await {
-                    tracing::warn!(error = %e, "redis re-subscribe failed");
-                    self.lost(&e.to_string());
+                    tracing::warn!(error = %e, attempt, "redis re-subscribe failed");
+                    self.lost(&e);
+                    wait_first = true;
                     continue;
                 }
                 self.shared
@@ -352,16 +371,23 @@ impl Actor {
                 self.table.for_each_sender(|s| {
                     let _: SendOutcome = s.send_error(Error::Lagged { missed: 0 });
                 });
+                self.told_down = false;
                 tracing::info!(rooms = self.subscribed.len(), "redis pub/sub reconnected");
             }
             self.shared.set_state(ConnState::Up);
-            attempt = 0;
+            let opened = Instant::now();
             match self.session(&mut sink, &mut stream).await {
                 End::Shutdown => return self.shutdown(),
                 End::Lost(reason) => {
-                    tracing::warn!(%reason, "redis pub/sub connection lost");
+                    tracing::warn!(%reason, attempt, "redis pub/sub connection lost");
                     self.lost(&reason);
                     reconnecting = true;
+                    if opened.elapsed() >= STABLE_AFTER {
+                        // A one-off drop of a good connection: reconnect at once.
+                        attempt = 0;
+                    } else {
+                        wait_first = true;
+                    }
                 }
             }
         }
@@ -376,7 +402,14 @@ impl Actor {
         let mut state = lock(&self.shared.state);
         match &mut *state {
             ConnState::Down { reason: r, .. } => reason.clone_into(r),
-            _ => {
+            // Still the same outage: keep when it began.
+            ConnState::Resubscribing { since } => {
+                *state = ConnState::Down {
+                    since: *since,
+                    reason: reason.to_owned(),
+                }
+            }
+            ConnState::Up => {
                 *state = ConnState::Down {
                     since: Instant::now(),
                     reason: reason.to_owned(),
@@ -385,11 +418,25 @@ impl Actor {
         }
     }
 
-    /// The connection broke: forget what it had subscribed and tell every subscriber.
+    fn set_resubscribing(&self) {
+        let mut state = lock(&self.shared.state);
+        let since = match &*state {
+            ConnState::Down { since, .. } | ConnState::Resubscribing { since } => *since,
+            ConnState::Up => Instant::now(),
+        };
+        *state = ConnState::Resubscribing { since };
+    }
+
+    /// The connection broke: forget what it had subscribed and tell every subscriber, once
+    /// per outage (a failed re-subscribe is the same outage going on, and repeating the
+    /// notice would only fill their buffers).
     fn lost(&mut self, reason: &str) {
         self.note_down(reason);
         self.subscribed.clear();
         self.psubscribed = false;
+        if std::mem::replace(&mut self.told_down, true) {
+            return;
+        }
         let reason = format!("connection lost ({reason}); reconnecting");
         self.table.for_each_sender(|s| {
             let _: SendOutcome = s.send_error(error::unavailable(reason.clone()));
