@@ -290,9 +290,9 @@ fn fmt_si(v: f64) -> String {
 
 /// The chart: delivery rate (with the step targets) over latency percentiles, on one time axis.
 pub(crate) fn svg(r: &RunReport) -> String {
-    let (w, h) = (960.0, 620.0);
+    let (w, h) = (960.0, 640.0);
     let (left, right) = (80.0, 30.0);
-    let top1 = 60.0;
+    let top1 = 78.0;
     let h1 = 220.0;
     let top2 = top1 + h1 + 60.0;
     let h2 = 220.0;
