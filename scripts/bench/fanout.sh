@@ -6,6 +6,7 @@
 #   scripts/bench/fanout.sh                 # chatbus (--broker redis)
 #   PEER=1 scripts/bench/fanout.sh          # the Socket.IO + Redis adapter peer
 #   RATES=30,100,200 scripts/bench/fanout.sh   # other steps (messages/s over all senders)
+#   BROKER=memory scripts/bench/fanout.sh   # chatbus, one instance, no Redis (the hub alone)
 #
 # Each message reaches 1,000 clients, so 100 msg/s is 100,000 deliveries/s. The 100 msg/s
 # step is the "p99 at 100,000 deliveries/s" figure.
@@ -19,21 +20,30 @@ if [ -n "${PEER:-}" ]; then
 else
   RATES=${RATES:-30,100,200,400,700,1000,1500,2000,3000}
 fi
+BROKER=${BROKER:-redis}
 build
-start_redis
+broker_pids=()
+if [ "$BROKER" != memory ] || [ -n "${PEER:-}" ]; then
+  start_redis
+  broker_pids=("$REDIS_PID")
+fi
 if [ -n "${PEER:-}" ]; then
   prepare_peer
   start_peer; start_peer
   proto=socketio; name=fanout-peer; ports=("${PEER_PORTS[@]}"); pids=("${PEER_PIDS[@]}")
   label="socket.io + redis adapter, 2 instances"
+elif [ "$BROKER" = memory ]; then
+  start_chatbus memory
+  proto=chatbus; name=fanout-chatbus-memory; ports=("${CB_PORTS[@]}"); pids=("${CB_PIDS[@]}")
+  label="chatbus --broker memory, 1 instance"
 else
-  start_chatbus redis; start_chatbus redis
+  start_chatbus "$BROKER"; start_chatbus "$BROKER"
   proto=chatbus; name=fanout-chatbus; ports=("${CB_PORTS[@]}"); pids=("${CB_PIDS[@]}")
-  label="chatbus --broker redis, 2 instances"
+  label="chatbus --broker $BROKER, 2 instances"
 fi
 "$LOADGEN" run --protocol "$proto" --url "$(urls "$proto" "${ports[@]}")" \
   --clients "$CLIENTS" --rooms 1 --senders "$SENDERS" \
   --ramp --rates "$RATES" --step-secs 3 --p99-limit-ms 50 --drain-secs 3 \
-  --server-pid "$(join_by , "${pids[@]}")" --broker-pid "$REDIS_PID" \
+  --server-pid "$(join_by , "${pids[@]}")" ${broker_pids[@]:+--broker-pid "$(join_by , "${broker_pids[@]}")"} \
   --name "$name" --label "$label" --max-secs 150
 finish_line
