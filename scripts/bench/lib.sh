@@ -38,7 +38,12 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # Builds the chat server and the load generator (release). Quiet unless it fails.
+# SKIP_BUILD=1 uses the binaries already in target/release/examples.
 build() {
+  if [ -n "${SKIP_BUILD:-}" ] && [ -x "$BIN/chat-server" ] && [ -x "$LOADGEN" ]; then
+    say "using the binaries already built (SKIP_BUILD)"
+    return
+  fi
   say "building chat-server and loadgen (release)"
   (cd "$ROOT" && cargo build --release --quiet --example chat-server --example loadgen) \
     || die "cargo build failed"
