@@ -82,6 +82,15 @@ pub struct KafkaConfig {
     /// Most records `history` reads backwards in one call looking for a room's messages, so
     /// that a page of a quiet room in a busy partition stays bounded. Default 100,000.
     pub history_scan_limit: usize,
+    /// Most `replay`/`history` reads running at once. Each holds a replay reader (a
+    /// librdkafka consumer: a few threads and a connection to the partition's leader) and a
+    /// blocking thread while it reads; up to this many readers are kept open for reuse.
+    /// Further calls queue in arrival order and fail with `Error::Timeout` after
+    /// [`request_timeout`](Self::request_timeout) without a free reader. A replay stream
+    /// holds a reader only while it reads a chunk (up to 512 messages), not while its caller
+    /// drains it. Bounds what a crowd of clients resuming at once (all those of an instance
+    /// that died) costs. Default 8; env `CHATBUS_KAFKA_MAX_CONCURRENT_REPLAYS`.
+    pub max_concurrent_replays: usize,
     /// Largest encoded message accepted by `publish`, in bytes. Default 1,000,000 (Kafka's
     /// default `max.message.bytes` is a little larger).
     pub max_message_bytes: usize,
@@ -106,6 +115,7 @@ impl Default for KafkaConfig {
             fetch_wait: Duration::from_millis(100),
             subscriber_capacity: 4096,
             history_scan_limit: 100_000,
+            max_concurrent_replays: 8,
             max_message_bytes: 1_000_000,
             client_id: "chatbus".into(),
             properties: Vec::new(),
@@ -130,6 +140,7 @@ impl KafkaConfig {
     /// | `CHATBUS_KAFKA_LINGER_MS` | [`linger`](Self::linger) |
     /// | `CHATBUS_KAFKA_PUBLISH_TIMEOUT_MS` | [`publish_timeout`](Self::publish_timeout) |
     /// | `CHATBUS_KAFKA_FETCH_WAIT_MS` | [`fetch_wait`](Self::fetch_wait) |
+    /// | `CHATBUS_KAFKA_MAX_CONCURRENT_REPLAYS` | [`max_concurrent_replays`](Self::max_concurrent_replays) |
     /// | `CHATBUS_KAFKA_PROP_<NAME>` | a librdkafka property: `<NAME>` lowercased, `_` → `.` |
     ///
     /// For example `CHATBUS_KAFKA_PROP_SECURITY_PROTOCOL=SASL_SSL` sets `security.protocol`.
@@ -170,6 +181,9 @@ impl KafkaConfig {
                 }
                 "CHATBUS_KAFKA_FETCH_WAIT_MS" => {
                     config.fetch_wait = Duration::from_millis(parse(key, &value)?);
+                }
+                "CHATBUS_KAFKA_MAX_CONCURRENT_REPLAYS" => {
+                    config.max_concurrent_replays = parse(key, &value)?;
                 }
                 _ => {
                     if let Some(name) = key.strip_prefix(ENV_PROP_PREFIX) {
@@ -272,6 +286,13 @@ impl KafkaConfig {
         self
     }
 
+    /// Sets [`max_concurrent_replays`](Self::max_concurrent_replays).
+    #[must_use]
+    pub fn with_max_concurrent_replays(mut self, readers: usize) -> Self {
+        self.max_concurrent_replays = readers;
+        self
+    }
+
     /// Sets [`max_message_bytes`](Self::max_message_bytes).
     #[must_use]
     pub fn with_max_message_bytes(mut self, bytes: usize) -> Self {
@@ -326,6 +347,14 @@ impl KafkaConfig {
         if self.request_timeout < Duration::from_millis(1) {
             return bad("request_timeout must be at least 1 ms".into());
         }
+        if self.max_concurrent_replays == 0
+            || self.max_concurrent_replays > tokio::sync::Semaphore::MAX_PERMITS
+        {
+            return bad(format!(
+                "max_concurrent_replays must be at least 1, got {}",
+                self.max_concurrent_replays
+            ));
+        }
         Ok(())
     }
 }
@@ -348,6 +377,7 @@ mod tests {
             ("CHATBUS_KAFKA_TOPIC", "chat"),
             ("CHATBUS_KAFKA_PARTITIONS", "3"),
             ("CHATBUS_KAFKA_LINGER_MS", "7"),
+            ("CHATBUS_KAFKA_MAX_CONCURRENT_REPLAYS", "3"),
             ("CHATBUS_KAFKA_PROP_SECURITY_PROTOCOL", "SASL_SSL"),
             ("CHATBUS_KAFKA_PROP_SASL_MECHANISM", "PLAIN"),
             ("UNRELATED", "x"),
@@ -357,6 +387,7 @@ mod tests {
         assert_eq!(config.topic, "chat");
         assert_eq!(config.partitions, 3);
         assert_eq!(config.linger, Duration::from_millis(7));
+        assert_eq!(config.max_concurrent_replays, 3);
         assert_eq!(
             config.properties,
             [
@@ -374,6 +405,7 @@ mod tests {
             [("CHATBUS_KAFKA_TOPIC", "a topic")],
             [("CHATBUS_KAFKA_BROKERS", " ")],
             [("CHATBUS_KAFKA_PROP_", "x")],
+            [("CHATBUS_KAFKA_MAX_CONCURRENT_REPLAYS", "0")],
         ] {
             match KafkaConfig::from_vars(vars) {
                 Err(Error::Config(_)) => {}

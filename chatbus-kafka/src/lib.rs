@@ -66,6 +66,13 @@
 //!   messages, and stops at `limit` or at the partition's end as it was when the replay
 //!   started. **History** reads backwards from a cursor (or the end) in growing chunks until
 //!   it has a page, bounded by [`KafkaConfig::history_scan_limit`] records.
+//! - **Replay readers**: replay and history read with a pool of consumers, at most
+//!   [`KafkaConfig::max_concurrent_replays`] (default 8) reading at once, each on a blocking
+//!   thread; further calls queue in arrival order for up to [`KafkaConfig::request_timeout`],
+//!   then fail with `Error::Timeout`. A replay stream reads up to 512 messages per turn and
+//!   holds them while its caller drains it, with the reader already back in the pool, so
+//!   thousands of clients resuming at once cost a few consumers and threads, not one each.
+//!   Dropping a replay future or stream stops its read and gives the reader back.
 //!
 //! The client is rust-rdkafka 0.39 over librdkafka 2.12, built from source (bundled, no
 //! system library, so the version is the one tested): it has everything this broker needs
@@ -113,13 +120,16 @@ pub use rdkafka;
 
 use client::{Context, BACKEND};
 use producer::{Producer, ProducerSlot};
-use reader::{is_of, Readers};
+use reader::{is_of, Cancel, CancelOnDrop, Readers};
 use tail::Tail;
 
 /// How long `health` waits for the cluster to answer.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
-/// Replayed messages buffered ahead of the consumer of a replay stream.
-const REPLAY_BUFFER: usize = 256;
+/// Most messages a replay reads per turn with a reader. The stream holds them while its caller
+/// drains it, with the reader already given back, so a slow client never keeps a reader (or a
+/// blocking thread) busy; past them, it waits for a reader again and reads on. As large as the
+/// Hub's default catch-up page, which then takes one turn.
+const REPLAY_CHUNK: usize = 512;
 
 /// The Kafka broker. Cheap to clone (clones share the clients and the tail consumer).
 ///
@@ -163,6 +173,14 @@ pub struct KafkaStats {
     /// Times the producer was replaced by a fresh one after a failed delivery (see
     /// `docs/ARCHITECTURE.md`, "Kafka on Tansu").
     pub producer_replacements: u64,
+    /// Replay readers (librdkafka consumers for `replay` and `history`) created so far. At
+    /// most [`KafkaConfig::max_concurrent_replays`] exist at once; they are reused.
+    pub replay_readers: u64,
+    /// Replay and history reads running now (at most
+    /// [`KafkaConfig::max_concurrent_replays`]).
+    pub replays_active: usize,
+    /// Replay and history calls waiting for a free reader now.
+    pub replays_waiting: usize,
 }
 
 impl std::fmt::Debug for KafkaBroker {
@@ -230,6 +248,9 @@ impl KafkaBroker {
             client_errors: load(&self.inner.ctx.conn.errors),
             subscriptions: self.inner.tail.get().map_or(0, Tail::subscriptions),
             producer_replacements: self.inner.producer.replaced(),
+            replay_readers: load(&self.inner.readers.created),
+            replays_active: self.inner.readers.active(),
+            replays_waiting: self.inner.readers.waiting(),
         }
     }
 
@@ -253,10 +274,11 @@ impl KafkaBroker {
                     self.inner.readers.clone(),
                 );
                 let partitions = self.inner.partitions;
+                let slot = readers.acquire().await?;
                 blocking(move || {
-                    let reader = readers.take()?;
-                    let ends = readers.end_offsets(&reader, partitions);
-                    readers.give(reader);
+                    let lease = slot.lease()?;
+                    let ends = readers.end_offsets(&lease, partitions);
+                    drop(lease);
                     Tail::start(&config, ctx, ends?)
                 })
                 .await
@@ -531,6 +553,9 @@ impl Broker for KafkaBroker {
     /// beginning, up to `limit` and up to the end of the partition when the call was made.
     ///
     /// `Error::InvalidCursor` for a cursor of another partition than the room's.
+    /// `Error::Timeout` when no replay reader came free within
+    /// [`KafkaConfig::request_timeout`] (see [`KafkaConfig::max_concurrent_replays`]); the
+    /// stream waits for one the same way before each further chunk of 512 messages.
     async fn replay(&self, room: &Room, from: ReplayFrom, limit: usize) -> Result<HistoryStream> {
         let cursor = match from {
             ReplayFrom::Cursor(c) => Some(c),
@@ -541,82 +566,56 @@ impl Broker for KafkaBroker {
             return Ok(chatbus_core::history_stream(Vec::new()));
         }
         let readers = self.inner.readers.clone();
-        // Plan first, so that errors (cluster down) are returned by `replay` itself.
-        let (reader, range) = blocking({
-            let readers = readers.clone();
+        // Set if this future (and later the stream) is dropped: the read stops early.
+        let cancel = CancelOnDrop::default();
+        let since = match from {
+            ReplayFrom::Time(ms) => Some(ms),
+            _ => None,
+        };
+        // Plan and read the first chunk with one reader, so that errors (cluster down) are
+        // returned by `replay` itself.
+        let slot = readers.acquire().await?;
+        let first = blocking({
+            let (readers, room, token) = (readers.clone(), room.clone(), cancel.token());
             move || {
-                let reader = readers.take()?;
-                let planned = plan(&readers, &reader, partition, from);
-                match planned {
-                    Ok(range) => Ok((reader, range)),
-                    Err(e) => {
-                        readers.give(reader);
-                        Err(e)
-                    }
-                }
+                let lease = slot.lease()?;
+                let Some((start, end)) = plan(&readers, &lease, partition, from)? else {
+                    return Ok(None);
+                };
+                let mut rest = ReplayRest {
+                    room,
+                    partition,
+                    since,
+                    next: start,
+                    end,
+                    left: limit,
+                };
+                let chunk = rest.read(&readers, &lease, true, &token)?;
+                Ok(Some((chunk, rest)))
             }
         })
         .await?;
-        let Some((start, end)) = range else {
-            readers.give(reader);
+        let Some((chunk, rest)) = first else {
             return Ok(chatbus_core::history_stream(Vec::new()));
         };
-        let (tx, rx) = tokio::sync::mpsc::channel(REPLAY_BUFFER);
-        let room = room.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut sent = 0;
-            let since = match from {
-                ReplayFrom::Time(ms) => Some(ms),
-                _ => None,
-            };
-            let mut first = true;
-            let result = readers.scan(&reader, partition, start, end, |env| {
-                let is_first = std::mem::take(&mut first);
-                let Some(env) = env else {
-                    return ControlFlow::Continue(());
-                };
-                if let Some(ms) = since {
-                    // Kafka answers a time lookup with the first offset whose timestamp is at
-                    // or after it, so that record is never older. Tansu 0.6 answers 0 instead
-                    // of "none" when every record is older: detect it here.
-                    if is_first && env.ts < ms {
-                        return ControlFlow::Break(());
-                    }
-                    // Timestamps of one room need not be monotonic (several producers'
-                    // clocks): keep exactly the messages at or after the time.
-                    if env.ts < ms {
-                        return ControlFlow::Continue(());
-                    }
-                }
-                if !is_of(&env, &room) {
-                    return ControlFlow::Continue(());
-                }
-                if tx.blocking_send(Ok(env)).is_err() {
-                    // The stream was dropped: stop reading.
-                    return ControlFlow::Break(());
-                }
-                sent += 1;
-                if sent >= limit {
-                    ControlFlow::Break(())
-                } else {
-                    ControlFlow::Continue(())
-                }
-            });
-            readers.give(reader);
-            if let Err(e) = result {
-                let _ = tx.blocking_send(Err(e));
-            }
-        });
-        Ok(futures::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|item| (item, rx))
-        })
-        .boxed())
+        if rest.is_done() {
+            return Ok(chatbus_core::history_stream(chunk));
+        }
+        let state = ReplayState {
+            readers,
+            rest,
+            chunk: chunk.into_iter(),
+            failed: false,
+            cancel,
+        };
+        Ok(futures::stream::unfold(state, ReplayState::next).boxed())
     }
 
     /// Reads the room's partition backwards from `before` (or its end) in growing chunks and
     /// returns the newest `limit` durable messages of the room, oldest first. Reads at most
     /// [`KafkaConfig::history_scan_limit`] records, so a quiet room in a busy partition may
-    /// get a short page.
+    /// get a short page. Shares the replay readers: `Error::Timeout` when none came free
+    /// within [`KafkaConfig::request_timeout`].
     async fn history(
         &self,
         room: &Room,
@@ -630,15 +629,19 @@ impl Broker for KafkaBroker {
         let readers = self.inner.readers.clone();
         let room = room.clone();
         let scan_limit = i64::try_from(self.inner.config.history_scan_limit).unwrap_or(i64::MAX);
-        blocking(move || {
-            let reader = readers.take()?;
-            let page = history_page(
-                &readers, &reader, partition, &room, before, limit, scan_limit,
-            );
-            readers.give(reader);
-            page
+        // Set if this future is dropped: the scan stops early and gives its reader back.
+        let cancel = CancelOnDrop::default();
+        let token = cancel.token();
+        let slot = readers.acquire().await?;
+        let page = blocking(move || {
+            let lease = slot.lease()?;
+            history_page(
+                &readers, &lease, partition, &room, before, limit, scan_limit, &token,
+            )
         })
-        .await
+        .await;
+        drop(cancel);
+        page
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -705,6 +708,131 @@ fn plan(
     Ok((start < high).then_some((start, high)))
 }
 
+/// Where a replay goes on from, and what it still may return.
+#[derive(Clone)]
+struct ReplayRest {
+    room: Room,
+    partition: u32,
+    since: Option<u64>,
+    /// The next offset to read.
+    next: i64,
+    /// The end of the partition when the replay started.
+    end: i64,
+    /// Messages it may still return (the limit, less what it read).
+    left: usize,
+}
+
+impl ReplayRest {
+    fn is_done(&self) -> bool {
+        self.left == 0 || self.next >= self.end
+    }
+
+    /// Reads the next chunk of the room's messages (at most [`REPLAY_CHUNK`]) with `reader`,
+    /// and moves the position past it. Blocking.
+    fn read(
+        &mut self,
+        readers: &Readers,
+        reader: &reader::Reader,
+        first: bool,
+        cancel: &Cancel,
+    ) -> Result<Vec<Envelope>> {
+        let max = self.left.min(REPLAY_CHUNK);
+        let mut items = Vec::new();
+        let mut is_first = first;
+        let mut stop = false;
+        let (room, since) = (&self.room, self.since);
+        readers.scan(reader, self.partition, self.next, self.end, cancel, |env| {
+            let first = std::mem::take(&mut is_first);
+            let Some(env) = env else {
+                return ControlFlow::Continue(());
+            };
+            if let Some(ms) = since {
+                // Kafka answers a time lookup with the first offset whose timestamp is at or
+                // after it, so that record is never older. Tansu 0.6 answers 0 instead of
+                // "none" when every record is older: detect it here.
+                if first && env.ts < ms {
+                    stop = true;
+                    return ControlFlow::Break(());
+                }
+                // Timestamps of one room need not be monotonic (several producers' clocks):
+                // keep exactly the messages at or after the time.
+                if env.ts < ms {
+                    return ControlFlow::Continue(());
+                }
+            }
+            if !is_of(&env, room) {
+                return ControlFlow::Continue(());
+            }
+            items.push(env);
+            if items.len() >= max {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        })?;
+        self.left -= items.len();
+        // A full chunk stopped at its last message; anything else read up to the end.
+        let last = items
+            .last()
+            .and_then(|e| e.cursor)
+            .and_then(|c| i64::try_from(c.offset).ok());
+        self.next = match last {
+            Some(offset) if !stop && items.len() >= max => offset + 1,
+            _ => self.end,
+        };
+        Ok(items)
+    }
+}
+
+/// A replay stream past its first chunk: yields the chunk it holds, then waits for a reader
+/// and reads the next one.
+struct ReplayState {
+    readers: Arc<Readers>,
+    rest: ReplayRest,
+    chunk: std::vec::IntoIter<Envelope>,
+    failed: bool,
+    // Dropped with the stream: stops a chunk being read for nobody.
+    cancel: CancelOnDrop,
+}
+
+impl ReplayState {
+    async fn next(mut self) -> Option<(Result<Envelope>, Self)> {
+        loop {
+            if let Some(env) = self.chunk.next() {
+                return Some((Ok(env), self));
+            }
+            if self.failed || self.rest.is_done() {
+                return None;
+            }
+            match self.read_chunk().await {
+                Ok(chunk) => self.chunk = chunk.into_iter(),
+                Err(e) => {
+                    self.failed = true;
+                    return Some((Err(e), self));
+                }
+            }
+        }
+    }
+
+    async fn read_chunk(&mut self) -> Result<Vec<Envelope>> {
+        let slot = self.readers.acquire().await?;
+        let readers = self.readers.clone();
+        let token = self.cancel.token();
+        // The position moves on only when the read succeeded, so `rest` goes to the blocking
+        // thread and comes back with the chunk.
+        let mut rest = self.rest.clone();
+        let (rest, chunk) = blocking(move || {
+            let lease = slot.lease()?;
+            let chunk = rest.read(&readers, &lease, false, &token)?;
+            Ok((rest, chunk))
+        })
+        .await?;
+        self.rest = rest;
+        Ok(chunk)
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn history_page(
     readers: &Readers,
     reader: &reader::Reader,
@@ -713,6 +841,7 @@ fn history_page(
     before: Option<Cursor>,
     limit: usize,
     scan_limit: i64,
+    cancel: &Cancel,
 ) -> Result<Vec<Envelope>> {
     let (low, high) = readers.watermarks(reader, partition)?;
     let mut end = before.map_or(high, |c| {
@@ -730,7 +859,7 @@ fn history_page(
         let size = chunk.min(scan_limit - scanned);
         let start = end.saturating_sub(size).max(low);
         let mut older = Vec::new();
-        readers.scan(reader, partition, start, end, |env| {
+        readers.scan(reader, partition, start, end, cancel, |env| {
             if let Some(env) = env.filter(|e| is_of(e, room)) {
                 older.push(env);
             }
