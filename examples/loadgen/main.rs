@@ -1243,6 +1243,14 @@ fn compare(a: &CompareArgs) -> Result<ExitCode, String> {
         rate_ok,
     );
     row(
+        "server CPU µs per delivery at each one's max held rate".into(),
+        cm.map(|s| s.server_cpu_us_per_delivery),
+        pm.map(|s| s.server_cpu_us_per_delivery),
+        2,
+        "",
+        None,
+    );
+    row(
         format!("p99 latency ms at {fixed:.0} msg/s"),
         p99(cs),
         p99(ps),
