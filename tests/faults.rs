@@ -31,14 +31,21 @@ const NORMAL: Load = Load {
     pad: 0,
 };
 
+/// The scenarios run one at a time even under the default parallel test runner: each starts a
+/// whole cluster, and two at once on 2 cores would measure the machine, not the fault.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 struct Cluster {
     redis: RedisServer,
     tansu: Tansu,
     servers: Vec<ChatServer>,
+    // Last, so that it is released after the processes above are stopped.
+    _turn: tokio::sync::MutexGuard<'static, ()>,
 }
 
 impl Cluster {
     async fn start(instances: usize, extra_args: &[&str]) -> Self {
+        let turn = ONE_AT_A_TIME.lock().await;
         let redis = RedisServer::start().await;
         let tansu = Tansu::start().await;
         let topic = format!("faults-{}", std::process::id()) + &format!("-{}", rand_suffix());
@@ -57,6 +64,7 @@ impl Cluster {
             redis,
             tansu,
             servers,
+            _turn: turn,
         }
     }
 
