@@ -35,6 +35,10 @@ pub struct PresenceConfig {
     /// Joins and leaves within this window are announced together, so a burst of joins costs
     /// one snapshot per room. Default 25 ms.
     pub debounce: Duration,
+    /// Names listed in a `presence` frame (the first in sorted order; `count` gives the
+    /// total): every member gets the frame on every change, so an uncapped list would cost
+    /// n × n names for a room of n. Default 200.
+    pub max_listed: usize,
 }
 
 impl Default for PresenceConfig {
@@ -42,6 +46,7 @@ impl Default for PresenceConfig {
         Self {
             interval: Duration::from_secs(10),
             debounce: Duration::from_millis(25),
+            max_listed: 200,
         }
     }
 }
@@ -146,6 +151,11 @@ impl ChatHub {
     /// The underlying hub.
     pub fn hub(&self) -> &Hub {
         &self.hub
+    }
+
+    /// How presence is shared (as configured).
+    pub fn presence_config(&self) -> &PresenceConfig {
+        &self.shared.presence.config
     }
 
     /// The encoder's counters.
@@ -419,7 +429,7 @@ impl Presence {
         if view.emitted.as_ref() == Some(&online) {
             return None;
         }
-        let frame = protocol::presence(room, &online);
+        let frame = protocol::presence(room, &online, self.config.max_listed);
         view.emitted = Some(online);
         Some(frame)
     }

@@ -412,13 +412,18 @@ struct Presence<'a> {
     ty: &'static str,
     room: &'a str,
     online: Vec<&'a str>,
+    count: usize,
 }
 
-pub(crate) fn presence<U: AsRef<str>>(room: &Room, online: &[U]) -> Bytes {
+/// `{"type":"presence","room":R,"online":[...],"count":N}`: at most `max_listed` names (the
+/// first in sorted order), and how many are online in all. The cap keeps a change in a room of
+/// n members from costing n × n names on the wire.
+pub(crate) fn presence<U: AsRef<str>>(room: &Room, online: &[U], max_listed: usize) -> Bytes {
     to_bytes(&Presence {
         ty: "presence",
         room: room.as_str(),
-        online: online.iter().map(AsRef::as_ref).collect(),
+        online: online.iter().take(max_listed).map(AsRef::as_ref).collect(),
+        count: online.len(),
     })
 }
 
@@ -530,7 +535,13 @@ mod tests {
         assert_eq!(e["code"], "not_joined");
         assert_eq!(e["room"], "r");
         let p: serde_json::Value =
-            serde_json::from_slice(&presence(&room, &["b", "a"])).expect("json");
+            serde_json::from_slice(&presence(&room, &["b", "a"], 100)).expect("json");
         assert_eq!(p["online"][0], "b");
+        assert_eq!(p["count"], 2);
+        // A big room lists only the first names, and says how many there are.
+        let p: serde_json::Value =
+            serde_json::from_slice(&presence(&room, &["a", "b", "c"], 2)).expect("json");
+        assert_eq!(p["online"], serde_json::json!(["a", "b"]));
+        assert_eq!(p["count"], 3);
     }
 }

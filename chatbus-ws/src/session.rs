@@ -418,8 +418,11 @@ impl Reader<'_> {
                     return;
                 }
                 chat.presence_changed([room.clone()]);
-                self.handle
-                    .reply(protocol::presence(&room, &chat.online(&room)));
+                self.handle.reply(protocol::presence(
+                    &room,
+                    &chat.online(&room),
+                    chat.presence_config().max_listed,
+                ));
             }
             Request::Leave { room } => {
                 if !hub.leave(&self.handle, &room) {
