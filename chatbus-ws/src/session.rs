@@ -13,7 +13,7 @@ use std::borrow::Cow;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -22,7 +22,6 @@ use futures::stream::FuturesUnordered;
 use futures::{FutureExt, Sink, SinkExt, Stream, StreamExt};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use crate::auth::Identity;
 use crate::chat::history_item;
@@ -182,8 +181,9 @@ where
     ));
     tracing::debug!(session = handle.id(), user = %identity.user, "connected");
 
-    let (end_tx, end_rx) = oneshot::channel();
-    let stop = CancellationToken::new();
+    // The reader tells the writer how it ended over `end`; the writer dropping its receiver
+    // (when it stops) is what stops the reader, without a cancellation token per session.
+    let (mut end_tx, end_rx) = oneshot::channel();
     // The halves are boxed and driven by a FuturesUnordered rather than `tokio::join!`:
     // - join! polls every branch whenever the task wakes, so each outbound batch also polled the
     //   reader (its select!, idle timer, the socket lock and a read attempt);
@@ -198,7 +198,7 @@ where
             identity: &identity,
             bucket: cfg.rate_limit.map(TokenBucket::new),
         };
-        let end = r.run(&mut stream, &stop).await;
+        let end = r.run(&mut stream, &mut end_tx).await;
         // The writer may already be gone; then there is no one left to tell.
         let _ = end_tx.send(end);
         Done::Reader(end)
@@ -210,8 +210,8 @@ where
             sink,
             sent_close: false,
         };
+        // Consumes (drops) the receiver, which stops the reader.
         w.run(end_rx).await;
-        stop.cancel();
         Done::Writer(Box::new(w.session), w.sent_close)
     });
     let mut halves: FuturesUnordered<Half<'_>> = [reader, writer].into_iter().collect();
@@ -275,7 +275,7 @@ struct Reader<'a> {
 }
 
 impl Reader<'_> {
-    async fn run<St>(&mut self, stream: &mut St, stop: &CancellationToken) -> End
+    async fn run<St>(&mut self, stream: &mut St, end_tx: &mut oneshot::Sender<End>) -> End
     where
         St: Stream<Item = Result<WsMessage, TransportError>> + Unpin,
     {
@@ -289,7 +289,7 @@ impl Reader<'_> {
             // (a publish in flight) always completes and gets its answer.
             let next = tokio::select! {
                 biased;
-                () = stop.cancelled() => return End::WriterStopped,
+                () = end_tx.closed() => return End::WriterStopped,
                 () = shutdown.cancelled() => return End::Shutdown,
                 next = tokio::time::timeout(cfg.idle_timeout, stream.next()) => next,
             };
@@ -532,6 +532,18 @@ enum Flow {
     Stop,
 }
 
+/// The state of one [`Writer::write`] between polls.
+struct WriteState {
+    /// The frame to write next; none once the batch is complete (then it flushes).
+    next: Option<Outbound>,
+    /// Frames written in this batch.
+    n: usize,
+    /// A close met in the queue, returned after the flush.
+    close: Option<CloseReason>,
+    /// The write timeout, armed once a poll did not complete.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
 impl<Si> Writer<'_, Si>
 where
     Si: Sink<WsMessage> + Unpin,
@@ -551,7 +563,7 @@ where
                     return;
                 }
                 out = self.session.recv() => self.write(out).await,
-                _ = ping.tick() => self.send_one(WsMessage::Ping(Bytes::new())).await,
+                _ = ping.tick() => Box::pin(self.send_one(WsMessage::Ping(Bytes::new()))).await,
             };
             if let Flow::Stop = flow {
                 return;
@@ -561,40 +573,16 @@ where
 
     /// Writes `first` and whatever else is already queued (up to a batch), then flushes.
     async fn write(&mut self, first: Outbound) -> Flow {
-        let timeout = self.svc.config().write_timeout;
-        let svc = self.svc;
-        let result = {
-            let mut write = std::pin::pin!(async {
-                let mut next = Some(first);
-                let mut n = 0;
-                while let Some(out) = next.take() {
-                    let msg = match out {
-                        Outbound::Frame(bytes) => WsMessage::Text(bytes),
-                        Outbound::Lagged { room, cursor } => {
-                            WsMessage::Text(protocol::lagged(&room, cursor))
-                        }
-                        Outbound::Close(reason) => {
-                            self.sink.flush().await.map_err(|e| e.to_string())?;
-                            return Ok(Some(reason));
-                        }
-                    };
-                    self.sink.feed(msg).await.map_err(|e| e.to_string())?;
-                    WsMetrics::inc(&svc.metrics().frames_out);
-                    n += 1;
-                    if n < BATCH {
-                        next = self.session.recv().now_or_never();
-                    }
-                }
-                self.sink.flush().await.map_err(|e| e.to_string())?;
-                Ok::<_, String>(None)
-            });
-            // Almost every write completes in its first poll (the socket buffer has room): arm
-            // the write timeout only when it does not, instead of a timer per batch.
-            match futures::poll!(write.as_mut()) {
-                Poll::Ready(r) => Ok(r),
-                Poll::Pending => tokio::time::timeout(timeout, write).await,
-            }
+        // Polled by hand rather than as an `async` block of `feed`/`flush` calls inside a
+        // `timeout`: that state machine (about 650 bytes) was kept inside every idle
+        // connection's writer. This one holds the frame in hand, a count and a lazy timer.
+        let mut state = WriteState {
+            next: Some(first),
+            n: 0,
+            close: None,
+            deadline: None,
         };
+        let result = std::future::poll_fn(|cx| self.poll_write(cx, &mut state)).await;
         match result {
             Ok(Ok(None)) => Flow::Continue,
             Ok(Ok(Some(reason))) => {
@@ -602,7 +590,9 @@ where
                     CloseReason::SlowConsumer => (CLOSE_SLOW_CONSUMER, "slow consumer"),
                     CloseReason::Shutdown => (CLOSE_GOING_AWAY, "server shutting down"),
                 };
-                self.close(code, text).await;
+                // Boxed, like the ping below: once per session, and inline its timer and send
+                // would size every idle writer.
+                Box::pin(self.close(code, text)).await;
                 Flow::Stop
             }
             Ok(Err(e)) => {
@@ -619,6 +609,65 @@ where
                 );
                 Flow::Stop
             }
+        }
+    }
+
+    /// One step of [`write`](Self::write): `Ok(Ok(Some(reason)))` is a close to send after the
+    /// flush, `Ok(Err(e))` a socket error, `Err(())` the write timeout.
+    fn poll_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        st: &mut WriteState,
+    ) -> Poll<Result<Result<Option<CloseReason>, String>, ()>> {
+        let result = loop {
+            if let Some(out) = st.next.take() {
+                match Pin::new(&mut self.sink).poll_ready(cx) {
+                    Poll::Pending => {
+                        st.next = Some(out);
+                        break Poll::Pending;
+                    }
+                    Poll::Ready(Err(e)) => break Poll::Ready(Ok(Err(e.to_string()))),
+                    Poll::Ready(Ok(())) => {}
+                }
+                let msg = match out {
+                    Outbound::Frame(bytes) => WsMessage::Text(bytes),
+                    Outbound::Lagged { room, cursor } => {
+                        WsMessage::Text(protocol::lagged(&room, cursor))
+                    }
+                    Outbound::Close(reason) => {
+                        // Flush what went before, then the caller sends the close frame.
+                        st.close = Some(reason);
+                        continue;
+                    }
+                };
+                if let Err(e) = Pin::new(&mut self.sink).start_send(msg) {
+                    break Poll::Ready(Ok(Err(e.to_string())));
+                }
+                WsMetrics::inc(&self.svc.metrics().frames_out);
+                st.n += 1;
+                if st.n < BATCH {
+                    st.next = self.session.recv().now_or_never();
+                }
+            } else {
+                match Pin::new(&mut self.sink).poll_flush(cx) {
+                    Poll::Pending => break Poll::Pending,
+                    Poll::Ready(Err(e)) => break Poll::Ready(Ok(Err(e.to_string()))),
+                    Poll::Ready(Ok(())) => break Poll::Ready(Ok(Ok(st.close.take()))),
+                }
+            }
+        };
+        if result.is_ready() {
+            return result;
+        }
+        // Almost every write completes in its first poll (the socket buffer has room): the
+        // write timeout is armed only when it does not, instead of a timer per batch.
+        let timeout = self.svc.config().write_timeout;
+        let deadline = st
+            .deadline
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        match deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(())),
+            Poll::Pending => Poll::Pending,
         }
     }
 
