@@ -6,9 +6,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use async_trait::async_trait;
 use chatbus_core::conformance;
 use chatbus_core::{
-    Broker, Capabilities, Cursor, Envelope, Health, HistoryStream, Interest, MemoryBroker, Receipt,
-    ReplayFrom, Result, Room, Subscription,
+    Broker, Cursor, Envelope, HistoryStream, Interest, MemoryBroker, Receipt, ReplayFrom, Result,
+    Room, Subscription,
 };
+
+mod support;
+use support::{Hooked, Hooks};
 
 /// Which bug to plant.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -23,19 +26,16 @@ enum Bug {
     LeaksRooms,
 }
 
+/// The planted bug and a publish counter.
 #[derive(Debug)]
 struct Buggy {
-    inner: MemoryBroker,
     bug: Bug,
     count: AtomicU64,
 }
 
 #[async_trait]
-impl Broker for Buggy {
-    fn name(&self) -> &'static str {
-        "buggy"
-    }
-    async fn publish(&self, envelope: &Envelope) -> Result<Receipt> {
+impl Hooks for Buggy {
+    async fn publish(&self, inner: &MemoryBroker, envelope: &Envelope) -> Result<Receipt> {
         let n = self.count.fetch_add(1, Ordering::Relaxed);
         if self.bug == Bug::LosesMessages && n % 37 == 36 {
             return Ok(Receipt {
@@ -47,47 +47,41 @@ impl Broker for Buggy {
         if self.bug == Bug::ReplaysEphemeral {
             env.kind = chatbus_core::Kind::Durable;
         }
-        self.inner.publish(&env).await
+        inner.publish(&env).await
     }
-    async fn subscribe(&self, interest: Interest) -> Result<Subscription> {
+    async fn subscribe(&self, inner: &MemoryBroker, interest: Interest) -> Result<Subscription> {
         let interest = if self.bug == Bug::LeaksRooms {
             Interest::All
         } else {
             interest
         };
-        self.inner.subscribe(interest).await
+        inner.subscribe(interest).await
     }
-    async fn replay(&self, room: &Room, from: ReplayFrom, limit: usize) -> Result<HistoryStream> {
+    async fn replay(
+        &self,
+        inner: &MemoryBroker,
+        room: &Room,
+        from: ReplayFrom,
+        limit: usize,
+    ) -> Result<HistoryStream> {
         let from = match (self.bug, from) {
             (Bug::ReplayOneTooMany, ReplayFrom::Cursor(c)) if c.offset > 0 => {
                 ReplayFrom::Cursor(Cursor::new(c.partition, c.offset - 1))
             }
             (_, f) => f,
         };
-        self.inner.replay(room, from, limit).await
-    }
-    async fn history(
-        &self,
-        room: &Room,
-        before: Option<Cursor>,
-        limit: usize,
-    ) -> Result<Vec<Envelope>> {
-        self.inner.history(room, before, limit).await
-    }
-    fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
-    }
-    async fn health(&self) -> Health {
-        self.inner.health().await
+        inner.replay(room, from, limit).await
     }
 }
 
 async fn failed_checks(bug: Bug) -> Vec<&'static str> {
-    let b = Buggy {
-        inner: MemoryBroker::new(),
-        bug,
-        count: AtomicU64::new(0),
-    };
+    let b = Hooked::new(
+        MemoryBroker::new(),
+        Buggy {
+            bug,
+            count: AtomicU64::new(0),
+        },
+    );
     conformance::failures(&b)
         .await
         .into_iter()

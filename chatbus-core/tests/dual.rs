@@ -7,18 +7,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chatbus_core::{
-    conformance, Broker, Capabilities, Cursor, DualBus, DualConfig, DurableDownPolicy, Envelope,
-    Error, Health, HistoryStream, Interest, MemoryBroker, MemoryConfig, Receipt, ReplayFrom,
-    Result, Room, Subscription,
-};
 
-/// A broker wrapper with switchable faults.
-#[derive(Debug, Clone)]
-struct Faulty {
-    inner: MemoryBroker,
-    faults: Arc<Faults>,
-}
+mod support;
+use chatbus_core::{
+    conformance, Broker, Cursor, DualBus, DualConfig, DurableDownPolicy, Envelope, Error, Health,
+    Interest, MemoryBroker, MemoryConfig, Receipt, Result, Room, Subscription,
+};
+use support::{Hooked, Hooks};
+
+/// A memory broker with switchable faults (clones share them).
+type Faulty = Hooked<Faults>;
 
 #[derive(Debug, Default)]
 struct Faults {
@@ -31,61 +29,35 @@ struct Faults {
     count: AtomicU64,
 }
 
-impl Faulty {
-    fn new(inner: MemoryBroker) -> Self {
-        Self {
-            inner,
-            faults: Arc::default(),
-        }
-    }
+fn faulty(inner: MemoryBroker) -> Faulty {
+    Hooked::new(inner, Faults::default())
 }
 
 #[async_trait]
-impl Broker for Faulty {
-    fn name(&self) -> &'static str {
-        "faulty"
-    }
-    async fn publish(&self, envelope: &Envelope) -> Result<Receipt> {
-        let f = &self.faults;
-        if f.down.load(Ordering::Relaxed) {
+impl Hooks for Faults {
+    async fn publish(&self, inner: &MemoryBroker, envelope: &Envelope) -> Result<Receipt> {
+        if self.down.load(Ordering::Relaxed) {
             return Err(Error::Unavailable {
                 backend: "faulty",
                 reason: "switched off".into(),
             });
         }
-        let n = f.count.fetch_add(1, Ordering::Relaxed) + 1;
-        let lose = f.lose_every.load(Ordering::Relaxed);
+        let n = self.count.fetch_add(1, Ordering::Relaxed) + 1;
+        let lose = self.lose_every.load(Ordering::Relaxed);
         if lose > 0 && n % lose == 0 {
             return Ok(Receipt {
                 id: envelope.id,
                 cursor: envelope.cursor,
             });
         }
-        let delay = f.delay_every.load(Ordering::Relaxed);
+        let delay = self.delay_every.load(Ordering::Relaxed);
         if delay > 0 && n % delay == 0 {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        self.inner.publish(envelope).await
+        inner.publish(envelope).await
     }
-    async fn subscribe(&self, interest: Interest) -> Result<Subscription> {
-        self.inner.subscribe(interest).await
-    }
-    async fn replay(&self, room: &Room, from: ReplayFrom, limit: usize) -> Result<HistoryStream> {
-        self.inner.replay(room, from, limit).await
-    }
-    async fn history(
-        &self,
-        room: &Room,
-        before: Option<Cursor>,
-        limit: usize,
-    ) -> Result<Vec<Envelope>> {
-        self.inner.history(room, before, limit).await
-    }
-    fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
-    }
-    async fn health(&self) -> Health {
-        if self.faults.down.load(Ordering::Relaxed) {
+    fn health(&self) -> Health {
+        if self.down.load(Ordering::Relaxed) {
             Health::Down("switched off".into())
         } else {
             Health::Healthy
@@ -146,8 +118,8 @@ async fn dual_bus_passes_conformance() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fast_path_losses_are_filled_from_the_log_exactly_once_in_order() -> Result<()> {
-    let fast = Faulty::new(relay());
-    fast.faults.lose_every.store(7, Ordering::Relaxed);
+    let fast = faulty(relay());
+    fast.hooks.lose_every.store(7, Ordering::Relaxed);
     let bus = DualBus::new(fast, log(), DualConfig::default());
     let r = room("lossy");
     let mut sub = bus.subscribe(Interest::room(r.clone())).await?;
@@ -175,8 +147,8 @@ async fn fast_path_losses_are_filled_from_the_log_exactly_once_in_order() -> Res
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_publishers_reordered_on_the_fast_path_are_delivered_in_log_order() -> Result<()>
 {
-    let fast = Faulty::new(relay());
-    fast.faults.delay_every.store(5, Ordering::Relaxed);
+    let fast = faulty(relay());
+    fast.hooks.delay_every.store(5, Ordering::Relaxed);
     let bus = Arc::new(DualBus::new(fast, log(), DualConfig::default()));
     let r = room("reorder");
     let mut sub = bus.subscribe(Interest::room(r.clone())).await?;
@@ -206,8 +178,8 @@ async fn concurrent_publishers_reordered_on_the_fast_path_are_delivered_in_log_o
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fast_path_down_delivers_through_the_log() -> Result<()> {
-    let fast = Faulty::new(relay());
-    let faults = fast.faults.clone();
+    let fast = faulty(relay());
+    let faults = fast.hooks.clone();
     let bus = DualBus::new(fast, log(), DualConfig::default());
     let r = room("fastdown");
     let mut sub = bus.subscribe(Interest::room(r.clone())).await?;
@@ -236,8 +208,8 @@ async fn fast_path_down_delivers_through_the_log() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn durable_down_rejects_by_default_and_degrades_when_asked() -> Result<()> {
-    let durable = Faulty::new(log());
-    durable.faults.down.store(true, Ordering::Relaxed);
+    let durable = faulty(log());
+    durable.hooks.down.store(true, Ordering::Relaxed);
     let strict = DualBus::new(relay(), durable.clone(), DualConfig::default());
     let r = room("durdown");
     let err = strict.publish(&Envelope::new(r.clone(), "x")).await;
@@ -248,14 +220,14 @@ async fn durable_down_rejects_by_default_and_degrades_when_asked() -> Result<()>
         .publish(&Envelope::ephemeral(r.clone(), "typing"))
         .await?;
 
-    let durable = Faulty::new(log());
+    let durable = faulty(log());
     let degrading = DualBus::new(
         relay(),
         durable.clone(),
         DualConfig::default().with_policy(DurableDownPolicy::DegradeToFast),
     );
     let mut sub = degrading.subscribe(Interest::room(r.clone())).await?;
-    durable.faults.down.store(true, Ordering::Relaxed);
+    durable.hooks.down.store(true, Ordering::Relaxed);
     let receipt = degrading
         .publish(&Envelope::new(r.clone(), "live only"))
         .await?;
@@ -272,8 +244,8 @@ async fn durable_down_rejects_by_default_and_degrades_when_asked() -> Result<()>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_each_deliver_everything_exactly_once() -> Result<()> {
     // Two DualBus instances over shared brokers, as two servers over one Redis and one Kafka.
-    let fast = Faulty::new(relay());
-    fast.faults.lose_every.store(11, Ordering::Relaxed);
+    let fast = faulty(relay());
+    fast.hooks.lose_every.store(11, Ordering::Relaxed);
     let durable = log();
     let a = Arc::new(DualBus::new(
         fast.clone(),
@@ -303,23 +275,17 @@ async fn two_instances_each_deliver_everything_exactly_once() -> Result<()> {
 
 /// A durable broker whose tail is slow (each record delayed), to let a gap time out.
 #[derive(Debug)]
-struct SlowTail(MemoryBroker, Duration);
+struct SlowTail(Duration);
 
 #[async_trait]
-impl Broker for SlowTail {
-    fn name(&self) -> &'static str {
-        "slow-tail"
-    }
-    async fn publish(&self, e: &Envelope) -> Result<Receipt> {
-        self.0.publish(e).await
-    }
-    async fn subscribe(&self, i: Interest) -> Result<Subscription> {
-        let mut inner = self.0.subscribe(i).await?;
-        let start = inner.start().map(<[Cursor]>::to_vec);
+impl Hooks for SlowTail {
+    async fn subscribe(&self, inner: &MemoryBroker, i: Interest) -> Result<Subscription> {
+        let mut tail = inner.subscribe(i).await?;
+        let start = tail.start().map(<[Cursor]>::to_vec);
         let (tx, sub) = Subscription::channel(4096);
-        let delay = self.1;
+        let delay = self.0;
         tokio::spawn(async move {
-            while let Some(item) = inner.recv().await {
+            while let Some(item) = tail.recv().await {
                 tokio::time::sleep(delay).await;
                 let _ = match item {
                     Ok(e) => tx.send(e),
@@ -332,18 +298,6 @@ impl Broker for SlowTail {
             None => sub,
         })
     }
-    async fn replay(&self, r: &Room, f: ReplayFrom, l: usize) -> Result<HistoryStream> {
-        self.0.replay(r, f, l).await
-    }
-    async fn history(&self, r: &Room, b: Option<Cursor>, l: usize) -> Result<Vec<Envelope>> {
-        self.0.history(r, b, l).await
-    }
-    fn capabilities(&self) -> Capabilities {
-        self.0.capabilities()
-    }
-    async fn health(&self) -> Health {
-        Health::Healthy
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -352,7 +306,7 @@ async fn a_gap_given_up_after_the_timeout_is_still_delivered_through_resync() ->
     let durable_log = log();
     let bus = Arc::new(DualBus::new(
         relay(),
-        SlowTail(durable_log.clone(), Duration::from_millis(1500)),
+        Hooked::new(durable_log.clone(), SlowTail(Duration::from_millis(1500))),
         DualConfig::default().with_gap_timeout(Duration::from_millis(200)),
     ));
     let hub = Hub::new(bus.clone());

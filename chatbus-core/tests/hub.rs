@@ -9,6 +9,9 @@ use chatbus_core::{
     RawPayload, Result, Room, Session, SlowPolicy,
 };
 
+mod support;
+use support::{Hooked, Hooks};
+
 const T: Duration = Duration::from_secs(5);
 
 async fn next_frame(s: &mut Session) -> Bytes {
@@ -422,45 +425,29 @@ async fn the_room_stream_lagging_during_a_catch_up_loses_nothing() -> Result<()>
     Ok(())
 }
 
-/// A broker whose `subscribe` waits for a signal, to drop a session in the middle of `join`.
+/// `subscribe` waits for a signal, to drop a session in the middle of `join`.
 #[derive(Debug)]
-struct GatedSubscribe(MemoryBroker, Arc<tokio::sync::Notify>);
+struct GatedSubscribe(Arc<tokio::sync::Notify>);
 
 #[async_trait::async_trait]
-impl Broker for GatedSubscribe {
-    fn name(&self) -> &'static str {
-        "gated"
-    }
-    async fn publish(&self, e: &Envelope) -> Result<chatbus_core::Receipt> {
-        self.0.publish(e).await
-    }
-    async fn subscribe(&self, i: chatbus_core::Interest) -> Result<chatbus_core::Subscription> {
-        self.1.notified().await;
-        self.0.subscribe(i).await
-    }
-    async fn replay(
+impl Hooks for GatedSubscribe {
+    async fn subscribe(
         &self,
-        r: &Room,
-        f: chatbus_core::ReplayFrom,
-        l: usize,
-    ) -> Result<chatbus_core::HistoryStream> {
-        self.0.replay(r, f, l).await
-    }
-    async fn history(&self, r: &Room, b: Option<Cursor>, l: usize) -> Result<Vec<Envelope>> {
-        self.0.history(r, b, l).await
-    }
-    fn capabilities(&self) -> chatbus_core::Capabilities {
-        self.0.capabilities()
-    }
-    async fn health(&self) -> chatbus_core::Health {
-        chatbus_core::Health::Healthy
+        inner: &MemoryBroker,
+        i: chatbus_core::Interest,
+    ) -> Result<chatbus_core::Subscription> {
+        self.0.notified().await;
+        inner.subscribe(i).await
     }
 }
 
 #[tokio::test]
 async fn a_session_dropped_during_join_leaves_no_member_behind() -> Result<()> {
     let gate = Arc::new(tokio::sync::Notify::new());
-    let hub = Hub::new(Arc::new(GatedSubscribe(MemoryBroker::new(), gate.clone())));
+    let hub = Hub::new(Arc::new(Hooked::new(
+        MemoryBroker::new(),
+        GatedSubscribe(gate.clone()),
+    )));
     let r = room("r");
     let s = hub.connect("ghost");
     let (h, hub2, r2) = (s.handle(), hub.clone(), r.clone());

@@ -1,0 +1,92 @@
+//! A memory broker with hooks, for planting faults in the core tests: each test overrides only
+//! the calls it interferes with; everything else goes to the memory broker unchanged.
+
+// Each test file uses the part it needs.
+#![allow(dead_code, unreachable_pub)]
+
+use std::fmt;
+
+use async_trait::async_trait;
+use chatbus_core::{
+    Broker, Capabilities, Cursor, Envelope, Health, HistoryStream, Interest, MemoryBroker, Receipt,
+    ReplayFrom, Result, Room, Subscription,
+};
+
+/// What a test changes about the broker's behaviour. Every method defaults to the memory
+/// broker's own.
+#[async_trait]
+pub trait Hooks: Send + Sync + fmt::Debug + 'static {
+    async fn publish(&self, inner: &MemoryBroker, envelope: &Envelope) -> Result<Receipt> {
+        inner.publish(envelope).await
+    }
+    async fn subscribe(&self, inner: &MemoryBroker, interest: Interest) -> Result<Subscription> {
+        inner.subscribe(interest).await
+    }
+    async fn replay(
+        &self,
+        inner: &MemoryBroker,
+        room: &Room,
+        from: ReplayFrom,
+        limit: usize,
+    ) -> Result<HistoryStream> {
+        inner.replay(room, from, limit).await
+    }
+    fn health(&self) -> Health {
+        Health::Healthy
+    }
+}
+
+/// A memory broker (clones share its state and the hooks) seen through `hooks`.
+#[derive(Debug)]
+pub struct Hooked<H> {
+    pub inner: MemoryBroker,
+    pub hooks: std::sync::Arc<H>,
+}
+
+impl<H> Clone for Hooked<H> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            hooks: self.hooks.clone(),
+        }
+    }
+}
+
+impl<H: Hooks> Hooked<H> {
+    pub fn new(inner: MemoryBroker, hooks: H) -> Self {
+        Self {
+            inner,
+            hooks: std::sync::Arc::new(hooks),
+        }
+    }
+}
+
+#[async_trait]
+impl<H: Hooks> Broker for Hooked<H> {
+    fn name(&self) -> &'static str {
+        "hooked"
+    }
+    async fn publish(&self, envelope: &Envelope) -> Result<Receipt> {
+        self.hooks.publish(&self.inner, envelope).await
+    }
+    async fn subscribe(&self, interest: Interest) -> Result<Subscription> {
+        self.hooks.subscribe(&self.inner, interest).await
+    }
+    async fn replay(&self, room: &Room, from: ReplayFrom, limit: usize) -> Result<HistoryStream> {
+        self.hooks.replay(&self.inner, room, from, limit).await
+    }
+    async fn history(
+        &self,
+        room: &Room,
+        before: Option<Cursor>,
+        limit: usize,
+    ) -> Result<Vec<Envelope>> {
+        self.inner.history(room, before, limit).await
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    async fn health(&self) -> Health {
+        self.hooks.health()
+    }
+}
