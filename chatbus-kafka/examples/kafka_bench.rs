@@ -45,6 +45,23 @@ fn env_num(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// Waits for every task and merges their latency histograms.
+async fn merge(
+    tasks: impl IntoIterator<Item = tokio::task::JoinHandle<Histogram<u64>>>,
+    what: &str,
+) -> Histogram<u64> {
+    let mut lat = hist();
+    for h in futures::future::join_all(tasks).await {
+        match h {
+            Ok(h) => {
+                let _ = lat.add(&h);
+            }
+            Err(e) => panic!("{what}: {e}"),
+        }
+    }
+    lat
+}
+
 fn hist() -> Histogram<u64> {
     match Histogram::new_with_bounds(1, 60_000_000, 3) {
         Ok(h) => h,
@@ -109,15 +126,7 @@ async fn publish_load(broker: &KafkaBroker, k: &Knobs, rooms: &[Room], label: &s
             h
         })
     });
-    let mut lat = hist();
-    for h in futures::future::join_all(tasks).await {
-        match h {
-            Ok(h) => {
-                let _ = lat.add(&h);
-            }
-            Err(e) => panic!("publisher task: {e}"),
-        }
-    }
+    let lat = merge(tasks, "publisher task").await;
     Run {
         label: label.to_owned(),
         count: per_task * k.concurrency,
@@ -180,15 +189,7 @@ async fn raw_load(producer: &FutureProducer, topic: &str, k: &Knobs, rooms: &[(R
             h
         })
     });
-    let mut lat = hist();
-    for h in futures::future::join_all(tasks).await {
-        match h {
-            Ok(h) => {
-                let _ = lat.add(&h);
-            }
-            Err(e) => panic!("raw task: {e}"),
-        }
-    }
+    let lat = merge(tasks, "raw task").await;
     Run {
         label: "rdkafka FutureProducer (raw)".to_owned(),
         count: per_task * k.concurrency,
