@@ -120,43 +120,72 @@ pub enum DualMode {
     Down,
 }
 
-/// Counters of a [`DualBus`].
-#[derive(Debug, Default)]
+/// A snapshot of a [`DualBus`]'s counters ([`DualBus::stats`]). Totals since start, except the
+/// gauge `held` and `mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct DualStats {
     /// Messages delivered from the fast path (first copy).
-    pub via_fast: AtomicU64,
+    pub via_fast: u64,
     /// Messages delivered from the durable tail (first copy).
-    pub via_durable: AtomicU64,
+    pub via_durable: u64,
     /// Second copies dropped.
-    pub duplicates: AtomicU64,
+    pub duplicates: u64,
     /// Messages the tail delivered while fast copies were held behind them: fast-path gaps
     /// filled from the log.
-    pub gaps_filled: AtomicU64,
+    pub gaps_filled: u64,
     /// Gaps given up after `gap_timeout`.
-    pub gap_timeouts: AtomicU64,
+    pub gap_timeouts: u64,
     /// Fast-path messages held now (gauge).
-    pub held: AtomicU64,
+    pub held: u64,
     /// Failed publishes on the fast broker (the message still travels by the tail).
-    pub fast_publish_errors: AtomicU64,
+    pub fast_publish_errors: u64,
     /// Failed publishes on the durable broker.
-    pub durable_publish_errors: AtomicU64,
+    pub durable_publish_errors: u64,
     /// Durable messages published fast-only under `DegradeToFast`.
-    pub degraded_publishes: AtomicU64,
+    pub degraded_publishes: u64,
+    /// The current mode, from what the merger and publishes last saw.
+    pub mode: DualMode,
+}
+
+/// The live counters behind [`DualStats`], shared by the bus and its merger tasks.
+#[derive(Debug, Default)]
+struct Counters {
+    via_fast: AtomicU64,
+    via_durable: AtomicU64,
+    duplicates: AtomicU64,
+    gaps_filled: AtomicU64,
+    gap_timeouts: AtomicU64,
+    held: AtomicU64,
+    fast_publish_errors: AtomicU64,
+    durable_publish_errors: AtomicU64,
+    degraded_publishes: AtomicU64,
     fast_down: AtomicBool,
     durable_down: AtomicBool,
 }
 
-impl DualStats {
-    /// The current mode, from what the merger and publishes last saw.
-    pub fn mode(&self) -> DualMode {
-        match (
-            self.fast_down.load(Ordering::Relaxed),
-            self.durable_down.load(Ordering::Relaxed),
-        ) {
-            (false, false) => DualMode::Dual,
-            (true, false) => DualMode::DurableOnly,
-            (false, true) => DualMode::FastOnly,
-            (true, true) => DualMode::Down,
+impl Counters {
+    fn snapshot(&self) -> DualStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        DualStats {
+            via_fast: get(&self.via_fast),
+            via_durable: get(&self.via_durable),
+            duplicates: get(&self.duplicates),
+            gaps_filled: get(&self.gaps_filled),
+            gap_timeouts: get(&self.gap_timeouts),
+            held: get(&self.held),
+            fast_publish_errors: get(&self.fast_publish_errors),
+            durable_publish_errors: get(&self.durable_publish_errors),
+            degraded_publishes: get(&self.degraded_publishes),
+            mode: match (
+                self.fast_down.load(Ordering::Relaxed),
+                self.durable_down.load(Ordering::Relaxed),
+            ) {
+                (false, false) => DualMode::Dual,
+                (true, false) => DualMode::DurableOnly,
+                (false, true) => DualMode::FastOnly,
+                (true, true) => DualMode::Down,
+            },
         }
     }
 }
@@ -187,7 +216,7 @@ pub struct DualBus<F, D> {
     durable: Arc<D>,
     config: DualConfig,
     subscribers: Subscribers,
-    stats: Arc<DualStats>,
+    stats: Arc<Counters>,
     merger: OnceCell<tokio::task::AbortHandle>,
     // Set when a fast publish failed, cleared when one succeeds.
     fast_failed: Arc<AtomicBool>,
@@ -223,16 +252,16 @@ impl<F: Broker, D: Broker> DualBus<F, D> {
             durable: Arc::new(durable),
             subscribers: Subscribers::new(config.subscriber_capacity),
             config,
-            stats: Arc::new(DualStats::default()),
+            stats: Arc::new(Counters::default()),
             merger: OnceCell::new(),
             fast_failed: Arc::new(AtomicBool::new(false)),
             background: Arc::new(tokio::sync::Semaphore::new(FAST_IN_BACKGROUND)),
         }
     }
 
-    /// The counters.
-    pub fn stats(&self) -> &Arc<DualStats> {
-        &self.stats
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> DualStats {
+        self.stats.snapshot()
     }
 
     /// The fast broker.
@@ -480,7 +509,7 @@ impl DedupeWindow {
 struct Merger {
     config: DualConfig,
     out: Subscribers,
-    stats: Arc<DualStats>,
+    stats: Arc<Counters>,
     // Per partition: the next offset to deliver. Absent until the tail's start is known.
     next: HashMap<u32, u64>,
     // Per partition: fast copies ahead of `next`, with when they arrived.
@@ -498,7 +527,7 @@ impl Merger {
     fn new(
         config: DualConfig,
         out: Subscribers,
-        stats: Arc<DualStats>,
+        stats: Arc<Counters>,
         start: Option<&[Cursor]>,
     ) -> Self {
         let ids = DedupeWindow::new(config.dedupe_window);

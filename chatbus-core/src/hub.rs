@@ -139,27 +139,59 @@ pub enum Outbound {
     Close(CloseReason),
 }
 
-/// Counters of one hub. All are totals since start except the gauges `sessions` and `rooms`.
-#[derive(Debug, Default)]
+/// A snapshot of a hub's counters ([`Hub::stats`]). All are totals since start except the gauges `sessions` and `rooms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct HubStats {
     /// Open sessions (gauge).
-    pub sessions: AtomicU64,
+    pub sessions: u64,
     /// Rooms with local members (gauge).
-    pub rooms: AtomicU64,
+    pub rooms: u64,
     /// Messages received from the broker.
-    pub messages_in: AtomicU64,
+    pub messages_in: u64,
     /// Frames handed to session queues (one per recipient).
-    pub deliveries: AtomicU64,
+    pub deliveries: u64,
     /// Times a member's queue overflowed.
-    pub lagged: AtomicU64,
+    pub lagged: u64,
     /// Messages delivered from the log during catch-up.
-    pub replayed: AtomicU64,
+    pub replayed: u64,
     /// Copies skipped because the member already had that cursor.
-    pub duplicates: AtomicU64,
+    pub duplicates: u64,
     /// Sessions closed as slow.
-    pub slow_closed: AtomicU64,
+    pub slow_closed: u64,
     /// Errors from the broker subscription (lag, disconnects).
-    pub broker_errors: AtomicU64,
+    pub broker_errors: u64,
+}
+
+/// The live counters behind [`HubStats`].
+#[derive(Debug, Default)]
+struct Counters {
+    sessions: AtomicU64,
+    rooms: AtomicU64,
+    messages_in: AtomicU64,
+    deliveries: AtomicU64,
+    lagged: AtomicU64,
+    replayed: AtomicU64,
+    duplicates: AtomicU64,
+    slow_closed: AtomicU64,
+    broker_errors: AtomicU64,
+}
+
+impl Counters {
+    fn snapshot(&self) -> HubStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        HubStats {
+            sessions: get(&self.sessions),
+            rooms: get(&self.rooms),
+            messages_in: get(&self.messages_in),
+            deliveries: get(&self.deliveries),
+            lagged: get(&self.lagged),
+            replayed: get(&self.replayed),
+            duplicates: get(&self.duplicates),
+            slow_closed: get(&self.slow_closed),
+            broker_errors: get(&self.broker_errors),
+        }
+    }
 }
 
 fn inc(c: &AtomicU64) {
@@ -183,7 +215,7 @@ struct HubInner {
     sessions: Mutex<HashMap<u64, Weak<SessionShared>>>,
     next_session: AtomicU64,
     next_gen: AtomicU64,
-    stats: HubStats,
+    stats: Counters,
 }
 
 impl fmt::Debug for Hub {
@@ -355,7 +387,7 @@ impl Hub {
                 sessions: Mutex::new(HashMap::new()),
                 next_session: AtomicU64::new(1),
                 next_gen: AtomicU64::new(1),
-                stats: HubStats::default(),
+                stats: Counters::default(),
             }),
         }
     }
@@ -365,9 +397,9 @@ impl Hub {
         &self.inner.broker
     }
 
-    /// The counters.
-    pub fn stats(&self) -> &HubStats {
-        &self.inner.stats
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> HubStats {
+        self.inner.stats.snapshot()
     }
 
     /// Opens a session for `user`.

@@ -90,37 +90,37 @@ pub(crate) fn render(m: &WsMetrics, chat: &ChatHub) -> String {
             "chatbus_messages_out_total",
             "counter",
             "Messages fanned out to local sessions (one per recipient).",
-            get(&hub.deliveries),
+            hub.deliveries,
         ),
         (
             "chatbus_broker_messages_total",
             "counter",
             "Messages received from the broker.",
-            get(&hub.messages_in),
+            hub.messages_in,
         ),
         (
             "chatbus_lagged_total",
             "counter",
             "Times a session fell behind and had to resync.",
-            get(&hub.lagged),
+            hub.lagged,
         ),
         (
             "chatbus_replayed_total",
             "counter",
             "Messages delivered from the log during catch-up.",
-            get(&hub.replayed),
+            hub.replayed,
         ),
         (
             "chatbus_duplicates_total",
             "counter",
             "Duplicate copies dropped by the hub.",
-            get(&hub.duplicates),
+            hub.duplicates,
         ),
         (
             "chatbus_slow_closed_total",
             "counter",
             "Connections closed as slow consumers.",
-            get(&hub.slow_closed) + get(&m.slow_closed),
+            hub.slow_closed + get(&m.slow_closed),
         ),
         (
             "chatbus_idle_closed_total",
@@ -132,7 +132,7 @@ pub(crate) fn render(m: &WsMetrics, chat: &ChatHub) -> String {
             "chatbus_broker_errors_total",
             "counter",
             "Errors from broker subscriptions.",
-            get(&hub.broker_errors),
+            hub.broker_errors,
         ),
         (
             "chatbus_decode_errors_total",
@@ -140,17 +140,12 @@ pub(crate) fn render(m: &WsMetrics, chat: &ChatHub) -> String {
             "Broker envelopes dropped as undecodable.",
             get(&chat.stats().decode_errors),
         ),
-        (
-            "chatbus_sessions",
-            "gauge",
-            "Hub sessions.",
-            get(&hub.sessions),
-        ),
+        ("chatbus_sessions", "gauge", "Hub sessions.", hub.sessions),
         (
             "chatbus_rooms",
             "gauge",
             "Rooms with local members.",
-            get(&hub.rooms),
+            hub.rooms,
         ),
     ] {
         metric(&mut out, name, kind, help, value);

@@ -228,7 +228,7 @@ async fn build_broker(args: &Args) -> Result<Backend, BoxError> {
             Backend {
                 broker: bus,
                 metrics: Some(Arc::new(move || {
-                    let mut out = dual_metrics(stats.stats());
+                    let mut out = dual_metrics(&stats.stats());
                     out.push_str(&redis_metrics(&stats.fast().stats()));
                     out.push_str(&kafka_metrics(&stats.durable().stats()));
                     out
@@ -311,57 +311,56 @@ fn kafka_metrics(s: &chatbus_kafka::KafkaStats) -> String {
 }
 
 fn dual_metrics(s: &DualStats) -> String {
-    use std::sync::atomic::Ordering::Relaxed;
     let mut out = String::new();
     counter(
         &mut out,
         "chatbus_dual_via_fast_total",
         "Messages delivered first by the fast path (Redis).",
-        s.via_fast.load(Relaxed),
+        s.via_fast,
     );
     counter(
         &mut out,
         "chatbus_dual_via_durable_total",
         "Messages delivered first by the durable tail (Kafka).",
-        s.via_durable.load(Relaxed),
+        s.via_durable,
     );
     counter(
         &mut out,
         "chatbus_dual_duplicates_total",
         "Second copies dropped.",
-        s.duplicates.load(Relaxed),
+        s.duplicates,
     );
     counter(
         &mut out,
         "chatbus_dual_gaps_filled_total",
         "Fast-path gaps filled from the durable log.",
-        s.gaps_filled.load(Relaxed),
+        s.gaps_filled,
     );
     counter(
         &mut out,
         "chatbus_dual_gap_timeouts_total",
         "Gaps given up after the gap timeout.",
-        s.gap_timeouts.load(Relaxed),
+        s.gap_timeouts,
     );
     counter(
         &mut out,
         "chatbus_dual_fast_publish_errors_total",
         "Failed fast publishes (delivered via the tail).",
-        s.fast_publish_errors.load(Relaxed),
+        s.fast_publish_errors,
     );
     counter(
         &mut out,
         "chatbus_dual_durable_publish_errors_total",
         "Failed durable publishes.",
-        s.durable_publish_errors.load(Relaxed),
+        s.durable_publish_errors,
     );
     counter(
         &mut out,
         "chatbus_dual_degraded_publishes_total",
         "Durable messages published fast-only.",
-        s.degraded_publishes.load(Relaxed),
+        s.degraded_publishes,
     );
-    let mode = match s.mode() {
+    let mode = match s.mode {
         DualMode::Dual => "dual",
         DualMode::DurableOnly => "durable-only",
         DualMode::FastOnly => "fast-only",
@@ -382,7 +381,7 @@ fn dual_metrics(s: &DualStats) -> String {
     let _ = writeln!(
         out,
         "# HELP chatbus_dual_held Fast-path messages waiting for a gap to fill.\n# TYPE chatbus_dual_held gauge\nchatbus_dual_held {}",
-        s.held.load(Relaxed)
+        s.held
     );
     out
 }
