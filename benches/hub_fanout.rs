@@ -13,21 +13,18 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chatbus::{Envelope, Hub, HubConfig, Kind, MemoryBroker, RawPayload, Room, Session};
+use chatbus::{Envelope, Hub, Kind, MemoryBroker, Room, Session};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use futures::FutureExt;
 
 fn setup(rt: &tokio::runtime::Runtime, n: usize) -> (Hub, Vec<Session>, Room) {
-    let hub = Hub::with_encoder(
-        Arc::new(MemoryBroker::new()),
-        Arc::new(RawPayload),
-        HubConfig::default(),
-    );
+    let hub = Hub::new(Arc::new(MemoryBroker::new()));
     let room = Room::new("bench").unwrap_or_else(|e| panic!("{e}"));
     let sessions: Vec<Session> = (0..n).map(|i| hub.connect(format!("u{i}"))).collect();
     rt.block_on(async {
         for s in &sessions {
-            hub.join(&s.handle(), room.clone(), None, None)
+            s.handle()
+                .join(room.clone())
                 .await
                 .unwrap_or_else(|e| panic!("{e}"));
         }

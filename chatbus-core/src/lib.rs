@@ -18,7 +18,7 @@
 //! let hub = Hub::new(Arc::new(MemoryBroker::new()));
 //! let mut alice = hub.connect("alice");
 //! let room = Room::new("general")?;
-//! hub.join(&alice.handle(), room.clone(), None, None).await?;
+//! alice.handle().join(room.clone()).await?;
 //! hub.publish(&Envelope::new(room, "hello").with_from("bob")).await?;
 //! match alice.recv().await {
 //!     Outbound::Frame(bytes) => assert_eq!(bytes, "hello"),
@@ -50,8 +50,8 @@ pub use dual::{DedupeWindow, DualBus, DualConfig, DualMode, DualStats, DurableDo
 pub use envelope::{now_ms, Cursor, Envelope, Kind, MessageId, Room, MAX_ROOM_LEN};
 pub use error::{BoxError, Error, Result};
 pub use hub::{
-    CloseReason, Frame, FrameEncoder, Hub, HubConfig, HubStats, Joined, Outbound, RawPayload,
-    Session, SessionHandle, SlowPolicy,
+    CloseReason, Frame, FrameEncoder, Hub, HubBuilder, HubConfig, HubStats, JoinOptions, Joined,
+    Outbound, RawPayload, Session, SessionHandle, SlowPolicy,
 };
 pub use memory::{MemoryBroker, MemoryConfig};
 pub use subscribers::Subscribers;

@@ -303,7 +303,7 @@ async fn a_gap_given_up_after_the_timeout_is_still_delivered_through_resync() ->
     let hub = Hub::new(bus.clone());
     let r = room("gap");
     let mut s = hub.connect("u");
-    hub.join(&s.handle(), r.clone(), None, None).await?;
+    s.handle().join(r.clone()).await?;
     hub.publish(&Envelope::new(r.clone(), "m0")).await?;
     // "A" is in the log but its fast copy is lost (a Redis blip): only the slow tail has it.
     durable_log.publish(&Envelope::new(r.clone(), "A")).await?;

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use chatbus_core::{
-    Broker, CloseReason, Cursor, Envelope, Hub, HubConfig, MemoryBroker, MemoryConfig, Outbound,
-    RawPayload, Result, Room, Session, SlowPolicy,
+    Broker, CloseReason, Cursor, Envelope, Hub, HubConfig, JoinOptions, MemoryBroker, MemoryConfig,
+    Outbound, Result, Room, Session, SlowPolicy,
 };
 
 mod support;
@@ -39,9 +39,9 @@ async fn fan_out_reaches_every_member_once_and_only_members() -> Result<()> {
     let mut a = hub.connect("a");
     let mut b = hub.connect("b");
     let mut c = hub.connect("c");
-    hub.join(&a.handle(), r1.clone(), None, None).await?;
-    hub.join(&b.handle(), r1.clone(), None, None).await?;
-    hub.join(&c.handle(), r2.clone(), None, None).await?;
+    a.handle().join(r1.clone()).await?;
+    b.handle().join(r1.clone()).await?;
+    c.handle().join(r2.clone()).await?;
     assert_eq!(hub.rooms().len(), 2);
     for i in 0..10 {
         hub.publish(&Envelope::new(r1.clone(), format!("m{i}")))
@@ -56,7 +56,7 @@ async fn fan_out_reaches_every_member_once_and_only_members() -> Result<()> {
     silent(&mut c).await;
     assert_eq!(hub.stats().deliveries, 20);
     // Leaving stops delivery; the last member leaving drops the room.
-    assert!(hub.leave(&a.handle(), &r1));
+    assert!(a.handle().leave(&r1));
     hub.publish(&Envelope::new(r1.clone(), "after")).await?;
     assert_eq!(next_frame(&mut b).await, "after");
     silent(&mut a).await;
@@ -78,12 +78,13 @@ async fn join_with_since_replays_exactly_the_missed_messages_then_live() -> Resu
         cursors.extend(rc.cursor);
     }
     let mut s = hub.connect("late");
-    let joined = hub
-        .join(
-            &s.handle(),
+    let joined = s
+        .handle()
+        .join_with(
             r.clone(),
-            Some(cursors[9]),
-            Some(Bytes::from("joined")),
+            JoinOptions::default()
+                .since(cursors[9])
+                .reply(Bytes::from("joined")),
         )
         .await?;
     assert!(joined.resuming);
@@ -105,12 +106,10 @@ async fn catch_up_over_many_pages_with_concurrent_traffic_has_no_gap_or_duplicat
     let broker = Arc::new(MemoryBroker::with_config(
         MemoryConfig::default().with_history_len(10_000),
     ));
-    let config = HubConfig {
-        replay_page: 7,
-        pending_limit: 5,
-        ..HubConfig::default()
-    };
-    let hub = Hub::with_encoder(broker.clone(), Arc::new(RawPayload), config);
+    let config = HubConfig::default()
+        .with_replay_page(7)
+        .with_pending_limit(5);
+    let hub = Hub::with_config(broker.clone(), config);
     let r = room("pages");
     let first = hub.publish(&Envelope::new(r.clone(), "0")).await?;
     for i in 1..100 {
@@ -118,7 +117,9 @@ async fn catch_up_over_many_pages_with_concurrent_traffic_has_no_gap_or_duplicat
             .await?;
     }
     let mut s = hub.connect("x");
-    hub.join(&s.handle(), r.clone(), first.cursor, None).await?;
+    s.handle()
+        .join_with(r.clone(), JoinOptions::default().since(first.cursor))
+        .await?;
     let publisher = {
         let hub = hub.clone();
         let r = r.clone();
@@ -146,16 +147,13 @@ async fn slow_session_is_resynced_without_slowing_others() -> Result<()> {
     let broker = Arc::new(MemoryBroker::with_config(
         MemoryConfig::default().with_history_len(10_000),
     ));
-    let config = HubConfig {
-        session_queue: 8,
-        ..HubConfig::default()
-    };
-    let hub = Hub::with_encoder(broker, Arc::new(RawPayload), config);
+    let config = HubConfig::default().with_session_queue(8);
+    let hub = Hub::with_config(broker, config);
     let r = room("slow");
     let mut fast = hub.connect("fast");
     let mut slow = hub.connect("slow");
-    hub.join(&fast.handle(), r.clone(), None, None).await?;
-    hub.join(&slow.handle(), r.clone(), None, None).await?;
+    fast.handle().join(r.clone()).await?;
+    slow.handle().join(r.clone()).await?;
     hub.publish(&Envelope::new(r.clone(), "base")).await?;
     assert_eq!(next_frame(&mut fast).await, "base");
     let n = 200;
@@ -181,15 +179,13 @@ async fn slow_session_is_resynced_without_slowing_others() -> Result<()> {
 
 #[tokio::test]
 async fn slow_session_is_closed_with_close_policy() -> Result<()> {
-    let config = HubConfig {
-        session_queue: 4,
-        slow_policy: SlowPolicy::Close,
-        ..HubConfig::default()
-    };
-    let hub = Hub::with_encoder(Arc::new(MemoryBroker::new()), Arc::new(RawPayload), config);
+    let config = HubConfig::default()
+        .with_session_queue(4)
+        .with_slow_policy(SlowPolicy::Close);
+    let hub = Hub::with_config(Arc::new(MemoryBroker::new()), config);
     let r = room("close");
     let mut slow = hub.connect("slow");
-    hub.join(&slow.handle(), r.clone(), None, None).await?;
+    slow.handle().join(r.clone()).await?;
     for i in 0..20 {
         hub.publish(&Envelope::new(r.clone(), format!("m{i}")))
             .await?;
@@ -217,14 +213,11 @@ async fn broker_without_history_reports_lag() -> Result<()> {
         MemoryConfig::default().with_history_len(0),
     ));
     assert!(!broker.capabilities().replay);
-    let config = HubConfig {
-        session_queue: 2,
-        ..HubConfig::default()
-    };
-    let hub = Hub::with_encoder(broker, Arc::new(RawPayload), config);
+    let config = HubConfig::default().with_session_queue(2);
+    let hub = Hub::with_config(broker, config);
     let r = room("nohist");
     let mut s = hub.connect("s");
-    hub.join(&s.handle(), r.clone(), None, None).await?;
+    s.handle().join(r.clone()).await?;
     for i in 0..10 {
         hub.publish(&Envelope::new(r.clone(), format!("m{i}")))
             .await?;
@@ -252,7 +245,7 @@ async fn shutdown_closes_sessions_after_queued_frames() -> Result<()> {
     let hub = Hub::new(Arc::new(MemoryBroker::new()));
     let r = room("bye");
     let mut s = hub.connect("s");
-    hub.join(&s.handle(), r.clone(), None, None).await?;
+    s.handle().join(r.clone()).await?;
     hub.publish(&Envelope::new(r, "last")).await?;
     tokio::time::sleep(Duration::from_millis(50)).await;
     hub.shutdown();
@@ -300,9 +293,8 @@ async fn leaving_during_a_catch_up_stops_it() -> Result<()> {
     let r = room("r");
     let cursors = publish_n(&broker, &r, "m", 6).await?;
     let mut s = hub.connect("u");
-    hub.join(&s.handle(), r.clone(), Some(cursors[0]), None)
-        .await?;
-    assert!(hub.leave(&s.handle(), &r));
+    s.handle().join_since(r.clone(), cursors[0]).await?;
+    assert!(s.handle().leave(&r));
     let got = drain(&mut s).await;
     assert!(got.is_empty(), "received {got:?} after leaving");
     Ok(())
@@ -315,9 +307,8 @@ async fn joining_again_during_a_catch_up_never_duplicates() -> Result<()> {
     let r = room("r");
     let cursors = publish_n(&broker, &r, "m", 4).await?;
     let mut s = hub.connect("u");
-    hub.join(&s.handle(), r.clone(), Some(cursors[0]), None)
-        .await?;
-    hub.join(&s.handle(), r.clone(), None, None).await?;
+    s.handle().join_since(r.clone(), cursors[0]).await?;
+    s.handle().join(r.clone()).await?;
     hub.publish(&Envelope::new(r.clone(), "live")).await?;
     let got = drain(&mut s).await;
     let mut unique = got.clone();
@@ -337,13 +328,9 @@ async fn a_resume_cursor_beyond_the_log_does_not_silence_the_room() -> Result<()
     let hub = Hub::new(Arc::new(MemoryBroker::new()));
     let r = room("r");
     let mut s = hub.connect("u");
-    hub.join(
-        &s.handle(),
-        r.clone(),
-        Some(Cursor::new(0, 1_000_000)),
-        None,
-    )
-    .await?;
+    s.handle()
+        .join_since(r.clone(), Cursor::new(0, 1_000_000))
+        .await?;
     let _ = drain(&mut s).await;
     for i in 0..3 {
         hub.publish(&Envelope::new(r.clone(), format!("live{i}")))
@@ -375,19 +362,16 @@ async fn a_catch_up_does_not_hold_back_other_rooms() -> Result<()> {
     let broker = Arc::new(MemoryBroker::with_config(
         MemoryConfig::default().with_history_len(10_000),
     ));
-    let config = HubConfig {
-        session_queue: 8,
-        slow_policy: SlowPolicy::Close,
-        replay_page: 2,
-        ..HubConfig::default()
-    };
-    let hub = Hub::with_encoder(broker.clone(), Arc::new(RawPayload), config);
+    let config = HubConfig::default()
+        .with_session_queue(8)
+        .with_slow_policy(SlowPolicy::Close)
+        .with_replay_page(2);
+    let hub = Hub::with_config(broker.clone(), config);
     let (a, b) = (room("a"), room("b"));
     let cursors = publish_n(&broker, &a, "a", 200).await?;
     let mut s = hub.connect("u");
-    hub.join(&s.handle(), b.clone(), None, None).await?;
-    hub.join(&s.handle(), a.clone(), Some(cursors[0]), None)
-        .await?;
+    s.handle().join(b.clone()).await?;
+    s.handle().join_since(a.clone(), cursors[0]).await?;
     // One frame read: the catch-up of room a has started.
     assert_eq!(next_frame(&mut s).await, "a1");
     // Room b gets more live traffic than its queue holds while room a still has 198 messages
@@ -425,8 +409,7 @@ async fn the_room_stream_lagging_during_a_catch_up_loses_nothing() -> Result<()>
     let r = room("r");
     let cursors = publish_n(&broker, &r, "m", 4).await?;
     let mut s = hub.connect("u");
-    hub.join(&s.handle(), r.clone(), Some(cursors[0]), None)
-        .await?;
+    s.handle().join_since(r.clone(), cursors[0]).await?;
     let mut got = Vec::new();
     if let Ok(Outbound::Frame(b)) = tokio::time::timeout(T, s.recv()).await {
         got.push(String::from_utf8_lossy(&b).into_owned());
@@ -467,8 +450,8 @@ async fn a_session_dropped_during_join_leaves_no_member_behind() -> Result<()> {
     )));
     let r = room("r");
     let s = hub.connect("ghost");
-    let (h, hub2, r2) = (s.handle(), hub.clone(), r.clone());
-    let join = tokio::spawn(async move { hub2.join(&h, r2, None, None).await });
+    let (h, r2) = (s.handle(), r.clone());
+    let join = tokio::spawn(async move { h.join(r2).await });
     tokio::time::sleep(Duration::from_millis(20)).await;
     drop(s);
     gate.notify_one();
@@ -491,16 +474,12 @@ async fn recv_is_cancel_safe_during_catch_up() -> Result<()> {
     let broker = Arc::new(MemoryBroker::with_config(
         MemoryConfig::default().with_history_len(10_000),
     ));
-    let config = HubConfig {
-        replay_page: 50,
-        ..HubConfig::default()
-    };
-    let hub = Hub::with_encoder(broker.clone(), Arc::new(RawPayload), config);
+    let config = HubConfig::default().with_replay_page(50);
+    let hub = Hub::with_config(broker.clone(), config);
     let r = room("r");
     let cursors = publish_n(&broker, &r, "", 1001).await?;
     let mut s = hub.connect("u");
-    hub.join(&s.handle(), r.clone(), Some(cursors[0]), None)
-        .await?;
+    s.handle().join_since(r.clone(), cursors[0]).await?;
     // The transport's pattern: await one, then take what is ready without waiting (dropping
     // the pending call when nothing is).
     let mut got = Vec::new();

@@ -17,7 +17,7 @@
 //! let hub = Hub::new(Arc::new(broker));
 //! let session = hub.connect("alice");
 //! let room = Room::new("general")?;
-//! hub.join(&session.handle(), room.clone(), None, None).await?;
+//! session.handle().join(room.clone()).await?;
 //! hub.publish(&Envelope::new(room, "hello").with_from("alice")).await?;
 //! # Ok(()) }
 //! ```

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chatbus_core::{Envelope, Hub, HubConfig, Outbound, RawPayload, Room, Session};
+use chatbus_core::{Envelope, Hub, HubConfig, Outbound, Room, Session};
 use chatbus_testkit::redis::RedisServer;
 
 const SENDERS_PER_SIDE: usize = 2;
@@ -67,11 +67,8 @@ async fn read_all(mut session: Session) -> Tally {
 async fn run(history_len: usize) {
     let server = RedisServer::start().await;
     // A deep session queue: this test is about the broker path, not about slow clients.
-    let config = HubConfig {
-        session_queue: TOTAL * 2,
-        ..HubConfig::default()
-    };
-    let hub = |b| Hub::with_encoder(Arc::new(b), Arc::new(RawPayload), config.clone());
+    let config = HubConfig::default().with_session_queue(TOTAL * 2);
+    let hub = |b| Hub::with_config(Arc::new(b), config.clone());
     let hub_a = hub(common::broker(&server, history_len).await);
     let hub_b = hub(common::broker(&server, history_len).await);
     let room = Room::new("multi").unwrap_or_else(|e| panic!("{e}"));
@@ -81,7 +78,7 @@ async fn run(history_len: usize) {
     for (side, hub) in [("a", &hub_a), ("b", &hub_b)] {
         for i in 0..2 {
             let s = hub.connect(format!("reader-{side}{i}"));
-            if let Err(e) = hub.join(&s.handle(), room.clone(), None, None).await {
+            if let Err(e) = s.handle().join(room.clone()).await {
                 panic!("join: {e}");
             }
             readers.push((format!("{side}{i}"), tokio::spawn(read_all(s))));

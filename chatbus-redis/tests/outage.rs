@@ -107,7 +107,7 @@ async fn scenario(server: &mut RedisServer, history_len: usize) -> Outcome {
     let hub_b = Hub::new(Arc::new(b.clone()));
     let r = room("outage");
     let session = hub_b.connect("reader");
-    if let Err(e) = hub_b.join(&session.handle(), r.clone(), None, None).await {
+    if let Err(e) = session.handle().join(r.clone()).await {
         panic!("join: {e}");
     }
     // A direct subscription on B shows what the broker yields around the outage.

@@ -134,7 +134,10 @@ impl ChatHub {
             presence: presence.clone(),
             stats: stats.clone(),
         };
-        let hub = Hub::with_encoder(broker, Arc::new(encoder), hub_config);
+        let hub = Hub::builder(broker)
+            .encoder(Arc::new(encoder))
+            .config(hub_config)
+            .build();
         let stop = CancellationToken::new();
         Self {
             hub,

@@ -17,7 +17,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use chatbus_core::{CloseReason, Envelope, Outbound, Room, Session, SessionHandle};
+use chatbus_core::{CloseReason, Envelope, JoinOptions, Outbound, Room, Session, SessionHandle};
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, Sink, SinkExt, Stream, StreamExt};
 use tokio::sync::oneshot;
@@ -410,10 +410,8 @@ impl Reader<'_> {
                 // Same test as the hub's: a resume replays only where the broker keeps history.
                 let resuming = since.is_some() && hub.broker().capabilities().replay;
                 let reply = protocol::joined(&room, resuming, cid);
-                if let Err(e) = hub
-                    .join(&self.handle, room.clone(), since, Some(reply))
-                    .await
-                {
+                let options = JoinOptions::default().since(since).reply(reply);
+                if let Err(e) = self.handle.join_with(room.clone(), options).await {
                     self.broker_error(&e, cid, &room, "join");
                     return;
                 }
@@ -425,7 +423,7 @@ impl Reader<'_> {
                 ));
             }
             Request::Leave { room } => {
-                if !hub.leave(&self.handle, &room) {
+                if !self.handle.leave(&room) {
                     self.not_joined(cid, &room);
                     return;
                 }

@@ -146,10 +146,7 @@ async fn client_close_ends_the_session_and_leaves_rooms() {
 
 #[tokio::test]
 async fn a_client_that_stops_reading_is_dropped_and_others_are_unaffected() {
-    let hub_config = chatbus_core::HubConfig {
-        session_queue: 8,
-        ..chatbus_core::HubConfig::default()
-    };
+    let hub_config = chatbus_core::HubConfig::default().with_session_queue(8);
     let chat = ChatHub::with_config(
         Arc::new(MemoryBroker::new()),
         hub_config,

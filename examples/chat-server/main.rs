@@ -533,14 +533,12 @@ async fn run(args: Args) -> Result<(), BoxError> {
     } else {
         "anonymous (?name=)"
     };
-    let hub_config = HubConfig {
-        session_queue: args.session_queue.max(1),
-        slow_policy: match args.slow_clients {
+    let hub_config = HubConfig::default()
+        .with_session_queue(args.session_queue.max(1))
+        .with_slow_policy(match args.slow_clients {
             SlowClients::Resync => SlowPolicy::Resync,
             SlowClients::Close => SlowPolicy::Close,
-        },
-        ..HubConfig::default()
-    };
+        });
     let chat = ChatHub::with_config(broker, hub_config, PresenceConfig::default());
     let ws = WsService::new(chat, config);
 

@@ -1,0 +1,222 @@
+//! Catch-up: replaying a member's missed messages from the log, then switching it to live
+//! with no gap and no duplicate. It runs inside [`Session::recv`], paced by the writer.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+
+use super::registry::Mode;
+use super::session::Control;
+use super::stats::inc;
+use super::{lock, CloseReason, Outbound, Session};
+use crate::broker::{HistoryStream, ReplayFrom};
+use crate::envelope::{Cursor, Room};
+use crate::Result;
+
+/// A replay request in flight, kept across cancellations of `Session::recv` (transports call it
+/// inside `select!`), so that a cancelled call neither loses nor repeats work.
+type Fetch = futures::future::BoxFuture<'static, Result<HistoryStream>>;
+
+pub(super) struct CatchUp {
+    room: Room,
+    // The membership this catch-up belongs to.
+    gen: u64,
+    // Where the client said it was.
+    since: Cursor,
+    // The last cursor replayed to it: replay continues strictly after it.
+    delivered: Option<Cursor>,
+    fetch: Option<Fetch>,
+    stream: Option<HistoryStream>,
+    // Items read from the current page, to tell a full page from the end of the log.
+    page_len: usize,
+    count: usize,
+    // Failed replay requests in a row; transient errors are retried a few times.
+    failures: u32,
+}
+
+impl CatchUp {
+    pub(super) fn new(room: Room, gen: u64, since: Cursor) -> Self {
+        Self {
+            room,
+            gen,
+            since,
+            delivered: None,
+            fetch: None,
+            stream: None,
+            page_len: 0,
+            count: 0,
+            failures: 0,
+        }
+    }
+
+    /// The position replay continues from.
+    fn position(&self) -> Cursor {
+        self.delivered.unwrap_or(self.since)
+    }
+}
+
+/// Replay requests retried after a failure before the client is told it lagged.
+const CATCHUP_RETRIES: u32 = 3;
+
+impl Session {
+    /// Advances the current catch-up by at most one message; `None` when it made progress
+    /// without a frame to send (a new page, a skipped copy, or the switch back to live).
+    pub(super) async fn step_catchup(&mut self) -> Option<Outbound> {
+        let inner = self.handle.hub.inner.clone();
+        let page = inner.config.replay_page.max(1);
+        let shared = self.handle.shared.clone();
+        let cu = self.catchup.as_mut()?;
+        if shared.gen(&cu.room) != Some(cu.gen) {
+            // Left, or joined again (which queued its own catch-up): abandon this one.
+            self.catchup = None;
+            return None;
+        }
+        if cu.stream.is_none() {
+            let fetch = cu.fetch.get_or_insert_with(|| {
+                let (broker, room, from) = (
+                    inner.broker.clone(),
+                    cu.room.clone(),
+                    ReplayFrom::Cursor(cu.delivered.unwrap_or(cu.since)),
+                );
+                let backoff = Duration::from_millis(200 << cu.failures.min(4));
+                let wait = cu.failures > 0;
+                Box::pin(async move {
+                    if wait {
+                        tokio::time::sleep(backoff).await;
+                    }
+                    broker.replay(&room, from, page).await
+                })
+            });
+            let result = fetch.await;
+            cu.fetch = None;
+            match result {
+                Ok(s) => {
+                    cu.page_len = 0;
+                    cu.failures = 0;
+                    cu.stream = Some(s);
+                }
+                Err(e) if e.is_transient() && cu.failures < CATCHUP_RETRIES => {
+                    cu.failures += 1;
+                    tracing::debug!(room = %cu.room, error = %e, "catch-up replay failed; retrying");
+                    return None;
+                }
+                Err(e) => {
+                    tracing::warn!(room = %cu.room, error = %e, "catch-up replay failed");
+                    return Some(self.end_catchup_lagged());
+                }
+            }
+        }
+        let stream = cu.stream.as_mut()?;
+        match stream.next().await {
+            Some(Ok(env)) => {
+                cu.page_len += 1;
+                let c = env.cursor?;
+                if c <= cu.position() {
+                    return None;
+                }
+                cu.delivered = Some(c);
+                cu.count += 1;
+                inc(&inner.stats.replayed);
+                let frame = inner.encoder.encode(&env).map(|f| f.bytes);
+                if cu.count >= inner.config.max_catchup {
+                    // Enough: go live from here and tell the client what it did not get.
+                    let lagged = self.end_catchup_lagged();
+                    if let Outbound::Lagged { room, cursor } = lagged {
+                        shared.push_control(Control::Lagged { room, cursor }, usize::MAX);
+                    }
+                }
+                frame.map(Outbound::Frame)
+            }
+            Some(Err(e)) => {
+                tracing::warn!(room = %cu.room, error = %e, "catch-up replay failed");
+                cu.stream = None;
+                if e.is_transient() && cu.failures < CATCHUP_RETRIES {
+                    cu.failures += 1;
+                    return None;
+                }
+                Some(self.end_catchup_lagged())
+            }
+            None => {
+                cu.stream = None;
+                // A full page means the log may go on: fetch the next. A short page reached the
+                // end of the log as it was when fetched; everything published since then is
+                // either held for us (pending) or not yet fanned out (the pump will deliver it
+                // live, after our cursor).
+                if cu.page_len >= page {
+                    return None;
+                }
+                if self.go_live(false) {
+                    self.catchup = None;
+                }
+                None
+            }
+        }
+    }
+
+    /// Gives up a catch-up (replay failed or the limit was reached): the member goes live and
+    /// the client is told it lagged, with the last cursor it got.
+    fn end_catchup_lagged(&mut self) -> Outbound {
+        self.go_live(true);
+        let Some(cu) = self.catchup.take() else {
+            return Outbound::Close(CloseReason::Shutdown);
+        };
+        let cursor = Some(cu.position());
+        Outbound::Lagged {
+            room: cu.room,
+            cursor,
+        }
+    }
+
+    /// Moves this session's member of the catching-up room to live: the live messages held
+    /// meanwhile that come after what the client has are queued (older ones are copies of
+    /// replayed ones). Without `force`, refuses when held messages overflowed or the room's
+    /// live stream lagged meanwhile (returns false: what was missed is in the log, so the
+    /// caller replays on; the buffer starts empty again).
+    fn go_live(&mut self, force: bool) -> bool {
+        let Some(cu) = self.catchup.as_ref() else {
+            return true;
+        };
+        let inner = self.handle.hub.inner.clone();
+        let entry = lock(&inner.rooms).get(&cu.room).cloned();
+        let Some(entry) = entry else { return true };
+        let mut members = lock(&entry.members);
+        let Some(m) = members
+            .list
+            .iter_mut()
+            .find(|m| m.session.id == self.handle.shared.id && m.gen == cu.gen)
+        else {
+            return true;
+        };
+        let Mode::CatchingUp {
+            pending,
+            overflowed,
+        } = &mut m.mode
+        else {
+            return true;
+        };
+        if *overflowed && !force {
+            pending.clear();
+            *overflowed = false;
+            return false;
+        }
+        let held = std::mem::take(pending);
+        // What the client has: what was replayed to it, or else what it said it had.
+        let mut bound = cu.position();
+        if let Some(d) = cu.delivered {
+            m.last = m.last.max(Some(d));
+        }
+        for (c, frame) in held {
+            if let Some(c) = c {
+                if c <= bound {
+                    inc(&inner.stats.duplicates);
+                    continue;
+                }
+                bound = c;
+                m.last = Some(c);
+            }
+            self.ready.push_back(frame);
+        }
+        m.mode = Mode::Live;
+        true
+    }
+}

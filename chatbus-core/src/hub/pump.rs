@@ -1,0 +1,169 @@
+//! The per-room pump: reads the room's broker subscription and fans each message out to the
+//! room's members, encoded once; members that cannot keep up lag or are closed.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Weak;
+use std::time::Duration;
+
+use super::registry::{Member, Mode, RoomEntry};
+use super::session::Control;
+use super::stats::inc;
+use super::{lock, CloseReason, HubInner, SlowPolicy};
+use crate::broker::{Interest, Subscription};
+use crate::envelope::{Cursor, Envelope, Room};
+use crate::Error;
+
+/// Reads one room's broker subscription and fans every message out to the room's members.
+pub(super) async fn pump(hub: Weak<HubInner>, entry: Weak<RoomEntry>, mut sub: Subscription) {
+    let mut batch = Vec::with_capacity(64);
+    loop {
+        if sub.recv_many(&mut batch, 64).await == 0 {
+            // The broker ended the subscription (it gave up reconnecting): resubscribe, and let
+            // members resync from their cursors since messages may have been missed.
+            let (Some(hub), Some(entry)) = (hub.upgrade(), entry.upgrade()) else {
+                return;
+            };
+            inc(&hub.stats.broker_errors);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            match hub
+                .broker
+                .subscribe(Interest::room(entry.room.clone()))
+                .await
+            {
+                Ok(s) => {
+                    sub = s;
+                    resync_all(&hub, &entry);
+                }
+                Err(e) => tracing::warn!(room = %entry.room, error = %e, "resubscribe failed"),
+            }
+            continue;
+        }
+        let (Some(hub), Some(entry)) = (hub.upgrade(), entry.upgrade()) else {
+            return;
+        };
+        for item in batch.drain(..) {
+            match item {
+                Ok(env) => {
+                    fan_out(&hub, &entry, &env);
+                }
+                Err(e) => {
+                    inc(&hub.stats.broker_errors);
+                    tracing::debug!(room = %entry.room, error = %e, "broker subscription error");
+                    if matches!(e, Error::Lagged { .. }) {
+                        resync_all(&hub, &entry);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Every live member of the room replays from its last cursor (or is told it lagged).
+fn resync_all(hub: &HubInner, entry: &RoomEntry) {
+    let mut members = lock(&entry.members);
+    for m in &mut members.list {
+        match &mut m.mode {
+            Mode::Live => lag_member(hub, &entry.room, m, None),
+            // What the live stream lost may be in neither the page already fetched nor the
+            // held messages: make its catch-up replay again before going live.
+            Mode::CatchingUp { overflowed, .. } => *overflowed = true,
+        }
+    }
+}
+
+/// `missed` is the cursor of the message that did not fit, if known: with no cursor delivered
+/// yet, replay resumes just before it.
+fn lag_member(hub: &HubInner, room: &Room, m: &mut Member, missed: Option<Cursor>) {
+    inc(&hub.stats.lagged);
+    let before_missed = missed
+        .filter(|c| c.offset > 0)
+        .map(|c| Cursor::new(c.partition, c.offset - 1));
+    match (
+        hub.config.slow_policy,
+        m.last.or(before_missed),
+        hub.broker.capabilities().replay,
+    ) {
+        (SlowPolicy::Close, _, _) => {
+            inc(&hub.stats.slow_closed);
+            m.session.close(CloseReason::SlowConsumer);
+        }
+        (SlowPolicy::Resync, Some(since), true) => {
+            m.mode = Mode::CatchingUp {
+                pending: VecDeque::new(),
+                overflowed: false,
+            };
+            let job = Control::CatchUp {
+                room: room.clone(),
+                since,
+                gen: m.gen,
+            };
+            if !m.session.push_control(job, hub.config.control_queue) {
+                m.session.close(CloseReason::SlowConsumer);
+            }
+        }
+        (SlowPolicy::Resync, cursor, _) => {
+            // Nothing to replay from: the loss is reported and live delivery goes on.
+            let note = Control::Lagged {
+                room: room.clone(),
+                cursor,
+            };
+            if !m.session.push_control(note, hub.config.control_queue) {
+                m.session.close(CloseReason::SlowConsumer);
+            }
+        }
+    }
+}
+
+pub(super) fn fan_out(hub: &HubInner, entry: &RoomEntry, env: &Envelope) -> u64 {
+    inc(&hub.stats.messages_in);
+    let Some(frame) = hub.encoder.encode(env) else {
+        return 0;
+    };
+    let mut delivered = 0u64;
+    let mut duplicates = 0u64;
+    let mut members = lock(&entry.members);
+    for m in &mut members.list {
+        if frame.skip_sender && env.from.as_deref() == Some(&*m.session.user) {
+            continue;
+        }
+        // Cursors of one room only grow, so a cursor at or below the member's last is a copy
+        // it already has (replayed during catch-up, or delivered twice by the broker).
+        if let (Some(c), Some(l)) = (env.cursor, m.last) {
+            if c <= l {
+                duplicates += 1;
+                continue;
+            }
+        }
+        match &mut m.mode {
+            Mode::Live => {
+                if m.session
+                    .push_frame(frame.bytes.clone(), hub.config.session_queue.max(1))
+                {
+                    delivered += 1;
+                    if env.cursor.is_some() {
+                        m.last = env.cursor;
+                    }
+                } else {
+                    lag_member(hub, &entry.room, m, env.cursor);
+                }
+            }
+            Mode::CatchingUp {
+                pending,
+                overflowed,
+            } => {
+                if pending.len() < hub.config.pending_limit {
+                    pending.push_back((env.cursor, frame.bytes.clone()));
+                } else {
+                    *overflowed = true;
+                }
+            }
+        }
+    }
+    drop(members);
+    hub.stats.deliveries.fetch_add(delivered, Ordering::Relaxed);
+    hub.stats
+        .duplicates
+        .fetch_add(duplicates, Ordering::Relaxed);
+    delivered
+}
