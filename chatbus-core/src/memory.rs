@@ -15,6 +15,7 @@ use crate::Result;
 
 /// Configuration of a [`MemoryBroker`].
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct MemoryConfig {
     /// Durable messages kept per room for `replay`/`history` (oldest evicted first).
     /// Default 1,024. 0 makes the broker a plain relay like Redis pub/sub: no history

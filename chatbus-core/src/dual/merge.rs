@@ -1,0 +1,282 @@
+//! The merger: one task per bus that reads the fast stream and the durable tail and delivers
+//! each durable message once, in log order per partition, filling fast-path gaps from the log.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::stats::{inc, Counters};
+use super::{DedupeWindow, DualConfig};
+use crate::broker::{Broker, Interest, Subscription};
+use crate::envelope::{Cursor, Envelope};
+use crate::subscribers::Subscribers;
+use crate::{Error, Result};
+
+/// Which path a copy came by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Path {
+    Fast,
+    Durable,
+}
+
+pub(super) struct Merger {
+    config: DualConfig,
+    out: Subscribers,
+    stats: Arc<Counters>,
+    // Per partition: the next offset to deliver. Absent until the tail's start is known.
+    next: HashMap<u32, u64>,
+    // Per partition: fast copies ahead of `next`, with when they arrived.
+    held: HashMap<u32, BTreeMap<u64, (Instant, Envelope)>>,
+    held_total: usize,
+    // Whether the durable broker has contiguous offsets; without them, dedupe by id only.
+    contiguous: bool,
+    ids: DedupeWindow,
+    // A durable message came without a cursor (DegradeToFast): from then on, cursor-carrying
+    // copies are also checked against `ids`.
+    degraded_seen: bool,
+}
+
+impl Merger {
+    pub(super) fn new(
+        config: DualConfig,
+        out: Subscribers,
+        stats: Arc<Counters>,
+        start: Option<&[Cursor]>,
+    ) -> Self {
+        let ids = DedupeWindow::new(config.dedupe_window);
+        let mut m = Self {
+            config,
+            out,
+            stats,
+            next: HashMap::new(),
+            held: HashMap::new(),
+            held_total: 0,
+            contiguous: start.is_some(),
+            ids,
+            degraded_seen: false,
+        };
+        m.reset_start(start);
+        m
+    }
+
+    fn reset_start(&mut self, start: Option<&[Cursor]>) {
+        self.contiguous = start.is_some();
+        self.next = start
+            .unwrap_or_default()
+            .iter()
+            .map(|c| (c.partition, c.offset))
+            .collect();
+    }
+
+    pub(super) async fn run<F: Broker, D: Broker>(
+        mut self,
+        fast_broker: Arc<F>,
+        durable_broker: Arc<D>,
+        mut fast: Option<Subscription>,
+        mut tail: Subscription,
+    ) {
+        let mut fast_batch = Vec::with_capacity(256);
+        let mut tail_batch = Vec::with_capacity(256);
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                // Fast first when both are ready: it is the primary path, and a caller's ephemeral
+                // and durable messages then keep their order whenever Redis is healthy.
+                biased;
+                n = recv_opt(&mut fast, &mut fast_batch) => {
+                    if n == 0 {
+                        tracing::warn!("fast subscription ended; durable-only until it returns");
+                        self.stats.fast_down.store(true, Ordering::Relaxed);
+                        fast = None;
+                        continue;
+                    }
+                    for item in fast_batch.drain(..) {
+                        match item {
+                            Ok(env) => {
+                                self.stats.fast_down.store(false, Ordering::Relaxed);
+                                self.accept(env, Path::Fast);
+                            }
+                            // Lagged after a reconnect: the fast path is back; whatever it lost,
+                            // the tail brings.
+                            Err(Error::Lagged { .. }) => {
+                                self.stats.fast_down.store(false, Ordering::Relaxed);
+                            }
+                            Err(e) => {
+                                tracing::debug!(error = %e, "fast path error; the durable tail covers it");
+                                self.stats.fast_down.store(true, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                }
+                n = tail.recv_many(&mut tail_batch, 256) => {
+                    if n == 0 {
+                        // The durable broker ended the tail: start a new one. What was published
+                        // in between is only in the log now, so subscribers resync by replay.
+                        tracing::warn!("durable tail ended; resubscribing");
+                        self.stats.durable_down.store(true, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        if let Ok(t) = durable_broker.subscribe(Interest::All).await {
+                            self.out.broadcast_error(|| Error::Lagged { missed: 0 });
+                            self.reset_start(t.start());
+                            self.release_all_held();
+                            tail = t;
+                        }
+                        continue;
+                    }
+                    for item in tail_batch.drain(..) {
+                        match item {
+                            Ok(env) => {
+                                self.stats.durable_down.store(false, Ordering::Relaxed);
+                                self.accept(env, Path::Durable);
+                            }
+                            Err(Error::Lagged { missed }) => {
+                                // The merger itself fell behind the tail: those messages are only
+                                // in the log now.
+                                self.out.broadcast_error(|| Error::Lagged { missed });
+                            }
+                            Err(e) => {
+                                tracing::debug!(error = %e, "durable tail error");
+                                self.stats.durable_down.store(true, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                }
+                _ = tick.tick() => {
+                    self.expire_gaps();
+                    if fast.is_none() {
+                        if let Ok(s) = fast_broker.subscribe(Interest::All).await {
+                            tracing::info!("fast subscription restored");
+                            fast = Some(s);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn deliver(&mut self, env: &Envelope, path: Path) {
+        inc(match path {
+            Path::Fast => &self.stats.via_fast,
+            Path::Durable => &self.stats.via_durable,
+        });
+        self.out.dispatch(env);
+    }
+
+    fn accept(&mut self, env: Envelope, path: Path) {
+        let Some(c) = env.cursor.filter(|_| self.contiguous) else {
+            if env.is_durable() {
+                self.degraded_seen = true;
+            }
+            if self.ids.insert(env.id) {
+                self.deliver(&env, path);
+            } else {
+                inc(&self.stats.duplicates);
+            }
+            return;
+        };
+        let next = *self.next.entry(c.partition).or_insert(c.offset);
+        if c.offset < next {
+            inc(&self.stats.duplicates);
+            return;
+        }
+        if self.degraded_seen && self.ids.contains(&env.id) {
+            // Delivered earlier without a cursor (published fast-only while the durable broker
+            // seemed down, yet it had stored the message): account for the offset only.
+            inc(&self.stats.duplicates);
+            self.advance(c.partition, c.offset + 1);
+            return;
+        }
+        if c.offset > next && path == Path::Fast {
+            // The fast path skipped something: wait for the tail to bring it.
+            if self.held_total < self.config.max_held {
+                let held = self.held.entry(c.partition).or_default();
+                if held.insert(c.offset, (Instant::now(), env)).is_none() {
+                    self.held_total += 1;
+                    self.stats
+                        .held
+                        .store(self.held_total as u64, Ordering::Relaxed);
+                }
+            }
+            return;
+        }
+        // The next offset, or a tail message past it (the log has no records in between).
+        if path == Path::Durable && self.held.get(&c.partition).is_some_and(|h| !h.is_empty()) {
+            inc(&self.stats.gaps_filled);
+        }
+        self.deliver(&env, path);
+        self.advance(c.partition, c.offset + 1);
+    }
+
+    /// Sets the next offset of `partition` and delivers the held copies that now follow on.
+    fn advance(&mut self, partition: u32, mut next: u64) {
+        if let Some(held) = self.held.get_mut(&partition) {
+            let mut ready = Vec::new();
+            // Copies below `next` were delivered by the other path.
+            let keep = held.split_off(&next);
+            let stale = std::mem::replace(held, keep).len();
+            while let Some((_, env)) = held.remove(&next) {
+                ready.push(env);
+                next += 1;
+            }
+            self.held_total -= stale + ready.len();
+            self.stats
+                .duplicates
+                .fetch_add(stale as u64, Ordering::Relaxed);
+            self.stats
+                .held
+                .store(self.held_total as u64, Ordering::Relaxed);
+            self.next.insert(partition, next);
+            for env in ready {
+                self.deliver(&env, Path::Fast);
+            }
+        } else {
+            self.next.insert(partition, next);
+        }
+    }
+
+    /// Gaps older than `gap_timeout`: deliver what is held and let subscribers resync.
+    fn expire_gaps(&mut self) {
+        let timeout = self.config.gap_timeout;
+        let expired: Vec<(u32, u64)> = self
+            .held
+            .iter()
+            .filter_map(|(p, h)| {
+                let (&first, (since, _)) = h.first_key_value()?;
+                (since.elapsed() >= timeout).then_some((*p, first))
+            })
+            .collect();
+        for (partition, first) in expired {
+            let missed = first.saturating_sub(self.next.get(&partition).copied().unwrap_or(first));
+            tracing::warn!(
+                partition,
+                missed,
+                "gap not filled by the durable tail in time; skipping it"
+            );
+            inc(&self.stats.gap_timeouts);
+            // Lagged first: subscribers resync from the cursor they had *before* the held
+            // messages, so the skipped ones come from the log when it has them.
+            self.out.broadcast_error(|| Error::Lagged { missed });
+            self.advance(partition, first);
+        }
+    }
+
+    fn release_all_held(&mut self) {
+        let held = std::mem::take(&mut self.held);
+        self.held_total = 0;
+        self.stats.held.store(0, Ordering::Relaxed);
+        for (_, h) in held {
+            for (_, (_, env)) in h {
+                self.deliver(&env, Path::Fast);
+            }
+        }
+    }
+}
+
+async fn recv_opt(sub: &mut Option<Subscription>, out: &mut Vec<Result<Envelope>>) -> usize {
+    match sub {
+        Some(s) => s.recv_many(out, 256).await,
+        None => std::future::pending().await,
+    }
+}
