@@ -499,3 +499,67 @@ async fn recv_is_cancel_safe_during_catch_up() -> Result<()> {
     assert_eq!(got, expected);
     Ok(())
 }
+
+/// The first subscription of each room forwards the broker's messages until `cut` is
+/// notified, then ends (a broker that gave up reconnecting); later ones are the broker's own.
+#[derive(Debug, Default)]
+struct EndingSubscription {
+    cut: Arc<tokio::sync::Notify>,
+    made: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl Hooks for EndingSubscription {
+    async fn subscribe(
+        &self,
+        inner: &MemoryBroker,
+        i: chatbus_core::Interest,
+    ) -> Result<chatbus_core::Subscription> {
+        let mut real = inner.subscribe(i).await?;
+        if self.made.fetch_add(1, std::sync::atomic::Ordering::Relaxed) > 0 {
+            return Ok(real);
+        }
+        let (tx, sub) = chatbus_core::Subscription::channel(64);
+        let cut = self.cut.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    biased;
+                    () = cut.notified() => return,
+                    item = real.recv() => match item {
+                        Some(Ok(e)) => { let _ = tx.send(e); }
+                        Some(Err(e)) => { let _ = tx.send_error(e); }
+                        None => return,
+                    },
+                }
+            }
+        });
+        Ok(sub)
+    }
+}
+
+// Paused time: the pump's 500 ms pause before it resubscribes passes on the test's clock.
+#[tokio::test(start_paused = true)]
+async fn an_ended_subscription_is_renewed_and_members_resync_what_it_missed() -> Result<()> {
+    let hooks = EndingSubscription::default();
+    let cut = hooks.cut.clone();
+    let hub = Hub::new(Arc::new(Hooked::new(MemoryBroker::new(), hooks)));
+    let r = room("r");
+    let mut s = hub.connect("u");
+    s.handle().join(r.clone()).await?;
+    hub.publish(&Envelope::new(r.clone(), "m0")).await?;
+    assert_eq!(next_frame(&mut s).await, "m0");
+    // The broker ends the room's subscription; what is published meanwhile reaches no pump.
+    cut.notify_one();
+    for m in ["m1", "m2"] {
+        hub.publish(&Envelope::new(r.clone(), m)).await?;
+    }
+    // The pump resubscribes and the member replays from its last cursor: nothing lost.
+    assert_eq!(next_frame(&mut s).await, "m1");
+    assert_eq!(next_frame(&mut s).await, "m2");
+    hub.publish(&Envelope::new(r.clone(), "m3")).await?;
+    assert_eq!(next_frame(&mut s).await, "m3");
+    silent(&mut s).await;
+    assert_eq!(hub.stats().broker_errors, 1);
+    Ok(())
+}

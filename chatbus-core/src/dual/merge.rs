@@ -4,7 +4,10 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// tokio's clock, not std's: the gap timeout then follows paused time in tests.
+use tokio::time::Instant;
 
 use super::stats::{inc, Counters};
 use super::{DedupeWindow, DualConfig};
