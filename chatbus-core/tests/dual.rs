@@ -44,14 +44,14 @@ impl Hooks for Faults {
         }
         let n = self.count.fetch_add(1, Ordering::Relaxed) + 1;
         let lose = self.lose_every.load(Ordering::Relaxed);
-        if lose > 0 && n % lose == 0 {
+        if lose > 0 && n.is_multiple_of(lose) {
             return Ok(Receipt {
                 id: envelope.id,
                 cursor: envelope.cursor,
             });
         }
         let delay = self.delay_every.load(Ordering::Relaxed);
-        if delay > 0 && n % delay == 0 {
+        if delay > 0 && n.is_multiple_of(delay) {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         inner.publish(envelope).await
