@@ -9,7 +9,8 @@ TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 BIN=$TARGET/release/examples
 OUT=$TARGET/loadgen
 LOGS=$OUT/logs
-LOADGEN=$BIN/loadgen
+# The load generator is its own package (benches/loadgen), so a binary, not an example.
+LOADGEN=$TARGET/release/loadgen
 mkdir -p "$LOGS"
 
 STARTED_PIDS=()
@@ -38,14 +39,15 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # Builds the chat server and the load generator (release). Quiet unless it fails.
-# SKIP_BUILD=1 uses the binaries already in target/release/examples.
+# SKIP_BUILD=1 uses the binaries already in target/release (examples/chat-server, loadgen).
 build() {
   if [ -n "${SKIP_BUILD:-}" ] && [ -x "$BIN/chat-server" ] && [ -x "$LOADGEN" ]; then
     say "using the binaries already built (SKIP_BUILD)"
     return
   fi
   say "building chat-server and loadgen (release)"
-  (cd "$ROOT" && cargo build --release --quiet --example chat-server --example loadgen) \
+  (cd "$ROOT" && cargo build --release --quiet --example chat-server \
+    && cargo build --release --quiet -p chatbus-loadgen) \
     || die "cargo build failed"
 }
 

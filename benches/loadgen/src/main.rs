@@ -881,7 +881,11 @@ struct StepInput {
 fn default_out() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"))
+        // The crate sits at benches/loadgen: the workspace's target/ is two levels up.
+        .unwrap_or_else(|| {
+            let here = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+            here.ancestors().nth(2).unwrap_or(here).join("target")
+        })
         .join("loadgen")
 }
 
@@ -983,7 +987,7 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
 fn drive(c: &mut Controller) -> Result<RunReport, String> {
     let args = c.args.clone();
     let mut r = RunReport {
-        tool: "chatbus examples/loadgen".into(),
+        tool: "chatbus benches/loadgen".into(),
         name: args.name.clone(),
         label: args.label.clone(),
         date: report::utc(unix_us() / 1_000_000),
