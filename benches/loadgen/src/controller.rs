@@ -120,6 +120,8 @@ impl Controller {
         me + workers
     }
 
+    /// Connects the clients numbered below `upto` not connected yet and waits until every
+    /// engine is done with them; `out` gets the totals so far.
     pub(crate) fn connect(&mut self, upto: u32, out: &mut ConnectOut) -> Result<(), String> {
         let t0 = Instant::now();
         let ready0 = out.ready;

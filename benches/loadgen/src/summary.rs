@@ -25,6 +25,8 @@ pub(crate) struct StepInput {
     pub(crate) machine_busy_us: u64,
 }
 
+/// The results of one step. `members` is ready members per room, per engine; a step holds
+/// when nothing was lost, duplicated, refused, closed or lagged and p99 ≤ `p99_limit_ms`.
 pub(crate) fn summarize(
     plan: &Plan,
     members: &[Vec<u32>],
