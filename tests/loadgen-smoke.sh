@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Smoke run of the load generator: builds the chat-server and loadgen examples (debug, the
-# artifacts `cargo test` already built), starts one chat-server (memory broker, no rate limit)
-# on a free loopback port, runs 60 clients in 3 rooms with 6 senders for 2 seconds, and fails
-# unless every client connected and every message reached every member exactly once. Then the
-# same through two processes (--procs 2) to cover the multi-process path, and checks that a run
-# against a server that refuses sends (rate limit) is reported as not clean. Stops the servers.
+# Smoke run of the load generator: builds the chat-server example and the loadgen binary
+# (package chatbus-loadgen, benches/loadgen; debug builds), starts one chat-server (memory
+# broker, no rate limit) on a free loopback port, runs 60 clients in 3 rooms with 6 senders for
+# 2 seconds, and fails unless every client connected and every message reached every member
+# exactly once. Then the same through two processes (--procs 2) to cover the multi-process
+# path, and checks that a run against a server that refuses sends (rate limit) is reported as
+# not clean. Stops the servers.
 #
 # Run with: bash tests/loadgen-smoke.sh
 # Last line: "loadgen-smoke: N passed, M failed"; exit status non-zero on failure.
@@ -41,12 +42,13 @@ trap finish EXIT
 trap 'FAILED=$((FAILED + 1)); exit 130' INT TERM
 fail_now() { echo "loadgen-smoke: $*" >&2; FAILED=$((FAILED + 1)); exit 1; }
 
-echo "loadgen-smoke: building the chat-server and loadgen examples"
-(cd "$ROOT" && cargo build --quiet --example chat-server --example loadgen) \
-  || fail_now "cargo build --example chat-server --example loadgen failed"
+echo "loadgen-smoke: building the chat-server example and the loadgen binary"
+(cd "$ROOT" && cargo build --quiet --example chat-server && cargo build --quiet -p chatbus-loadgen) \
+  || fail_now "cargo build --example chat-server / -p chatbus-loadgen failed"
 BIN="$TARGET/debug/examples"
-LOADGEN="$BIN/loadgen"
-[ -x "$BIN/chat-server" ] && [ -x "$LOADGEN" ] || fail_now "examples not found in $BIN"
+LOADGEN="$TARGET/debug/loadgen"
+[ -x "$BIN/chat-server" ] || fail_now "chat-server not found in $BIN"
+[ -x "$LOADGEN" ] || fail_now "loadgen not found at $LOADGEN"
 
 PORT=$("$LOADGEN" free-port) || fail_now "no free port"
 RUST_LOG=${RUST_LOG:-warn} "$BIN/chat-server" --listen "127.0.0.1:$PORT" --broker memory \

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Side by side, one run, same machine: chatbus against the Node.js Socket.IO + Redis adapter
-# peer (../shared/peers/socketio, run from a copy under target/bench-peer).
+# peer (benches/peer/server.js; its npm dependencies are installed there on first use).
 #   1. fanout ramp (1,000 clients in one room, two instances, one redis-server), chatbus
 #   2. the same with the peer
 #   3. 10,000 idle connections on one chatbus instance (memory broker)

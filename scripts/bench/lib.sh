@@ -9,7 +9,8 @@ TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 BIN=$TARGET/release/examples
 OUT=$TARGET/loadgen
 LOGS=$OUT/logs
-LOADGEN=$BIN/loadgen
+# The load generator is its own package (benches/loadgen), so a binary, not an example.
+LOADGEN=$TARGET/release/loadgen
 mkdir -p "$LOGS"
 
 STARTED_PIDS=()
@@ -38,14 +39,15 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # Builds the chat server and the load generator (release). Quiet unless it fails.
-# SKIP_BUILD=1 uses the binaries already in target/release/examples.
+# SKIP_BUILD=1 uses the binaries already in target/release (examples/chat-server, loadgen).
 build() {
   if [ -n "${SKIP_BUILD:-}" ] && [ -x "$BIN/chat-server" ] && [ -x "$LOADGEN" ]; then
     say "using the binaries already built (SKIP_BUILD)"
     return
   fi
   say "building chat-server and loadgen (release)"
-  (cd "$ROOT" && cargo build --release --quiet --example chat-server --example loadgen) \
+  (cd "$ROOT" && cargo build --release --quiet --example chat-server \
+    && cargo build --release --quiet -p chatbus-loadgen) \
     || die "cargo build failed"
 }
 
@@ -120,18 +122,16 @@ start_chatbus() {
   say "chat-server pid $CB_PID on 127.0.0.1:$CB_PORT (broker $broker)"
 }
 
-# The peer needs its npm dependencies; shared/ is read-only, so it runs from a copy.
-PEER_SRC=${PEER_SRC:-$ROOT/../shared/peers/socketio}
-PEER_DIR=$TARGET/bench-peer/socketio
+# The peer is the repository's own benches/peer (server.js, pinned package-lock.json); its npm
+# dependencies are installed in place (node_modules is git-ignored), again whenever the lock
+# file is newer than the installed tree.
+PEER_DIR=$ROOT/benches/peer
 prepare_peer() {
-  [ -f "$PEER_SRC/server.js" ] || die "peer not found at $PEER_SRC (set PEER_SRC)"
+  [ -f "$PEER_DIR/server.js" ] || die "peer not found at $PEER_DIR"
   command -v node >/dev/null || die "node not found: apt-get install nodejs npm"
-  if [ ! -d "$PEER_DIR/node_modules/socket.io" ] || ! cmp -s "$PEER_SRC/package-lock.json" "$PEER_DIR/package-lock.json"; then
-    say "installing the peer's npm dependencies into $PEER_DIR"
-    rm -rf "$PEER_DIR"
-    mkdir -p "$PEER_DIR"
-    cp -r "$PEER_SRC/." "$PEER_DIR/"
-    chmod -R u+w "$PEER_DIR"
+  if [ ! -d "$PEER_DIR/node_modules/socket.io" ] \
+    || [ "$PEER_DIR/package-lock.json" -nt "$PEER_DIR/node_modules/.package-lock.json" ]; then
+    say "installing the peer's npm dependencies (npm ci in benches/peer)"
     (cd "$PEER_DIR" && npm ci --no-audit --no-fund --loglevel=error) || die "npm ci failed"
   fi
 }

@@ -462,7 +462,7 @@ pub(crate) fn svg(r: &RunReport) -> String {
     }
     let _ = writeln!(
         o,
-        r##"<text x="{left}" y="{}" fill="#555">time since the first step (s). Written by examples/loadgen.</text>"##,
+        r##"<text x="{left}" y="{}" fill="#555">time since the first step (s). Written by benches/loadgen.</text>"##,
         h - 8.0
     );
     o.push_str("</svg>\n");
