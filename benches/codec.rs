@@ -14,7 +14,7 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use chatbus::codec;
+use chatbus::backend::codec;
 use chatbus::{Cursor, Envelope, Room};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 

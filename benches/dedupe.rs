@@ -13,7 +13,8 @@
 use std::hint::black_box;
 use std::time::Duration;
 
-use chatbus::{DedupeWindow, MessageId};
+use chatbus::backend::DedupeWindow;
+use chatbus::MessageId;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
 fn ids(n: usize) -> Vec<MessageId> {

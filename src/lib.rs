@@ -1,11 +1,32 @@
 #![doc = include_str!("../README.md")]
 //!
-//! This facade re-exports `chatbus_core` and, behind features, the backends as modules:
-//! `redis`, `kafka`, `ws` (feature `full` enables all of them).
+//! # The API at a glance
+//!
+//! - Messages: [`Envelope`] (id, room, kind, sender, time, payload, cursor), [`Room`],
+//!   [`MessageId`], [`Kind`], [`Cursor`].
+//! - Brokers: the [`Broker`] trait (+ [`BrokerExt`]), [`MemoryBroker`], [`DualBus`]; behind
+//!   features, [`redis`] (`RedisBroker`), [`kafka`] (`KafkaBroker`).
+//! - Local fan-out: [`Hub`] and its [`Session`]s / [`SessionHandle`]s.
+//! - The WebSocket transport: [`ws`] (feature `ws`).
+//! - Writing a broker: [`backend`].
+//!
+//! Features: `redis`, `kafka`, `ws`; `full` enables all of them.
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
-pub use chatbus_core::*;
+pub use chatbus_core::backend;
+pub use chatbus_core::{BoxError, Error, Result};
+pub use chatbus_core::{
+    Broker, BrokerExt, Capabilities, Health, HistoryStream, Interest, Receipt, ReplayFrom,
+    Subscription,
+};
+pub use chatbus_core::{
+    CloseReason, Frame, FrameEncoder, Hub, HubBuilder, HubConfig, HubStats, JoinOptions, Joined,
+    Outbound, RawPayload, Session, SessionHandle, SlowPolicy,
+};
+pub use chatbus_core::{Cursor, Envelope, Kind, MessageId, Room, MAX_ROOM_LEN};
+pub use chatbus_core::{DualBus, DualConfig, DualMode, DualStats, DurableDownPolicy};
+pub use chatbus_core::{MemoryBroker, MemoryConfig};
 
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]

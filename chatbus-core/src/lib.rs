@@ -1,14 +1,17 @@
 //! Core of chatbus: the data model, the [`Broker`] trait, the in-memory broker and the local
 //! fan-out [`Hub`].
 //!
-//! - [`Envelope`] is one message as it travels between instances, encoded by [`codec`] in a
-//!   versioned binary format.
+//! - [`Envelope`] is one message as it travels between instances, encoded by
+//!   [`backend::codec`] in a versioned binary format.
 //! - [`Broker`] is the publish / subscribe / replay contract every backend implements:
 //!   [`MemoryBroker`] here (no infrastructure), `RedisBroker` (`chatbus-redis`), `KafkaBroker`
 //!   (`chatbus-kafka`).
 //! - [`Hub`] delivers what the broker brings to the sessions of one instance, encoding each
 //!   client frame once and isolating slow clients.
-//! - `conformance` (feature `conformance`) is the suite every broker must pass.
+//! - [`DualBus`] composes a fast broker (Redis) with a durable one (Kafka): exactly once, gaps
+//!   filled from the log.
+//! - [`backend`] holds what only broker implementors need; `conformance` (feature
+//!   `conformance`) is the suite every broker must pass.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -29,9 +32,9 @@
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+pub mod backend;
 mod broker;
-pub mod codec;
-pub mod dual;
+mod dual;
 mod envelope;
 mod error;
 mod hub;
@@ -43,15 +46,20 @@ mod subscribers;
 pub mod conformance;
 
 pub use broker::{
-    history_stream, Broker, BrokerExt, Capabilities, Health, HistoryStream, Interest, Receipt,
-    ReplayFrom, SendOutcome, Subscription, SubscriptionSender,
+    Broker, BrokerExt, Capabilities, Health, HistoryStream, Interest, Receipt, ReplayFrom,
+    Subscription,
 };
-pub use dual::{DedupeWindow, DualBus, DualConfig, DualMode, DualStats, DurableDownPolicy};
-pub use envelope::{now_ms, Cursor, Envelope, Kind, MessageId, Room, MAX_ROOM_LEN};
+pub use dual::{DualBus, DualConfig, DualMode, DualStats, DurableDownPolicy};
+pub use envelope::{Cursor, Envelope, Kind, MessageId, Room, MAX_ROOM_LEN};
 pub use error::{BoxError, Error, Result};
 pub use hub::{
     CloseReason, Frame, FrameEncoder, Hub, HubBuilder, HubConfig, HubStats, JoinOptions, Joined,
     Outbound, RawPayload, Session, SessionHandle, SlowPolicy,
 };
 pub use memory::{MemoryBroker, MemoryConfig};
-pub use subscribers::Subscribers;
+
+// TRANSITIONAL (removed in the next commit): the old root paths of the backend plumbing.
+#[doc(hidden)]
+pub use backend::{
+    codec, history_stream, now_ms, DedupeWindow, SendOutcome, Subscribers, SubscriptionSender,
+};

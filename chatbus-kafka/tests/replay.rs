@@ -5,7 +5,8 @@ mod common;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use chatbus_core::{now_ms, Broker, BrokerExt, Cursor, Envelope, MessageId, ReplayFrom, Room};
+use chatbus_core::backend::now_ms;
+use chatbus_core::{Broker, BrokerExt, Cursor, Envelope, MessageId, ReplayFrom, Room};
 use chatbus_testkit::tansu::Tansu;
 use futures::StreamExt;
 

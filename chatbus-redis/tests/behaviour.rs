@@ -259,7 +259,8 @@ async fn bad_frames_are_counted_and_dropped() {
         Err(e) => panic!("PUBLISH: {e}"),
     };
     // A valid envelope of another room on this room's channel is refused too.
-    let foreign = match chatbus_core::codec::encode(&Envelope::new(room("elsewhere"), "x")) {
+    let foreign = match chatbus_core::backend::codec::encode(&Envelope::new(room("elsewhere"), "x"))
+    {
         Ok(b) => b,
         Err(e) => panic!("{e}"),
     };

@@ -14,7 +14,7 @@ const RSA_PRIVATE: &[u8] = include_bytes!("fixtures/rs256_private.pem");
 const RSA_PUBLIC: &[u8] = include_bytes!("fixtures/rs256_public.pem");
 
 fn now() -> i64 {
-    i64::try_from(chatbus_core::now_ms() / 1000).expect("time")
+    i64::try_from(chatbus_core::backend::now_ms() / 1000).expect("time")
 }
 
 fn hs(claims: serde_json::Value, secret: &[u8]) -> String {
