@@ -54,4 +54,4 @@ pub use hub::{
     Session, SessionHandle, SlowPolicy,
 };
 pub use memory::{MemoryBroker, MemoryConfig};
-pub use subscribers::Subscribers;
+pub use subscribers::{Batch, Delivered, Pending, Subscribers, Target, Vacated};
