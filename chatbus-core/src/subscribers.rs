@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use crate::broker::{Interest, SendOutcome, Subscription, SubscriptionSender};
@@ -51,12 +51,13 @@ type OnVacated = Box<dyn Fn(Vacated) + Send + Sync>;
 
 struct Shared {
     registry: Mutex<Registry>,
+    // Outside the lock: preparing a subscription takes an id without locking.
+    next_id: AtomicU64,
     on_vacated: Option<OnVacated>,
 }
 
 #[derive(Default)]
 struct Registry {
-    next_id: u64,
     by_room: HashMap<Room, Vec<Entry>>,
     all: Vec<Entry>,
 }
@@ -432,6 +433,7 @@ impl Subscribers {
         Self {
             shared: Arc::new(Shared {
                 registry: Mutex::new(Registry::default()),
+                next_id: AtomicU64::new(1),
                 on_vacated,
             }),
             capacity,
@@ -472,11 +474,7 @@ impl Subscribers {
         start: Option<Arc<[Cursor]>>,
     ) -> (Pending, Subscription) {
         let (tx, sub) = Subscription::channel(self.capacity);
-        let id = {
-            let mut r = lock(&self.shared.registry);
-            r.next_id += 1;
-            r.next_id
-        };
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let cancelled = Arc::new(AtomicBool::new(false));
         let shared = Arc::downgrade(&self.shared);
         let sub = sub.with_guard(Unregister {
