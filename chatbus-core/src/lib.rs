@@ -57,9 +57,3 @@ pub use hub::{
     Outbound, RawPayload, Session, SessionHandle, SlowPolicy,
 };
 pub use memory::{MemoryBroker, MemoryConfig};
-
-// TRANSITIONAL (removed in the next commit): the old root paths of the backend plumbing.
-#[doc(hidden)]
-pub use backend::{
-    codec, history_stream, now_ms, DedupeWindow, SendOutcome, Subscribers, SubscriptionSender,
-};

@@ -20,7 +20,8 @@
 
 use std::time::{Duration, Instant};
 
-use chatbus_core::{codec, Broker, Envelope, Interest, ReplayFrom, Room};
+use chatbus_core::backend::codec;
+use chatbus_core::{Broker, Envelope, Interest, ReplayFrom, Room};
 use chatbus_kafka::rdkafka::consumer::{BaseConsumer, Consumer};
 use chatbus_kafka::rdkafka::producer::{FutureProducer, FutureRecord};
 use chatbus_kafka::rdkafka::util::Timeout;

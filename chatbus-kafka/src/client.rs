@@ -255,6 +255,15 @@ pub(crate) fn map_error(
     }
 }
 
+/// Runs blocking librdkafka calls off the async threads.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> chatbus_core::Result<T> + Send + 'static,
+) -> chatbus_core::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::backend(BACKEND, e))?
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

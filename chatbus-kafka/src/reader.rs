@@ -1,246 +1,30 @@
-//! Reading ranges of the log for `replay` and `history`, with a bounded pool of consumers.
-//!
-//! Everything that reads blocks (librdkafka's consumer API is synchronous): callers run it on
-//! tokio's blocking threads, holding a [`Slot`] for the whole time. The slots bound how many
-//! reads run at once, so a crowd of clients resuming together (every client of an instance
-//! that died) queues for a few readers instead of each opening its own consumer (threads,
-//! connections) and occupying a blocking thread.
+//! Reading ranges of the log for `replay` and `history`: planning a replay, reading it in
+//! chunks, and paging history backwards, with the readers of the pool (`pool.rs`).
 
-use std::ops::{ControlFlow, Deref};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::ops::ControlFlow;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use chatbus_core::{codec, Cursor, Envelope, Error, Result, Room};
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use chatbus_core::backend::codec;
+use chatbus_core::{Cursor, Envelope, Error, HistoryStream, ReplayFrom, Result, Room};
+use futures::StreamExt;
+use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::client::{self, lock, Context};
-use crate::config::KafkaConfig;
+use crate::client::{self, blocking};
+use crate::pool::{Cancel, CancelOnDrop, Reader, Readers};
 
-pub(crate) type Reader = BaseConsumer<Context>;
-
+/// How long one poll of a scan blocks, which bounds how late it notices a cancelled read.
 const POLL: Duration = Duration::from_millis(100);
-const READER_FETCH_WAIT: Duration = Duration::from_millis(5);
-
-/// A pool of replay consumers, at most [`KafkaConfig::max_concurrent_replays`] of them.
-pub(crate) struct Readers {
-    config: KafkaConfig,
-    ctx: Context,
-    /// Readers not in use, kept for reuse: creating a librdkafka consumer costs threads, a
-    /// connection and a metadata round trip, too much for every page of history. A reader is
-    /// only created by a slot holder that found none idle, so there are never more readers
-    /// than slots, idle or not.
-    idle: Mutex<Vec<Reader>>,
-    slots: Arc<Semaphore>,
-    /// Readers created so far (a metric).
-    pub(crate) created: AtomicU64,
-    /// Callers waiting for a slot (a metric).
-    waiting: AtomicUsize,
-}
-
-impl std::fmt::Debug for Readers {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Readers")
-            .field("idle", &lock(&self.idle).len())
-            .field("active", &self.active())
-            .field("waiting", &self.waiting())
-            .finish_non_exhaustive()
-    }
-}
-
-impl Drop for Readers {
-    fn drop(&mut self) {
-        // Closing a consumer blocks (it joins librdkafka's threads): not on an async worker.
-        let idle = std::mem::take(&mut *lock(&self.idle));
-        if !idle.is_empty() {
-            crate::producer::retire(idle);
-        }
-    }
-}
-
-/// The right to read with one reader; see [`Readers::acquire`].
-pub(crate) struct Slot {
-    readers: Arc<Readers>,
-    permit: OwnedSemaphorePermit,
-}
-
-impl Slot {
-    /// An idle reader, or a new one; it goes back to the pool when the lease is dropped.
-    /// Blocking (creating a consumer starts its threads): call it on a blocking thread.
-    pub(crate) fn lease(self) -> Result<Lease> {
-        let reader = self.readers.take()?;
-        Ok(Lease {
-            readers: self.readers,
-            reader: Some(reader),
-            _permit: self.permit,
-        })
-    }
-}
-
-/// A reader in use. Dropping it, wherever that happens (a finished read, an error, a replay
-/// future or stream dropped by its caller), returns the reader to the pool and then frees its
-/// slot for the next caller.
-pub(crate) struct Lease {
-    readers: Arc<Readers>,
-    reader: Option<Reader>,
-    // Dropped after `drop` ran, so the reader is back in the pool before a waiter wakes up.
-    _permit: OwnedSemaphorePermit,
-}
-
-impl Deref for Lease {
-    type Target = Reader;
-
-    fn deref(&self) -> &Reader {
-        // Only `drop` takes the reader out.
-        self.reader
-            .as_ref()
-            .unwrap_or_else(|| unreachable!("a lease holds its reader until dropped"))
-    }
-}
-
-impl Drop for Lease {
-    fn drop(&mut self) {
-        if let Some(reader) = self.reader.take() {
-            // Every read leaves the reader unassigned (see `scan`), so it is clean for the next.
-            self.readers.give(reader);
-        }
-    }
-}
-
-/// Set when the caller of a read went away, so that a blocking read stops early and gives its
-/// reader back instead of finishing work nobody wants.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct Cancel(Arc<AtomicBool>);
-
-impl Cancel {
-    pub(crate) fn is_set(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
-/// Sets its [`Cancel`] when dropped: kept by the future or stream that waits for a read.
-#[derive(Debug, Default)]
-pub(crate) struct CancelOnDrop(Cancel);
-
-impl CancelOnDrop {
-    pub(crate) fn token(&self) -> Cancel {
-        self.0.clone()
-    }
-}
-
-impl Drop for CancelOnDrop {
-    fn drop(&mut self) {
-        self.0 .0.store(true, Ordering::Relaxed);
-    }
-}
-
-/// Counts a caller waiting for a slot while it exists (also when the wait is cancelled).
-struct Waiting<'a>(&'a AtomicUsize);
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
+/// Most messages a replay reads per turn with a reader. The stream holds them while its caller
+/// drains it, with the reader already given back, so a slow client never keeps a reader (or a
+/// blocking thread) busy; past them, it waits for a reader again and reads on. As large as the
+/// Hub's default catch-up page, which then takes one turn.
+const REPLAY_CHUNK: usize = 512;
 
 impl Readers {
-    pub(crate) fn new(config: KafkaConfig, ctx: Context) -> Self {
-        // `validate` keeps it within 1..=Semaphore::MAX_PERMITS.
-        let slots = config
-            .max_concurrent_replays
-            .clamp(1, Semaphore::MAX_PERMITS);
-        Self {
-            config,
-            ctx,
-            idle: Mutex::new(Vec::new()),
-            slots: Arc::new(Semaphore::new(slots)),
-            created: AtomicU64::new(0),
-            waiting: AtomicUsize::new(0),
-        }
-    }
-
-    /// Waits for a free slot, in arrival order, at most [`KafkaConfig::request_timeout`].
-    ///
-    /// Cancel-safe: a caller that stops waiting takes no slot.
-    pub(crate) async fn acquire(self: &Arc<Self>) -> Result<Slot> {
-        let timeout = self.config.request_timeout;
-        self.waiting.fetch_add(1, Ordering::Relaxed);
-        let waiting = Waiting(&self.waiting);
-        let permit = tokio::time::timeout(timeout, self.slots.clone().acquire_owned()).await;
-        drop(waiting);
-        match permit {
-            Ok(Ok(permit)) => Ok(Slot {
-                readers: self.clone(),
-                permit,
-            }),
-            // The semaphore is never closed.
-            Ok(Err(_)) => Err(Error::Closed),
-            Err(_) => Err(Error::Timeout {
-                backend: client::BACKEND,
-                op: "waiting for a free replay reader (max_concurrent_replays)",
-                after: timeout,
-            }),
-        }
-    }
-
-    /// Reads running now (slots taken).
-    pub(crate) fn active(&self) -> usize {
-        self.config
-            .max_concurrent_replays
-            .clamp(1, Semaphore::MAX_PERMITS)
-            .saturating_sub(self.slots.available_permits())
-    }
-
-    /// Callers waiting for a slot now.
-    pub(crate) fn waiting(&self) -> usize {
-        self.waiting.load(Ordering::Relaxed)
-    }
-
-    /// An idle reader, or a new one.
-    fn take(&self) -> Result<Reader> {
-        if let Some(r) = lock(&self.idle).pop() {
-            return Ok(r);
-        }
-        // A reader only asks for offsets below the high watermark, so Kafka answers its
-        // fetches at once whatever the wait. Tansu 0.6 holds every fetch for the full wait even
-        // when it has data: keep the wait short so a replay is not paced by it.
-        let reader = client::consumer_config(&self.config, "reader", READER_FETCH_WAIT)
-            .create_with_context(self.ctx.clone())
-            .map_err(|e| Error::backend(client::BACKEND, e))?;
-        self.created.fetch_add(1, Ordering::Relaxed);
-        Ok(reader)
-    }
-
-    /// Returns a reader to the pool (it must have no assignment).
-    fn give(&self, reader: Reader) {
-        let mut idle = lock(&self.idle);
-        // Never more readers than slots exist, so this always has room; the check only keeps
-        // the pool bounded should that ever change.
-        if idle.len() < self.config.max_concurrent_replays {
-            idle.push(reader);
-        } else {
-            drop(idle);
-            // Closing blocks, and this may run on an async worker (a dropped replay future).
-            crate::producer::retire(reader);
-        }
-    }
-
-    pub(crate) fn topic(&self) -> &str {
-        &self.config.topic
-    }
-
-    pub(crate) fn timeout(&self) -> Duration {
-        self.config.request_timeout
-    }
-
-    pub(crate) fn conn(&self) -> &client::ConnState {
-        &self.ctx.conn
-    }
-
     /// `(low, high)` watermarks of a partition: the first offset kept and the next offset to
     /// be written.
     pub(crate) fn watermarks(&self, reader: &Reader, partition: u32) -> Result<(i64, i64)> {
@@ -420,65 +204,292 @@ pub(crate) fn to_i32(p: u32) -> Result<i32> {
     i32::try_from(p).map_err(|_| Error::InvalidCursor(format!("partition {p}")))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// A replay: the room's durable messages in `partition` after `from`, at most `limit`.
+pub(crate) struct ReplayQuery {
+    pub(crate) room: Room,
+    /// The room's partition (and the cursor's, checked by the caller).
+    pub(crate) partition: u32,
+    pub(crate) from: ReplayFrom,
+    pub(crate) limit: usize,
+}
 
-    fn readers(slots: usize, timeout: Duration) -> Arc<Readers> {
-        // Slots alone need no cluster: nothing here creates a reader.
-        let config = KafkaConfig::new("127.0.0.1:1")
-            .with_max_concurrent_replays(slots)
-            .with_request_timeout(timeout);
-        Arc::new(Readers::new(config, Context::default()))
+/// A page of history: the newest `limit` durable messages of the room before `before` (or the
+/// end), reading at most `scan_limit` records.
+pub(crate) struct HistoryQuery {
+    pub(crate) room: Room,
+    /// The room's partition (and the cursor's, checked by the caller).
+    pub(crate) partition: u32,
+    pub(crate) before: Option<Cursor>,
+    pub(crate) limit: usize,
+    pub(crate) scan_limit: i64,
+}
+
+/// Plans a replay and reads its first chunk with one reader, so that errors (cluster down)
+/// are returned by `replay` itself; the stream reads the rest chunk by chunk.
+pub(crate) async fn replay(readers: &Arc<Readers>, query: ReplayQuery) -> Result<HistoryStream> {
+    let ReplayQuery {
+        room,
+        partition,
+        from,
+        limit,
+    } = query;
+    if limit == 0 {
+        return Ok(chatbus_core::backend::history_stream(Vec::new()));
     }
-
-    #[tokio::test]
-    async fn callers_beyond_the_slots_queue_then_time_out() {
-        let timeout = Duration::from_millis(200);
-        let r = readers(2, timeout);
-        let a = r.acquire().await.expect("first slot");
-        let b = r.acquire().await.expect("second slot");
-        assert_eq!((r.active(), r.waiting()), (2, 0));
-
-        let t = Instant::now();
-        match r.acquire().await {
-            Err(Error::Timeout { after, .. }) => assert_eq!(after, timeout),
-            Err(e) => panic!("expected a timeout, got {e}"),
-            Ok(_) => panic!("a third slot out of two"),
+    // Set if this future (and later the stream) is dropped: the read stops early.
+    let cancel = CancelOnDrop::default();
+    let since = match from {
+        ReplayFrom::Time(ms) => Some(ms),
+        _ => None,
+    };
+    let slot = readers.acquire().await?;
+    let first = blocking({
+        let (readers, token) = (readers.clone(), cancel.token());
+        move || {
+            let lease = slot.lease()?;
+            let Some((start, end)) = plan(&readers, &lease, partition, from)? else {
+                return Ok(None);
+            };
+            let mut rest = ReplayRest {
+                room,
+                partition,
+                since,
+                next: start,
+                end,
+                left: limit,
+            };
+            let chunk = rest.read(&readers, &lease, true, &token)?;
+            Ok(Some((chunk, rest)))
         }
-        assert!(t.elapsed() >= timeout && t.elapsed() < timeout * 5);
-        assert_eq!(r.waiting(), 0);
+    })
+    .await?;
+    let Some((chunk, rest)) = first else {
+        return Ok(chatbus_core::backend::history_stream(Vec::new()));
+    };
+    if rest.is_done() {
+        return Ok(chatbus_core::backend::history_stream(chunk));
+    }
+    let state = ReplayState {
+        readers: readers.clone(),
+        rest,
+        chunk: chunk.into_iter(),
+        failed: false,
+        cancel,
+    };
+    Ok(futures::stream::unfold(state, ReplayState::next).boxed())
+}
 
-        // A waiter is served as soon as a slot is given back.
-        let waiter = tokio::spawn({
-            let r = r.clone();
-            async move { r.acquire().await.map(|_| ()) }
-        });
-        while r.waiting() == 0 {
-            tokio::time::sleep(Duration::from_millis(1)).await;
+/// Reads one page of history with one reader.
+pub(crate) async fn history(readers: &Arc<Readers>, query: HistoryQuery) -> Result<Vec<Envelope>> {
+    if query.limit == 0 {
+        return Ok(Vec::new());
+    }
+    // Set if this future is dropped: the scan stops early and gives its reader back.
+    let cancel = CancelOnDrop::default();
+    let token = cancel.token();
+    let slot = readers.acquire().await?;
+    let readers = readers.clone();
+    let page = blocking(move || {
+        let lease = slot.lease()?;
+        history_page(&readers, &lease, &query, &token)
+    })
+    .await;
+    drop(cancel);
+    page
+}
+
+/// The offsets `start..end` a replay reads, or `None` when there is nothing to read.
+fn plan(
+    readers: &Readers,
+    reader: &Reader,
+    partition: u32,
+    from: ReplayFrom,
+) -> Result<Option<(i64, i64)>> {
+    let (low, high) = readers.watermarks(reader, partition)?;
+    let start = match from {
+        ReplayFrom::Beginning => low,
+        ReplayFrom::Cursor(c) => i64::try_from(c.offset)
+            .ok()
+            .and_then(|o| o.checked_add(1))
+            .ok_or_else(|| Error::InvalidCursor(c.to_string()))?,
+        ReplayFrom::Time(ms) => match readers.offset_for_time(reader, partition, ms)? {
+            Some(o) => o,
+            None => return Ok(None),
+        },
+    };
+    // Below `low`, retention has deleted the records: start with what is left.
+    let start = start.max(low);
+    Ok((start < high).then_some((start, high)))
+}
+
+/// Where a replay goes on from, and what it still may return.
+#[derive(Clone)]
+struct ReplayRest {
+    room: Room,
+    partition: u32,
+    since: Option<u64>,
+    /// The next offset to read.
+    next: i64,
+    /// The end of the partition when the replay started.
+    end: i64,
+    /// Messages it may still return (the limit, less what it read).
+    left: usize,
+}
+
+impl ReplayRest {
+    fn is_done(&self) -> bool {
+        self.left == 0 || self.next >= self.end
+    }
+
+    /// Reads the next chunk of the room's messages (at most [`REPLAY_CHUNK`]) with `reader`,
+    /// and moves the position past it. Blocking.
+    fn read(
+        &mut self,
+        readers: &Readers,
+        reader: &Reader,
+        first: bool,
+        cancel: &Cancel,
+    ) -> Result<Vec<Envelope>> {
+        let max = self.left.min(REPLAY_CHUNK);
+        let mut items = Vec::new();
+        let mut is_first = first;
+        let mut stop = false;
+        let (room, since) = (&self.room, self.since);
+        readers.scan(reader, self.partition, self.next, self.end, cancel, |env| {
+            let first = std::mem::take(&mut is_first);
+            let Some(env) = env else {
+                return ControlFlow::Continue(());
+            };
+            if let Some(ms) = since {
+                // Kafka answers a time lookup with the first offset whose timestamp is at or
+                // after it, so that record is never older. Tansu 0.6 answers 0 instead of
+                // "none" when every record is older: detect it here.
+                if first && env.ts < ms {
+                    stop = true;
+                    return ControlFlow::Break(());
+                }
+                // Timestamps of one room need not be monotonic (several producers' clocks):
+                // keep exactly the messages at or after the time.
+                if env.ts < ms {
+                    return ControlFlow::Continue(());
+                }
+            }
+            if !is_of(&env, room) {
+                return ControlFlow::Continue(());
+            }
+            items.push(env);
+            if items.len() >= max {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        })?;
+        self.left -= items.len();
+        // A full chunk stopped at its last message; anything else read up to the end.
+        let last = items
+            .last()
+            .and_then(|e| e.cursor)
+            .and_then(|c| i64::try_from(c.offset).ok());
+        self.next = match last {
+            Some(offset) if !stop && items.len() >= max => offset + 1,
+            _ => self.end,
+        };
+        Ok(items)
+    }
+}
+
+/// A replay stream past its first chunk: yields the chunk it holds, then waits for a reader
+/// and reads the next one.
+struct ReplayState {
+    readers: Arc<Readers>,
+    rest: ReplayRest,
+    chunk: std::vec::IntoIter<Envelope>,
+    failed: bool,
+    // Dropped with the stream: stops a chunk being read for nobody.
+    cancel: CancelOnDrop,
+}
+
+impl ReplayState {
+    async fn next(mut self) -> Option<(Result<Envelope>, Self)> {
+        loop {
+            if let Some(env) = self.chunk.next() {
+                return Some((Ok(env), self));
+            }
+            if self.failed || self.rest.is_done() {
+                return None;
+            }
+            match self.read_chunk().await {
+                Ok(chunk) => self.chunk = chunk.into_iter(),
+                Err(e) => {
+                    self.failed = true;
+                    return Some((Err(e), self));
+                }
+            }
         }
-        drop(a);
-        tokio::time::timeout(timeout, waiter)
-            .await
-            .expect("served in time")
-            .expect("task")
-            .expect("slot");
-
-        // A waiter that gives up takes no slot and is no longer counted.
-        let c = r.acquire().await.expect("the slot the waiter gave back");
-        let cancelled = tokio::time::timeout(Duration::from_millis(20), r.acquire()).await;
-        assert!(cancelled.is_err(), "a third slot out of two");
-        assert_eq!((r.active(), r.waiting()), (2, 0));
-        drop((b, c));
-        assert_eq!((r.active(), r.waiting()), (0, 0));
     }
 
-    #[test]
-    fn cancel_is_set_when_its_guard_is_dropped() {
-        let guard = CancelOnDrop::default();
-        let token = guard.token();
-        assert!(!token.is_set());
-        drop(guard);
-        assert!(token.is_set());
+    async fn read_chunk(&mut self) -> Result<Vec<Envelope>> {
+        let slot = self.readers.acquire().await?;
+        let readers = self.readers.clone();
+        let token = self.cancel.token();
+        // The position moves on only when the read succeeded, so `rest` goes to the blocking
+        // thread and comes back with the chunk.
+        let mut rest = self.rest.clone();
+        let (rest, chunk) = blocking(move || {
+            let lease = slot.lease()?;
+            let chunk = rest.read(&readers, &lease, false, &token)?;
+            Ok((rest, chunk))
+        })
+        .await?;
+        self.rest = rest;
+        Ok(chunk)
     }
+}
+
+/// Reads backwards from `query.before` (or the end) in growing chunks. Blocking.
+fn history_page(
+    readers: &Readers,
+    reader: &Reader,
+    query: &HistoryQuery,
+    cancel: &Cancel,
+) -> Result<Vec<Envelope>> {
+    let HistoryQuery {
+        room,
+        partition,
+        before,
+        limit,
+        scan_limit,
+    } = query;
+    let (partition, before, limit, scan_limit) = (*partition, *before, *limit, *scan_limit);
+    let (low, high) = readers.watermarks(reader, partition)?;
+    let mut end = before.map_or(high, |c| {
+        i64::try_from(c.offset).unwrap_or(i64::MAX).min(high)
+    });
+    // A room usually shares its partition with others: start with a few pages' worth of
+    // records and double, so a busy room costs one read and a quiet one a few.
+    let mut chunk = i64::try_from(limit)
+        .unwrap_or(i64::MAX)
+        .saturating_mul(4)
+        .max(256);
+    let mut scanned = 0i64;
+    let mut found: Vec<Envelope> = Vec::new();
+    while end > low && found.len() < limit && scanned < scan_limit {
+        let size = chunk.min(scan_limit - scanned);
+        let start = end.saturating_sub(size).max(low);
+        let mut older = Vec::new();
+        readers.scan(reader, partition, start, end, cancel, |env| {
+            if let Some(env) = env.filter(|e| is_of(e, room)) {
+                older.push(env);
+            }
+            ControlFlow::Continue(())
+        })?;
+        scanned += end - start;
+        older.append(&mut found);
+        found = older;
+        end = start;
+        chunk = chunk.saturating_mul(2);
+    }
+    let skip = found.len().saturating_sub(limit);
+    found.drain(..skip);
+    Ok(found)
 }

@@ -11,17 +11,14 @@
 //! partition may be shared with or taken away by another instance, and a rebalance must never
 //! pause delivery.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use bytes::Bytes;
-use chatbus_core::{
-    codec, Cursor, Envelope, Error, Interest, Result, Room, SendOutcome, Subscription,
-    SubscriptionSender,
-};
+use chatbus_core::backend::{codec, Subscribers, Target};
+use chatbus_core::{Cursor, Envelope, Error, Interest, Result, Subscription};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
@@ -53,60 +50,21 @@ pub(crate) struct Tail {
 
 struct Shared {
     topic: String,
-    state: Mutex<State>,
+    /// Per partition, the next offset the thread will dispatch. Locked around every
+    /// registration and every dispatch (and before `subscribers`' own lock), so that a
+    /// subscription's start and what the thread delivers to it agree.
+    positions: Mutex<Vec<i64>>,
+    subscribers: Subscribers,
     stop: AtomicBool,
     stats: TailStats,
-    capacity: usize,
 }
 
-struct State {
-    /// Per partition, the next offset the thread will dispatch.
-    positions: Vec<i64>,
-    next_id: u64,
-    by_room: HashMap<Room, Vec<Entry>>,
-    all: Vec<Entry>,
-}
-
-struct Entry {
-    id: u64,
-    tx: SubscriptionSender,
-    /// Per partition, the first offset this subscription receives.
-    start: Arc<[i64]>,
-}
-
-impl Entry {
-    fn wants(&self, partition: usize, offset: i64) -> bool {
-        self.start.get(partition).is_some_and(|s| offset >= *s)
-    }
-}
-
-/// Removes a subscription from the index when it is dropped.
-struct Unsubscribe {
-    shared: Weak<Shared>,
-    id: u64,
-    interest: Interest,
-}
-
-impl Drop for Unsubscribe {
-    fn drop(&mut self) {
-        let Some(shared) = self.shared.upgrade() else {
-            return;
-        };
-        let mut state = lock(&shared.state);
-        match &self.interest {
-            Interest::All => state.all.retain(|e| e.id != self.id),
-            Interest::Rooms(rooms) => {
-                for room in rooms {
-                    if let Some(list) = state.by_room.get_mut(room) {
-                        list.retain(|e| e.id != self.id);
-                        if list.is_empty() {
-                            state.by_room.remove(room);
-                        }
-                    }
-                }
-            }
-        }
-    }
+/// The position of a record, as the cursor it would have.
+fn cursor(partition: usize, offset: i64) -> Cursor {
+    Cursor::new(
+        u32::try_from(partition).unwrap_or(u32::MAX),
+        u64::try_from(offset).unwrap_or(0),
+    )
 }
 
 impl Tail {
@@ -128,15 +86,10 @@ impl Tail {
         let consumer = Arc::new(consumer);
         let shared = Arc::new(Shared {
             topic: config.topic.clone(),
-            state: Mutex::new(State {
-                positions: ends,
-                next_id: 0,
-                by_room: HashMap::new(),
-                all: Vec::new(),
-            }),
+            positions: Mutex::new(ends),
+            subscribers: Subscribers::new(config.subscriber_capacity),
             stop: AtomicBool::new(false),
             stats: TailStats::default(),
-            capacity: config.subscriber_capacity,
         });
         let thread = {
             let (shared, consumer) = (shared.clone(), consumer.clone());
@@ -155,43 +108,19 @@ impl Tail {
     /// Registers a subscription that receives every record at or after `ends` (the end offsets
     /// read just now) and after what the thread already dispatched.
     pub(crate) fn subscribe(&self, interest: Interest, ends: &[i64]) -> Subscription {
-        let (tx, sub) = Subscription::channel(self.shared.capacity);
-        let mut state = lock(&self.shared.state);
+        let positions = lock(&self.shared.positions);
         // A record below the current end was published before this call; one the thread
         // already dispatched cannot be delivered any more. The later of the two is where this
         // subscription starts, and the thread dispatches every record from there on.
-        let start: Arc<[i64]> = state
-            .positions
+        let start = positions
             .iter()
             .enumerate()
-            .map(|(p, pos)| (*pos).max(ends.get(p).copied().unwrap_or(0)))
+            .map(|(p, pos)| cursor(p, (*pos).max(ends.get(p).copied().unwrap_or(0))))
             .collect();
-        state.next_id += 1;
-        let id = state.next_id;
-        let entry = || Entry {
-            id,
-            tx: tx.clone(),
-            start: start.clone(),
-        };
-        match &interest {
-            Interest::All => state.all.push(entry()),
-            Interest::Rooms(rooms) => {
-                for room in rooms {
-                    state.by_room.entry(room.clone()).or_default().push(entry());
-                }
-            }
-        }
-        drop(state);
-        let cursors = start
-            .iter()
-            .enumerate()
-            .map(|(p, o)| Cursor::new(p as u32, u64::try_from(*o).unwrap_or(0)))
-            .collect();
-        sub.with_start(cursors).with_guard(Unsubscribe {
-            shared: Arc::downgrade(&self.shared),
-            id,
-            interest,
-        })
+        // Registered before the positions are unlocked, so no batch falls in between.
+        let sub = self.shared.subscribers.subscribe_from(interest, start);
+        drop(positions);
+        sub
     }
 
     /// The consumer, for offset lookups that need one.
@@ -205,8 +134,7 @@ impl Tail {
 
     /// Live subscriptions, for metrics.
     pub(crate) fn subscriptions(&self) -> usize {
-        let state = lock(&self.shared.state);
-        state.all.len() + state.by_room.values().map(Vec::len).sum::<usize>()
+        self.shared.subscribers.len()
     }
 }
 
@@ -294,10 +222,11 @@ fn decode(shared: &Shared, msg: &rdkafka::message::BorrowedMessage<'_>) -> Recor
 }
 
 fn dispatch(shared: &Shared, batch: &mut Vec<Record>) {
-    let mut state = lock(&shared.state);
-    let mut closed = false;
+    let mut positions = lock(&shared.positions);
+    // One lock for the whole batch; subscribers found gone are removed when it ends.
+    let mut out = shared.subscribers.batch();
     for record in batch.drain(..) {
-        let Some(position) = state.positions.get_mut(record.partition) else {
+        let Some(position) = positions.get_mut(record.partition) else {
             continue;
         };
         if record.offset < *position {
@@ -314,42 +243,15 @@ fn dispatch(shared: &Shared, batch: &mut Vec<Record>) {
                 missed,
                 "gap in the Kafka tail"
             );
-            let from = *position;
-            *position = record.offset + 1;
-            let notify = |e: &Entry| {
-                if e.wants(record.partition, from) {
-                    let _ = e.tx.send_error(Error::Lagged { missed });
-                }
-            };
-            state.all.iter().for_each(notify);
-            state.by_room.values().flatten().for_each(notify);
-        } else {
-            *position = record.offset + 1;
+            // Only subscriptions that would have received the first missing record.
+            let from = cursor(record.partition, *position);
+            out.send_error(Target::EVERYONE.at(from), || Error::Lagged { missed });
         }
+        *position = record.offset + 1;
         let Some(env) = record.envelope else {
             continue;
         };
-        let targets = state
-            .by_room
-            .get(&env.room)
-            .into_iter()
-            .flatten()
-            .chain(state.all.iter());
-        for entry in targets {
-            if entry.wants(record.partition, record.offset)
-                && entry.tx.send(env.clone()) == SendOutcome::Closed
-            {
-                closed = true;
-            }
-        }
-    }
-    if closed {
-        // Normally the subscription's guard removes it; this catches a guard that has not run
-        // yet, so no dead sender lingers.
-        state.all.retain(|e| !e.tx.is_closed());
-        state.by_room.retain(|_, list| {
-            list.retain(|e| !e.tx.is_closed());
-            !list.is_empty()
-        });
+        let at = cursor(record.partition, record.offset);
+        out.dispatch(&env, Target::EVERYONE.at(at));
     }
 }

@@ -6,9 +6,10 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use chatbus_core::backend::{codec, history_stream, Subscribers};
 use chatbus_core::{
-    codec, history_stream, Broker, Capabilities, Cursor, Envelope, Error, Health, HistoryStream,
-    Interest, Receipt, ReplayFrom, Result, Room, Subscription,
+    Broker, Capabilities, Cursor, Envelope, Error, Health, HistoryStream, Interest, Receipt,
+    ReplayFrom, Result, Room, Subscription,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Value;
@@ -16,7 +17,7 @@ use tokio::sync::mpsc;
 
 use crate::config::RedisConfig;
 use crate::error::{self, BACKEND};
-use crate::subscriber::{self, Actor, Command, ConnState, Shared};
+use crate::subscriber::{self, Actor, Command, ConnState, Shared, Timing};
 use crate::wire::{self, Keys};
 
 /// Entries read per `XRANGE` while scanning the window for a replay by time.
@@ -64,6 +65,8 @@ struct Inner {
     script: redis::Script,
     shared: Arc<Shared>,
     commands: mpsc::UnboundedSender<Command>,
+    // Local subscriptions; the actor activates them and unsubscribes the rooms they leave.
+    subs: Subscribers,
     actor: tokio::task::AbortHandle,
 }
 
@@ -159,17 +162,15 @@ impl RedisBroker {
         let keys = Keys::new(&config.prefix);
         let shared = Arc::new(Shared::new());
         let (commands, rx) = mpsc::unbounded_channel();
+        let subs = subscriber::registry(config.subscriber_capacity, &commands);
         let actor = Actor::new(
             client,
             publisher.clone(),
             keys.clone(),
             shared.clone(),
+            subs.clone(),
             rx,
-            config.connect_timeout,
-            config.command_timeout,
-            config.backoff_min,
-            config.backoff_max,
-            config.ping_interval,
+            Timing::of(&config),
         );
         let actor = tokio::spawn(actor.run(first)).abort_handle();
         Ok(Self {
@@ -180,6 +181,7 @@ impl RedisBroker {
                 script: redis::Script::new(wire::PUBLISH_SCRIPT),
                 shared,
                 commands,
+                subs,
                 actor,
             }),
         })
@@ -413,8 +415,8 @@ impl Broker for RedisBroker {
         subscriber::subscribe(
             &self.inner.shared,
             &self.inner.commands,
+            &self.inner.subs,
             interest,
-            self.inner.config.subscriber_capacity,
             self.inner.config.command_timeout,
         )
         .await

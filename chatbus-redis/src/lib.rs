@@ -51,7 +51,7 @@
 //! is dropped, so an instance with no member in a room receives none of its traffic.
 //!
 //! **Wire format.** The payload of every pub/sub message and of every stream entry (field `e`)
-//! is the envelope in the versioned binary encoding of [`chatbus_core::codec`] (first byte =
+//! is the envelope in the versioned binary encoding of [`chatbus_core::backend::codec`] (first byte =
 //! version), nothing else. A frame that fails to decode, or whose room differs from its
 //! channel's, is counted ([`RedisStats::decode_errors`]) and dropped.
 //!

@@ -1,30 +1,32 @@
 //! The subscriber: one dedicated pub/sub connection per broker, owned by one task (the
 //! "actor") that subscribes, dispatches messages to local subscriptions and reconnects.
 //!
-//! Only the actor touches the table of local subscriptions, and it handles their arrival and
-//! departure in order with the messages of the connection. That order is what makes the
-//! subscription contract hold:
+//! The local subscriptions live in the shared [`Subscribers`] registry, but only the actor
+//! activates them, and it learns of rooms left empty through the registry's on-vacated
+//! callback, in order with its other requests. That order is what makes the subscription
+//! contract hold:
 //!
-//! - a new subscription is added only after Redis confirmed its `SUBSCRIBE` (or a `PING`, when
-//!   the channel was already subscribed) and after every message read before that
+//! - a new subscription is activated only after Redis confirmed its `SUBSCRIBE` (or a `PING`,
+//!   when the channel was already subscribed) and after every message read before that
 //!   confirmation was dispatched, so it receives exactly the messages published after
 //!   `subscribe` returned, never an older one still in flight;
-//! - the last local subscription of a room leaving sends `UNSUBSCRIBE` from the same task, so
-//!   it can never overtake the `SUBSCRIBE` of a newer subscription to that room.
+//! - the `UNSUBSCRIBE` of a room whose last local subscription left is sent from the same
+//!   task, after checking that the room is still empty, so it can never overtake the
+//!   `SUBSCRIBE` of a newer subscription to that room.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use chatbus_core::{
-    codec, Error, Interest, Result, Room, SendOutcome, Subscription, SubscriptionSender,
-};
+use chatbus_core::backend::{codec, Pending, Subscribers, Target, Vacated};
+use chatbus_core::{Error, Interest, Result, Room, Subscription};
 use futures::{FutureExt, StreamExt};
 use redis::aio::{PubSubSink, PubSubStream};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::config::RedisConfig;
 use crate::error::{self, RedisBrokerError};
 use crate::wire::Keys;
 
@@ -71,7 +73,6 @@ pub(crate) struct Counters {
 pub(crate) struct Shared {
     pub(crate) state: Mutex<ConnState>,
     pub(crate) counters: Counters,
-    next_id: AtomicU64,
 }
 
 impl Shared {
@@ -79,7 +80,6 @@ impl Shared {
         Self {
             state: Mutex::new(ConnState::Up),
             counters: Counters::default(),
-            next_id: AtomicU64::new(1),
         }
     }
 
@@ -95,42 +95,29 @@ impl Shared {
 /// A request to the actor.
 pub(crate) enum Command {
     Subscribe {
-        id: u64,
-        interest: Interest,
-        sender: SubscriptionSender,
+        pending: Pending,
         reply: oneshot::Sender<Result<()>>,
     },
-    Unsubscribe {
-        id: u64,
-        interest: Interest,
-    },
+    /// Rooms (or the pattern) that may have lost their last local subscriber.
+    Vacated(Vacated),
 }
 
-/// Sends `Unsubscribe` when the [`Subscription`] it is attached to is dropped.
-struct Guard {
-    cmd: mpsc::UnboundedSender<Command>,
-    id: u64,
-    interest: Option<Interest>,
-}
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        if let Some(interest) = self.interest.take() {
-            // Fails only when the actor is gone, and then there is nothing to clean up.
-            let _ = self.cmd.send(Command::Unsubscribe {
-                id: self.id,
-                interest,
-            });
-        }
-    }
+/// The registry of local subscriptions: it tells the actor, through `cmd`, of every room left
+/// without subscribers, so that the actor unsubscribes it.
+pub(crate) fn registry(capacity: usize, cmd: &mpsc::UnboundedSender<Command>) -> Subscribers {
+    let cmd = cmd.clone();
+    Subscribers::with_on_vacated(capacity, move |vacated| {
+        // Fails only when the actor is gone, and then there is nothing to unsubscribe.
+        let _ = cmd.send(Command::Vacated(vacated));
+    })
 }
 
 /// What the broker's `subscribe` does: asks the actor and waits for its answer.
 pub(crate) async fn subscribe(
     shared: &Shared,
     cmd: &mpsc::UnboundedSender<Command>,
+    subs: &Subscribers,
     interest: Interest,
-    capacity: usize,
     timeout: Duration,
 ) -> Result<Subscription> {
     if let ConnState::Down { reason, .. } = shared.state() {
@@ -138,78 +125,40 @@ pub(crate) async fn subscribe(
             "cannot subscribe while disconnected ({reason}); reconnecting"
         )));
     }
-    let (sender, sub) = Subscription::channel(capacity);
-    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    // The subscription exists before the request: if we stop waiting (timeout, or the caller
+    // drops this future), dropping it cancels the activation or, if the actor activated it
+    // already, removes it again, and the actor hears of the rooms left empty.
+    let (pending, sub) = subs.prepare(interest);
     let (reply, answer) = oneshot::channel();
-    // Armed before the request: if we stop waiting (timeout, or the caller drops this future)
-    // after the actor added the subscription, the guard removes it again.
-    let guard = Guard {
-        cmd: cmd.clone(),
-        id,
-        interest: Some(interest.clone()),
-    };
-    cmd.send(Command::Subscribe {
-        id,
-        interest,
-        sender,
-        reply,
-    })
-    .map_err(|_| Error::Closed)?;
+    cmd.send(Command::Subscribe { pending, reply })
+        .map_err(|_| Error::Closed)?;
     match tokio::time::timeout(timeout, answer).await {
         Err(_) => Err(error::timeout("subscribe", timeout)),
         Ok(Err(_)) => Err(Error::Closed),
         Ok(Ok(Err(e))) => Err(e),
-        Ok(Ok(Ok(()))) => Ok(sub.with_guard(guard)),
+        Ok(Ok(Ok(()))) => Ok(sub),
     }
 }
 
-/// Local subscriptions: only the actor touches them.
-#[derive(Default)]
-struct Table {
-    rooms: HashMap<Room, Vec<(u64, SubscriptionSender)>>,
-    all: Vec<(u64, SubscriptionSender)>,
+/// The actor's timing settings, from the broker's configuration.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timing {
+    pub(crate) connect_timeout: Duration,
+    pub(crate) command_timeout: Duration,
+    pub(crate) backoff_min: Duration,
+    pub(crate) backoff_max: Duration,
+    pub(crate) ping_interval: Duration,
 }
 
-impl Table {
-    fn insert(&mut self, id: u64, interest: &Interest, sender: SubscriptionSender) {
-        match interest {
-            Interest::All => self.all.push((id, sender)),
-            Interest::Rooms(rooms) => {
-                for room in rooms {
-                    self.rooms
-                        .entry(room.clone())
-                        .or_default()
-                        .push((id, sender.clone()));
-                }
-            }
+impl Timing {
+    pub(crate) fn of(config: &RedisConfig) -> Self {
+        Self {
+            connect_timeout: config.connect_timeout,
+            command_timeout: config.command_timeout,
+            backoff_min: config.backoff_min,
+            backoff_max: config.backoff_max,
+            ping_interval: config.ping_interval,
         }
-    }
-
-    fn remove(&mut self, id: u64, interest: &Interest) {
-        match interest {
-            Interest::All => self.all.retain(|(i, _)| *i != id),
-            Interest::Rooms(rooms) => {
-                for room in rooms {
-                    if let Some(list) = self.rooms.get_mut(room) {
-                        list.retain(|(i, _)| *i != id);
-                        if list.is_empty() {
-                            self.rooms.remove(room);
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    fn for_each_sender(&self, mut f: impl FnMut(&SubscriptionSender)) {
-        for (_, s) in self.rooms.values().flatten().chain(&self.all) {
-            f(s);
-        }
-    }
-
-    fn clear(&mut self) {
-        self.rooms.clear();
-        self.all.clear();
     }
 }
 
@@ -230,19 +179,11 @@ pub(crate) struct Actor {
     pub(crate) keys: Keys,
     pub(crate) shared: Arc<Shared>,
     pub(crate) commands: mpsc::UnboundedReceiver<Command>,
-    pub(crate) connect_timeout: Duration,
-    pub(crate) command_timeout: Duration,
-    pub(crate) backoff_min: Duration,
-    pub(crate) backoff_max: Duration,
-    pub(crate) ping_interval: Duration,
-    table: Table,
+    timing: Timing,
+    subs: Subscribers,
     // What Redis has confirmed on the current connection.
     subscribed: HashSet<Room>,
     psubscribed: bool,
-    // Rooms whose last subscriber may have gone (a closed sender seen while dispatching).
-    maybe_empty: HashSet<Room>,
-    // The same for the pattern subscription.
-    all_maybe_empty: bool,
     // Subscribers were told Unavailable and not yet Lagged (the outage is still going on).
     told_down: bool,
 }
@@ -279,18 +220,14 @@ fn jitter_seed() -> u64 {
 }
 
 impl Actor {
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         client: redis::Client,
         publisher: redis::aio::ConnectionManager,
         keys: Keys,
         shared: Arc<Shared>,
+        subs: Subscribers,
         commands: mpsc::UnboundedReceiver<Command>,
-        connect_timeout: Duration,
-        command_timeout: Duration,
-        backoff_min: Duration,
-        backoff_max: Duration,
-        ping_interval: Duration,
+        timing: Timing,
     ) -> Self {
         Self {
             client,
@@ -298,16 +235,10 @@ impl Actor {
             keys,
             shared,
             commands,
-            connect_timeout,
-            command_timeout,
-            backoff_min,
-            backoff_max,
-            ping_interval,
-            table: Table::default(),
+            timing,
+            subs,
             subscribed: HashSet::new(),
             psubscribed: false,
-            maybe_empty: HashSet::new(),
-            all_maybe_empty: false,
             told_down: false,
         }
     }
@@ -327,15 +258,21 @@ impl Actor {
         let mut seed = jitter_seed();
         loop {
             if std::mem::take(&mut wait_first) {
-                let wait = backoff(self.backoff_min, self.backoff_max, attempt, &mut seed);
+                let wait = backoff(
+                    self.timing.backoff_min,
+                    self.timing.backoff_max,
+                    attempt,
+                    &mut seed,
+                );
                 attempt = attempt.saturating_add(1);
                 if self.wait_down(wait).await {
-                    return self.shutdown();
+                    // Dropping the actor ends every subscription (see `Drop`).
+                    return;
                 }
             }
             let (mut sink, mut stream) = match conn.take() {
                 Some(c) => c,
-                None => match connect_pubsub(&self.client, self.connect_timeout).await {
+                None => match connect_pubsub(&self.client, self.timing.connect_timeout).await {
                     Ok(c) => c,
                     Err(e) => {
                         tracing::debug!(error = %e, attempt, "redis reconnect failed");
@@ -368,16 +305,14 @@ impl Actor {
                 }
                 // Live delivery resumes now; what was published meanwhile is lost to the live
                 // stream, so every subscriber is told to resync from its cursor.
-                self.table.for_each_sender(|s| {
-                    let _: SendOutcome = s.send_error(Error::Lagged { missed: 0 });
-                });
+                self.subs.broadcast_error(|| Error::Lagged { missed: 0 });
                 self.told_down = false;
                 tracing::info!(rooms = self.subscribed.len(), "redis pub/sub reconnected");
             }
             self.shared.set_state(ConnState::Up);
             let opened = Instant::now();
             match self.session(&mut sink, &mut stream).await {
-                End::Shutdown => return self.shutdown(),
+                End::Shutdown => return,
                 End::Lost(reason) => {
                     tracing::warn!(%reason, attempt, "redis pub/sub connection lost");
                     self.lost(&reason);
@@ -391,11 +326,6 @@ impl Actor {
                 }
             }
         }
-    }
-
-    fn shutdown(mut self) {
-        // Dropping the senders ends every local subscription.
-        self.table.clear();
     }
 
     fn note_down(&self, reason: &str) {
@@ -438,9 +368,8 @@ impl Actor {
             return;
         }
         let reason = format!("connection lost ({reason}); reconnecting");
-        self.table.for_each_sender(|s| {
-            let _: SendOutcome = s.send_error(error::unavailable(reason.clone()));
-        });
+        self.subs
+            .broadcast_error(|| error::unavailable(reason.clone()));
     }
 
     /// Sleeps `wait` while answering requests (with `Unavailable`). Returns true on shutdown.
@@ -457,7 +386,9 @@ impl Actor {
                             "the connection to redis is down; reconnecting",
                         )));
                     }
-                    Some(Command::Unsubscribe { id, interest }) => self.table.remove(id, &interest),
+                    // Nothing is subscribed upstream while down: the re-subscribe after the
+                    // outage reads the rooms from the registry.
+                    Some(Command::Vacated(_)) => {}
                 },
             }
         }
@@ -468,28 +399,24 @@ impl Actor {
         what: &'static str,
         f: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> std::result::Result<T, String> {
-        match tokio::time::timeout(self.command_timeout, f).await {
-            Err(_) => Err(format!(
-                "{what}: no answer within {:?}",
-                self.command_timeout
-            )),
-            Ok(Err(e)) => {
-                Err(RedisBrokerError::from_redis(what, e, self.command_timeout).to_string())
-            }
+        let timeout = self.timing.command_timeout;
+        match tokio::time::timeout(timeout, f).await {
+            Err(_) => Err(format!("{what}: no answer within {timeout:?}")),
+            Ok(Err(e)) => Err(RedisBrokerError::from_redis(what, e, timeout).to_string()),
             Ok(Ok(v)) => Ok(v),
         }
     }
 
     /// Subscribes every room (and the pattern) that local subscriptions want.
     async fn resubscribe_all(&mut self, sink: &mut PubSubSink) -> std::result::Result<(), String> {
-        let rooms: Vec<Room> = self.table.rooms.keys().cloned().collect();
+        let rooms: Vec<Room> = self.subs.rooms();
         for chunk in rooms.chunks(CHUNK) {
             let channels: Vec<String> = chunk.iter().map(|r| self.keys.channel(r)).collect();
             self.with_timeout("SUBSCRIBE", sink.subscribe(&channels))
                 .await?;
             self.subscribed.extend(chunk.iter().cloned());
         }
-        if !self.table.all.is_empty() {
+        if self.subs.has_all() {
             self.with_timeout("PSUBSCRIBE", sink.psubscribe(self.keys.pattern()))
                 .await?;
             self.psubscribed = true;
@@ -499,7 +426,7 @@ impl Actor {
 
     /// Serves one connection until it fails or the broker is dropped.
     async fn session(&mut self, sink: &mut PubSubSink, stream: &mut PubSubStream) -> End {
-        let mut ping = tokio::time::interval(self.ping_interval);
+        let mut ping = tokio::time::interval(self.timing.ping_interval);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_activity = Instant::now();
         loop {
@@ -518,7 +445,7 @@ impl Actor {
                     last_activity = Instant::now();
                 }
                 _ = ping.tick() => {
-                    if last_activity.elapsed() >= self.ping_interval {
+                    if last_activity.elapsed() >= self.timing.ping_interval {
                         if let Err(reason) = self.with_timeout("PING", sink.ping::<redis::Value>()).await {
                             return End::Lost(reason);
                         }
@@ -529,12 +456,8 @@ impl Actor {
                     None => return End::Lost("the server closed the connection".into()),
                     Some(msg) => {
                         last_activity = Instant::now();
+                        // A subscriber found gone here comes back as a `Vacated` request.
                         self.dispatch(&msg);
-                        if !self.maybe_empty.is_empty() || self.all_maybe_empty {
-                            if let Err(reason) = self.apply(Vec::new(), sink, stream).await {
-                                return End::Lost(reason);
-                            }
-                        }
                     }
                 },
             }
@@ -542,7 +465,7 @@ impl Actor {
     }
 
     /// Applies a batch of requests: one `UNSUBSCRIBE` for rooms nobody wants any more, one
-    /// `SUBSCRIBE` for new rooms, a barrier, then the new subscriptions join the table.
+    /// `SUBSCRIBE` for new rooms, a barrier, then the new subscriptions are activated.
     async fn apply(
         &mut self,
         batch: Vec<Command>,
@@ -550,31 +473,25 @@ impl Actor {
         stream: &mut PubSubStream,
     ) -> std::result::Result<(), String> {
         let mut joining = Vec::new();
-        let mut touched: HashSet<Room> = std::mem::take(&mut self.maybe_empty);
-        let mut touched_all = std::mem::take(&mut self.all_maybe_empty);
+        let mut touched: HashSet<Room> = HashSet::new();
+        let mut touched_all = false;
         for cmd in batch {
             match cmd {
-                Command::Unsubscribe { id, interest } => {
-                    match &interest {
-                        Interest::All => touched_all = true,
-                        Interest::Rooms(rooms) => touched.extend(rooms.iter().cloned()),
-                    }
-                    // Also cancels a request still in this batch (its caller gave up).
-                    joining.retain(|(i, _, _, _): &(u64, _, _, _)| *i != id);
-                    self.table.remove(id, &interest);
+                Command::Vacated(vacated) => {
+                    touched.extend(vacated.rooms);
+                    touched_all |= vacated.all;
                 }
-                Command::Subscribe {
-                    id,
-                    interest,
-                    sender,
-                    reply,
-                } => joining.push((id, interest, sender, reply)),
+                Command::Subscribe { pending, reply } => joining.push((pending, reply)),
             }
         }
+        // A caller that gave up already (its subscription dropped) needs no SUBSCRIBE.
+        joining.retain(|(pending, reply): &(Pending, _)| {
+            !pending.is_cancelled() && !reply.is_closed()
+        });
         let mut wanted: HashSet<Room> = HashSet::new();
         let mut want_all = false;
-        for (_, interest, _, _) in &joining {
-            match interest {
+        for (pending, _) in &joining {
+            match pending.interest() {
                 Interest::All => want_all = true,
                 Interest::Rooms(rooms) => wanted.extend(rooms.iter().cloned()),
             }
@@ -582,9 +499,7 @@ impl Actor {
         let leave: Vec<String> = touched
             .iter()
             .filter(|r| {
-                self.subscribed.contains(*r)
-                    && !self.table.rooms.contains_key(*r)
-                    && !wanted.contains(*r)
+                self.subscribed.contains(*r) && !self.subs.has_room(r) && !wanted.contains(*r)
             })
             .map(|r| self.keys.channel(r))
             .collect();
@@ -598,12 +513,12 @@ impl Actor {
                 self.with_timeout("UNSUBSCRIBE", sink.unsubscribe(&leave))
                     .await?;
                 for r in &touched {
-                    if !self.table.rooms.contains_key(r) && !wanted.contains(r) {
+                    if !self.subs.has_room(r) && !wanted.contains(r) {
                         self.subscribed.remove(r);
                     }
                 }
             }
-            if touched_all && self.psubscribed && self.table.all.is_empty() && !want_all {
+            if touched_all && self.psubscribed && !self.subs.has_all() && !want_all {
                 self.with_timeout("PUNSUBSCRIBE", sink.punsubscribe(self.keys.pattern()))
                     .await?;
                 self.psubscribed = false;
@@ -629,7 +544,7 @@ impl Actor {
         }
         .await;
         if let Err(reason) = result {
-            for (_, _, _, reply) in joining {
+            for (_, reply) in joining {
                 let _ = reply.send(Err(error::unavailable(reason.clone())));
             }
             return Err(reason);
@@ -641,15 +556,13 @@ impl Actor {
                 None => break,
             }
         }
-        for (id, interest, sender, reply) in joining {
+        for (pending, reply) in joining {
             // A caller that stopped waiting would never receive from this subscription.
-            if reply.is_closed() {
+            if reply.is_closed() || !pending.activate() {
                 continue;
             }
-            self.table.insert(id, &interest, sender);
-            if reply.send(Ok(())).is_err() {
-                self.table.remove(id, &interest);
-            }
+            // Should the caller give up right now, dropping its subscription removes it.
+            let _ = reply.send(Ok(()));
         }
         Ok(())
     }
@@ -679,35 +592,28 @@ impl Actor {
                 return;
             }
         };
-        let targets = if msg.from_pattern() {
-            Some(&mut self.table.all)
+        // A message of a room arrives twice when both are subscribed: on its channel for the
+        // room's subscribers, and through the pattern for `Interest::All` ones.
+        let target = if msg.from_pattern() {
+            Target::ALL_SUBSCRIBERS
         } else {
-            self.table.rooms.get_mut(&env.room)
+            Target::ROOM_SUBSCRIBERS
         };
-        let Some(targets) = targets else { return };
-        let mut closed = false;
-        for (_, tx) in targets.iter() {
-            match tx.send(env.clone()) {
-                SendOutcome::Sent => counters.delivered.fetch_add(1, Ordering::Relaxed),
-                SendOutcome::Dropped => counters.dropped.fetch_add(1, Ordering::Relaxed),
-                SendOutcome::Closed => {
-                    closed = true;
-                    0
-                }
-            };
-        }
-        if closed {
-            // Normally the guard's Unsubscribe removes it; this covers a subscriber that
-            // vanished without one.
-            targets.retain(|(_, tx)| !tx.is_closed());
-            if targets.is_empty() {
-                if msg.from_pattern() {
-                    self.all_maybe_empty = true;
-                } else {
-                    self.table.rooms.remove(&env.room);
-                    self.maybe_empty.insert(env.room);
-                }
-            }
-        }
+        let delivered = self.subs.dispatch_to(&env, target);
+        let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+        counters
+            .delivered
+            .fetch_add(count(delivered.sent), Ordering::Relaxed);
+        counters
+            .dropped
+            .fetch_add(count(delivered.dropped), Ordering::Relaxed);
+    }
+}
+
+impl Drop for Actor {
+    fn drop(&mut self) {
+        // Also when the task is aborted (the broker was dropped): dropping the senders ends
+        // every local subscription.
+        self.subs.clear();
     }
 }

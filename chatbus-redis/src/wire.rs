@@ -3,7 +3,8 @@
 //! See the crate docs ("How it works") for the layout; this module is its single source.
 
 use bytes::Bytes;
-use chatbus_core::{codec, Cursor, Envelope, Result, Room};
+use chatbus_core::backend::codec;
+use chatbus_core::{Cursor, Envelope, Result, Room};
 
 /// Names of the Redis channels and keys of one deployment (one prefix).
 #[derive(Debug, Clone)]

@@ -1,6 +1,6 @@
 //! Redis-specific behaviour beyond the conformance suite: interest filtering, UNSUBSCRIBE on
-//! drop, prefixes, cursor pass-through, the history window's length, bad frames, slow
-//! subscribers.
+//! drop (also of an abandoned subscribe), prefixes, cursor pass-through, the history window's
+//! length, bad frames, slow subscribers.
 
 mod common;
 
@@ -131,6 +131,32 @@ async fn drop_unsubscribes_in_redis() {
         numpat(&server).await == 0
     })
     .await;
+}
+
+/// A `subscribe` abandoned before Redis answered (its future dropped after sending the
+/// request) leaves no channel subscribed, whether the caller gave up before the actor saw the
+/// request, while its SUBSCRIBE was in flight, or just after the answer; a later subscription
+/// to the room still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_subscribes_leave_nothing_subscribed() {
+    let server = RedisServer::start().await;
+    let b = common::broker(&server, 0).await;
+    let r = room("abandoned");
+    let channel = format!("{}:{{abandoned}}", b.config().prefix);
+    for i in 0..60u64 {
+        // Growing patience: the early ones give up at once, the late ones get their
+        // subscription and drop it straight away.
+        let patience = Duration::from_micros(i * i * 10);
+        let _ = tokio::time::timeout(patience, b.subscribe(Interest::room(r.clone()))).await;
+    }
+    common::eventually(WAIT, "UNSUBSCRIBE of the abandoned room", || async {
+        numsub(&server, &channel).await == 0
+    })
+    .await;
+    let mut sub = subscribe(&b, Interest::room(r.clone())).await;
+    assert_eq!(numsub(&server, &channel).await, 1);
+    publish(&b, &Envelope::new(r, "after")).await;
+    assert_eq!(recv_ok(&mut sub).await.payload, "after");
 }
 
 /// Two prefixes on one Redis never see each other's traffic, even with `Interest::All`.

@@ -20,4 +20,4 @@ pub mod codec;
 pub use crate::broker::{history_stream, SendOutcome, SubscriptionSender};
 pub use crate::dual::DedupeWindow;
 pub use crate::envelope::now_ms;
-pub use crate::subscribers::Subscribers;
+pub use crate::subscribers::{Batch, Delivered, Pending, Subscribers, Target, Vacated};
