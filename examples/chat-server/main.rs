@@ -13,7 +13,8 @@
 //!
 //! Routes: `/` the chat page, `/ws` the WebSocket (protocol v1, see docs/protocol.md),
 //! `/healthz` liveness, `/readyz` broker health (503 when the broker is down or the server is
-//! draining), `/metrics` Prometheus text.
+//! draining), `/metrics` Prometheus text (one `prometheus-client` registry: chatbus-ws's
+//! counters, the broker's, and `chatbus_broker_up`).
 //!
 //! Ctrl-C or SIGTERM drains: no new connections, every open one gets its pending acks and
 //! messages and then a 1001 close.
@@ -39,6 +40,12 @@ use chatbus_ws::{
     AllowedOrigins, ChatHub, JwtVerifier, PresenceConfig, RateLimit, WsConfig, WsService,
 };
 use clap::{Parser, ValueEnum};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{prometheus_text, DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 use tracing_subscriber::EnvFilter;
 
 /// The page, embedded at compile time: the binary is all there is to deploy.
@@ -169,13 +176,10 @@ enum DurableDown {
     DegradeToFast,
 }
 
-/// Renders a broker's own counters as Prometheus text.
-type BrokerMetrics = Arc<dyn Fn() -> String + Send + Sync>;
-
-/// The broker, and a renderer of its own metrics.
+/// The broker, and a collector of its own counters for `/metrics`.
 struct Backend {
     broker: Arc<dyn Broker>,
-    metrics: Option<BrokerMetrics>,
+    metrics: Option<Box<dyn Collector>>,
 }
 
 /// The one place the backend is chosen. Redis and Kafka settings come from the environment
@@ -190,18 +194,16 @@ async fn build_broker(args: &Args) -> Result<Backend, BoxError> {
         },
         BrokerKind::Redis => {
             let redis = Arc::new(RedisBroker::connect(RedisConfig::from_env()?).await?);
-            let stats = redis.clone();
             Backend {
-                broker: redis,
-                metrics: Some(Arc::new(move || redis_metrics(&stats.stats()))),
+                broker: redis.clone(),
+                metrics: Some(Box::new(RedisMetrics(redis))),
             }
         }
         BrokerKind::Kafka => {
             let kafka = Arc::new(KafkaBroker::connect(KafkaConfig::from_env()?).await?);
-            let stats = kafka.clone();
             Backend {
-                broker: kafka,
-                metrics: Some(Arc::new(move || kafka_metrics(&stats.stats()))),
+                broker: kafka.clone(),
+                metrics: Some(Box::new(KafkaMetrics(kafka))),
             }
         }
         BrokerKind::Dual => {
@@ -224,175 +226,204 @@ async fn build_broker(args: &Args) -> Result<Backend, BoxError> {
                 durable,
                 DualConfig::default().with_policy(policy),
             ));
-            let stats = bus.clone();
             Backend {
-                broker: bus,
-                metrics: Some(Arc::new(move || {
-                    let mut out = dual_metrics(&stats.stats());
-                    out.push_str(&redis_metrics(&stats.fast().stats()));
-                    out.push_str(&kafka_metrics(&stats.durable().stats()));
-                    out
-                })),
+                broker: bus.clone(),
+                metrics: Some(Box::new(DualMetrics(bus))),
             }
         }
     })
 }
 
-fn counter(out: &mut String, name: &str, help: &str, value: u64) {
-    use std::fmt::Write as _;
-    let _ = writeln!(
-        out,
-        "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
-    );
+// The brokers' counters are snapshots (`RedisStats`, `KafkaStats`, `DualStats`): collectors read
+// them when `/metrics` is scraped, in the same registry as chatbus-ws's own.
+
+/// [`RedisBroker::stats`] at scrape time.
+#[derive(Debug)]
+struct RedisMetrics(Arc<RedisBroker>);
+
+/// [`KafkaBroker::stats`] at scrape time.
+#[derive(Debug)]
+struct KafkaMetrics(Arc<KafkaBroker>);
+
+/// [`DualBus::stats`] and its two brokers' at scrape time.
+#[derive(Debug)]
+struct DualMetrics(Arc<DualBus<RedisBroker, KafkaBroker>>);
+
+impl Collector for RedisMetrics {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
+        redis_metrics(&mut encoder, &self.0.stats())
+    }
 }
 
-fn redis_metrics(s: &chatbus_redis::RedisStats) -> String {
-    let mut out = String::new();
-    counter(
-        &mut out,
-        "chatbus_redis_published_total",
-        "Messages published to Redis.",
-        s.published,
-    );
-    counter(
-        &mut out,
-        "chatbus_redis_publish_errors_total",
-        "Failed Redis publishes.",
-        s.publish_errors,
-    );
-    counter(
-        &mut out,
-        "chatbus_redis_received_total",
-        "Messages received from Redis.",
-        s.received,
-    );
-    counter(
-        &mut out,
-        "chatbus_redis_decode_errors_total",
-        "Undecodable Redis messages, dropped.",
-        s.decode_errors,
-    );
-    counter(
-        &mut out,
-        "chatbus_redis_reconnects_total",
-        "Redis subscriber reconnects.",
-        s.reconnects,
-    );
-    out
+impl Collector for KafkaMetrics {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
+        kafka_metrics(&mut encoder, &self.0.stats())
+    }
 }
 
-fn kafka_metrics(s: &chatbus_kafka::KafkaStats) -> String {
-    let mut out = String::new();
-    counter(
-        &mut out,
-        "chatbus_kafka_published_total",
-        "Messages acknowledged by Kafka.",
-        s.published,
-    );
-    counter(
-        &mut out,
-        "chatbus_kafka_publish_errors_total",
-        "Failed Kafka publishes.",
-        s.publish_errors,
-    );
-    counter(
-        &mut out,
-        "chatbus_kafka_tail_records_total",
-        "Records read by the Kafka tail.",
-        s.tail_records,
-    );
-    counter(
-        &mut out,
-        "chatbus_kafka_malformed_total",
-        "Undecodable Kafka records, skipped.",
-        s.malformed,
-    );
-    out
+impl Collector for DualMetrics {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
+        dual_metrics(&mut encoder, &self.0.stats())?;
+        redis_metrics(&mut encoder, &self.0.fast().stats())?;
+        kafka_metrics(&mut encoder, &self.0.durable().stats())
+    }
 }
 
-fn dual_metrics(s: &DualStats) -> String {
-    let mut out = String::new();
-    counter(
-        &mut out,
-        "chatbus_dual_via_fast_total",
-        "Messages delivered first by the fast path (Redis).",
-        s.via_fast,
-    );
-    counter(
-        &mut out,
-        "chatbus_dual_via_durable_total",
-        "Messages delivered first by the durable tail (Kafka).",
-        s.via_durable,
-    );
-    counter(
-        &mut out,
-        "chatbus_dual_duplicates_total",
-        "Second copies dropped.",
-        s.duplicates,
-    );
-    counter(
-        &mut out,
-        "chatbus_dual_gaps_filled_total",
-        "Fast-path gaps filled from the durable log.",
-        s.gaps_filled,
-    );
-    counter(
-        &mut out,
-        "chatbus_dual_gap_timeouts_total",
-        "Gaps given up after the gap timeout.",
-        s.gap_timeouts,
-    );
-    counter(
-        &mut out,
-        "chatbus_dual_fast_publish_errors_total",
-        "Failed fast publishes (delivered via the tail).",
-        s.fast_publish_errors,
-    );
-    counter(
-        &mut out,
-        "chatbus_dual_durable_publish_errors_total",
-        "Failed durable publishes.",
-        s.durable_publish_errors,
-    );
-    counter(
-        &mut out,
-        "chatbus_dual_degraded_publishes_total",
-        "Durable messages published fast-only.",
-        s.degraded_publishes,
-    );
-    let mode = match s.mode {
+/// Counters without labels, as `(family name, help, value)`: prometheus-client appends `_total`
+/// to a counter's name, so `chatbus_redis_published` is exposed as
+/// `chatbus_redis_published_total`.
+fn counters(encoder: &mut DescriptorEncoder<'_>, list: &[(&str, &str, u64)]) -> fmt::Result {
+    for &(name, help, value) in list {
+        let counter = ConstCounter::new(value);
+        counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)?;
+    }
+    Ok(())
+}
+
+fn redis_metrics(
+    encoder: &mut DescriptorEncoder<'_>,
+    s: &chatbus_redis::RedisStats,
+) -> fmt::Result {
+    counters(
+        encoder,
+        &[
+            (
+                "chatbus_redis_published",
+                "Messages published to Redis.",
+                s.published,
+            ),
+            (
+                "chatbus_redis_publish_errors",
+                "Failed Redis publishes.",
+                s.publish_errors,
+            ),
+            (
+                "chatbus_redis_received",
+                "Messages received from Redis.",
+                s.received,
+            ),
+            (
+                "chatbus_redis_decode_errors",
+                "Undecodable Redis messages, dropped.",
+                s.decode_errors,
+            ),
+            (
+                "chatbus_redis_reconnects",
+                "Redis subscriber reconnects.",
+                s.reconnects,
+            ),
+        ],
+    )
+}
+
+fn kafka_metrics(
+    encoder: &mut DescriptorEncoder<'_>,
+    s: &chatbus_kafka::KafkaStats,
+) -> fmt::Result {
+    counters(
+        encoder,
+        &[
+            (
+                "chatbus_kafka_published",
+                "Messages acknowledged by Kafka.",
+                s.published,
+            ),
+            (
+                "chatbus_kafka_publish_errors",
+                "Failed Kafka publishes.",
+                s.publish_errors,
+            ),
+            (
+                "chatbus_kafka_tail_records",
+                "Records read by the Kafka tail.",
+                s.tail_records,
+            ),
+            (
+                "chatbus_kafka_malformed",
+                "Undecodable Kafka records, skipped.",
+                s.malformed,
+            ),
+        ],
+    )
+}
+
+fn dual_metrics(encoder: &mut DescriptorEncoder<'_>, s: &DualStats) -> fmt::Result {
+    counters(
+        encoder,
+        &[
+            (
+                "chatbus_dual_via_fast",
+                "Messages delivered first by the fast path (Redis).",
+                s.via_fast,
+            ),
+            (
+                "chatbus_dual_via_durable",
+                "Messages delivered first by the durable tail (Kafka).",
+                s.via_durable,
+            ),
+            (
+                "chatbus_dual_duplicates",
+                "Second copies dropped.",
+                s.duplicates,
+            ),
+            (
+                "chatbus_dual_gaps_filled",
+                "Fast-path gaps filled from the durable log.",
+                s.gaps_filled,
+            ),
+            (
+                "chatbus_dual_gap_timeouts",
+                "Gaps given up after the gap timeout.",
+                s.gap_timeouts,
+            ),
+            (
+                "chatbus_dual_fast_publish_errors",
+                "Failed fast publishes (delivered via the tail).",
+                s.fast_publish_errors,
+            ),
+            (
+                "chatbus_dual_durable_publish_errors",
+                "Failed durable publishes.",
+                s.durable_publish_errors,
+            ),
+            (
+                "chatbus_dual_degraded_publishes",
+                "Durable messages published fast-only.",
+                s.degraded_publishes,
+            ),
+        ],
+    )?;
+    let current = match s.mode {
         DualMode::Dual => "dual",
         DualMode::DurableOnly => "durable-only",
         DualMode::FastOnly => "fast-only",
         DualMode::Down => "down",
     };
-    use std::fmt::Write as _;
-    let _ = writeln!(
-        out,
-        "# HELP chatbus_dual_mode The paths in use (1 for the current mode).\n# TYPE chatbus_dual_mode gauge"
-    );
+    let mut mode = encoder.encode_descriptor(
+        "chatbus_dual_mode",
+        "The paths in use (1 for the current mode).",
+        None,
+        MetricType::Gauge,
+    )?;
+    // Every mode is listed, the current one at 1, so a dashboard can graph each as a series.
     for m in ["dual", "durable-only", "fast-only", "down"] {
-        let _ = writeln!(
-            out,
-            "chatbus_dual_mode{{mode=\"{m}\"}} {}",
-            u8::from(m == mode)
-        );
+        ConstGauge::new(i64::from(m == current)).encode(mode.encode_family(&[("mode", m)])?)?;
     }
-    let _ = writeln!(
-        out,
-        "# HELP chatbus_dual_held Fast-path messages waiting for a gap to fill.\n# TYPE chatbus_dual_held gauge\nchatbus_dual_held {}",
-        s.held
-    );
-    out
+    let held = ConstGauge::new(s.held);
+    held.encode(encoder.encode_descriptor(
+        "chatbus_dual_held",
+        "Fast-path messages waiting for a gap to fill.",
+        None,
+        held.metric_type(),
+    )?)
 }
 
 fn ws_config(args: &Args) -> Result<WsConfig, BoxError> {
     let mut config = WsConfig::default()
         .with_max_frame_size(args.max_frame_bytes)
-        .with_rate_limit((args.rate_per_sec > 0.0).then_some(RateLimit {
-            burst: args.rate_burst,
-            per_second: args.rate_per_sec,
-        }))
+        .with_rate_limit(
+            (args.rate_per_sec > 0.0).then_some(RateLimit::new(args.rate_burst, args.rate_per_sec)),
+        )
         .with_max_rooms(args.max_rooms)
         .with_idle_timeout(Duration::from_secs(args.idle_timeout_secs.max(1)))
         .with_ping_interval(Duration::from_secs(args.ping_interval_secs.max(1)))
@@ -473,23 +504,47 @@ async fn readyz(State(ws): State<WsService>) -> Response {
     .into_response()
 }
 
-async fn metrics(ws: WsService, broker_metrics: Option<BrokerMetrics>) -> Response {
-    let mut body = ws.render_metrics();
-    if let Some(render) = broker_metrics {
-        body.push_str(&render());
+/// What `/metrics` serves: one registry with chatbus-ws's counters, the broker's, and
+/// `chatbus_broker_up`, which needs an async health check and so is set at each scrape.
+struct Scrape {
+    registry: Registry,
+    broker_up: Gauge,
+}
+
+impl Scrape {
+    fn new(ws: &WsService, broker_metrics: Option<Box<dyn Collector>>) -> Self {
+        let mut registry = Registry::default();
+        ws.register_metrics(&mut registry);
+        if let Some(collector) = broker_metrics {
+            registry.register_collector(collector);
+        }
+        let broker_up = Gauge::default();
+        let broker = ws.chat().hub().broker().name();
+        registry
+            .sub_registry_with_label(("broker".into(), broker.into()))
+            // prometheus-client ends the help with a full stop.
+            .register(
+                "chatbus_broker_up",
+                "Whether the broker accepts publishes",
+                broker_up.clone(),
+            );
+        Self {
+            registry,
+            broker_up,
+        }
     }
-    let broker = ws.chat().hub().broker();
-    let up = u8::from(broker.health().await.is_up());
-    body.push_str(&format!(
-        "# HELP chatbus_broker_up Whether the broker accepts publishes.\n\
-         # TYPE chatbus_broker_up gauge\nchatbus_broker_up{{broker=\"{}\"}} {up}\n",
-        broker.name()
-    ));
+}
+
+async fn metrics(ws: WsService, scrape: Arc<Scrape>) -> Response {
+    let up = ws.chat().hub().broker().health().await.is_up();
+    scrape.broker_up.set(i64::from(up));
+    let mut body = String::with_capacity(8192);
+    if let Err(e) = prometheus_text::encode(&mut body, &scrape.registry) {
+        tracing::error!(error = %e, "cannot encode metrics");
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    }
     (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, prometheus_text::CONTENT_TYPE)],
         body,
     )
         .into_response()
@@ -543,6 +598,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
     };
     let chat = ChatHub::with_config(broker, hub_config, PresenceConfig::default());
     let ws = WsService::new(chat, config);
+    let scrape = Arc::new(Scrape::new(&ws, broker_metrics));
 
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
@@ -554,7 +610,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
         .route("/readyz", get(readyz))
         .route(
             "/metrics",
-            get(move |State(ws): State<WsService>| metrics(ws, broker_metrics.clone())),
+            get(move |State(ws): State<WsService>| metrics(ws, scrape.clone())),
         )
         .with_state(ws.clone());
     tracing::info!(%addr, broker = %args.broker, auth, "chat-server started");
