@@ -232,3 +232,68 @@ impl Collector for WsCollector {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use chatbus_core::MemoryBroker;
+    use prometheus_client::encoding::prometheus_text;
+
+    use super::*;
+    use crate::{ChatHub, WsConfig, WsService};
+
+    fn scrape(registry: &Registry) -> String {
+        let mut text = String::new();
+        prometheus_text::encode(&mut text, registry).expect("encoding into a String");
+        text
+    }
+
+    /// The exposed names are the documented ones (`docs/protocol.md`, "Metrics"): counters get
+    /// `_total` from prometheus-client exactly once, gauges none.
+    #[test]
+    fn names_types_and_labels_are_the_documented_ones() {
+        let ws = WsService::new(
+            ChatHub::new(Arc::new(MemoryBroker::new())),
+            WsConfig::default(),
+        );
+        ws.counters().count_error(ErrorCode::TooLarge);
+        let mut registry = Registry::default();
+        ws.register_metrics(&mut registry);
+        let text = scrape(&registry);
+        let types: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .collect();
+        assert_eq!(
+            types,
+            [
+                "chatbus_connections gauge",
+                "chatbus_connections_total counter",
+                "chatbus_frames_in_total counter",
+                "chatbus_frames_out_total counter",
+                "chatbus_messages_in_total counter",
+                "chatbus_messages_out_total counter",
+                "chatbus_broker_messages_total counter",
+                "chatbus_lagged_total counter",
+                "chatbus_replayed_total counter",
+                "chatbus_duplicates_total counter",
+                "chatbus_slow_closed_total counter",
+                "chatbus_idle_closed_total counter",
+                "chatbus_broker_errors_total counter",
+                "chatbus_decode_errors_total counter",
+                "chatbus_sessions gauge",
+                "chatbus_rooms gauge",
+                "chatbus_errors_total counter",
+            ]
+        );
+        assert!(text.contains("# HELP chatbus_connections Open WebSocket connections.\n"));
+        assert!(text.contains("\nchatbus_errors_total{code=\"too_large\"} 1\n"));
+        assert!(text.contains("\nchatbus_errors_total{code=\"internal\"} 0\n"));
+        assert!(!text.contains("# EOF"), "Prometheus text, not OpenMetrics");
+
+        // The registry does not keep the service alive; then it reports nothing.
+        drop(ws);
+        assert_eq!(scrape(&registry), "");
+    }
+}
