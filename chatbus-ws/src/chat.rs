@@ -26,7 +26,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// How presence is shared between instances (see `docs/protocol.md`, "Presence").
+///
+/// Built from [`Default`] with the `with_*` setters, so fields can be added without breaking
+/// callers.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct PresenceConfig {
     /// Each instance republishes its snapshot of every room it has members in this often, and
     /// forgets another instance's snapshot after three intervals without news (an instance that
@@ -65,21 +69,46 @@ impl PresenceConfig {
         self.debounce = debounce;
         self
     }
+
+    /// Sets [`max_listed`](Self::max_listed).
+    #[must_use]
+    pub fn with_max_listed(mut self, max_listed: usize) -> Self {
+        self.max_listed = max_listed;
+        self
+    }
 }
 
-/// Counters of the chat encoder.
-#[derive(Debug, Default)]
+/// A snapshot of the chat layer's counters, from [`ChatHub::stats`]. Totals since start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ChatStats {
     /// Envelopes from the broker whose payload was not a chatbus-ws payload (dropped).
-    pub decode_errors: AtomicU64,
+    pub decode_errors: u64,
     /// Presence snapshots published by this instance.
-    pub presence_published: AtomicU64,
+    pub presence_published: u64,
+}
+
+/// The live counters behind [`ChatStats`], shared by the encoder and the presence task.
+#[derive(Debug, Default)]
+struct ChatCounters {
+    decode_errors: AtomicU64,
+    presence_published: AtomicU64,
+}
+
+impl ChatCounters {
+    fn snapshot(&self) -> ChatStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        ChatStats {
+            decode_errors: get(&self.decode_errors),
+            presence_published: get(&self.presence_published),
+        }
+    }
 }
 
 /// A [`Hub`] that speaks protocol v1, with presence shared between instances.
 ///
 /// Build one per process over the broker of your choice and hand it to
-/// [`WsService`](crate::WsService) or [`serve`](crate::serve). Cheap to clone.
+/// [`WsService`](crate::WsService). Cheap to clone.
 ///
 /// ```
 /// use std::sync::Arc;
@@ -97,7 +126,7 @@ pub struct ChatHub {
 
 struct ChatShared {
     presence: Arc<Presence>,
-    stats: Arc<ChatStats>,
+    stats: Arc<ChatCounters>,
     task: OnceLock<()>,
     stop: CancellationToken,
     // Stops the presence task when the last clone of this ChatHub is dropped.
@@ -128,7 +157,7 @@ impl ChatHub {
         hub_config: HubConfig,
         presence: PresenceConfig,
     ) -> Self {
-        let stats = Arc::new(ChatStats::default());
+        let stats = Arc::new(ChatCounters::default());
         let presence = Arc::new(Presence::new(presence));
         let encoder = ChatEncoder {
             presence: presence.clone(),
@@ -161,9 +190,9 @@ impl ChatHub {
         &self.shared.presence.config
     }
 
-    /// The encoder's counters.
-    pub fn stats(&self) -> &ChatStats {
-        &self.shared.stats
+    /// A snapshot of the chat layer's counters (the hub's own are in [`Hub::stats`]).
+    pub fn stats(&self) -> ChatStats {
+        self.shared.stats.snapshot()
     }
 
     /// Who is online in `room` as this instance knows it: the members of every instance that
@@ -272,7 +301,7 @@ pub(crate) fn history_item(env: &Envelope) -> Option<Bytes> {
 #[derive(Debug)]
 struct ChatEncoder {
     presence: Arc<Presence>,
-    stats: Arc<ChatStats>,
+    stats: Arc<ChatCounters>,
 }
 
 impl FrameEncoder for ChatEncoder {
@@ -437,7 +466,7 @@ impl Presence {
         Some(frame)
     }
 
-    async fn run(self: Arc<Self>, hub: Hub, stats: Arc<ChatStats>, stop: CancellationToken) {
+    async fn run(self: Arc<Self>, hub: Hub, stats: Arc<ChatCounters>, stop: CancellationToken) {
         let mut next_beat = Instant::now() + self.config.interval;
         loop {
             let beat = tokio::select! {
@@ -470,7 +499,7 @@ impl Presence {
         }
     }
 
-    async fn publish(&self, hub: &Hub, stats: &ChatStats, room: Room) {
+    async fn publish(&self, hub: &Hub, stats: &ChatCounters, room: Room) {
         let mut users = hub.local_members(&room);
         users.sort_unstable();
         let (seq, hello) = {

@@ -6,7 +6,16 @@ use std::time::Duration;
 use crate::auth::Verifier;
 
 /// A per-connection token bucket: `burst` frames at once, refilled at `per_second`.
+///
+/// ```
+/// use chatbus_ws::RateLimit;
+///
+/// let limit = RateLimit::new(10, 5.0);
+/// assert_eq!((limit.burst, limit.per_second), (10, 5.0));
+/// assert_eq!(RateLimit::default().with_burst(80).burst, 80);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
 pub struct RateLimit {
     /// Frames allowed in a burst (the bucket size). At least 1.
     pub burst: u32,
@@ -16,10 +25,28 @@ pub struct RateLimit {
 
 impl Default for RateLimit {
     fn default() -> Self {
-        Self {
-            burst: 40,
-            per_second: 20.0,
-        }
+        Self::new(40, 20.0)
+    }
+}
+
+impl RateLimit {
+    /// `burst` frames at once, refilled at `per_second` frames per second.
+    pub const fn new(burst: u32, per_second: f64) -> Self {
+        Self { burst, per_second }
+    }
+
+    /// Sets [`burst`](Self::burst).
+    #[must_use]
+    pub const fn with_burst(mut self, burst: u32) -> Self {
+        self.burst = burst;
+        self
+    }
+
+    /// Sets [`per_second`](Self::per_second).
+    #[must_use]
+    pub const fn with_per_second(mut self, per_second: f64) -> Self {
+        self.per_second = per_second;
+        self
     }
 }
 
@@ -85,7 +112,24 @@ fn same_authority(origin: &str, host: &str) -> bool {
 }
 
 /// Configuration of the WebSocket transport. Every limit has a sane default.
+///
+/// Start from [`Default`] and change what you need with the `with_*` setters (the struct is
+/// `#[non_exhaustive]`, so new settings can be added without breaking callers); the fields
+/// stay public to read.
+///
+/// ```
+/// use std::time::Duration;
+/// use chatbus_ws::{RateLimit, WsConfig};
+///
+/// let config = WsConfig::default()
+///     .with_max_rooms(8)
+///     .with_rate_limit(Some(RateLimit::new(10, 5.0)))
+///     .with_idle_timeout(Duration::from_secs(30));
+/// assert_eq!(config.max_rooms, 8);
+/// assert_eq!(config.path, "/ws");
+/// ```
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct WsConfig {
     /// The route of the socket in [`WsService::router`](crate::WsService::router). Default
     /// `/ws`.
@@ -181,6 +225,13 @@ impl WsConfig {
     #[must_use]
     pub fn with_max_history(mut self, n: usize) -> Self {
         self.max_history = n;
+        self
+    }
+
+    /// Sets [`default_history`](Self::default_history).
+    #[must_use]
+    pub fn with_default_history(mut self, n: usize) -> Self {
+        self.default_history = n;
         self
     }
 

@@ -3,13 +3,17 @@
 //!
 //! - [`ChatHub`] is a [`chatbus_core::Hub`] whose frames are protocol v1 JSON, with presence
 //!   shared between instances. Build it over any broker (memory, Redis, Kafka, DualBus).
-//! - [`WsService`] is the transport: [`router`](WsService::router) gives an axum `Router` with
-//!   the socket at `/ws`; [`serve`] runs it standalone; [`run_session`](WsService::run_session)
-//!   drives one connection over any `Sink`/`Stream` of [`WsMessage`]s.
+//! - [`WsService`] is the transport: [`serve`](WsService::serve) runs it (with your own routes
+//!   next to the socket, or none); [`router`](WsService::router) gives an axum `Router` with the
+//!   socket at `/ws` to serve yourself; [`run_session`](WsService::run_session) drives one
+//!   connection over any `Sink`/`Stream` of [`WsMessage`]s.
 //! - [`WsConfig`] holds the limits (frame size, rate, rooms, origins, idle timeout) and the
 //!   token [`Verifier`] ([`JwtVerifier`] for HS256 / RS256, feature `jwt`, on by default).
+//!   Build it from `WsConfig::default()` with the `with_*` setters.
+//! - Connections end with a documented [`CloseCode`].
 //! - Every refused input is counted by [`ErrorCode`] in [`WsMetrics`];
-//!   [`render_metrics`](WsService::render_metrics) gives the Prometheus text.
+//!   [`register_metrics`](WsService::register_metrics) exports the counters through
+//!   [`prometheus_client`] (see [Metrics](#metrics)).
 //!
 //! The protocol is specified in `docs/protocol.md` in the repository.
 //!
@@ -54,6 +58,53 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # Metrics
+//!
+//! The application owns one [`prometheus_client::registry::Registry`] and exposes it (e.g. at
+//! `/metrics`); [`WsService::register_metrics`] adds the transport's and the hub's counters to
+//! it, next to the application's own metrics and those of its broker. The counters are read
+//! when the registry is encoded, from the snapshot structs [`WsMetrics`]
+//! ([`WsService::metrics`]), [`HubStats`](chatbus_core::HubStats) and [`ChatStats`]: the hot
+//! path keeps bumping plain atomics and nothing is counted twice.
+//!
+//! Encode with [`prometheus_client::encoding::prometheus_text`] (the Prometheus text format,
+//! version 0.0.4, whose names are the ones documented): the OpenMetrics encoder would name
+//! the counter `chatbus_connections_total` after its family `chatbus_connections`, which the
+//! gauge of open connections already is.
+//!
+//! | metric | type | meaning |
+//! |---|---|---|
+//! | `chatbus_connections` | gauge | open WebSocket connections |
+//! | `chatbus_connections_total` | counter | connections accepted |
+//! | `chatbus_frames_in_total`, `chatbus_frames_out_total` | counter | frames received from / written to clients |
+//! | `chatbus_messages_in_total` | counter | chat messages accepted from clients (acked) |
+//! | `chatbus_messages_out_total` | counter | messages fanned out to local connections (one per recipient) |
+//! | `chatbus_broker_messages_total` | counter | envelopes received from the broker |
+//! | `chatbus_lagged_total`, `chatbus_replayed_total`, `chatbus_duplicates_total` | counter | slow-client resyncs, messages replayed during catch-up, duplicate copies dropped |
+//! | `chatbus_slow_closed_total`, `chatbus_idle_closed_total` | counter | connections closed as slow (4000 or write timeout) / idle (4001) |
+//! | `chatbus_broker_errors_total`, `chatbus_decode_errors_total` | counter | broker subscription errors, undecodable envelopes |
+//! | `chatbus_sessions`, `chatbus_rooms` | gauge | hub sessions, rooms with local members |
+//! | `chatbus_errors_total{code}` | counter | errors answered, by [`ErrorCode`] (handshake refusals included) |
+//!
+//! ```
+//! use std::sync::Arc;
+//! use chatbus_core::MemoryBroker;
+//! use chatbus_ws::prometheus_client::{encoding::prometheus_text, registry::Registry};
+//! use chatbus_ws::{ChatHub, WsConfig, WsService};
+//!
+//! let ws = WsService::new(ChatHub::new(Arc::new(MemoryBroker::new())), WsConfig::default());
+//! let mut registry = Registry::default();
+//! ws.register_metrics(&mut registry);
+//! // ... register the broker's and the application's own metrics in the same registry ...
+//!
+//! // At each scrape (serve it with `prometheus_text::CONTENT_TYPE`):
+//! let mut text = String::new();
+//! prometheus_text::encode(&mut text, &registry)?;
+//! assert!(text.contains("# TYPE chatbus_connections gauge\nchatbus_connections 0\n"));
+//! assert!(text.contains("chatbus_errors_total{code=\"rate_limited\"} 0\n"));
+//! # Ok::<(), std::fmt::Error>(())
+//! ```
+//!
 //! # How it works
 //!
 //! A connection is authenticated at the handshake (origin check, then token or `?name=`), then
@@ -70,6 +121,7 @@
 
 mod auth;
 mod chat;
+mod close;
 mod config;
 mod metrics;
 mod payload;
@@ -82,15 +134,15 @@ mod session;
 pub use auth::JwtVerifier;
 pub use auth::{display_name, AuthError, Identity, Verifier, MAX_NAME_CHARS, MAX_USER_LEN};
 pub use chat::{ChatHub, ChatStats, PresenceConfig};
+pub use close::{CloseCode, CloseFrame, UnknownCloseCode};
 pub use config::{AllowedOrigins, RateLimit, WsConfig};
 pub use metrics::WsMetrics;
 pub use protocol::{ErrorCode, MAX_CLIENT_ID_LEN, PROTOCOL_VERSION};
-pub use server::serve;
 pub use service::WsService;
-pub use session::{
-    CloseFrame, TransportError, WsMessage, CLOSE_GOING_AWAY, CLOSE_IDLE_TIMEOUT,
-    CLOSE_INVALID_DATA, CLOSE_SLOW_CONSUMER, CLOSE_TOO_LARGE,
-};
+pub use session::{TransportError, WsMessage};
 
 /// Re-exported so apps mount the router with the same axum version.
 pub use axum;
+/// Re-exported so apps register into a [`Registry`](prometheus_client::registry::Registry) of
+/// the same version as [`WsService::register_metrics`] takes.
+pub use prometheus_client;

@@ -1,163 +1,299 @@
-//! Transport counters and their Prometheus text form.
+//! Transport counters ([`WsMetrics`] snapshots) and their export through `prometheus-client`.
+//!
+//! The hot path only bumps relaxed atomics ([`WsCounters`]); nothing is counted twice. At scrape
+//! time a [`Collector`] registered in the application's [`Registry`] reads the snapshots
+//! ([`WsMetrics`], the hub's [`HubStats`](chatbus_core::HubStats), [`ChatStats`]) and encodes
+//! them under the names documented in `docs/protocol.md` ("Metrics").
 
-use std::fmt::Write as _;
+use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::chat::ChatHub;
-use crate::protocol::ErrorCode;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 
-/// Counters of the WebSocket transport. Totals since start, except the gauge `connections`.
-#[derive(Debug, Default)]
+use crate::chat::ChatStats;
+use crate::protocol::ErrorCode;
+use crate::service::WeakService;
+
+/// A snapshot of the WebSocket transport's counters, from
+/// [`WsService::metrics`](crate::WsService::metrics). Totals since start, except the gauge
+/// `connections`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct WsMetrics {
     /// Open WebSocket connections (gauge).
-    pub connections: AtomicU64,
+    pub connections: u64,
     /// Connections accepted since start.
-    pub connections_total: AtomicU64,
+    pub connections_total: u64,
     /// Frames received from clients (text and binary).
-    pub frames_in: AtomicU64,
+    pub frames_in: u64,
     /// Frames written to clients.
-    pub frames_out: AtomicU64,
+    pub frames_out: u64,
     /// Chat messages accepted from clients (`send` answered with `ack`).
-    pub messages_in: AtomicU64,
-    /// Connections closed because the client could not keep up (queue full or write timeout).
-    pub slow_closed: AtomicU64,
+    pub messages_in: u64,
+    /// Connections closed because the client could not keep up (write timeout; the hub's own
+    /// slow-consumer closes are in [`HubStats::slow_closed`](chatbus_core::HubStats)).
+    pub slow_closed: u64,
     /// Connections closed because nothing was received within the idle timeout.
-    pub idle_closed: AtomicU64,
-    errors: [AtomicU64; ErrorCode::ALL.len()],
+    pub idle_closed: u64,
+    errors: [u64; ErrorCode::ALL.len()],
 }
 
 impl WsMetrics {
-    /// Counts one error (an `error` frame or a refused handshake) with `code`.
-    pub fn count_error(&self, code: ErrorCode) {
-        self.errors[code.index()].fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Errors counted with `code`.
+    /// Errors counted with `code` (`error` frames and refused handshakes).
     pub fn errors(&self, code: ErrorCode) -> u64 {
-        self.errors[code.index()].load(Ordering::Relaxed)
+        self.errors[code.index()]
     }
+}
 
+/// The live counters behind [`WsMetrics`], bumped by the sessions and the handshake.
+#[derive(Debug, Default)]
+pub(crate) struct WsCounters {
+    pub(crate) connections: AtomicU64,
+    pub(crate) connections_total: AtomicU64,
+    pub(crate) frames_in: AtomicU64,
+    pub(crate) frames_out: AtomicU64,
+    pub(crate) messages_in: AtomicU64,
+    pub(crate) slow_closed: AtomicU64,
+    pub(crate) idle_closed: AtomicU64,
+    errors: [AtomicU64; ErrorCode::ALL.len()],
+}
+
+impl WsCounters {
     pub(crate) fn inc(c: &AtomicU64) {
         c.fetch_add(1, Ordering::Relaxed);
     }
-}
 
-fn metric(out: &mut String, name: &str, kind: &str, help: &str, value: u64) {
-    // Writing into a String cannot fail.
-    let _ = writeln!(
-        out,
-        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-    );
-}
-
-/// Renders the transport and hub counters in the Prometheus text format (version 0.0.4).
-pub(crate) fn render(m: &WsMetrics, chat: &ChatHub) -> String {
-    let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-    let hub = chat.hub().stats();
-    let mut out = String::with_capacity(4096);
-    for (name, kind, help, value) in [
-        (
-            "chatbus_connections",
-            "gauge",
-            "Open WebSocket connections.",
-            get(&m.connections),
-        ),
-        (
-            "chatbus_connections_total",
-            "counter",
-            "WebSocket connections accepted.",
-            get(&m.connections_total),
-        ),
-        (
-            "chatbus_frames_in_total",
-            "counter",
-            "Frames received from clients.",
-            get(&m.frames_in),
-        ),
-        (
-            "chatbus_frames_out_total",
-            "counter",
-            "Frames written to clients.",
-            get(&m.frames_out),
-        ),
-        (
-            "chatbus_messages_in_total",
-            "counter",
-            "Chat messages accepted from clients.",
-            get(&m.messages_in),
-        ),
-        (
-            "chatbus_messages_out_total",
-            "counter",
-            "Messages fanned out to local sessions (one per recipient).",
-            hub.deliveries,
-        ),
-        (
-            "chatbus_broker_messages_total",
-            "counter",
-            "Messages received from the broker.",
-            hub.messages_in,
-        ),
-        (
-            "chatbus_lagged_total",
-            "counter",
-            "Times a session fell behind and had to resync.",
-            hub.lagged,
-        ),
-        (
-            "chatbus_replayed_total",
-            "counter",
-            "Messages delivered from the log during catch-up.",
-            hub.replayed,
-        ),
-        (
-            "chatbus_duplicates_total",
-            "counter",
-            "Duplicate copies dropped by the hub.",
-            hub.duplicates,
-        ),
-        (
-            "chatbus_slow_closed_total",
-            "counter",
-            "Connections closed as slow consumers.",
-            hub.slow_closed + get(&m.slow_closed),
-        ),
-        (
-            "chatbus_idle_closed_total",
-            "counter",
-            "Connections closed after the idle timeout.",
-            get(&m.idle_closed),
-        ),
-        (
-            "chatbus_broker_errors_total",
-            "counter",
-            "Errors from broker subscriptions.",
-            hub.broker_errors,
-        ),
-        (
-            "chatbus_decode_errors_total",
-            "counter",
-            "Broker envelopes dropped as undecodable.",
-            get(&chat.stats().decode_errors),
-        ),
-        ("chatbus_sessions", "gauge", "Hub sessions.", hub.sessions),
-        (
-            "chatbus_rooms",
-            "gauge",
-            "Rooms with local members.",
-            hub.rooms,
-        ),
-    ] {
-        metric(&mut out, name, kind, help, value);
+    pub(crate) fn dec(c: &AtomicU64) {
+        c.fetch_sub(1, Ordering::Relaxed);
     }
-    out.push_str("# HELP chatbus_errors_total Errors answered to clients, by code.\n");
-    out.push_str("# TYPE chatbus_errors_total counter\n");
-    for code in ErrorCode::ALL {
-        let _ = writeln!(
-            out,
-            "chatbus_errors_total{{code=\"{code}\"}} {}",
-            m.errors(code)
+
+    /// Counts one error (an `error` frame or a refused handshake) with `code`.
+    pub(crate) fn count_error(&self, code: ErrorCode) {
+        Self::inc(&self.errors[code.index()]);
+    }
+
+    pub(crate) fn snapshot(&self) -> WsMetrics {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        WsMetrics {
+            connections: get(&self.connections),
+            connections_total: get(&self.connections_total),
+            frames_in: get(&self.frames_in),
+            frames_out: get(&self.frames_out),
+            messages_in: get(&self.messages_in),
+            slow_closed: get(&self.slow_closed),
+            idle_closed: get(&self.idle_closed),
+            errors: self.errors.each_ref().map(get),
+        }
+    }
+}
+
+/// Registers the collector of `svc`'s transport and hub counters in `registry`.
+pub(crate) fn register(svc: WeakService, registry: &mut Registry) {
+    registry.register_collector(Box::new(WsCollector(svc)));
+}
+
+/// Reads the snapshots at scrape time. Holds the service weakly: a registry that outlives the
+/// transport does not keep its hub (and the hub's broker subscriptions) alive, it just stops
+/// reporting it.
+#[derive(Debug)]
+struct WsCollector(WeakService);
+
+/// One metric without labels. `name` is the family name: prometheus-client appends `_total` to
+/// counters (so `chatbus_frames_in` is exposed as `chatbus_frames_in_total`).
+fn encode_one(
+    encoder: &mut DescriptorEncoder<'_>,
+    (name, help, kind, value): (&str, &str, MetricType, u64),
+) -> fmt::Result {
+    let mut metric = encoder.encode_descriptor(name, help, None, kind)?;
+    match kind {
+        MetricType::Counter => metric.encode_counter::<NoLabelSet, _, u64>(&value, None),
+        _ => metric.encode_gauge(&value),
+    }
+}
+
+impl Collector for WsCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
+        let Some(svc) = self.0.upgrade() else {
+            return Ok(());
+        };
+        let ws = svc.metrics();
+        let hub = svc.chat().hub().stats();
+        let ChatStats { decode_errors, .. } = svc.chat().stats();
+        use MetricType::{Counter, Gauge};
+        for metric in [
+            (
+                "chatbus_connections",
+                "Open WebSocket connections.",
+                Gauge,
+                ws.connections,
+            ),
+            (
+                "chatbus_connections",
+                "WebSocket connections accepted.",
+                Counter,
+                ws.connections_total,
+            ),
+            (
+                "chatbus_frames_in",
+                "Frames received from clients.",
+                Counter,
+                ws.frames_in,
+            ),
+            (
+                "chatbus_frames_out",
+                "Frames written to clients.",
+                Counter,
+                ws.frames_out,
+            ),
+            (
+                "chatbus_messages_in",
+                "Chat messages accepted from clients.",
+                Counter,
+                ws.messages_in,
+            ),
+            (
+                "chatbus_messages_out",
+                "Messages fanned out to local sessions (one per recipient).",
+                Counter,
+                hub.deliveries,
+            ),
+            (
+                "chatbus_broker_messages",
+                "Messages received from the broker.",
+                Counter,
+                hub.messages_in,
+            ),
+            (
+                "chatbus_lagged",
+                "Times a session fell behind and had to resync.",
+                Counter,
+                hub.lagged,
+            ),
+            (
+                "chatbus_replayed",
+                "Messages delivered from the log during catch-up.",
+                Counter,
+                hub.replayed,
+            ),
+            (
+                "chatbus_duplicates",
+                "Duplicate copies dropped by the hub.",
+                Counter,
+                hub.duplicates,
+            ),
+            (
+                "chatbus_slow_closed",
+                "Connections closed as slow consumers.",
+                Counter,
+                hub.slow_closed + ws.slow_closed,
+            ),
+            (
+                "chatbus_idle_closed",
+                "Connections closed after the idle timeout.",
+                Counter,
+                ws.idle_closed,
+            ),
+            (
+                "chatbus_broker_errors",
+                "Errors from broker subscriptions.",
+                Counter,
+                hub.broker_errors,
+            ),
+            (
+                "chatbus_decode_errors",
+                "Broker envelopes dropped as undecodable.",
+                Counter,
+                decode_errors,
+            ),
+            ("chatbus_sessions", "Hub sessions.", Gauge, hub.sessions),
+            (
+                "chatbus_rooms",
+                "Rooms with local members.",
+                Gauge,
+                hub.rooms,
+            ),
+        ] {
+            encode_one(&mut encoder, metric)?;
+        }
+        let mut errors = encoder.encode_descriptor(
+            "chatbus_errors",
+            "Errors answered to clients, by code.",
+            None,
+            Counter,
+        )?;
+        for code in ErrorCode::ALL {
+            errors
+                .encode_family(&[("code", code.as_str())])?
+                .encode_counter::<NoLabelSet, _, u64>(&ws.errors(code), None)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use chatbus_core::MemoryBroker;
+    use prometheus_client::encoding::prometheus_text;
+
+    use super::*;
+    use crate::{ChatHub, WsConfig, WsService};
+
+    fn scrape(registry: &Registry) -> String {
+        let mut text = String::new();
+        prometheus_text::encode(&mut text, registry).expect("encoding into a String");
+        text
+    }
+
+    /// The exposed names are the documented ones (`docs/protocol.md`, "Metrics"): counters get
+    /// `_total` from prometheus-client exactly once, gauges none.
+    #[test]
+    fn names_types_and_labels_are_the_documented_ones() {
+        let ws = WsService::new(
+            ChatHub::new(Arc::new(MemoryBroker::new())),
+            WsConfig::default(),
         );
+        ws.counters().count_error(ErrorCode::TooLarge);
+        let mut registry = Registry::default();
+        ws.register_metrics(&mut registry);
+        let text = scrape(&registry);
+        let types: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .collect();
+        assert_eq!(
+            types,
+            [
+                "chatbus_connections gauge",
+                "chatbus_connections_total counter",
+                "chatbus_frames_in_total counter",
+                "chatbus_frames_out_total counter",
+                "chatbus_messages_in_total counter",
+                "chatbus_messages_out_total counter",
+                "chatbus_broker_messages_total counter",
+                "chatbus_lagged_total counter",
+                "chatbus_replayed_total counter",
+                "chatbus_duplicates_total counter",
+                "chatbus_slow_closed_total counter",
+                "chatbus_idle_closed_total counter",
+                "chatbus_broker_errors_total counter",
+                "chatbus_decode_errors_total counter",
+                "chatbus_sessions gauge",
+                "chatbus_rooms gauge",
+                "chatbus_errors_total counter",
+            ]
+        );
+        assert!(text.contains("# HELP chatbus_connections Open WebSocket connections.\n"));
+        assert!(text.contains("\nchatbus_errors_total{code=\"too_large\"} 1\n"));
+        assert!(text.contains("\nchatbus_errors_total{code=\"internal\"} 0\n"));
+        assert!(!text.contains("# EOF"), "Prometheus text, not OpenMetrics");
+
+        // The registry does not keep the service alive; then it reports nothing.
+        drop(ws);
+        assert_eq!(scrape(&registry), "");
     }
-    out
 }

@@ -1,4 +1,5 @@
-//! The axum integration: the `/ws` route, the handshake checks, and [`serve`].
+//! The axum integration: the `/ws` route, the handshake checks, and
+//! [`WsService::serve`], the one way to run a server.
 
 use std::borrow::Cow;
 use std::future::Future;
@@ -18,11 +19,10 @@ use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite;
 
 use crate::auth::{display_name, Identity};
-use crate::chat::ChatHub;
-use crate::config::WsConfig;
+use crate::close::CloseFrame;
 use crate::protocol::{self, ErrorCode};
 use crate::service::WsService;
-use crate::session::{CloseFrame, TransportError, WsMessage};
+use crate::session::{TransportError, WsMessage};
 
 /// Bytes tungstenite reads per `read` call (its default is 128 KiB). Before every read attempt
 /// it zero-fills up to this much of its buffer, so the default cost a 128 KiB memset per read
@@ -38,7 +38,7 @@ struct ConnectParams {
 }
 
 fn refuse(svc: &WsService, status: StatusCode, code: ErrorCode, message: &str) -> Response {
-    svc.metrics().count_error(code);
+    svc.counters().count_error(code);
     tracing::debug!(%status, %code, message, "handshake refused");
     (
         status,
@@ -55,7 +55,7 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 }
 
 impl WsService {
-    /// A router with the socket at [`WsConfig::path`] (default `/ws`), to merge into an app:
+    /// A router with the socket at [`WsConfig::path`](crate::WsConfig::path) (default `/ws`), to merge into an app:
     ///
     /// ```no_run
     /// # use std::sync::Arc;
@@ -172,6 +172,23 @@ impl WsService {
     /// Serves `app` merged with [`router`](Self::router) on `listener` until `shutdown`
     /// resolves, then shuts down gracefully (see [`shutdown`](Self::shutdown)): no new
     /// connections, every open one flushes and gets a 1001 close.
+    ///
+    /// This is the way to run a chatbus server; for the WebSocket endpoint alone pass an empty
+    /// `Router`:
+    ///
+    /// ```no_run
+    /// # use std::sync::Arc;
+    /// # use chatbus_core::MemoryBroker;
+    /// # use chatbus_ws::{ChatHub, WsConfig, WsService};
+    /// # async fn f() -> std::io::Result<()> {
+    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
+    /// let ws = WsService::new(ChatHub::new(Arc::new(MemoryBroker::new())), WsConfig::default());
+    /// ws.serve(listener, axum::Router::new(), async {
+    ///     let _ = tokio::signal::ctrl_c().await;
+    /// })
+    /// .await
+    /// # }
+    /// ```
     pub async fn serve<F>(&self, listener: TcpListener, app: Router, shutdown: F) -> io::Result<()>
     where
         F: Future<Output = ()> + Send + 'static,
@@ -198,36 +215,6 @@ impl WsService {
         self.shutdown().await;
         Ok(())
     }
-}
-
-/// Serves the WebSocket endpoint alone on `listener` until `shutdown` resolves, then drains
-/// (see [`WsService::serve`]).
-///
-/// ```no_run
-/// # use std::sync::Arc;
-/// # use chatbus_core::MemoryBroker;
-/// # use chatbus_ws::{ChatHub, WsConfig};
-/// # async fn f() -> std::io::Result<()> {
-/// let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
-/// let hub = ChatHub::new(Arc::new(MemoryBroker::new()));
-/// chatbus_ws::serve(listener, hub, WsConfig::default(), async {
-///     let _ = tokio::signal::ctrl_c().await;
-/// })
-/// .await
-/// # }
-/// ```
-pub async fn serve<F>(
-    listener: TcpListener,
-    hub: ChatHub,
-    config: WsConfig,
-    shutdown: F,
-) -> io::Result<()>
-where
-    F: Future<Output = ()> + Send + 'static,
-{
-    WsService::new(hub, config)
-        .serve(listener, Router::new(), shutdown)
-        .await
 }
 
 /// The axum handler behind [`WsService::router`].

@@ -1,17 +1,18 @@
 //! [`WsService`]: the transport's shared state, independent of the HTTP framework.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use futures::{Sink, Stream};
+use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Identity;
 use crate::chat::ChatHub;
 use crate::config::WsConfig;
-use crate::metrics::{self, WsMetrics};
+use crate::metrics::{self, WsCounters, WsMetrics};
 use crate::session::{self, TransportError, WsMessage};
 
 /// The WebSocket transport of one server: a [`ChatHub`], a [`WsConfig`], counters, and the
@@ -27,9 +28,26 @@ pub struct WsService {
 struct Inner {
     chat: ChatHub,
     config: WsConfig,
-    metrics: WsMetrics,
+    counters: WsCounters,
     shutdown: CancellationToken,
     sessions: TaskTracker,
+}
+
+/// A [`WsService`] that does not keep it alive (for the metrics collector).
+pub(crate) struct WeakService(Weak<Inner>);
+
+impl WeakService {
+    pub(crate) fn upgrade(&self) -> Option<WsService> {
+        self.0.upgrade().map(|inner| WsService { inner })
+    }
+}
+
+impl fmt::Debug for WeakService {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WeakService")
+            .field("alive", &(self.0.strong_count() > 0))
+            .finish()
+    }
 }
 
 impl fmt::Debug for WsService {
@@ -49,7 +67,7 @@ impl WsService {
             inner: Arc::new(Inner {
                 chat,
                 config,
-                metrics: WsMetrics::default(),
+                counters: WsCounters::default(),
                 shutdown: CancellationToken::new(),
                 sessions: TaskTracker::new(),
             }),
@@ -66,14 +84,25 @@ impl WsService {
         &self.inner.config
     }
 
-    /// The transport's counters.
-    pub fn metrics(&self) -> &WsMetrics {
-        &self.inner.metrics
+    /// A snapshot of the transport's counters (the hub's are in
+    /// [`Hub::stats`](chatbus_core::Hub::stats), the chat layer's in [`ChatHub::stats`]).
+    pub fn metrics(&self) -> WsMetrics {
+        self.inner.counters.snapshot()
     }
 
-    /// Transport and hub counters in the Prometheus text format, for a `/metrics` route.
-    pub fn render_metrics(&self) -> String {
-        metrics::render(&self.inner.metrics, &self.inner.chat)
+    /// Registers this transport's counters and its hub's in `registry`, to be encoded at
+    /// scrape time (see [the crate docs](crate#metrics) for the names and an example).
+    ///
+    /// What is registered is a collector that reads the snapshots ([`metrics`](Self::metrics),
+    /// [`Hub::stats`](chatbus_core::Hub::stats), [`ChatHub::stats`]) when the registry is
+    /// encoded: nothing is counted twice on the hot path. It holds the service weakly, so the
+    /// registry does not keep the hub alive; once the service is dropped it reports nothing.
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        metrics::register(WeakService(Arc::downgrade(&self.inner)), registry);
+    }
+
+    pub(crate) fn counters(&self) -> &WsCounters {
+        &self.inner.counters
     }
 
     pub(crate) fn shutdown_token(&self) -> &CancellationToken {

@@ -13,7 +13,8 @@
 //!
 //! Routes: `/` the chat page, `/ws` the WebSocket (protocol v1, see docs/protocol.md),
 //! `/healthz` liveness, `/readyz` broker health (503 when the broker is down or the server is
-//! draining), `/metrics` Prometheus text.
+//! draining), `/metrics` Prometheus text (one `prometheus-client` registry: chatbus-ws's
+//! counters, the broker's, and `chatbus_broker_up`).
 //!
 //! Ctrl-C or SIGTERM drains: no new connections, every open one gets its pending acks and
 //! messages and then a 1001 close.
@@ -30,8 +31,8 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use chatbus_core::{
-    Broker, DualBus, DualConfig, DualMode, DualStats, DurableDownPolicy, Health, HubConfig,
-    MemoryBroker, MemoryConfig, SlowPolicy,
+    Broker, DualBus, DualConfig, DurableDownPolicy, Health, HubConfig, MemoryBroker, MemoryConfig,
+    SlowPolicy,
 };
 use chatbus_kafka::{KafkaBroker, KafkaConfig};
 use chatbus_redis::{RedisBroker, RedisConfig};
@@ -39,7 +40,12 @@ use chatbus_ws::{
     AllowedOrigins, ChatHub, JwtVerifier, PresenceConfig, RateLimit, WsConfig, WsService,
 };
 use clap::{Parser, ValueEnum};
+use prometheus_client::collector::Collector;
 use tracing_subscriber::EnvFilter;
+
+mod metrics;
+
+use metrics::{DualMetrics, KafkaMetrics, RedisMetrics, Scrape};
 
 /// The page, embedded at compile time: the binary is all there is to deploy.
 const INDEX_HTML: &str = include_str!("index.html");
@@ -169,13 +175,10 @@ enum DurableDown {
     DegradeToFast,
 }
 
-/// Renders a broker's own counters as Prometheus text.
-type BrokerMetrics = Arc<dyn Fn() -> String + Send + Sync>;
-
-/// The broker, and a renderer of its own metrics.
+/// The broker, and a collector of its own counters for `/metrics`.
 struct Backend {
     broker: Arc<dyn Broker>,
-    metrics: Option<BrokerMetrics>,
+    metrics: Option<Box<dyn Collector>>,
 }
 
 /// The one place the backend is chosen. Redis and Kafka settings come from the environment
@@ -190,18 +193,16 @@ async fn build_broker(args: &Args) -> Result<Backend, BoxError> {
         },
         BrokerKind::Redis => {
             let redis = Arc::new(RedisBroker::connect(RedisConfig::from_env()?).await?);
-            let stats = redis.clone();
             Backend {
-                broker: redis,
-                metrics: Some(Arc::new(move || redis_metrics(&stats.stats()))),
+                broker: redis.clone(),
+                metrics: Some(Box::new(RedisMetrics(redis))),
             }
         }
         BrokerKind::Kafka => {
             let kafka = Arc::new(KafkaBroker::connect(KafkaConfig::from_env()?).await?);
-            let stats = kafka.clone();
             Backend {
-                broker: kafka,
-                metrics: Some(Arc::new(move || kafka_metrics(&stats.stats()))),
+                broker: kafka.clone(),
+                metrics: Some(Box::new(KafkaMetrics(kafka))),
             }
         }
         BrokerKind::Dual => {
@@ -224,175 +225,20 @@ async fn build_broker(args: &Args) -> Result<Backend, BoxError> {
                 durable,
                 DualConfig::default().with_policy(policy),
             ));
-            let stats = bus.clone();
             Backend {
-                broker: bus,
-                metrics: Some(Arc::new(move || {
-                    let mut out = dual_metrics(&stats.stats());
-                    out.push_str(&redis_metrics(&stats.fast().stats()));
-                    out.push_str(&kafka_metrics(&stats.durable().stats()));
-                    out
-                })),
+                broker: bus.clone(),
+                metrics: Some(Box::new(DualMetrics(bus))),
             }
         }
     })
 }
 
-fn counter(out: &mut String, name: &str, help: &str, value: u64) {
-    use std::fmt::Write as _;
-    let _ = writeln!(
-        out,
-        "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
-    );
-}
-
-fn redis_metrics(s: &chatbus_redis::RedisStats) -> String {
-    let mut out = String::new();
-    counter(
-        &mut out,
-        "chatbus_redis_published_total",
-        "Messages published to Redis.",
-        s.published,
-    );
-    counter(
-        &mut out,
-        "chatbus_redis_publish_errors_total",
-        "Failed Redis publishes.",
-        s.publish_errors,
-    );
-    counter(
-        &mut out,
-        "chatbus_redis_received_total",
-        "Messages received from Redis.",
-        s.received,
-    );
-    counter(
-        &mut out,
-        "chatbus_redis_decode_errors_total",
-        "Undecodable Redis messages, dropped.",
-        s.decode_errors,
-    );
-    counter(
-        &mut out,
-        "chatbus_redis_reconnects_total",
-        "Redis subscriber reconnects.",
-        s.reconnects,
-    );
-    out
-}
-
-fn kafka_metrics(s: &chatbus_kafka::KafkaStats) -> String {
-    let mut out = String::new();
-    counter(
-        &mut out,
-        "chatbus_kafka_published_total",
-        "Messages acknowledged by Kafka.",
-        s.published,
-    );
-    counter(
-        &mut out,
-        "chatbus_kafka_publish_errors_total",
-        "Failed Kafka publishes.",
-        s.publish_errors,
-    );
-    counter(
-        &mut out,
-        "chatbus_kafka_tail_records_total",
-        "Records read by the Kafka tail.",
-        s.tail_records,
-    );
-    counter(
-        &mut out,
-        "chatbus_kafka_malformed_total",
-        "Undecodable Kafka records, skipped.",
-        s.malformed,
-    );
-    out
-}
-
-fn dual_metrics(s: &DualStats) -> String {
-    let mut out = String::new();
-    counter(
-        &mut out,
-        "chatbus_dual_via_fast_total",
-        "Messages delivered first by the fast path (Redis).",
-        s.via_fast,
-    );
-    counter(
-        &mut out,
-        "chatbus_dual_via_durable_total",
-        "Messages delivered first by the durable tail (Kafka).",
-        s.via_durable,
-    );
-    counter(
-        &mut out,
-        "chatbus_dual_duplicates_total",
-        "Second copies dropped.",
-        s.duplicates,
-    );
-    counter(
-        &mut out,
-        "chatbus_dual_gaps_filled_total",
-        "Fast-path gaps filled from the durable log.",
-        s.gaps_filled,
-    );
-    counter(
-        &mut out,
-        "chatbus_dual_gap_timeouts_total",
-        "Gaps given up after the gap timeout.",
-        s.gap_timeouts,
-    );
-    counter(
-        &mut out,
-        "chatbus_dual_fast_publish_errors_total",
-        "Failed fast publishes (delivered via the tail).",
-        s.fast_publish_errors,
-    );
-    counter(
-        &mut out,
-        "chatbus_dual_durable_publish_errors_total",
-        "Failed durable publishes.",
-        s.durable_publish_errors,
-    );
-    counter(
-        &mut out,
-        "chatbus_dual_degraded_publishes_total",
-        "Durable messages published fast-only.",
-        s.degraded_publishes,
-    );
-    let mode = match s.mode {
-        DualMode::Dual => "dual",
-        DualMode::DurableOnly => "durable-only",
-        DualMode::FastOnly => "fast-only",
-        DualMode::Down => "down",
-    };
-    use std::fmt::Write as _;
-    let _ = writeln!(
-        out,
-        "# HELP chatbus_dual_mode The paths in use (1 for the current mode).\n# TYPE chatbus_dual_mode gauge"
-    );
-    for m in ["dual", "durable-only", "fast-only", "down"] {
-        let _ = writeln!(
-            out,
-            "chatbus_dual_mode{{mode=\"{m}\"}} {}",
-            u8::from(m == mode)
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP chatbus_dual_held Fast-path messages waiting for a gap to fill.\n# TYPE chatbus_dual_held gauge\nchatbus_dual_held {}",
-        s.held
-    );
-    out
-}
-
 fn ws_config(args: &Args) -> Result<WsConfig, BoxError> {
     let mut config = WsConfig::default()
         .with_max_frame_size(args.max_frame_bytes)
-        .with_rate_limit((args.rate_per_sec > 0.0).then_some(RateLimit {
-            burst: args.rate_burst,
-            per_second: args.rate_per_sec,
-        }))
+        .with_rate_limit(
+            (args.rate_per_sec > 0.0).then_some(RateLimit::new(args.rate_burst, args.rate_per_sec)),
+        )
         .with_max_rooms(args.max_rooms)
         .with_idle_timeout(Duration::from_secs(args.idle_timeout_secs.max(1)))
         .with_ping_interval(Duration::from_secs(args.ping_interval_secs.max(1)))
@@ -473,28 +319,6 @@ async fn readyz(State(ws): State<WsService>) -> Response {
     .into_response()
 }
 
-async fn metrics(ws: WsService, broker_metrics: Option<BrokerMetrics>) -> Response {
-    let mut body = ws.render_metrics();
-    if let Some(render) = broker_metrics {
-        body.push_str(&render());
-    }
-    let broker = ws.chat().hub().broker();
-    let up = u8::from(broker.health().await.is_up());
-    body.push_str(&format!(
-        "# HELP chatbus_broker_up Whether the broker accepts publishes.\n\
-         # TYPE chatbus_broker_up gauge\nchatbus_broker_up{{broker=\"{}\"}} {up}\n",
-        broker.name()
-    ));
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        body,
-    )
-        .into_response()
-}
-
 async fn shutdown_signal() {
     let ctrl_c = async {
         if let Err(e) = tokio::signal::ctrl_c().await {
@@ -541,6 +365,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
         });
     let chat = ChatHub::with_config(broker, hub_config, PresenceConfig::default());
     let ws = WsService::new(chat, config);
+    let scrape = Arc::new(Scrape::new(&ws, broker_metrics));
 
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
@@ -552,7 +377,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
         .route("/readyz", get(readyz))
         .route(
             "/metrics",
-            get(move |State(ws): State<WsService>| metrics(ws, broker_metrics.clone())),
+            get(move |State(ws): State<WsService>| metrics::serve(ws, scrape.clone())),
         )
         .with_state(ws.clone());
     tracing::info!(%addr, broker = %args.broker, auth, "chat-server started");

@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chatbus_core::{Broker, MemoryBroker};
+use chatbus_ws::prometheus_client::encoding::prometheus_text;
+use chatbus_ws::prometheus_client::registry::Registry;
 use chatbus_ws::{ChatHub, WsConfig, WsService};
 use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
@@ -54,6 +56,15 @@ impl Server {
             stop: Some(stop),
             task: Some(task),
         }
+    }
+
+    /// What `/metrics` of an app that registered this service would serve.
+    pub fn scrape(&self) -> String {
+        let mut registry = Registry::default();
+        self.ws.register_metrics(&mut registry);
+        let mut text = String::new();
+        prometheus_text::encode(&mut text, &registry).expect("encoding into a String");
+        text
     }
 
     pub fn url(&self, query: &str) -> String {

@@ -1,0 +1,337 @@
+//! The reader half of a session: client frames in, hub calls and queued replies out.
+//!
+//! Each text frame is size-checked, rate-limited, parsed once and answered on the session's
+//! control queue (so replies overtake queued messages); refusals are `error` frames counted by
+//! code. The reader also owns the idle timeout and notices shutdown between frames.
+
+use bytes::Bytes;
+use chatbus_core::{Envelope, JoinOptions, Room, SessionHandle};
+use futures::{Stream, StreamExt};
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use super::{End, TransportError, WsMessage};
+use crate::auth::Identity;
+use crate::chat::history_item;
+use crate::config::RateLimit;
+use crate::metrics::WsCounters;
+use crate::payload;
+use crate::protocol::{self, ClientId, ErrorCode, Request};
+use crate::service::WsService;
+
+/// A token bucket; `tokio::time::Instant` so tests can pause time.
+struct TokenBucket {
+    tokens: f64,
+    last: Instant,
+    limit: RateLimit,
+}
+
+impl TokenBucket {
+    fn new(limit: RateLimit) -> Self {
+        let burst = f64::from(limit.burst.max(1));
+        Self {
+            tokens: burst,
+            last: Instant::now(),
+            limit: RateLimit {
+                burst: limit.burst.max(1),
+                per_second: limit.per_second.max(0.0),
+            },
+        }
+    }
+
+    fn allow(&mut self) -> bool {
+        let now = Instant::now();
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens =
+            (self.tokens + elapsed * self.limit.per_second).min(f64::from(self.limit.burst));
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+pub(super) struct Reader<'a> {
+    svc: &'a WsService,
+    handle: SessionHandle,
+    identity: &'a Identity,
+    bucket: Option<TokenBucket>,
+}
+
+impl<'a> Reader<'a> {
+    pub(super) fn new(
+        svc: &'a WsService,
+        handle: SessionHandle,
+        identity: &'a Identity,
+        rate_limit: Option<RateLimit>,
+    ) -> Self {
+        Self {
+            svc,
+            handle,
+            identity,
+            bucket: rate_limit.map(TokenBucket::new),
+        }
+    }
+
+    pub(super) async fn run<St>(
+        &mut self,
+        stream: &mut St,
+        end_tx: &mut oneshot::Sender<End>,
+    ) -> End
+    where
+        St: Stream<Item = Result<WsMessage, TransportError>> + Unpin,
+    {
+        let cfg = self.svc.config();
+        let shutdown = self.svc.shutdown_token();
+        loop {
+            if self.handle.is_closed() {
+                return End::WriterStopped;
+            }
+            // Only the wait for the next frame is raced against shutdown: a frame being handled
+            // (a publish in flight) always completes and gets its answer.
+            let next = tokio::select! {
+                biased;
+                () = end_tx.closed() => return End::WriterStopped,
+                () = shutdown.cancelled() => return End::Shutdown,
+                next = tokio::time::timeout(cfg.idle_timeout, stream.next()) => next,
+            };
+            let msg = match next {
+                Err(_) => return End::Idle,
+                Ok(None) => return End::ClientGone,
+                Ok(Some(Ok(msg))) => msg,
+                Ok(Some(Err(TransportError::TooLarge))) => {
+                    let limit = cfg.hard_frame_size;
+                    self.error(
+                        ErrorCode::TooLarge,
+                        &format!("frame larger than {limit} bytes; closing"),
+                        None,
+                        None,
+                    );
+                    return End::TooLarge;
+                }
+                Ok(Some(Err(TransportError::InvalidUtf8))) => {
+                    self.error(
+                        ErrorCode::BadRequest,
+                        "text frame is not valid UTF-8; closing",
+                        None,
+                        None,
+                    );
+                    return End::InvalidUtf8;
+                }
+                Ok(Some(Err(TransportError::Other(e)))) => {
+                    tracing::debug!(session = self.handle.id(), error = %e, "socket read failed");
+                    return End::ClientGone;
+                }
+            };
+            match msg {
+                WsMessage::Text(bytes) => {
+                    WsCounters::inc(&self.svc.counters().frames_in);
+                    let allowed = self.bucket.as_mut().is_none_or(TokenBucket::allow);
+                    // Boxed: a client frame is rare next to deliveries, and inline its state
+                    // (join, publish, history futures) would size the idle reader.
+                    Box::pin(self.text(&bytes, allowed)).await;
+                }
+                WsMessage::Binary(_) => {
+                    WsCounters::inc(&self.svc.counters().frames_in);
+                    // Charged like any frame, so binary floods are limited too.
+                    if self.bucket.as_mut().is_none_or(TokenBucket::allow) {
+                        self.error(
+                            ErrorCode::BadRequest,
+                            "binary frames are not supported; send JSON text frames",
+                            None,
+                            None,
+                        );
+                    } else {
+                        self.rate_limited(None, None);
+                    }
+                }
+                WsMessage::Ping(_) | WsMessage::Pong(_) => {}
+                WsMessage::Close(_) => return End::ClientGone,
+            }
+        }
+    }
+
+    fn error(&self, code: ErrorCode, message: &str, cid: Option<&ClientId>, room: Option<&Room>) {
+        self.svc.counters().count_error(code);
+        self.handle.reply(protocol::error(code, message, cid, room));
+    }
+
+    fn rate_limited(&self, cid: Option<&ClientId>, room: Option<&Room>) {
+        self.error(
+            ErrorCode::RateLimited,
+            "rate limit exceeded; frame dropped",
+            cid,
+            room,
+        );
+    }
+
+    async fn text(&mut self, bytes: &[u8], allowed: bool) {
+        let cfg = self.svc.config();
+        if bytes.len() > cfg.max_frame_size {
+            let limit = cfg.max_frame_size;
+            self.error(
+                ErrorCode::TooLarge,
+                &format!(
+                    "frame of {} bytes exceeds the limit of {limit}",
+                    bytes.len()
+                ),
+                None,
+                None,
+            );
+            return;
+        }
+        let (req, cid) = match protocol::parse(bytes) {
+            Ok(parsed) => parsed,
+            Err(r) => {
+                self.error(r.code, &r.message, r.client_id.as_ref(), None);
+                return;
+            }
+        };
+        let cid = cid.as_ref();
+        if !allowed {
+            self.rate_limited(cid, req.room());
+            return;
+        }
+        let chat = self.svc.chat();
+        let hub = chat.hub();
+        match req {
+            Request::Ping => {
+                self.handle.reply(Bytes::from_static(protocol::PONG));
+            }
+            Request::Join { room, since } => {
+                if !self.handle.is_member(&room) && self.handle.rooms().len() >= cfg.max_rooms {
+                    let max = cfg.max_rooms;
+                    self.error(
+                        ErrorCode::Forbidden,
+                        &format!("room limit reached ({max} per connection)"),
+                        cid,
+                        Some(&room),
+                    );
+                    return;
+                }
+                // Same test as the hub's: a resume replays only where the broker keeps history.
+                let resuming = since.is_some() && hub.broker().capabilities().replay;
+                let reply = protocol::joined(&room, resuming, cid);
+                let options = JoinOptions::default().since(since).reply(reply);
+                if let Err(e) = self.handle.join_with(room.clone(), options).await {
+                    self.broker_error(&e, cid, &room, "join");
+                    return;
+                }
+                chat.presence_changed([room.clone()]);
+                self.handle.reply(protocol::presence(
+                    &room,
+                    &chat.online(&room),
+                    chat.presence_config().max_listed,
+                ));
+            }
+            Request::Leave { room } => {
+                if !self.handle.leave(&room) {
+                    self.not_joined(cid, &room);
+                    return;
+                }
+                self.handle.reply(protocol::left(&room, cid));
+                chat.presence_changed([room]);
+            }
+            Request::Send { room, body } => {
+                if !self.handle.is_member(&room) {
+                    self.not_joined(cid, &room);
+                    return;
+                }
+                let env = Envelope::new(
+                    room,
+                    payload::message(self.identity.display_name_if_different(), &body),
+                )
+                .with_from(self.identity.user.clone());
+                match hub.publish(&env).await {
+                    Ok(receipt) => {
+                        WsCounters::inc(&self.svc.counters().messages_in);
+                        self.handle
+                            .reply(protocol::ack(cid, receipt.id, receipt.cursor));
+                    }
+                    Err(e) => self.broker_error(&e, cid, &env.room, "send"),
+                }
+            }
+            Request::Typing { room } => {
+                if !self.handle.is_member(&room) {
+                    self.not_joined(cid, &room);
+                    return;
+                }
+                let env = Envelope::ephemeral(
+                    room,
+                    payload::typing(self.identity.display_name_if_different()),
+                )
+                .with_from(self.identity.user.clone());
+                if let Err(e) = hub.publish(&env).await {
+                    self.broker_error(&e, cid, &env.room, "typing");
+                }
+            }
+            Request::History {
+                room,
+                before,
+                limit,
+            } => {
+                if !self.handle.is_member(&room) {
+                    self.not_joined(cid, &room);
+                    return;
+                }
+                let max = cfg.max_history.max(1);
+                let limit = limit.map_or(cfg.default_history, |l| {
+                    usize::try_from(l).unwrap_or(usize::MAX)
+                });
+                let limit = limit.clamp(1, max);
+                match hub.history(&room, before, limit).await {
+                    Ok(envs) => {
+                        let items: Vec<Bytes> = envs.iter().filter_map(history_item).collect();
+                        self.handle.reply(protocol::history(&room, &items, cid));
+                    }
+                    Err(e) => self.broker_error(&e, cid, &room, "history"),
+                }
+            }
+        }
+    }
+
+    fn not_joined(&self, cid: Option<&ClientId>, room: &Room) {
+        self.error(ErrorCode::NotJoined, "join the room first", cid, Some(room));
+    }
+
+    fn broker_error(&self, e: &chatbus_core::Error, cid: Option<&ClientId>, room: &Room, op: &str) {
+        let code = ErrorCode::for_error(e);
+        if code == ErrorCode::Internal {
+            tracing::warn!(session = self.handle.id(), %room, error = %e, "{op} failed");
+        } else {
+            tracing::debug!(session = self.handle.id(), %room, error = %e, "{op} failed");
+        }
+        // The client sees the broker's message (no secrets in there: the backend crates keep
+        // credentials out of their errors) except for internal errors.
+        let message = match code {
+            ErrorCode::Internal => format!("{op} failed"),
+            _ => e.to_string(),
+        };
+        self.error(code, &message, cid, Some(room));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn token_bucket_refills() {
+        let mut b = TokenBucket::new(RateLimit {
+            burst: 3,
+            per_second: 2.0,
+        });
+        assert!(b.allow() && b.allow() && b.allow());
+        assert!(!b.allow());
+        tokio::time::advance(Duration::from_millis(500)).await;
+        assert!(b.allow());
+        assert!(!b.allow());
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert_eq!((0..10).filter(|_| b.allow()).count(), 3);
+    }
+}
