@@ -3,8 +3,9 @@
 //!
 //! Every scenario sends numbered messages (`sender:seq:ts` bodies) while a fault happens, then
 //! scores every client: no acknowledged message missing, nothing duplicated, the same order for
-//! every client, per-sender order kept. The promises are those of DESIGN.md §7; the table in
-//! docs/ARCHITECTURE.md maps each fault to the test here that proves it.
+//! every client, per-sender order kept. The promises are stated by the fault table in
+//! docs/ARCHITECTURE.md ("Failure semantics"), which maps each fault to the test here that
+//! proves it.
 //!
 //! Run with `cargo build --example chat-server && cargo test --test faults -- --test-threads=1`
 //! (`cargo test --test faults` alone does not rebuild the example it runs; `cargo test
