@@ -66,7 +66,7 @@ pub struct KafkaStats {
     /// Live subscriptions (one per room for a subscription to several rooms).
     pub subscriptions: usize,
     /// Times the producer was replaced by a fresh one after a failed delivery (see
-    /// `docs/ARCHITECTURE.md`, "Kafka on Tansu").
+    /// `docs/kafka-on-tansu.md`).
     pub producer_replacements: u64,
     /// Replay readers (librdkafka consumers for `replay` and `history`) created so far. At
     /// most [`KafkaConfig::max_concurrent_replays`] exist at once; they are reused.

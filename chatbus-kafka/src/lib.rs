@@ -85,7 +85,7 @@
 //! Dropping the last clone of a `KafkaBroker` stops the tail consumer and closes every
 //! client on background threads (closing a librdkafka client blocks).
 //!
-//! Tested against Tansu 0.6 (see `docs/ARCHITECTURE.md`, "Kafka on Tansu", for the gaps found
+//! Tested against Tansu 0.6 (see `docs/kafka-on-tansu.md` for the gaps found
 //! there and the workarounds in this crate).
 
 #![cfg_attr(docsrs, feature(doc_cfg))]

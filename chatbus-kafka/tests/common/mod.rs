@@ -13,7 +13,7 @@ pub(crate) fn config(tansu: &Tansu, topic: &str, partitions: u32) -> KafkaConfig
         .with_partitions(partitions)
         .with_publish_timeout(Duration::from_secs(3))
         .with_request_timeout(Duration::from_secs(10))
-        // Tansu holds every fetch for the full wait (see docs/ARCHITECTURE.md), so this is
+        // Tansu holds every fetch for the full wait (see docs/kafka-on-tansu.md), so this is
         // the tail's delivery latency.
         .with_fetch_wait(Duration::from_millis(20))
 }
