@@ -19,7 +19,7 @@ use chatbus::{Cursor, Envelope, Room};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
 fn envelope(payload: usize) -> Envelope {
-    let room = Room::new("general").unwrap_or_else(|e| panic!("{e}"));
+    let room = Room::new("general").expect("valid room name");
     let mut env = Envelope::new(room, vec![b'x'; payload]).with_from("user-12345");
     env.cursor = Some(Cursor::new(3, 1_234_567));
     env
@@ -30,21 +30,21 @@ fn codec_bench(c: &mut Criterion) {
     group.measurement_time(Duration::from_secs(3));
     for size in [100usize, 4096] {
         let env = envelope(size);
-        let encoded = codec::encode(&env).unwrap_or_else(|e| panic!("{e}"));
+        let encoded = codec::encode(&env).expect("encodes");
         group.throughput(Throughput::Elements(1));
         group.bench_with_input(BenchmarkId::new("encode", size), &env, |b, env| {
-            b.iter(|| codec::encode(black_box(env)).unwrap_or_else(|e| panic!("{e}")));
+            b.iter(|| codec::encode(black_box(env)).expect("encodes"));
         });
         // Into a reused buffer: what a batching publisher does.
         group.bench_with_input(BenchmarkId::new("encode_into", size), &env, |b, env| {
             let mut buf = BytesMut::with_capacity(8192);
             b.iter(|| {
                 buf.clear();
-                codec::encode_into(black_box(env), &mut buf).unwrap_or_else(|e| panic!("{e}"));
+                codec::encode_into(black_box(env), &mut buf).expect("encodes");
             });
         });
         group.bench_with_input(BenchmarkId::new("decode", size), &encoded, |b, bytes| {
-            b.iter(|| codec::decode(black_box(bytes)).unwrap_or_else(|e| panic!("{e}")));
+            b.iter(|| codec::decode(black_box(bytes)).expect("decodes"));
         });
     }
     group.finish();

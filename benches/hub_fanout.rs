@@ -19,14 +19,11 @@ use futures::FutureExt;
 
 fn setup(rt: &tokio::runtime::Runtime, n: usize) -> (Hub, Vec<Session>, Room) {
     let hub = Hub::new(Arc::new(MemoryBroker::new()));
-    let room = Room::new("bench").unwrap_or_else(|e| panic!("{e}"));
+    let room = Room::new("bench").expect("valid room name");
     let sessions: Vec<Session> = (0..n).map(|i| hub.connect(format!("u{i}"))).collect();
     rt.block_on(async {
         for s in &sessions {
-            s.handle()
-                .join(room.clone())
-                .await
-                .unwrap_or_else(|e| panic!("{e}"));
+            s.handle().join(room.clone()).await.expect("join");
         }
     });
     (hub, sessions, room)
@@ -37,7 +34,7 @@ fn fan_out(c: &mut Criterion) {
         .worker_threads(1)
         .enable_all()
         .build()
-        .unwrap_or_else(|e| panic!("{e}"));
+        .expect("tokio runtime");
     let mut group = c.benchmark_group("hub_fanout_100B");
     group.measurement_time(Duration::from_secs(5));
     for n in [1_000usize, 10_000] {

@@ -13,14 +13,14 @@ async fn dual_bus_over_redis_and_kafka_passes_conformance() {
     let tansu = Tansu::start().await;
     let fast = RedisBroker::connect(RedisConfig::default().with_url(redis.url()))
         .await
-        .unwrap_or_else(|e| panic!("redis: {e}"));
+        .expect("redis");
     let durable = KafkaBroker::connect(
         KafkaConfig::new(tansu.bootstrap())
             .with_topic("dual-conformance")
             .with_partitions(3),
     )
     .await
-    .unwrap_or_else(|e| panic!("kafka: {e}"));
+    .expect("kafka");
     let bus = DualBus::new(fast, durable, DualConfig::default());
     conformance::run_all(&bus).await;
 }

@@ -29,6 +29,35 @@ pub type CheckResult = std::result::Result<(), String>;
 /// How long one receive may take before the check fails.
 pub const RECV_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// The room `name`, for tests that pick their own names; panics on an invalid one.
+pub fn room(name: &str) -> Room {
+    match Room::new(name) {
+        Ok(r) => r,
+        Err(e) => panic!("room {name:?}: {e}"),
+    }
+}
+
+/// Polls `cond` every 20 ms until it holds, or panics after `within` naming `what`. For
+/// conditions with no event to wait on (a counter, a server's state); `within` bounds a
+/// broken system, it is not the expected time.
+pub async fn eventually<F, Fut>(within: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = tokio::time::Instant::now();
+    loop {
+        if cond().await {
+            return;
+        }
+        assert!(
+            start.elapsed() < within,
+            "{what}: not true within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A unique room name for one check.
 pub fn unique_room(tag: &str) -> Room {
     let id = MessageId::new().to_string();

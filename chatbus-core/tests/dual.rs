@@ -11,9 +11,9 @@ use async_trait::async_trait;
 mod support;
 use chatbus_core::{
     conformance, Broker, Cursor, DualBus, DualConfig, DurableDownPolicy, Envelope, Error, Health,
-    Interest, MemoryBroker, MemoryConfig, Receipt, Result, Room, Subscription,
+    Interest, MemoryBroker, MemoryConfig, Receipt, Result, Subscription,
 };
-use support::{Hooked, Hooks};
+use support::{room, Hooked, Hooks};
 
 /// A memory broker with switchable faults (clones share them).
 type Faulty = Hooked<Faults>;
@@ -71,10 +71,6 @@ fn relay() -> MemoryBroker {
 
 fn log() -> MemoryBroker {
     MemoryBroker::with_config(MemoryConfig::default().with_history_len(100_000))
-}
-
-fn room(name: &str) -> Room {
-    Room::new(name).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Receives `n` messages and checks: every published id exactly once, in cursor order.
@@ -163,7 +159,7 @@ async fn concurrent_publishers_reordered_on_the_fast_path_are_delivered_in_log_o
         .collect();
     let mut receipts = Vec::new();
     for t in tasks {
-        receipts.extend(t.await.unwrap_or_else(|e| panic!("{e}"))?);
+        receipts.extend(t.await.expect("task panicked")?);
     }
     let got = collect(&mut sub, 400).await;
     assert_exactly_once_in_order(&got, &receipts);

@@ -10,7 +10,7 @@ use chatbus_core::{
 };
 
 mod support;
-use support::{Hooked, Hooks};
+use support::{room, Hooked, Hooks};
 
 const T: Duration = Duration::from_secs(5);
 
@@ -26,10 +26,6 @@ async fn silent(s: &mut Session) {
     if let Ok(o) = tokio::time::timeout(Duration::from_millis(200), s.recv()).await {
         panic!("expected nothing, got {o:?}");
     }
-}
-
-fn room(name: &str) -> Room {
-    Room::new(name).unwrap_or_else(|e| panic!("{e}"))
 }
 
 #[tokio::test]
@@ -137,7 +133,7 @@ async fn catch_up_over_many_pages_with_concurrent_traffic_has_no_gap_or_duplicat
     for i in 1..400 {
         assert_eq!(next_frame(&mut s).await, i.to_string());
     }
-    publisher.await.unwrap_or_else(|e| panic!("{e}"))?;
+    publisher.await.expect("task panicked")?;
     silent(&mut s).await;
     Ok(())
 }
@@ -455,7 +451,7 @@ async fn a_session_dropped_during_join_leaves_no_member_behind() -> Result<()> {
     tokio::time::sleep(Duration::from_millis(20)).await;
     drop(s);
     gate.notify_one();
-    let joined = join.await.unwrap_or_else(|e| panic!("{e}"));
+    let joined = join.await.expect("task panicked");
     assert!(
         matches!(joined, Err(chatbus_core::Error::Closed)),
         "{joined:?}"

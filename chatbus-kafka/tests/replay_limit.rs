@@ -5,6 +5,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
+use chatbus_core::conformance::room;
 use chatbus_core::{Broker, BrokerExt, Cursor, Envelope, MessageId, ReplayFrom, Room};
 use chatbus_kafka::KafkaBroker;
 use chatbus_testkit::tansu::Tansu;
@@ -15,10 +16,6 @@ const PER_ROOM: usize = 40;
 /// More than one chunk of a replay (512 messages), to cover a replay that reads several.
 const BIG: usize = 1200;
 const CONCURRENT: usize = 50;
-
-fn room(name: &str) -> Room {
-    Room::new(name).unwrap_or_else(|e| panic!("{e}"))
-}
 
 /// Publishes `n` messages to `room`; returns their ids in log order.
 async fn fill(broker: &KafkaBroker, room: &Room, n: usize) -> Vec<MessageId> {
@@ -121,7 +118,7 @@ async fn fifty_concurrent_replays_use_at_most_the_configured_readers() {
         })
     });
     for job in futures::future::join_all(jobs).await {
-        let (room, limit, got) = job.unwrap_or_else(|e| panic!("replay task: {e}"));
+        let (room, limit, got) = job.expect("replay task");
         let want = &expected[&room];
         assert_eq!(got, want[..limit.min(want.len())], "replay of {room}");
     }
@@ -190,7 +187,7 @@ async fn undrained_dropped_and_cancelled_replays_give_their_readers_back() {
         .await
         .unwrap_or_else(|_| panic!("replay stalled after {} messages", rest.len()))
     {
-        rest.push(item.unwrap_or_else(|e| panic!("replay: {e}")).id);
+        rest.push(item.expect("replay").id);
     }
     assert_eq!(rest, want_big);
     // The others are dropped half-read.

@@ -8,12 +8,9 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use chatbus_core::conformance::room;
 use chatbus_core::{Broker, BrokerExt, Envelope, Interest, ReplayFrom, Room};
 use chatbus_testkit::tansu::Tansu;
-
-fn room(name: &str) -> Room {
-    Room::new(name).expect("valid room")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offsets_are_contiguous_per_partition() {

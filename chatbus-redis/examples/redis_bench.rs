@@ -111,7 +111,7 @@ async fn subscribe(b: &RedisBroker, room: &Room) -> Subscription {
 }
 
 async fn latency(a: &RedisBroker, b: &RedisBroker, n: usize, label: &str) {
-    let room = Room::new(format!("lat.{label}")).unwrap_or_else(|e| panic!("{e}"));
+    let room = Room::new(format!("lat.{label}")).expect("valid room name");
     let origin = Instant::now();
     let rx = tokio::spawn(receive(subscribe(b, &room).await, n, origin));
     for _ in 0..n {
@@ -136,7 +136,7 @@ async fn latency(a: &RedisBroker, b: &RedisBroker, n: usize, label: &str) {
 }
 
 async fn throughput(a: &RedisBroker, b: &RedisBroker, n: usize, concurrency: usize, label: &str) {
-    let room = Room::new(format!("tput.{label}")).unwrap_or_else(|e| panic!("{e}"));
+    let room = Room::new(format!("tput.{label}")).expect("valid room name");
     let origin = Instant::now();
     let rx = tokio::spawn(receive(subscribe(b, &room).await, n, origin));
     let failed = Arc::new(AtomicU64::new(0));
@@ -244,7 +244,7 @@ async fn main() {
     };
     let base = match &server {
         Some(s) => RedisConfig::default().with_url(s.url()),
-        None => RedisConfig::from_env().unwrap_or_else(|e| panic!("{e}")),
+        None => RedisConfig::from_env().expect("CHATBUS_REDIS_* environment"),
     }
     .with_prefix("bench")
     .with_subscriber_capacity(1 << 20)
@@ -281,7 +281,7 @@ async fn main() {
         // to (so Redis does the same one-subscriber fan-out; that instance drops the frames as
         // undecodable).
         let b = connect(base.clone()).await;
-        let room = Room::new("raw").unwrap_or_else(|e| panic!("{e}"));
+        let room = Room::new("raw").expect("valid room name");
         let _sub = subscribe(&b, &room).await;
         redis_benchmark(server, "bench:{raw}", throughput_n);
         println!(

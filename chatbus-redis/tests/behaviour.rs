@@ -6,17 +6,14 @@ mod common;
 
 use std::time::Duration;
 
+use chatbus_core::conformance::{eventually, room};
 use chatbus_core::{
-    Broker, BrokerExt, Cursor, Envelope, Error, Interest, ReplayFrom, Room, Subscription,
+    Broker, BrokerExt, Cursor, Envelope, Error, Interest, ReplayFrom, Subscription,
 };
 use chatbus_redis::redis::AsyncCommands;
 use chatbus_testkit::redis::RedisServer;
 
 const WAIT: Duration = Duration::from_secs(10);
-
-fn room(name: &str) -> Room {
-    Room::new(name).unwrap_or_else(|e| panic!("{e}"))
-}
 
 async fn recv(sub: &mut Subscription) -> chatbus_core::Result<Envelope> {
     match tokio::time::timeout(WAIT, sub.recv()).await {
@@ -119,7 +116,7 @@ async fn drop_unsubscribes_in_redis() {
     publish(&b, &Envelope::new(r.clone(), "still")).await;
     assert_eq!(recv_ok(&mut s2).await.payload, "still");
     drop(s2);
-    common::eventually(WAIT, "UNSUBSCRIBE after the last drop", || async {
+    eventually(WAIT, "UNSUBSCRIBE after the last drop", || async {
         numsub(&server, &channel).await == 0
     })
     .await;
@@ -127,7 +124,7 @@ async fn drop_unsubscribes_in_redis() {
     let all = subscribe(&b, Interest::All).await;
     assert_eq!(numpat(&server).await, 1);
     drop(all);
-    common::eventually(WAIT, "PUNSUBSCRIBE after drop", || async {
+    eventually(WAIT, "PUNSUBSCRIBE after drop", || async {
         numpat(&server).await == 0
     })
     .await;
@@ -149,7 +146,7 @@ async fn abandoned_subscribes_leave_nothing_subscribed() {
         let patience = Duration::from_micros(i * i * 10);
         let _ = tokio::time::timeout(patience, b.subscribe(Interest::room(r.clone()))).await;
     }
-    common::eventually(WAIT, "UNSUBSCRIBE of the abandoned room", || async {
+    eventually(WAIT, "UNSUBSCRIBE of the abandoned room", || async {
         numsub(&server, &channel).await == 0
     })
     .await;

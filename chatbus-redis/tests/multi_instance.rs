@@ -71,7 +71,7 @@ async fn run(history_len: usize) {
     let hub = |b| Hub::with_config(Arc::new(b), config.clone());
     let hub_a = hub(common::broker(&server, history_len).await);
     let hub_b = hub(common::broker(&server, history_len).await);
-    let room = Room::new("multi").unwrap_or_else(|e| panic!("{e}"));
+    let room = Room::new("multi").expect("valid room name");
 
     // Two members on each instance.
     let mut readers = Vec::new();

@@ -24,16 +24,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use chatbus_core::conformance::{eventually, room};
 use chatbus_core::{Broker, Envelope, Error, Health, Hub, Interest, Outbound, Room, Session};
 use chatbus_testkit::redis::{RedisOptions, RedisServer};
 
 const BEFORE: Duration = Duration::from_secs(1);
 const DOWN: Duration = Duration::from_secs(2);
 const RECOVERY_LIMIT: Duration = Duration::from_secs(5);
-
-fn room(name: &str) -> Room {
-    Room::new(name).unwrap_or_else(|e| panic!("{e}"))
-}
 
 /// What the publisher did: per sequence number, when its publish started and whether Redis
 /// acknowledged it.
@@ -318,7 +315,7 @@ async fn repeated_outages_leak_no_tasks() {
             t.elapsed()
         );
         server.restart().await;
-        common::eventually(Duration::from_secs(10), "reconnect", || async {
+        eventually(Duration::from_secs(10), "reconnect", || async {
             b.stats().reconnects > cycle && b.health().await == Health::Healthy
         })
         .await;
@@ -381,7 +378,7 @@ async fn hung_server_is_detected_and_survived() {
         Ok(Some(Err(Error::Lagged { missed: 0 }))) => {}
         other => panic!("expected Lagged(0) after the server resumed, got {other:?}"),
     }
-    common::eventually(Duration::from_secs(10), "publish after resume", || async {
+    eventually(Duration::from_secs(10), "publish after resume", || async {
         b.publish(&Envelope::new(r.clone(), "back")).await.is_ok()
     })
     .await;

@@ -11,7 +11,8 @@ mod common;
 
 use std::time::Duration;
 
-use chatbus_core::{Broker, Error, Interest, Room};
+use chatbus_core::conformance::{eventually, room};
+use chatbus_core::{Broker, Error, Interest};
 use chatbus_redis::redis::aio::MultiplexedConnection;
 use chatbus_testkit::redis::RedisServer;
 
@@ -20,10 +21,6 @@ const FAILING: Duration = Duration::from_secs(2);
 /// Most connections the backoff schedule allows in [`FAILING`] (about 10, plus slack for the
 /// first, immediate, reconnect and for timing).
 const MOST_ATTEMPTS: u64 = 16;
-
-fn room(name: &str) -> Room {
-    Room::new(name).unwrap_or_else(|e| panic!("{e}"))
-}
 
 async fn query<T: chatbus_redis::redis::FromRedisValue>(
     conn: &mut MultiplexedConnection,
@@ -113,7 +110,7 @@ async fn subscribe_refused_by_acl_is_retried_with_backoff() {
         &["ACL", "SETUSER", "chat", "+subscribe", "+psubscribe"],
     )
     .await;
-    common::eventually(Duration::from_secs(3), "re-subscribed", || async {
+    eventually(Duration::from_secs(3), "re-subscribed", || async {
         broker.stats().reconnects == 1
     })
     .await;
@@ -152,7 +149,7 @@ async fn connection_killed_right_after_each_reconnect_is_retried_with_backoff() 
     );
 
     // Left alone, it stays connected and delivers again.
-    common::eventually(Duration::from_secs(3), "reconnected", || async {
+    eventually(Duration::from_secs(3), "reconnected", || async {
         chatbus_core::Broker::health(&broker).await == chatbus_core::Health::Healthy
     })
     .await;

@@ -25,7 +25,7 @@ async fn verified_tls_with_a_private_ca() {
         .with_tls_ca_file(server.ca_cert());
     let broker = common::connect(config).await;
     assert_eq!(broker.health().await, Health::Healthy);
-    let room = Room::new("tls").unwrap_or_else(|e| panic!("{e}"));
+    let room = Room::new("tls").expect("valid room name");
     let mut sub = match broker.subscribe(Interest::room(room.clone())).await {
         Ok(s) => s,
         Err(e) => panic!("subscribe: {e}"),

@@ -23,7 +23,7 @@ use crate::{free_port, wait_for_port};
 /// `target/<profile>/examples/chat-server`, found from the running test binary's path
 /// (`target/<profile>/deps/<test>`), so any `CARGO_TARGET_DIR` works.
 pub fn chat_server_program() -> PathBuf {
-    let exe = std::env::current_exe().unwrap_or_else(|e| panic!("current_exe: {e}"));
+    let exe = std::env::current_exe().expect("current_exe");
     let profile_dir = exe
         .parent()
         .and_then(|deps| deps.parent())
@@ -52,7 +52,7 @@ impl ChatServer {
     /// Starts the server with extra `args` (e.g. `["--broker", "dual"]`) and environment, on a
     /// free port, and waits until `/healthz` answers.
     pub async fn start(args: &[&str], env: &[(&str, String)]) -> Self {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let dir = tempfile::tempdir().expect("tempdir");
         let mut s = Self {
             port: free_port(),
             args: args.iter().map(|a| (*a).to_owned()).collect(),
@@ -73,8 +73,8 @@ impl ChatServer {
             .create(true)
             .append(true)
             .open(&self.log)
-            .unwrap_or_else(|e| panic!("log file: {e}"));
-        let err = log.try_clone().unwrap_or_else(|e| panic!("log file: {e}"));
+            .expect("log file");
+        let err = log.try_clone().expect("log file");
         let listen = format!("127.0.0.1:{}", self.port);
         let child = Command::new(chat_server_program())
             .arg("--listen")
@@ -90,7 +90,7 @@ impl ChatServer {
             .stderr(err)
             .kill_on_drop(true)
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start chat-server: {e}"));
+            .expect("cannot start chat-server");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         wait_for_port(self.port, Duration::from_secs(30), "chat-server").await;

@@ -99,9 +99,9 @@ mod tests {
         assert!(target("ws://10.0.0.1:9/ws", Protocol::Chatbus).is_err());
         assert!(target("ws://8.8.8.8:9/ws", Protocol::Chatbus).is_err());
         assert!(target("wss://127.0.0.1:9/ws", Protocol::Chatbus).is_err());
-        let t = target("ws://127.0.0.1:8001", Protocol::Socketio).unwrap_or_else(|e| panic!("{e}"));
+        let t = target("ws://127.0.0.1:8001", Protocol::Socketio).unwrap();
         assert_eq!(t.path, "/socket.io/?EIO=4&transport=websocket");
-        let t = target("ws://127.0.0.1:8001", Protocol::Chatbus).unwrap_or_else(|e| panic!("{e}"));
+        let t = target("ws://127.0.0.1:8001", Protocol::Chatbus).unwrap();
         assert_eq!(t.path, "/ws");
     }
 }

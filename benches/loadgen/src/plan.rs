@@ -120,8 +120,7 @@ impl Plan {
 /// A latency histogram in microseconds, 1 µs to 60 s.
 pub(crate) fn new_hist(sigfig: u8) -> Histogram<u64> {
     // Constant bounds within hdrhistogram's limits (sigfig is 2 or 3): cannot fail.
-    Histogram::new_with_bounds(1, 60_000_000, sigfig)
-        .unwrap_or_else(|e| panic!("histogram bounds: {e}"))
+    Histogram::new_with_bounds(1, 60_000_000, sigfig).expect("histogram bounds")
 }
 
 /// A histogram as its recorded (value, count) pairs, to cross a process boundary.
@@ -254,7 +253,7 @@ mod tests {
             (7, 7, 7),
         ] {
             let p = plan(n, r, s);
-            p.validate().unwrap_or_else(|e| panic!("{e}"));
+            p.validate().expect("valid plan");
             let sizes: u32 = (0..r).map(|x| p.room_size(x)).sum();
             assert_eq!(sizes, n);
             let mut senders = Vec::new();

@@ -180,11 +180,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn sample() -> Envelope {
-        Envelope::new(
-            Room::new("general").unwrap_or_else(|e| panic!("{e}")),
-            "hello",
-        )
-        .with_from("alice")
+        Envelope::new(Room::new("general").expect("valid room name"), "hello").with_from("alice")
     }
 
     #[test]
@@ -208,7 +204,7 @@ mod tests {
 
     #[test]
     fn rejects_bad_input() {
-        let b = encode(&sample()).unwrap_or_else(|e| panic!("{e}"));
+        let b = encode(&sample()).expect("encodes");
         assert!(decode(&Bytes::new()).is_err());
         for cut in 0..b.len() {
             assert!(
@@ -242,7 +238,7 @@ mod tests {
         )
             .prop_map(|(id, room, eph, from, ts, payload, cursor)| Envelope {
                 id: MessageId::from_u128(id),
-                room: Room::new(room).unwrap_or_else(|e| panic!("{e}")),
+                room: Room::new(room).expect("valid room name"),
                 kind: if eph { Kind::Ephemeral } else { Kind::Durable },
                 from: from.map(Arc::from),
                 ts,

@@ -6,7 +6,7 @@ use std::sync::mpsc;
 use super::*;
 
 fn room(name: &str) -> Room {
-    Room::new(name).unwrap_or_else(|e| panic!("room {name}: {e}"))
+    Room::new(name).expect("room name")
 }
 
 /// Everything buffered in `sub` now, as payloads (errors as "lagged" / "error").
@@ -142,20 +142,20 @@ fn the_callback_hears_when_the_last_subscriber_of_a_room_leaves() {
     let only_a = subs.subscribe(Interest::room(a.clone()));
     let all = subs.subscribe(Interest::All);
     drop(both);
-    let v = rx.try_recv().unwrap_or_else(|e| panic!("no report: {e}"));
+    let v = rx.try_recv().unwrap();
     assert_eq!((v.rooms, v.all), (vec![b.clone()], false));
     drop(only_a);
-    let v = rx.try_recv().unwrap_or_else(|e| panic!("no report: {e}"));
+    let v = rx.try_recv().unwrap();
     assert_eq!((v.rooms, v.all), (vec![a], false));
     drop(all);
-    let v = rx.try_recv().unwrap_or_else(|e| panic!("no report: {e}"));
+    let v = rx.try_recv().unwrap();
     assert_eq!((v.rooms.len(), v.all), (0, true));
     // A subscription that never got registered still reports its rooms: the broker may
     // have subscribed them upstream for it.
     let (pending, sub) = subs.prepare(Interest::room(b.clone()));
     drop(sub);
     drop(pending);
-    let v = rx.try_recv().unwrap_or_else(|e| panic!("no report: {e}"));
+    let v = rx.try_recv().unwrap();
     assert_eq!(v.rooms, vec![b]);
     assert!(rx.try_recv().is_err());
 }
@@ -181,7 +181,7 @@ fn a_dispatch_that_finds_a_subscriber_gone_removes_it_and_reports() {
     let d = subs.dispatch_to(&Envelope::new(r.clone(), "x"), Target::EVERYONE);
     assert_eq!((d.sent, d.dropped), (0, 0));
     assert!(subs.is_empty());
-    let v = rx.try_recv().unwrap_or_else(|e| panic!("no report: {e}"));
+    let v = rx.try_recv().unwrap();
     assert_eq!((v.rooms, v.all), (vec![r], true));
 }
 

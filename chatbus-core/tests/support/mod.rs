@@ -12,6 +12,12 @@ use chatbus_core::{
     ReplayFrom, Result, Room, Subscription,
 };
 
+/// The room `name`. (The other crates' tests use `chatbus_core::conformance::room`; these
+/// tests run without the `conformance` feature.)
+pub fn room(name: &str) -> Room {
+    Room::new(name).expect("valid room name")
+}
+
 /// What a test changes about the broker's behaviour. Every method defaults to the memory
 /// broker's own.
 #[async_trait]

@@ -43,22 +43,3 @@ pub async fn raw(server: &RedisServer) -> chatbus_redis::redis::aio::Multiplexed
         Err(e) => panic!("cannot connect: {e}"),
     }
 }
-
-/// Polls `cond` every 20 ms until it holds, or panics after `within` naming `what`.
-pub async fn eventually<F, Fut>(within: Duration, what: &str, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = std::time::Instant::now();
-    loop {
-        if cond().await {
-            return;
-        }
-        assert!(
-            start.elapsed() < within,
-            "{what}: not true within {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
