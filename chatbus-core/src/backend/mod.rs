@@ -9,7 +9,7 @@
 //! - [`Subscribers`] is the room → subscriber registry: a backend hands every envelope it
 //!   receives to it, and it fans the envelope out to the matching [`Subscription`]s, each
 //!   through its own bounded [`SubscriptionSender`] (a full one drops for that subscriber only
-//!   and reports [`SendOutcome::Lagged`]).
+//!   and reports [`SendOutcome::Dropped`]; the subscriber is told it lagged).
 //! - [`history_stream`] turns a page of envelopes into the stream `replay` returns.
 //! - [`DedupeWindow`] remembers the last N message ids, to drop second copies.
 //!

@@ -1,36 +1,5 @@
-//! [`DualBus`]: a fast broker for live fan-out composed with a durable broker for the record.
-//!
-//! # How it works
-//!
-//! **Publish.** A durable message is written to the durable broker first (Kafka: idempotent,
-//! `acks=all`). Once acknowledged its cursor is known; the same envelope, now carrying that
-//! cursor, is published on the fast broker (Redis). The sender's receipt comes after the durable
-//! ack, so an acknowledged message is never lost. If the fast publish fails, the message still
-//! reaches every instance through the durable tail. If the durable publish fails, the
-//! [`DurableDownPolicy`] decides: reject (default) or degrade to fast-only. Ephemeral messages
-//! (typing, presence) go to the fast broker only.
-//!
-//! **Subscribe.** Each `DualBus` runs one merger that subscribes to *everything* on both
-//! brokers: the fast stream and a tail of the durable log. Durable cursors are contiguous per
-//! partition (Kafka offsets; see [`Subscription::start`]), so the merger knows, per partition,
-//! the next offset it must deliver:
-//!
-//! - a copy at an offset already delivered is a duplicate and is dropped;
-//! - the next offset is delivered at once, whichever path brought it first (normally Redis);
-//! - a fast copy *ahead* of the next offset means the fast path skipped something (lost in a
-//!   Redis outage, or overtaken by a concurrent publisher): it is held, and the tail, which
-//!   reads every offset in order, fills the gap; then the held messages follow in order.
-//!
-//! So every instance delivers every durable message exactly once, in log order per partition
-//! (hence the same per-room order on every instance), with Redis latency when Redis is healthy
-//! and the durable tail's latency when it is not. Subscribing to everything (not per room) is
-//! the price of exact gap detection: an offset of another room is still an offset.
-//!
-//! Messages without a cursor (ephemeral, or published while degraded) are delivered at once and
-//! deduplicated by id over a bounded window ([`DualConfig::dedupe_window`] ids, about 40 bytes
-//! each).
-//!
-//! Local subscriptions (one per room from the Hub) are served from the merger's output by room.
+//! The DualBus: a fast broker for live fan-out composed with a durable broker for the record.
+//! See [`DualBus`] for how it works.
 
 mod config;
 mod dedupe;
@@ -58,7 +27,39 @@ use crate::envelope::{Cursor, Envelope, Room};
 use crate::subscribers::Subscribers;
 use crate::{Error, Result};
 
-/// Redis for speed, Kafka for durability: see the [module docs](self).
+/// Redis for speed, Kafka for durability.
+///
+/// # How it works
+///
+/// **Publish.** A durable message is written to the durable broker first (Kafka: idempotent,
+/// `acks=all`). Once acknowledged its cursor is known; the same envelope, now carrying that
+/// cursor, is published on the fast broker (Redis). The sender's receipt comes after the durable
+/// ack, so an acknowledged message is never lost. If the fast publish fails, the message still
+/// reaches every instance through the durable tail. If the durable publish fails, the
+/// [`DurableDownPolicy`] decides: reject (default) or degrade to fast-only. Ephemeral messages
+/// (typing, presence) go to the fast broker only.
+///
+/// **Subscribe.** Each `DualBus` runs one merger that subscribes to *everything* on both
+/// brokers: the fast stream and a tail of the durable log. Durable cursors are contiguous per
+/// partition (Kafka offsets; see [`Subscription::start`]), so the merger knows, per partition,
+/// the next offset it must deliver:
+///
+/// - a copy at an offset already delivered is a duplicate and is dropped;
+/// - the next offset is delivered at once, whichever path brought it first (normally Redis);
+/// - a fast copy *ahead* of the next offset means the fast path skipped something (lost in a
+///   Redis outage, or overtaken by a concurrent publisher): it is held, and the tail, which
+///   reads every offset in order, fills the gap; then the held messages follow in order.
+///
+/// So every instance delivers every durable message exactly once, in log order per partition
+/// (hence the same per-room order on every instance), with Redis latency when Redis is healthy
+/// and the durable tail's latency when it is not. Subscribing to everything (not per room) is
+/// the price of exact gap detection: an offset of another room is still an offset.
+///
+/// Messages without a cursor (ephemeral, or published while degraded) are delivered at once and
+/// deduplicated by id over a bounded window ([`DualConfig::dedupe_window`] ids, about 40 bytes
+/// each).
+///
+/// Local subscriptions (one per room from the Hub) are served from the merger's output by room.
 ///
 /// ```
 /// use std::sync::Arc;

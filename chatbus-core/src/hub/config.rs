@@ -5,14 +5,14 @@
 #[non_exhaustive]
 pub enum SlowPolicy {
     /// Stop live delivery of the room to it and replay from its last cursor once it catches up
-    /// (when the broker keeps history; otherwise it is told with [`Outbound::Lagged`]).
+    /// (when the broker keeps history; otherwise it is told with [`Outbound::Lagged`](super::Outbound::Lagged)).
     #[default]
     Resync,
-    /// Close the session with [`CloseReason::SlowConsumer`].
+    /// Close the session with [`CloseReason::SlowConsumer`](super::CloseReason::SlowConsumer).
     Close,
 }
 
-/// Configuration of a [`Hub`].
+/// Configuration of a [`Hub`](super::Hub).
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct HubConfig {

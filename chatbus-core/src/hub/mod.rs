@@ -1,40 +1,4 @@
-//! [`Hub`]: local fan-out inside one instance.
-//!
-//! The Hub keeps rooms → local sessions. For each room with at least one local member it holds
-//! one broker subscription (only rooms with local members, so with a broker that filters by
-//! interest an instance receives only the traffic it delivers) and one pump task that, per
-//! message, encodes the client frame **once** and hands the same [`Bytes`] to every member.
-//!
-//! Every session has a bounded outbound queue. A member whose queue is full never slows the
-//! others: with [`SlowPolicy::Resync`] it stops receiving live messages of that room, and its
-//! own writer later replays what it missed from its last cursor, then switches back to live
-//! with no gap and no duplicate; with [`SlowPolicy::Close`] the session is closed with a reason.
-//!
-//! A transport drives a session from two tasks: a reader that handles client requests through
-//! the cloneable [`SessionHandle`] (join, leave, publish, replies), and a writer that loops on
-//! [`Session::recv`] and writes what it returns to the socket. Catch-up (resume from a cursor,
-//! resync after lag) runs inside `recv`, so it is paced by the writer: a client that reads
-//! slowly slows only its own catch-up.
-//!
-//! ```
-//! # async fn demo() -> chatbus_core::Result<()> {
-//! use std::sync::Arc;
-//! use chatbus_core::{Envelope, Hub, HubConfig, MemoryBroker, Outbound, Room};
-//!
-//! let hub = Hub::builder(Arc::new(MemoryBroker::new()))
-//!     .config(HubConfig::default().with_session_queue(256))
-//!     .build();
-//! let room = Room::new("lobby")?;
-//! let mut alice = hub.connect("alice");
-//! alice.handle().join(room.clone()).await?;
-//! hub.publish(&Envelope::new(room, "hi")).await?;
-//! assert!(matches!(alice.recv().await, Outbound::Frame(f) if f == "hi"));
-//! # Ok(()) }
-//! ```
-//!
-//! Where each concern lives: `registry.rs` (rooms → members, join and leave), `session.rs`
-//! (the per-session queues and what `recv` writes next), `catchup.rs` (replay from a cursor,
-//! then live), `pump.rs` (one task per room: broker subscription → fan-out).
+//! Local fan-out inside one instance: see [`Hub`] for how it works.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -71,6 +35,42 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// Local fan-out for one instance; cheap to clone.
+///
+/// The Hub keeps rooms → local sessions. For each room with at least one local member it holds
+/// one broker subscription (only rooms with local members, so with a broker that filters by
+/// interest an instance receives only the traffic it delivers) and one pump task that, per
+/// message, encodes the client frame **once** and hands the same [`Bytes`](bytes::Bytes) to every member.
+///
+/// Every session has a bounded outbound queue. A member whose queue is full never slows the
+/// others: with [`SlowPolicy::Resync`] it stops receiving live messages of that room, and its
+/// own writer later replays what it missed from its last cursor, then switches back to live
+/// with no gap and no duplicate; with [`SlowPolicy::Close`] the session is closed with a reason.
+///
+/// A transport drives a session from two tasks: a reader that handles client requests through
+/// the cloneable [`SessionHandle`] (join, leave, publish, replies), and a writer that loops on
+/// [`Session::recv`] and writes what it returns to the socket. Catch-up (resume from a cursor,
+/// resync after lag) runs inside `recv`, so it is paced by the writer: a client that reads
+/// slowly slows only its own catch-up.
+///
+/// ```
+/// # async fn demo() -> chatbus_core::Result<()> {
+/// use std::sync::Arc;
+/// use chatbus_core::{Envelope, Hub, HubConfig, MemoryBroker, Outbound, Room};
+///
+/// let hub = Hub::builder(Arc::new(MemoryBroker::new()))
+///     .config(HubConfig::default().with_session_queue(256))
+///     .build();
+/// let room = Room::new("lobby")?;
+/// let mut alice = hub.connect("alice");
+/// alice.handle().join(room.clone()).await?;
+/// hub.publish(&Envelope::new(room, "hi")).await?;
+/// assert!(matches!(alice.recv().await, Outbound::Frame(f) if f == "hi"));
+/// # Ok(()) }
+/// ```
+///
+/// Where each concern lives: `registry.rs` (rooms → members, join and leave), `session.rs`
+/// (the per-session queues and what `recv` writes next), `catchup.rs` (replay from a cursor,
+/// then live), `pump.rs` (one task per room: broker subscription → fan-out).
 #[derive(Clone)]
 pub struct Hub {
     inner: Arc<HubInner>,

@@ -2,7 +2,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// A snapshot of a hub's counters ([`Hub::stats`]). All are totals since start except the gauges `sessions` and `rooms`.
+/// A snapshot of a hub's counters ([`Hub::stats`](super::Hub::stats)). All are totals since start except the gauges `sessions` and `rooms`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct HubStats {
