@@ -617,3 +617,31 @@ impl Drop for Actor {
         self.subs.clear();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_from_min_up_to_max_with_jitter_in_the_upper_half() {
+        let (min, max) = (Duration::from_millis(100), Duration::from_secs(2));
+        let mut seed = 0x9e37_79b9_7f4a_7c15;
+        for attempt in 0..40 {
+            let step = min.saturating_mul(1 << attempt.min(20)).min(max);
+            for _ in 0..50 {
+                let wait = backoff(min, max, attempt, &mut seed);
+                assert!(
+                    wait >= step / 2 && wait <= step,
+                    "attempt {attempt}: {wait:?} outside [{:?}, {step:?}]",
+                    step / 2
+                );
+            }
+        }
+        // Two instances that start from different seeds do not retry in lockstep.
+        let (mut a, mut b) = (1u64, 2u64);
+        let same = (0..20)
+            .filter(|_| backoff(min, max, 5, &mut a) == backoff(min, max, 5, &mut b))
+            .count();
+        assert!(same < 20, "jitter never differed");
+    }
+}
