@@ -149,6 +149,15 @@ async fn settle(
     out
 }
 
+/// The 99th percentile of `values` (0 when there are none).
+fn p99(values: impl Iterator<Item = u64>) -> u64 {
+    let mut v: Vec<u64> = values.collect();
+    v.sort_unstable();
+    v.get(v.len().saturating_sub(1) * 99 / 100)
+        .copied()
+        .unwrap_or(0)
+}
+
 fn report(scenario: &str, records: &[(String, Record)], score: &Score) {
     let received: usize = records.iter().map(|(_, r)| r.received.len()).sum();
     let errors: u64 = records
@@ -160,15 +169,9 @@ fn report(scenario: &str, records: &[(String, Record)], score: &Score) {
         .iter()
         .map(|(_, r)| r.connections.saturating_sub(1))
         .sum();
-    let mut lat: Vec<u64> = records
+    let p99 = p99(records
         .iter()
-        .flat_map(|(_, r)| r.received.iter().map(|m| m.latency_ms))
-        .collect();
-    lat.sort_unstable();
-    let p99 = lat
-        .get(lat.len().saturating_sub(1) * 99 / 100)
-        .copied()
-        .unwrap_or(0);
+        .flat_map(|(_, r)| r.received.iter().map(|m| m.latency_ms)));
     let max_ack = records
         .iter()
         .flat_map(|(_, r)| r.ack_ms.iter().copied())
@@ -313,16 +316,22 @@ async fn slow_client_that_reads_nothing() {
     let score = Score::of(&records);
     report("slow client", &records, &score);
     score.assert_perfect("slow client");
-    // The others' latency stayed low while it stalled.
-    let mut others: Vec<u64> = records
+    // The others' latency stayed low while it stalled. Measured against the senders' own ack
+    // latency in the same run: on a loaded machine (CPU taken by other processes) both grow
+    // alike, while a fan-out held up by the stalled client would delay the others' copies, not
+    // the acks (replies bypass the fan-out), by up to the 11 s stall. On a quiet machine the
+    // bound is the plain 1 s.
+    let others = p99(records
         .iter()
         .filter(|(n, _)| n != "slow")
-        .flat_map(|(_, r)| r.received.iter().map(|m| m.latency_ms))
-        .collect();
-    others.sort_unstable();
-    let p99 = others[others.len().saturating_sub(1) * 99 / 100];
-    println!("slow client: others' p99 {p99} ms; server RSS {rss_before} KiB → {rss_during} KiB while stalled");
-    assert!(p99 < 1000, "others' p99 {p99} ms while one client stalled");
+        .flat_map(|(_, r)| r.received.iter().map(|m| m.latency_ms)));
+    let acks = p99(records.iter().flat_map(|(_, r)| r.ack_ms.iter().copied()));
+    let bound = 1000.max(3 * acks);
+    println!("slow client: others' p99 {others} ms (ack p99 {acks} ms, bound {bound} ms); server RSS {rss_before} KiB → {rss_during} KiB while stalled");
+    assert!(
+        others < bound,
+        "others' p99 {others} ms while one client stalled (ack p99 {acks} ms)"
+    );
     // The scenario really made it fall behind: its queue overflowed (resync) or it was closed.
     println!("slow client: lagged {lagged}, closed as slow {slow_closed}");
     assert!(
