@@ -159,6 +159,12 @@ pub struct WsConfig {
     pub write_timeout: Duration,
     /// On shutdown, how long connections may take to flush and close. Default 5 s.
     pub drain_timeout: Duration,
+    /// How long a new TCP connection may take to send its first complete HTTP request (the
+    /// WebSocket upgrade) in [`WsService::serve`](crate::WsService::serve); one that sent
+    /// nothing, or only part of its headers, by then is closed and counted
+    /// (`chatbus_handshake_timeouts_total`). Later requests on a kept-alive HTTP connection
+    /// get the same time for their headers. Default 10 s.
+    pub handshake_timeout: Duration,
     /// The token check; `None` accepts everyone, named by `?name=`.
     pub verifier: Option<Arc<dyn Verifier>>,
 }
@@ -178,6 +184,7 @@ impl Default for WsConfig {
             idle_timeout: Duration::from_secs(60),
             write_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(5),
+            handshake_timeout: Duration::from_secs(10),
             verifier: None,
         }
     }
@@ -267,6 +274,13 @@ impl WsConfig {
     #[must_use]
     pub fn with_drain_timeout(mut self, d: Duration) -> Self {
         self.drain_timeout = d;
+        self
+    }
+
+    /// Sets [`handshake_timeout`](Self::handshake_timeout).
+    #[must_use]
+    pub fn with_handshake_timeout(mut self, d: Duration) -> Self {
+        self.handshake_timeout = d;
         self
     }
 

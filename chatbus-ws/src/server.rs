@@ -4,22 +4,28 @@
 use std::borrow::Cow;
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::ws::{self, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Query, State};
+use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
-use axum::serve::ListenerExt;
 use axum::Router;
 use bytes::Bytes;
 use futures::{future, SinkExt, StreamExt};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Deserialize;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite;
+use tokio_util::task::TaskTracker;
 
 use crate::auth::{display_name, Identity};
 use crate::close::CloseFrame;
+use crate::metrics::WsCounters;
 use crate::protocol::{self, ErrorCode};
 use crate::service::WsService;
 use crate::session::{TransportError, WsMessage};
@@ -193,27 +199,122 @@ impl WsService {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        let svc = self.clone();
-        let signal = async move {
-            shutdown.await;
-            tracing::info!("shutting down: draining connections");
-            svc.begin_shutdown();
-        };
-        // TCP_NODELAY: frames are small and already batched per flush by the session writer;
-        // with Nagle on, a frame written while the previous one is unacknowledged waits for
-        // the client's (delayed, up to 40 ms) ACK, which showed as a 35-40 ms p99.9 under load.
-        let listener = listener.tap_io(|tcp| {
+        let router = app.merge(self.router());
+        // The HTTP connections (before their upgrade); upgraded sockets are the service's
+        // sessions, which `shutdown` waits for.
+        let connections = TaskTracker::new();
+        let mut shutdown = std::pin::pin!(shutdown);
+        loop {
+            let (tcp, peer) = tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        accept_failed(e).await;
+                        continue;
+                    }
+                },
+            };
+            // TCP_NODELAY: frames are small and already batched per flush by the session
+            // writer; with Nagle on, a frame written while the previous one is unacknowledged
+            // waits for the client's (delayed, up to 40 ms) ACK, which showed as a 35-40 ms
+            // p99.9 under load.
             if let Err(e) = tcp.set_nodelay(true) {
                 tracing::debug!(error = %e, "cannot set TCP_NODELAY");
             }
-        });
-        axum::serve(listener, app.merge(self.router()))
-            .with_graceful_shutdown(signal)
-            .await?;
-        // Upgraded sockets are not HTTP connections any more, so axum does not wait for them:
-        // the service does.
+            connections.spawn(serve_connection(self.clone(), tcp, peer, router.clone()));
+        }
+        tracing::info!("shutting down: draining connections");
+        drop(listener);
+        // Every HTTP connection watches the shutdown token: an idle one closes now, one with a
+        // request in flight after answering it. None can take longer than the handshake
+        // deadline (or the header timeout of a kept-alive one) plus its handler.
+        self.begin_shutdown();
+        connections.close();
+        connections.wait().await;
         self.shutdown().await;
         Ok(())
+    }
+}
+
+/// An `accept` error. Per-connection errors (the peer reset before we accepted) are nothing to
+/// wait for; the others (out of file descriptors, above all) would come back at once, so the
+/// loop pauses instead of spinning, as hyper's and axum's servers do.
+async fn accept_failed(e: io::Error) {
+    if matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+    ) {
+        return;
+    }
+    tracing::error!(error = %e, "accept failed; retrying in 1 s");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+}
+
+/// Serves one HTTP/1 connection until it is upgraded (the WebSocket session then runs on its
+/// own) or closed.
+///
+/// The whole pre-upgrade phase is under [`WsConfig::handshake_timeout`](crate::WsConfig):
+/// a socket that sends nothing, or trickles its headers, would otherwise hold a file
+/// descriptor and a task forever (hyper's own header timeout does not start before the first
+/// byte in every version, so it is only the second line here, for the later requests of a
+/// kept-alive connection).
+async fn serve_connection(svc: WsService, tcp: TcpStream, peer: SocketAddr, router: Router) {
+    let timeout = svc.config().handshake_timeout;
+    // Set once the first request's head is parsed: from then on the handler (or hyper's header
+    // timeout, for later requests) decides how long the connection lives.
+    let seen = Arc::new(AtomicBool::new(false));
+    let service = hyper::service::service_fn({
+        let seen = seen.clone();
+        move |mut req: hyper::Request<hyper::body::Incoming>| {
+            seen.store(true, Ordering::Relaxed);
+            // What `axum::serve(..).into_make_service_with_connect_info` would provide, so
+            // handlers (and the per-address limits) see the peer.
+            req.extensions_mut().insert(ConnectInfo(peer));
+            let mut router = router.clone();
+            // A Router is always ready (`poll_ready` is a no-op), so it is called directly.
+            tower_service::Service::call(&mut router, req)
+        }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(timeout)
+        .serve_connection(TokioIo::new(tcp), service)
+        .with_upgrades();
+    let mut conn = std::pin::pin!(conn);
+    let deadline = tokio::time::sleep(timeout);
+    let mut deadline = std::pin::pin!(deadline);
+    let (mut timing, mut draining) = (true, false);
+    let shutdown = svc.shutdown_token().clone();
+    loop {
+        tokio::select! {
+            biased;
+            () = &mut deadline, if timing => {
+                if !seen.load(Ordering::Relaxed) {
+                    WsCounters::inc(&svc.counters().handshake_timeouts);
+                    tracing::debug!(%peer, "no complete request within the handshake timeout; closing");
+                    return; // dropping the connection closes the socket
+                }
+                timing = false;
+            }
+            () = shutdown.cancelled(), if !draining => {
+                conn.as_mut().graceful_shutdown();
+                draining = true;
+            }
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    if e.is_timeout() && !seen.load(Ordering::Relaxed) {
+                        // hyper's header timeout fired first: the same refusal.
+                        WsCounters::inc(&svc.counters().handshake_timeouts);
+                    }
+                    tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+                }
+                return;
+            }
+        }
     }
 }
 
