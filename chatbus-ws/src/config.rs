@@ -142,6 +142,12 @@ pub struct WsConfig {
     pub hard_frame_size: usize,
     /// Per-connection rate limit; `None` disables it. Default 40 burst, 20/s.
     pub rate_limit: Option<RateLimit>,
+    /// Per-connection budget of WebSocket control frames (pings and pongs, which the socket
+    /// library answers or swallows without the text-frame rate limit seeing them); a client
+    /// past it gets a `rate_limited` error and is closed with 4008. `None` disables it.
+    /// Default 20 burst, 2/s: a browser answers the server's ping every 20 s, and a client
+    /// pinging for keep-alive does it every few seconds.
+    pub control_rate_limit: Option<RateLimit>,
     /// Rooms one connection may be in at once; joining more is `forbidden`. Default 64.
     pub max_rooms: usize,
     /// Most messages one `history` request returns. Default 100.
@@ -176,6 +182,7 @@ impl Default for WsConfig {
             max_frame_size: 16 * 1024,
             hard_frame_size: 1024 * 1024,
             rate_limit: Some(RateLimit::default()),
+            control_rate_limit: Some(RateLimit::new(20, 2.0)),
             max_rooms: 64,
             max_history: 100,
             default_history: 50,
@@ -218,6 +225,13 @@ impl WsConfig {
     #[must_use]
     pub fn with_rate_limit(mut self, limit: Option<RateLimit>) -> Self {
         self.rate_limit = limit;
+        self
+    }
+
+    /// Sets [`control_rate_limit`](Self::control_rate_limit).
+    #[must_use]
+    pub fn with_control_rate_limit(mut self, limit: Option<RateLimit>) -> Self {
+        self.control_rate_limit = limit;
         self
     }
 

@@ -83,6 +83,7 @@
 //! | `chatbus_lagged_total`, `chatbus_replayed_total`, `chatbus_duplicates_total` | counter | slow-client resyncs, messages replayed during catch-up, duplicate copies dropped |
 //! | `chatbus_slow_closed_total`, `chatbus_idle_closed_total` | counter | connections closed as slow (4000 or write timeout) / idle (4001) |
 //! | `chatbus_handshake_timeouts_total` | counter | TCP connections closed for not completing the HTTP upgrade within [`WsConfig::handshake_timeout`] |
+//! | `chatbus_flood_closed_total` | counter | connections closed with 4008 for control frames past [`WsConfig::control_rate_limit`] |
 //! | `chatbus_broker_errors_total`, `chatbus_decode_errors_total` | counter | broker subscription errors, undecodable envelopes |
 //! | `chatbus_sessions`, `chatbus_rooms` | gauge | hub sessions, rooms with local members |
 //! | `chatbus_errors_total{code}` | counter | errors answered, by [`ErrorCode`] (handshake refusals included) |

@@ -41,6 +41,9 @@ pub struct WsMetrics {
     /// TCP connections closed because they had not sent a complete HTTP request (the
     /// upgrade) within [`WsConfig::handshake_timeout`](crate::WsConfig::handshake_timeout).
     pub handshake_timeouts: u64,
+    /// Connections closed (4008) for sending control frames past
+    /// [`WsConfig::control_rate_limit`](crate::WsConfig::control_rate_limit).
+    pub flood_closed: u64,
     errors: [u64; ErrorCode::ALL.len()],
 }
 
@@ -62,6 +65,7 @@ pub(crate) struct WsCounters {
     pub(crate) slow_closed: AtomicU64,
     pub(crate) idle_closed: AtomicU64,
     pub(crate) handshake_timeouts: AtomicU64,
+    pub(crate) flood_closed: AtomicU64,
     errors: [AtomicU64; ErrorCode::ALL.len()],
 }
 
@@ -90,6 +94,7 @@ impl WsCounters {
             slow_closed: get(&self.slow_closed),
             idle_closed: get(&self.idle_closed),
             handshake_timeouts: get(&self.handshake_timeouts),
+            flood_closed: get(&self.flood_closed),
             errors: self.errors.each_ref().map(get),
         }
     }
@@ -208,6 +213,12 @@ impl Collector for WsCollector {
                 ws.handshake_timeouts,
             ),
             (
+                "chatbus_flood_closed",
+                "Connections closed for flooding control frames (4008).",
+                Counter,
+                ws.flood_closed,
+            ),
+            (
                 "chatbus_broker_errors",
                 "Errors from broker subscriptions.",
                 Counter,
@@ -292,6 +303,7 @@ mod tests {
                 "chatbus_slow_closed_total counter",
                 "chatbus_idle_closed_total counter",
                 "chatbus_handshake_timeouts_total counter",
+                "chatbus_flood_closed_total counter",
                 "chatbus_broker_errors_total counter",
                 "chatbus_decode_errors_total counter",
                 "chatbus_sessions gauge",

@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use super::{End, TransportError, WsMessage};
 use crate::auth::Identity;
 use crate::chat::history_item;
-use crate::config::RateLimit;
+use crate::config::{RateLimit, WsConfig};
 use crate::metrics::WsCounters;
 use crate::payload;
 use crate::protocol::{self, ClientId, ErrorCode, Request};
@@ -59,6 +59,10 @@ pub(super) struct Reader<'a> {
     handle: SessionHandle,
     identity: &'a Identity,
     bucket: Option<TokenBucket>,
+    /// Pings and pongs: tungstenite answers each ping by itself (keeping at most one pong
+    /// pending), so without this budget a client could make the server read and answer pings
+    /// as fast as it can send them.
+    control: Option<TokenBucket>,
 }
 
 impl<'a> Reader<'a> {
@@ -66,13 +70,14 @@ impl<'a> Reader<'a> {
         svc: &'a WsService,
         handle: SessionHandle,
         identity: &'a Identity,
-        rate_limit: Option<RateLimit>,
+        cfg: &WsConfig,
     ) -> Self {
         Self {
             svc,
             handle,
             identity,
-            bucket: rate_limit.map(TokenBucket::new),
+            bucket: cfg.rate_limit.map(TokenBucket::new),
+            control: cfg.control_rate_limit.map(TokenBucket::new),
         }
     }
 
@@ -148,7 +153,17 @@ impl<'a> Reader<'a> {
                         self.rate_limited(None, None);
                     }
                 }
-                WsMessage::Ping(_) | WsMessage::Pong(_) => {}
+                WsMessage::Ping(_) | WsMessage::Pong(_) => {
+                    if !self.control.as_mut().is_none_or(TokenBucket::allow) {
+                        self.error(
+                            ErrorCode::RateLimited,
+                            "control frames (pings/pongs) over the limit; closing",
+                            None,
+                            None,
+                        );
+                        return End::Flood;
+                    }
+                }
                 WsMessage::Close(_) => return End::ClientGone,
             }
         }
