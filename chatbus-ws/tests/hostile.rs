@@ -183,3 +183,113 @@ async fn a_ping_flood_is_closed_with_4008_and_not_answered_in_full() {
     ann.assert_alive().await;
     server.stop().await;
 }
+
+#[cfg(feature = "jwt")]
+mod tokens {
+    use super::*;
+    use chatbus_ws::JwtVerifier;
+    use common::{Client, Event};
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+    use serde_json::{json, Value};
+
+    const SECRET: &[u8] = b"test-secret-that-is-long-enough-for-hs256";
+
+    fn now() -> u64 {
+        chatbus_core::backend::now_ms() / 1000
+    }
+
+    fn token(sub: &str, exp: u64) -> String {
+        encode(
+            &Header::new(Algorithm::HS256),
+            &json!({"sub": sub, "exp": exp}),
+            &EncodingKey::from_secret(SECRET),
+        )
+        .expect("encode")
+    }
+
+    async fn server() -> Server {
+        // No leeway, so that the connection ends at `exp` itself.
+        Server::start(WsConfig::default().with_verifier(JwtVerifier::hs256(SECRET).with_leeway(0)))
+            .await
+    }
+
+    /// Waits for the close, returning its code and whether an `unauthorized` error came first.
+    async fn close_after_error(c: &mut Client, bound: Duration) -> (u16, bool) {
+        let deadline = tokio::time::Instant::now() + bound;
+        let mut saw_error = false;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match c.recv_within(left).await {
+                Some(Event::Frame(v)) => {
+                    saw_error |= v["type"] == "error" && v["code"] == "unauthorized";
+                }
+                Some(Event::Close(Some(f))) => return (u16::from(f.code), saw_error),
+                other => panic!("expected a close, got {other:?}"),
+            }
+        }
+    }
+
+    async fn refresh(c: &mut Client, token: &str, cid: &str) -> Value {
+        c.send(json!({"type": "refresh", "token": token, "client_id": cid}))
+            .await;
+        let v = c.next_non_presence().await;
+        assert_eq!(v["client_id"], cid, "{v}");
+        v
+    }
+
+    #[tokio::test]
+    async fn an_expiring_token_is_closed_with_4003_at_expiry() {
+        let mut server = server().await;
+        let exp = now() + 3;
+        let mut c = Client::connect(&server.url(&format!("?token={}", token("ann", exp)))).await;
+        c.assert_alive().await;
+        let (code, saw_error) = close_after_error(&mut c, Duration::from_secs(3) + WAIT).await;
+        assert_eq!(code, 4003);
+        assert!(saw_error, "an unauthorized error explains the close");
+        // Not before `exp` (second resolution: the close comes at or after it).
+        assert!(now() >= exp, "closed before the token expired");
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_refreshed_token_stays_open_and_a_bad_refresh_changes_nothing() {
+        let mut server = server().await;
+        let exp = now() + 3;
+        let url = server.url(&format!("?token={}", token("ann", exp)));
+        let mut good = Client::connect(&url).await;
+        let mut bad = Client::connect(&url).await;
+
+        // Refused refreshes: another user, a bad signature, garbage. Each is an error.
+        let other = refresh(&mut bad, &token("bob", now() + 600), "r1").await;
+        assert_eq!(
+            (other["type"].as_str(), other["code"].as_str()),
+            (Some("error"), Some("unauthorized")),
+            "{other}"
+        );
+        let forged = encode(
+            &Header::new(Algorithm::HS256),
+            &json!({"sub": "ann", "exp": now() + 600}),
+            &EncodingKey::from_secret(b"not the secret"),
+        )
+        .expect("encode");
+        let forged = refresh(&mut bad, &forged, "r2").await;
+        assert_eq!(forged["code"], "unauthorized", "{forged}");
+        let garbage = refresh(&mut bad, "not-a-jwt", "r3").await;
+        assert_eq!(garbage["code"], "unauthorized", "{garbage}");
+
+        // The accepted refresh: same user, later expiry.
+        let new_exp = now() + 600;
+        let ok = refresh(&mut good, &token("ann", new_exp), "r4").await;
+        assert_eq!(ok["type"], "refreshed", "{ok}");
+        assert_eq!(ok["expires"], new_exp * 1000);
+
+        // The bad one still ends at the first expiry; the good one outlives it.
+        let (code, _) = close_after_error(&mut bad, Duration::from_secs(3) + WAIT).await;
+        assert_eq!(code, 4003);
+        while now() <= exp + 1 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        good.assert_alive().await;
+        server.stop().await;
+    }
+}

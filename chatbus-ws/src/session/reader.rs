@@ -4,11 +4,14 @@
 //! control queue (so replies overtake queued messages); refusals are `error` frames counted by
 //! code. The reader also owns the idle timeout and notices shutdown between frames.
 
+use std::pin::Pin;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
 use bytes::Bytes;
 use chatbus_core::{Envelope, JoinOptions, Room, SessionHandle};
 use futures::{Stream, StreamExt};
 use tokio::sync::oneshot;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use super::{End, TransportError, WsMessage};
 use crate::auth::Identity;
@@ -63,6 +66,29 @@ pub(super) struct Reader<'a> {
     /// pending), so without this budget a client could make the server read and answer pings
     /// as fast as it can send them.
     control: Option<TokenBucket>,
+    /// When the connection's token expires (armed only for identities with an expiry, so an
+    /// anonymous connection carries no timer); a `refresh` moves it.
+    expiry: Option<Pin<Box<Sleep>>>,
+}
+
+/// The timer for a credential that expires at `at`; `None` for no expiry, or one so far ahead
+/// (over a year) that the timer wheel would not hold it, which is none in practice.
+fn expiry_timer(at: Option<SystemTime>) -> Option<Pin<Box<Sleep>>> {
+    let left = at?
+        .duration_since(SystemTime::now())
+        .unwrap_or(Duration::ZERO);
+    if left > Duration::from_secs(365 * 24 * 3600) {
+        return None;
+    }
+    Some(Box::pin(tokio::time::sleep_until(Instant::now() + left)))
+}
+
+/// Resolves when the token expires; never without one.
+async fn expired(expiry: &mut Option<Pin<Box<Sleep>>>) {
+    match expiry {
+        Some(sleep) => sleep.as_mut().await,
+        None => std::future::pending().await,
+    }
 }
 
 impl<'a> Reader<'a> {
@@ -78,6 +104,7 @@ impl<'a> Reader<'a> {
             identity,
             bucket: cfg.rate_limit.map(TokenBucket::new),
             control: cfg.control_rate_limit.map(TokenBucket::new),
+            expiry: expiry_timer(identity.expires_at),
         }
     }
 
@@ -101,6 +128,15 @@ impl<'a> Reader<'a> {
                 biased;
                 () = end_tx.closed() => return End::WriterStopped,
                 () = shutdown.cancelled() => return End::Shutdown,
+                () = expired(&mut self.expiry) => {
+                    self.error(
+                        ErrorCode::Unauthorized,
+                        "token expired; closing (send `refresh` before it expires)",
+                        None,
+                        None,
+                    );
+                    return End::TokenExpired;
+                }
                 next = tokio::time::timeout(cfg.idle_timeout, stream.next()) => next,
             };
             let msg = match next {
@@ -169,6 +205,41 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// A `refresh`: verified like a connect token; it must prove the same user. Only the
+    /// expiry changes (the display name stays the one of the handshake). A refused refresh
+    /// changes nothing: the old expiry still holds.
+    async fn refresh(&mut self, token: &str, cid: Option<&ClientId>) {
+        let Some(verifier) = &self.svc.config().verifier else {
+            self.error(
+                ErrorCode::Unsupported,
+                "this server checks no tokens; there is nothing to refresh",
+                cid,
+                None,
+            );
+            return;
+        };
+        match verifier.verify(token).await {
+            Err(e) => {
+                let message = format!("refresh refused: {}", e.message());
+                self.error(ErrorCode::Unauthorized, &message, cid, None);
+            }
+            Ok(id) if id.user != self.identity.user => self.error(
+                ErrorCode::Unauthorized,
+                "refresh refused: the token is for another user",
+                cid,
+                None,
+            ),
+            Ok(id) => {
+                self.expiry = expiry_timer(id.expires_at);
+                let ms = id
+                    .expires_at
+                    .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                    .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+                self.handle.reply(protocol::refreshed(ms, cid));
+            }
+        }
+    }
+
     fn error(&self, code: ErrorCode, message: &str, cid: Option<&ClientId>, room: Option<&Room>) {
         self.svc.counters().count_error(code);
         self.handle.reply(protocol::error(code, message, cid, room));
@@ -216,6 +287,7 @@ impl<'a> Reader<'a> {
             Request::Ping => {
                 self.handle.reply(Bytes::from_static(protocol::PONG));
             }
+            Request::Refresh { token } => self.refresh(&token, cid).await,
             Request::Join { room, since } => {
                 if !self.handle.is_member(&room) && self.handle.rooms().len() >= cfg.max_rooms {
                     let max = cfg.max_rooms;
