@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::auth::Verifier;
+use crate::ip::IpLimits;
 
 /// A per-connection token bucket: `burst` frames at once, refilled at `per_second`.
 ///
@@ -171,6 +172,9 @@ pub struct WsConfig {
     /// (`chatbus_handshake_timeouts_total`). Later requests on a kept-alive HTTP connection
     /// get the same time for their headers. Default 10 s.
     pub handshake_timeout: Duration,
+    /// Limits per client address (concurrent connections, attempts), checked at the
+    /// handshake. Default: off.
+    pub ip_limits: IpLimits,
     /// The token check; `None` accepts everyone, named by `?name=`.
     pub verifier: Option<Arc<dyn Verifier>>,
 }
@@ -192,6 +196,7 @@ impl Default for WsConfig {
             write_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(10),
+            ip_limits: IpLimits::default(),
             verifier: None,
         }
     }
@@ -295,6 +300,13 @@ impl WsConfig {
     #[must_use]
     pub fn with_handshake_timeout(mut self, d: Duration) -> Self {
         self.handshake_timeout = d;
+        self
+    }
+
+    /// Sets [`ip_limits`](Self::ip_limits).
+    #[must_use]
+    pub fn with_ip_limits(mut self, limits: IpLimits) -> Self {
+        self.ip_limits = limits;
         self
     }
 

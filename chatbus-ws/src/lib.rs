@@ -125,6 +125,7 @@ mod auth;
 mod chat;
 mod close;
 mod config;
+mod ip;
 mod metrics;
 mod payload;
 mod protocol;
@@ -138,6 +139,7 @@ pub use auth::{display_name, AuthError, Identity, Verifier, MAX_NAME_CHARS, MAX_
 pub use chat::{ChatHub, ChatStats, PresenceConfig};
 pub use close::{CloseCode, CloseFrame, UnknownCloseCode};
 pub use config::{AllowedOrigins, RateLimit, WsConfig};
+pub use ip::IpLimits;
 pub use metrics::WsMetrics;
 pub use protocol::{ErrorCode, MAX_CLIENT_ID_LEN, PROTOCOL_VERSION};
 pub use service::WsService;

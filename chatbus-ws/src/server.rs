@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{self, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{ConnectInfo, Query, State};
+use axum::extract::{ConnectInfo, FromRequestParts, Query, State};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
@@ -25,6 +26,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::{display_name, Identity};
 use crate::close::CloseFrame;
+use crate::ip::Refusal;
 use crate::metrics::WsCounters;
 use crate::protocol::{self, ErrorCode};
 use crate::service::WsService;
@@ -94,11 +96,27 @@ impl WsService {
     /// Refusals: 503 while shutting down, 403 `forbidden` for a foreign `Origin`, 401
     /// `unauthorized` for a missing or invalid token, 400 `bad_request` for an invalid
     /// `?name=`; each with a JSON `error` body and counted by code.
+    ///
+    /// This knows no peer address, so [`WsConfig::ip_limits`](crate::WsConfig) do not apply;
+    /// see [`accept_from`](Self::accept_from).
     pub async fn accept(
         &self,
         upgrade: WebSocketUpgrade,
         headers: &HeaderMap,
         uri: &Uri,
+    ) -> Response {
+        self.accept_from(upgrade, headers, uri, None).await
+    }
+
+    /// [`accept`](Self::accept) for a connection from `peer` (the TCP peer, e.g. axum's
+    /// `ConnectInfo<SocketAddr>`, which [`serve`](Self::serve) provides): also enforces
+    /// [`WsConfig::ip_limits`](crate::WsConfig), refusing with 429 `rate_limited`.
+    pub async fn accept_from(
+        &self,
+        upgrade: WebSocketUpgrade,
+        headers: &HeaderMap,
+        uri: &Uri,
+        peer: Option<SocketAddr>,
     ) -> Response {
         if self.is_shutting_down() {
             return refuse(
@@ -108,6 +126,31 @@ impl WsService {
                 "server shutting down",
             );
         }
+        // Before the token check: refusing a flood must cost less than verifying it.
+        let limits = &self.config().ip_limits;
+        let slot = match peer {
+            Some(peer) if limits.enabled() => {
+                let ip = limits.client_ip(peer.ip(), headers);
+                match self.ips().admit(limits, ip) {
+                    Ok(slot) => Some(slot),
+                    Err(why) => {
+                        let message = match why {
+                            Refusal::TooManyConnections => "too many connections from your address",
+                            Refusal::TooManyAttempts => {
+                                "too many connection attempts from your address; retry later"
+                            }
+                        };
+                        return refuse(
+                            self,
+                            StatusCode::TOO_MANY_REQUESTS,
+                            ErrorCode::RateLimited,
+                            message,
+                        );
+                    }
+                }
+            }
+            _ => None,
+        };
         let origin = headers
             .get(header::ORIGIN)
             .map(|v| v.to_str().unwrap_or("\u{0}"));
@@ -165,7 +208,12 @@ impl WsService {
             .max_frame_size(limit)
             .read_buffer_size(READ_BUFFER)
             .on_failed_upgrade(|e| tracing::debug!(error = %e, "websocket upgrade failed"))
-            .on_upgrade(move |socket| async move { svc.run_socket(socket, identity).await })
+            .on_upgrade(move |socket| async move {
+                // Held for the session's lifetime: the address's count drops when it ends (or
+                // when the upgrade fails and this closure is dropped unrun).
+                let _slot = slot;
+                svc.run_socket(socket, identity).await;
+            })
     }
 
     async fn run_socket(&self, socket: WebSocket, identity: Identity) {
@@ -321,13 +369,31 @@ async fn serve_connection(svc: WsService, tcp: TcpStream, peer: SocketAddr, rout
 /// The axum handler behind [`WsService::router`].
 async fn ws_route(
     State(svc): State<WsService>,
+    Peer(peer): Peer,
     headers: HeaderMap,
     uri: Uri,
     upgrade: Result<WebSocketUpgrade, ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
     match upgrade {
-        Ok(upgrade) => svc.accept(upgrade, &headers, &uri).await,
+        Ok(upgrade) => svc.accept_from(upgrade, &headers, &uri, peer).await,
         Err(rejection) => rejection.into_response(),
+    }
+}
+
+/// The TCP peer, when the server put it in the request (as [`WsService::serve`] and axum's
+/// `into_make_service_with_connect_info` do); unlike `ConnectInfo`, never a rejection.
+struct Peer(Option<SocketAddr>);
+
+impl<S: Send + Sync> FromRequestParts<S> for Peer {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Self(
+            parts
+                .extensions
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|c| c.0),
+        ))
     }
 }
 

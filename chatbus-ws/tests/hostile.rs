@@ -293,3 +293,149 @@ mod tokens {
         server.stop().await;
     }
 }
+
+mod per_address {
+    use super::*;
+    use chatbus_ws::{IpLimits, RateLimit};
+    use futures::StreamExt;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::{self, Message};
+    use tokio_tungstenite::WebSocketStream;
+
+    type Ws = WebSocketStream<TcpStream>;
+
+    /// Opens a WebSocket from the local address `from` (127.0.0.1 or 127.0.0.2), optionally
+    /// with an `X-Forwarded-For`; `Err((status, body))` when refused.
+    async fn connect_from(
+        server: &Server,
+        from: &str,
+        xff: Option<&str>,
+    ) -> Result<Ws, (u16, String)> {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(format!("{from}:0").parse().expect("address"))
+            .expect("bind the client address");
+        let tcp = tokio::time::timeout(WAIT, socket.connect(server.addr))
+            .await
+            .expect("connect in time")
+            .expect("connect");
+        let mut req = server
+            .url("?name=x")
+            .into_client_request()
+            .expect("request");
+        if let Some(xff) = xff {
+            req.headers_mut()
+                .insert("x-forwarded-for", xff.parse().expect("header"));
+        }
+        match tokio::time::timeout(WAIT, tokio_tungstenite::client_async(req, tcp))
+            .await
+            .expect("handshake in time")
+        {
+            Ok((mut ws, _)) => {
+                let welcome = tokio::time::timeout(WAIT, ws.next())
+                    .await
+                    .expect("welcome in time");
+                assert!(matches!(welcome, Some(Ok(Message::Text(_)))), "{welcome:?}");
+                Ok(ws)
+            }
+            Err(tungstenite::Error::Http(resp)) => {
+                let body = resp
+                    .body()
+                    .as_ref()
+                    .map(|b| String::from_utf8_lossy(b).into_owned())
+                    .unwrap_or_default();
+                Err((resp.status().as_u16(), body))
+            }
+            Err(e) => panic!("handshake failed unexpectedly: {e}"),
+        }
+    }
+
+    fn assert_429(refused: Result<Ws, (u16, String)>) {
+        let (status, body) = refused.err().expect("refused");
+        assert_eq!(status, 429, "{body}");
+        let body: serde_json::Value = serde_json::from_str(&body).expect("a JSON body");
+        assert_eq!(body["type"], "error");
+        assert_eq!(body["code"], "rate_limited");
+    }
+
+    #[tokio::test]
+    async fn connections_per_address_are_capped_with_429() {
+        let limits = IpLimits::default().with_max_connections(Some(2));
+        let mut server = Server::start(WsConfig::default().with_ip_limits(limits)).await;
+        let a1 = connect_from(&server, "127.0.0.1", None)
+            .await
+            .expect("first");
+        let _a2 = connect_from(&server, "127.0.0.1", None)
+            .await
+            .expect("second");
+        assert_429(connect_from(&server, "127.0.0.1", None).await);
+        // Another address is not affected.
+        let _b = connect_from(&server, "127.0.0.2", None)
+            .await
+            .expect("another address");
+        assert_eq!(
+            server
+                .ws
+                .metrics()
+                .errors(chatbus_ws::ErrorCode::RateLimited),
+            1
+        );
+
+        // A closed connection gives its place back (once its session has ended).
+        drop(a1);
+        let mut again = None;
+        for _ in 0..50 {
+            match connect_from(&server, "127.0.0.1", None).await {
+                Ok(ws) => {
+                    again = Some(ws);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        assert!(again.is_some(), "the slot is given back");
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn attempts_per_address_are_rate_limited_with_429() {
+        let limits = IpLimits::default().with_attempts(Some(RateLimit::new(3, 0.01)));
+        let mut server = Server::start(WsConfig::default().with_ip_limits(limits)).await;
+        let mut open = Vec::new();
+        for _ in 0..3 {
+            open.push(
+                connect_from(&server, "127.0.0.1", None)
+                    .await
+                    .expect("within the burst"),
+            );
+        }
+        assert_429(connect_from(&server, "127.0.0.1", None).await);
+        let _b = connect_from(&server, "127.0.0.2", None)
+            .await
+            .expect("another address");
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn forwarded_for_counts_only_from_a_trusted_proxy() {
+        let proxy = "127.0.0.1".parse().expect("address");
+        let limits = IpLimits::default()
+            .with_max_connections(Some(1))
+            .with_trusted_proxies(vec![proxy]);
+        let mut server = Server::start(WsConfig::default().with_ip_limits(limits)).await;
+        // Through the trusted proxy: one per forwarded client.
+        let _c1 = connect_from(&server, "127.0.0.1", Some("203.0.113.1"))
+            .await
+            .expect("c1");
+        assert_429(connect_from(&server, "127.0.0.1", Some("203.0.113.1")).await);
+        let _c2 = connect_from(&server, "127.0.0.1", Some("203.0.113.2"))
+            .await
+            .expect("c2");
+        // Not a trusted proxy: its header is ignored and its own address counts.
+        let _d = connect_from(&server, "127.0.0.2", Some("203.0.113.1"))
+            .await
+            .expect("d");
+        assert_429(connect_from(&server, "127.0.0.2", Some("203.0.113.9")).await);
+        server.stop().await;
+    }
+}

@@ -33,6 +33,7 @@ use crate::protocol::{self, Limits};
 use crate::service::WsService;
 
 use reader::Reader;
+pub(crate) use reader::TokenBucket;
 use writer::{Writer, LINGER};
 
 /// One WebSocket message, independent of the WebSocket library.

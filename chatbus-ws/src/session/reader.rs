@@ -22,15 +22,17 @@ use crate::payload;
 use crate::protocol::{self, ClientId, ErrorCode, Request};
 use crate::service::WsService;
 
-/// A token bucket; `tokio::time::Instant` so tests can pause time.
-struct TokenBucket {
+/// A token bucket; `tokio::time::Instant` so tests can pause time. Also the per-address
+/// attempt limit of the handshake ([`crate::ip`]).
+#[derive(Debug)]
+pub(crate) struct TokenBucket {
     tokens: f64,
     last: Instant,
     limit: RateLimit,
 }
 
 impl TokenBucket {
-    fn new(limit: RateLimit) -> Self {
+    pub(crate) fn new(limit: RateLimit) -> Self {
         let burst = f64::from(limit.burst.max(1));
         Self {
             tokens: burst,
@@ -42,12 +44,22 @@ impl TokenBucket {
         }
     }
 
-    fn allow(&mut self) -> bool {
+    fn refill(&mut self) {
         let now = Instant::now();
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.last = now;
         self.tokens =
             (self.tokens + elapsed * self.limit.per_second).min(f64::from(self.limit.burst));
+    }
+
+    /// Whether the bucket refilled completely (it then says nothing a fresh one would not).
+    pub(crate) fn is_full(&mut self) -> bool {
+        self.refill();
+        self.tokens >= f64::from(self.limit.burst)
+    }
+
+    pub(crate) fn allow(&mut self) -> bool {
+        self.refill();
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             true
