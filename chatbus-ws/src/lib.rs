@@ -84,6 +84,7 @@
 //! | `chatbus_slow_closed_total`, `chatbus_idle_closed_total` | counter | connections closed as slow (4000 or write timeout) / idle (4001) |
 //! | `chatbus_handshake_timeouts_total` | counter | TCP connections closed for not completing the HTTP upgrade within [`WsConfig::handshake_timeout`] |
 //! | `chatbus_flood_closed_total` | counter | connections closed with 4008 for control frames past [`WsConfig::control_rate_limit`] |
+//! | `chatbus_tls_errors_total` | counter | failed TLS handshakes (`WsService::serve_tls`, feature `tls`) |
 //! | `chatbus_broker_errors_total`, `chatbus_decode_errors_total` | counter | broker subscription errors, undecodable envelopes |
 //! | `chatbus_sessions`, `chatbus_rooms` | gauge | hub sessions, rooms with local members |
 //! | `chatbus_errors_total{code}` | counter | errors answered, by [`ErrorCode`] (handshake refusals included) |
@@ -150,3 +151,8 @@ pub use axum;
 /// Re-exported so apps register into a [`Registry`](prometheus_client::registry::Registry) of
 /// the same version as [`WsService::register_metrics`] takes.
 pub use prometheus_client;
+/// Re-exported (feature `tls`) so apps build the [`rustls`](tokio_rustls::rustls)
+/// configuration of [`WsService::serve_tls`] with the same version.
+#[cfg(feature = "tls")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
+pub use tokio_rustls;

@@ -44,6 +44,9 @@ pub struct WsMetrics {
     /// Connections closed (4008) for sending control frames past
     /// [`WsConfig::control_rate_limit`](crate::WsConfig::control_rate_limit).
     pub flood_closed: u64,
+    /// TLS handshakes that failed (plain HTTP to a TLS port, an unacceptable client hello);
+    /// with [`WsService::serve_tls`](crate::WsService) only.
+    pub tls_errors: u64,
     errors: [u64; ErrorCode::ALL.len()],
 }
 
@@ -66,6 +69,7 @@ pub(crate) struct WsCounters {
     pub(crate) idle_closed: AtomicU64,
     pub(crate) handshake_timeouts: AtomicU64,
     pub(crate) flood_closed: AtomicU64,
+    pub(crate) tls_errors: AtomicU64,
     errors: [AtomicU64; ErrorCode::ALL.len()],
 }
 
@@ -95,6 +99,7 @@ impl WsCounters {
             idle_closed: get(&self.idle_closed),
             handshake_timeouts: get(&self.handshake_timeouts),
             flood_closed: get(&self.flood_closed),
+            tls_errors: get(&self.tls_errors),
             errors: self.errors.each_ref().map(get),
         }
     }
@@ -219,6 +224,12 @@ impl Collector for WsCollector {
                 ws.flood_closed,
             ),
             (
+                "chatbus_tls_errors",
+                "TLS handshakes that failed.",
+                Counter,
+                ws.tls_errors,
+            ),
+            (
                 "chatbus_broker_errors",
                 "Errors from broker subscriptions.",
                 Counter,
@@ -304,6 +315,7 @@ mod tests {
                 "chatbus_idle_closed_total counter",
                 "chatbus_handshake_timeouts_total counter",
                 "chatbus_flood_closed_total counter",
+                "chatbus_tls_errors_total counter",
                 "chatbus_broker_errors_total counter",
                 "chatbus_decode_errors_total counter",
                 "chatbus_sessions gauge",

@@ -247,6 +247,45 @@ impl WsService {
     where
         F: Future<Output = ()> + Send + 'static,
     {
+        self.serve_with(listener, app, shutdown, Acceptor::default())
+            .await
+    }
+
+    /// [`serve`](Self::serve) over TLS (`wss://`, `https://`), with the rustls configuration
+    /// `tls` (certificate chain and key; build it with [`tokio_rustls::rustls`]). The TLS
+    /// handshake is part of the handshake deadline
+    /// ([`WsConfig::handshake_timeout`](crate::WsConfig::handshake_timeout)); a client that
+    /// fails it (plain `ws://` to this port, an untrusted certificate) is dropped and counted
+    /// (`chatbus_tls_errors_total`). The configuration is fixed for the server's lifetime: to
+    /// change the certificate, restart (one instance at a time, clients reconnect).
+    #[cfg(feature = "tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
+    pub async fn serve_tls<F>(
+        &self,
+        listener: TcpListener,
+        app: Router,
+        tls: Arc<tokio_rustls::rustls::ServerConfig>,
+        shutdown: F,
+    ) -> io::Result<()>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let acceptor = Acceptor {
+            tls: Some(tokio_rustls::TlsAcceptor::from(tls)),
+        };
+        self.serve_with(listener, app, shutdown, acceptor).await
+    }
+
+    async fn serve_with<F>(
+        &self,
+        listener: TcpListener,
+        app: Router,
+        shutdown: F,
+        acceptor: Acceptor,
+    ) -> io::Result<()>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
         let router = app.merge(self.router());
         // The HTTP connections (before their upgrade); upgraded sockets are the service's
         // sessions, which `shutdown` waits for.
@@ -271,7 +310,13 @@ impl WsService {
             if let Err(e) = tcp.set_nodelay(true) {
                 tracing::debug!(error = %e, "cannot set TCP_NODELAY");
             }
-            connections.spawn(serve_connection(self.clone(), tcp, peer, router.clone()));
+            connections.spawn(serve_connection(
+                self.clone(),
+                tcp,
+                peer,
+                router.clone(),
+                acceptor.clone(),
+            ));
         }
         tracing::info!("shutting down: draining connections");
         drop(listener);
@@ -310,7 +355,52 @@ async fn accept_failed(e: io::Error) {
 /// descriptor and a task forever (hyper's own header timeout does not start before the first
 /// byte in every version, so it is only the second line here, for the later requests of a
 /// kept-alive connection).
-async fn serve_connection(svc: WsService, tcp: TcpStream, peer: SocketAddr, router: Router) {
+async fn serve_connection(
+    svc: WsService,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    router: Router,
+    acceptor: Acceptor,
+) {
+    let deadline = tokio::time::Instant::now() + svc.config().handshake_timeout;
+    #[cfg(feature = "tls")]
+    if let Some(tls) = acceptor.tls {
+        match tokio::time::timeout_at(deadline, tls.accept(tcp)).await {
+            Err(_) => {
+                WsCounters::inc(&svc.counters().handshake_timeouts);
+                tracing::debug!(%peer, "TLS handshake not done within the handshake timeout");
+            }
+            Ok(Err(e)) => {
+                WsCounters::inc(&svc.counters().tls_errors);
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            }
+            Ok(Ok(stream)) => serve_http(svc, stream, peer, router, deadline).await,
+        }
+        return;
+    }
+    #[cfg(not(feature = "tls"))]
+    let _ = acceptor;
+    serve_http(svc, tcp, peer, router, deadline).await;
+}
+
+/// How accepted sockets are wrapped: plain, or TLS (feature `tls`).
+#[derive(Clone, Default)]
+struct Acceptor {
+    #[cfg(feature = "tls")]
+    tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+/// The HTTP part of [`serve_connection`], over a plain or TLS stream, until `deadline` for the
+/// first request.
+async fn serve_http<I>(
+    svc: WsService,
+    io: I,
+    peer: SocketAddr,
+    router: Router,
+    deadline: tokio::time::Instant,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let timeout = svc.config().handshake_timeout;
     // Set once the first request's head is parsed: from then on the handler (or hyper's header
     // timeout, for later requests) decides how long the connection lives.
@@ -330,10 +420,10 @@ async fn serve_connection(svc: WsService, tcp: TcpStream, peer: SocketAddr, rout
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(timeout)
-        .serve_connection(TokioIo::new(tcp), service)
+        .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     let mut conn = std::pin::pin!(conn);
-    let deadline = tokio::time::sleep(timeout);
+    let deadline = tokio::time::sleep_until(deadline);
     let mut deadline = std::pin::pin!(deadline);
     let (mut timing, mut draining) = (true, false);
     let shutdown = svc.shutdown_token().clone();
