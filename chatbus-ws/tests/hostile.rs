@@ -351,7 +351,7 @@ mod per_address {
     }
 
     fn assert_429(refused: Result<Ws, (u16, String)>) {
-        let (status, body) = refused.err().expect("refused");
+        let (status, body) = refused.expect_err("refused");
         assert_eq!(status, 429, "{body}");
         let body: serde_json::Value = serde_json::from_str(&body).expect("a JSON body");
         assert_eq!(body["type"], "error");
