@@ -297,12 +297,8 @@ mod tokens {
 mod per_address {
     use super::*;
     use chatbus_ws::{IpLimits, RateLimit};
-    use futures::StreamExt;
+    use common::Client;
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    use tokio_tungstenite::tungstenite::{self, Message};
-    use tokio_tungstenite::WebSocketStream;
-
-    type Ws = WebSocketStream<TcpStream>;
 
     /// Opens a WebSocket from the local address `from` (127.0.0.1 or 127.0.0.2), optionally
     /// with an `X-Forwarded-For`; `Err((status, body))` when refused.
@@ -310,7 +306,7 @@ mod per_address {
         server: &Server,
         from: &str,
         xff: Option<&str>,
-    ) -> Result<Ws, (u16, String)> {
+    ) -> Result<Client, (u16, String)> {
         let socket = tokio::net::TcpSocket::new_v4().expect("socket");
         socket
             .bind(format!("{from}:0").parse().expect("address"))
@@ -327,31 +323,13 @@ mod per_address {
             req.headers_mut()
                 .insert("x-forwarded-for", xff.parse().expect("header"));
         }
-        match tokio::time::timeout(WAIT, tokio_tungstenite::client_async(req, tcp))
-            .await
-            .expect("handshake in time")
-        {
-            Ok((mut ws, _)) => {
-                let welcome = tokio::time::timeout(WAIT, ws.next())
-                    .await
-                    .expect("welcome in time");
-                assert!(matches!(welcome, Some(Ok(Message::Text(_)))), "{welcome:?}");
-                Ok(ws)
-            }
-            Err(tungstenite::Error::Http(resp)) => {
-                let body = resp
-                    .body()
-                    .as_ref()
-                    .map(|b| String::from_utf8_lossy(b).into_owned())
-                    .unwrap_or_default();
-                Err((resp.status().as_u16(), body))
-            }
-            Err(e) => panic!("handshake failed unexpectedly: {e}"),
-        }
+        Client::try_connect_on(req, tcp).await
     }
 
-    fn assert_429(refused: Result<Ws, (u16, String)>) {
-        let (status, body) = refused.expect_err("refused");
+    fn assert_429(refused: Result<Client, (u16, String)>) {
+        let Err((status, body)) = refused else {
+            panic!("accepted; expected a 429");
+        };
         assert_eq!(status, 429, "{body}");
         let body: serde_json::Value = serde_json::from_str(&body).expect("a JSON body");
         assert_eq!(body["type"], "error");
