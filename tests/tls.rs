@@ -1,6 +1,7 @@
 //! The chat-server example over TLS (`--tls-cert`, `--tls-key`): a client that trusts a private
 //! CA made by this test chats over `wss://`; plain `ws://` to the TLS port and a client that
-//! does not trust the CA fail cleanly, and the server goes on.
+//! does not trust the CA fail cleanly, a socket that never starts TLS is closed at the
+//! handshake deadline, and the server goes on.
 //!
 //! Run with `cargo build --example chat-server --all-features && cargo test --test tls`.
 
@@ -97,12 +98,26 @@ async fn chat_over_tls_with_a_private_ca_and_plain_ws_fails_cleanly() {
         .arg(pki.dir.path().join("cert.pem"))
         .arg("--tls-key")
         .arg(pki.dir.path().join("key.pem"))
+        .args(["--handshake-timeout-secs", "1"])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .kill_on_drop(true)
         .spawn()
         .expect("start chat-server");
     wait_for_port(port, Duration::from_secs(30), "chat-server (TLS)").await;
+
+    // A socket that never starts its TLS handshake is closed at the handshake deadline.
+    let mut silent = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(WAIT, silent.read(&mut buf))
+        .await
+        .expect("a silent TLS socket is closed in time");
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "closed, not answered: {read:?}"
+    );
 
     // Plain ws:// to the TLS port: an error, not a hang.
     let plain = tokio::time::timeout(
@@ -159,15 +174,19 @@ async fn chat_over_tls_with_a_private_ca_and_plain_ws_fails_cleanly() {
         .await
         .expect("metrics in time")
         .ok();
-    let tls_errors = body
-        .lines()
-        .find_map(|l| l.strip_prefix("chatbus_tls_errors_total "))
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .unwrap_or_else(|| panic!("no chatbus_tls_errors_total in {body}"));
+    let counter = |name: &str| {
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no {name} in {body}"))
+    };
+    let tls_errors = counter("chatbus_tls_errors_total");
     assert!(
         tls_errors >= 2,
         "plain and untrusting handshakes counted: {tls_errors}"
     );
+    let timeouts = counter("chatbus_handshake_timeouts_total");
+    assert!(timeouts >= 1, "the silent socket counted: {timeouts}");
 
     let _ = server.start_kill();
     let _ = tokio::time::timeout(WAIT, server.wait()).await;

@@ -43,7 +43,7 @@ use chatbus_kafka::{KafkaBroker, KafkaConfig};
 use chatbus_redis::{RedisBroker, RedisConfig};
 use chatbus_ws::tokio_rustls::rustls;
 use chatbus_ws::{
-    AllowedOrigins, ChatHub, JwtVerifier, PresenceConfig, RateLimit, WsConfig, WsService,
+    AllowedOrigins, ChatHub, IpLimits, JwtVerifier, PresenceConfig, RateLimit, WsConfig, WsService,
 };
 use clap::{Parser, ValueEnum};
 use prometheus_client::collector::Collector;
@@ -180,6 +180,29 @@ struct Args {
     #[arg(long, env = "CHATBUS_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<std::path::PathBuf>,
 
+    /// Open WebSocket connections one client address may hold; 0 = no limit.
+    #[arg(long, env = "CHATBUS_IP_MAX_CONNECTIONS", default_value_t = 0)]
+    ip_max_connections: usize,
+
+    /// Handshake attempts per client address per second on average; 0 = no limit.
+    #[arg(long, env = "CHATBUS_IP_ATTEMPTS_PER_SEC", default_value_t = 0.0)]
+    ip_attempts_per_sec: f64,
+
+    /// Handshake attempts one client address may make in a burst (with
+    /// `--ip-attempts-per-sec`).
+    #[arg(long, env = "CHATBUS_IP_ATTEMPTS_BURST", default_value_t = 20)]
+    ip_attempts_burst: u32,
+
+    /// Reverse proxies whose `X-Forwarded-For` is believed for the per-address limits,
+    /// comma-separated IP addresses.
+    #[arg(long, env = "CHATBUS_TRUSTED_PROXIES", value_delimiter = ',')]
+    trusted_proxies: Vec<std::net::IpAddr>,
+
+    /// WebSocket pings/pongs a connection may send per second on average (burst 10x);
+    /// past it the connection is closed with 4008. 0 disables the limit.
+    #[arg(long, env = "CHATBUS_CONTROL_RATE_PER_SEC", default_value_t = 2.0)]
+    control_rate_per_sec: f64,
+
     /// Seconds a new connection gets to complete its HTTP upgrade (TLS handshake included).
     #[arg(long, env = "CHATBUS_HANDSHAKE_TIMEOUT_SECS", default_value_t = 10)]
     handshake_timeout_secs: u64,
@@ -262,7 +285,25 @@ fn ws_config(args: &Args) -> Result<WsConfig, BoxError> {
         .with_idle_timeout(Duration::from_secs(args.idle_timeout_secs.max(1)))
         .with_ping_interval(Duration::from_secs(args.ping_interval_secs.max(1)))
         .with_drain_timeout(Duration::from_secs(args.drain_timeout_secs))
-        .with_handshake_timeout(Duration::from_secs(args.handshake_timeout_secs.max(1)));
+        .with_handshake_timeout(Duration::from_secs(args.handshake_timeout_secs.max(1)))
+        .with_control_rate_limit((args.control_rate_per_sec > 0.0).then(|| {
+            // The library default is burst 20 at 2/s; keep that ratio for other rates.
+            let burst = (args.control_rate_per_sec * 10.0)
+                .ceil()
+                .clamp(1.0, 10_000.0) as u32;
+            RateLimit::new(burst, args.control_rate_per_sec)
+        }))
+        .with_ip_limits(
+            IpLimits::default()
+                .with_max_connections(
+                    (args.ip_max_connections > 0).then_some(args.ip_max_connections),
+                )
+                .with_attempts(
+                    (args.ip_attempts_per_sec > 0.0)
+                        .then(|| RateLimit::new(args.ip_attempts_burst, args.ip_attempts_per_sec)),
+                )
+                .with_trusted_proxies(args.trusted_proxies.clone()),
+        );
     let origins: Vec<String> = args
         .allowed_origins
         .iter()
