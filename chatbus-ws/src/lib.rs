@@ -7,9 +7,10 @@
 //!   next to the socket, or none); [`router`](WsService::router) gives an axum `Router` with the
 //!   socket at `/ws` to serve yourself; [`run_session`](WsService::run_session) drives one
 //!   connection over any `Sink`/`Stream` of [`WsMessage`]s.
-//! - [`WsConfig`] holds the limits (frame size, rate, rooms, origins, idle timeout) and the
-//!   token [`Verifier`] ([`JwtVerifier`] for HS256 / RS256, feature `jwt`, on by default).
-//!   Build it from `WsConfig::default()` with the `with_*` setters.
+//! - [`WsConfig`] holds the limits (frame size, rate, control frames, rooms, origins, idle and
+//!   handshake timeouts, per-address [`IpLimits`]) and the token [`Verifier`] ([`JwtVerifier`]
+//!   for HS256 / RS256, feature `jwt`, on by default). Build it from `WsConfig::default()`
+//!   with the `with_*` setters.
 //! - Connections end with a documented [`CloseCode`].
 //! - Every refused input is counted by [`ErrorCode`] in [`WsMetrics`];
 //!   [`register_metrics`](WsService::register_metrics) exports the counters through
