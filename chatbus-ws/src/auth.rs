@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 
@@ -20,6 +21,11 @@ pub struct Identity {
     pub user: Arc<str>,
     /// A display name, if different from the id.
     pub name: Option<Arc<str>>,
+    /// When the credential behind this identity stops being valid (for a JWT: `exp` plus
+    /// the verifier's leeway). A connection is closed with 4003 at this instant unless the
+    /// client sends a `refresh` frame with a new token for the same user first. `None`: the
+    /// connection keeps its identity until it closes.
+    pub expires_at: Option<SystemTime>,
 }
 
 impl Identity {
@@ -36,7 +42,15 @@ impl Identity {
         Ok(Self {
             user: Arc::from(user),
             name: None,
+            expires_at: None,
         })
+    }
+
+    /// Sets [`expires_at`](Self::expires_at).
+    #[must_use]
+    pub fn with_expiry(mut self, expires_at: Option<SystemTime>) -> Self {
+        self.expires_at = expires_at;
+        self
     }
 
     /// Sets the display name (validated like [`display_name`]); an empty or equal name is
@@ -104,7 +118,9 @@ impl std::error::Error for AuthError {}
 /// Checks the token a client presents at connect (`?token=` or `Authorization: Bearer`).
 ///
 /// An `Err` refuses the handshake with HTTP 401 and the error's message. Called once per
-/// connection, before the WebSocket upgrade.
+/// connection before the WebSocket upgrade, and again for each `refresh` frame the connection
+/// sends (whose token must prove the same [`Identity::user`]); the
+/// [`Identity::expires_at`] it returns is when the connection is closed (4003).
 #[async_trait]
 pub trait Verifier: Send + Sync + fmt::Debug + 'static {
     /// The identity the token proves.
@@ -124,6 +140,7 @@ pub use jwt::JwtVerifier;
 #[cfg(feature = "jwt")]
 mod jwt {
     use std::fmt;
+    use std::time::{Duration, UNIX_EPOCH};
 
     use async_trait::async_trait;
     use jsonwebtoken::errors::ErrorKind;
@@ -136,7 +153,8 @@ mod jwt {
     ///
     /// Claims: `sub` is the user id (required), `name` an optional display name, `exp`
     /// required and checked (with a leeway of 30 s by default for clock skew); `iss` and `aud`
-    /// are checked when configured. An expired token, a bad signature or a token signed with
+    /// are checked when configured. The connection is closed (4003) at `exp` plus the leeway
+    /// unless it sends a `refresh` frame with a newer token first. An expired token, a bad signature or a token signed with
     /// another algorithm is refused.
     ///
     /// ```
@@ -167,6 +185,10 @@ mod jwt {
         sub: String,
         #[serde(default)]
         name: Option<String>,
+        /// Required by the validation (`set_required_spec_claims`); a token that lacks it
+        /// never gets here.
+        #[serde(default)]
+        exp: Option<u64>,
     }
 
     impl JwtVerifier {
@@ -230,7 +252,14 @@ mod jwt {
                     })
                 },
             )?;
-            let id = Identity::new(&data.claims.sub)?;
+            // Valid until `exp` plus the leeway, as the validation above counts it. A time past
+            // what SystemTime holds is no expiry in practice.
+            let expires_at = data.claims.exp.and_then(|exp| {
+                UNIX_EPOCH.checked_add(Duration::from_secs(
+                    exp.saturating_add(self.validation.leeway),
+                ))
+            });
+            let id = Identity::new(&data.claims.sub)?.with_expiry(expires_at);
             match data.claims.name {
                 Some(name) => id.with_name(&name),
                 None => Ok(id),

@@ -33,17 +33,25 @@ pub enum CloseCode {
     SlowConsumer,
     /// 4001: nothing was received within [`WsConfig::idle_timeout`](crate::WsConfig).
     IdleTimeout,
+    /// 4003: the connection's token expired and was not refreshed (a `refresh` frame with a
+    /// new token for the same user, before the expiry). Reconnect with a fresh token.
+    TokenExpired,
+    /// 4008: the client sent control frames (WebSocket pings or pongs) faster than
+    /// [`WsConfig::control_rate_limit`](crate::WsConfig) allows.
+    ControlFlood,
 }
 
 impl CloseCode {
     /// Every close code, in numeric order.
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 8] = [
         Self::Normal,
         Self::GoingAway,
         Self::InvalidData,
         Self::TooLarge,
         Self::SlowConsumer,
         Self::IdleTimeout,
+        Self::TokenExpired,
+        Self::ControlFlood,
     ];
 
     /// The number sent in the close frame.
@@ -55,6 +63,8 @@ impl CloseCode {
             Self::TooLarge => 1009,
             Self::SlowConsumer => 4000,
             Self::IdleTimeout => 4001,
+            Self::TokenExpired => 4003,
+            Self::ControlFlood => 4008,
         }
     }
 
@@ -67,6 +77,8 @@ impl CloseCode {
             Self::TooLarge => "frame too large",
             Self::SlowConsumer => "slow consumer",
             Self::IdleTimeout => "idle timeout",
+            Self::TokenExpired => "token expired",
+            Self::ControlFlood => "control frame flood",
         }
     }
 }
@@ -138,7 +150,7 @@ mod tests {
     #[test]
     fn codes_match_the_protocol_table() {
         let numbers: Vec<u16> = CloseCode::ALL.into_iter().map(u16::from).collect();
-        assert_eq!(numbers, [1000, 1001, 1007, 1009, 4000, 4001]);
+        assert_eq!(numbers, [1000, 1001, 1007, 1009, 4000, 4001, 4003, 4008]);
         for code in CloseCode::ALL {
             assert_eq!(CloseCode::try_from(code.as_u16()), Ok(code));
         }

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::auth::Verifier;
+use crate::ip::IpLimits;
 
 /// A per-connection token bucket: `burst` frames at once, refilled at `per_second`.
 ///
@@ -142,6 +143,12 @@ pub struct WsConfig {
     pub hard_frame_size: usize,
     /// Per-connection rate limit; `None` disables it. Default 40 burst, 20/s.
     pub rate_limit: Option<RateLimit>,
+    /// Per-connection budget of WebSocket control frames (pings and pongs, which the socket
+    /// library answers or swallows without the text-frame rate limit seeing them); a client
+    /// past it gets a `rate_limited` error and is closed with 4008. `None` disables it.
+    /// Default 20 burst, 2/s: a browser answers the server's ping every 20 s, and a client
+    /// pinging for keep-alive does it every few seconds.
+    pub control_rate_limit: Option<RateLimit>,
     /// Rooms one connection may be in at once; joining more is `forbidden`. Default 64.
     pub max_rooms: usize,
     /// Most messages one `history` request returns. Default 100.
@@ -159,6 +166,15 @@ pub struct WsConfig {
     pub write_timeout: Duration,
     /// On shutdown, how long connections may take to flush and close. Default 5 s.
     pub drain_timeout: Duration,
+    /// How long a new TCP connection may take to send its first complete HTTP request (the
+    /// WebSocket upgrade) in [`WsService::serve`](crate::WsService::serve); one that sent
+    /// nothing, or only part of its headers, by then is closed and counted
+    /// (`chatbus_handshake_timeouts_total`). Later requests on a kept-alive HTTP connection
+    /// get the same time for their headers. Default 10 s.
+    pub handshake_timeout: Duration,
+    /// Limits per client address (concurrent connections, attempts), checked at the
+    /// handshake. Default: off.
+    pub ip_limits: IpLimits,
     /// The token check; `None` accepts everyone, named by `?name=`.
     pub verifier: Option<Arc<dyn Verifier>>,
 }
@@ -170,6 +186,7 @@ impl Default for WsConfig {
             max_frame_size: 16 * 1024,
             hard_frame_size: 1024 * 1024,
             rate_limit: Some(RateLimit::default()),
+            control_rate_limit: Some(RateLimit::new(20, 2.0)),
             max_rooms: 64,
             max_history: 100,
             default_history: 50,
@@ -178,6 +195,8 @@ impl Default for WsConfig {
             idle_timeout: Duration::from_secs(60),
             write_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(5),
+            handshake_timeout: Duration::from_secs(10),
+            ip_limits: IpLimits::default(),
             verifier: None,
         }
     }
@@ -211,6 +230,13 @@ impl WsConfig {
     #[must_use]
     pub fn with_rate_limit(mut self, limit: Option<RateLimit>) -> Self {
         self.rate_limit = limit;
+        self
+    }
+
+    /// Sets [`control_rate_limit`](Self::control_rate_limit).
+    #[must_use]
+    pub fn with_control_rate_limit(mut self, limit: Option<RateLimit>) -> Self {
+        self.control_rate_limit = limit;
         self
     }
 
@@ -267,6 +293,20 @@ impl WsConfig {
     #[must_use]
     pub fn with_drain_timeout(mut self, d: Duration) -> Self {
         self.drain_timeout = d;
+        self
+    }
+
+    /// Sets [`handshake_timeout`](Self::handshake_timeout).
+    #[must_use]
+    pub fn with_handshake_timeout(mut self, d: Duration) -> Self {
+        self.handshake_timeout = d;
+        self
+    }
+
+    /// Sets [`ip_limits`](Self::ip_limits).
+    #[must_use]
+    pub fn with_ip_limits(mut self, limits: IpLimits) -> Self {
+        self.ip_limits = limits;
         self
     }
 

@@ -7,9 +7,10 @@
 //!   next to the socket, or none); [`router`](WsService::router) gives an axum `Router` with the
 //!   socket at `/ws` to serve yourself; [`run_session`](WsService::run_session) drives one
 //!   connection over any `Sink`/`Stream` of [`WsMessage`]s.
-//! - [`WsConfig`] holds the limits (frame size, rate, rooms, origins, idle timeout) and the
-//!   token [`Verifier`] ([`JwtVerifier`] for HS256 / RS256, feature `jwt`, on by default).
-//!   Build it from `WsConfig::default()` with the `with_*` setters.
+//! - [`WsConfig`] holds the limits (frame size, rate, control frames, rooms, origins, idle and
+//!   handshake timeouts, per-address [`IpLimits`]) and the token [`Verifier`] ([`JwtVerifier`]
+//!   for HS256 / RS256, feature `jwt`, on by default). Build it from `WsConfig::default()`
+//!   with the `with_*` setters.
 //! - Connections end with a documented [`CloseCode`].
 //! - Every refused input is counted by [`ErrorCode`] in [`WsMetrics`];
 //!   [`register_metrics`](WsService::register_metrics) exports the counters through
@@ -82,6 +83,9 @@
 //! | `chatbus_broker_messages_total` | counter | envelopes received from the broker |
 //! | `chatbus_lagged_total`, `chatbus_replayed_total`, `chatbus_duplicates_total` | counter | slow-client resyncs, messages replayed during catch-up, duplicate copies dropped |
 //! | `chatbus_slow_closed_total`, `chatbus_idle_closed_total` | counter | connections closed as slow (4000 or write timeout) / idle (4001) |
+//! | `chatbus_handshake_timeouts_total` | counter | TCP connections closed for not completing the HTTP upgrade within [`WsConfig::handshake_timeout`] |
+//! | `chatbus_flood_closed_total` | counter | connections closed with 4008 for control frames past [`WsConfig::control_rate_limit`] |
+//! | `chatbus_tls_errors_total` | counter | failed TLS handshakes (`WsService::serve_tls`, feature `tls`) |
 //! | `chatbus_broker_errors_total`, `chatbus_decode_errors_total` | counter | broker subscription errors, undecodable envelopes |
 //! | `chatbus_sessions`, `chatbus_rooms` | gauge | hub sessions, rooms with local members |
 //! | `chatbus_errors_total{code}` | counter | errors answered, by [`ErrorCode`] (handshake refusals included) |
@@ -123,6 +127,7 @@ mod auth;
 mod chat;
 mod close;
 mod config;
+mod ip;
 mod metrics;
 mod payload;
 mod protocol;
@@ -136,6 +141,7 @@ pub use auth::{display_name, AuthError, Identity, Verifier, MAX_NAME_CHARS, MAX_
 pub use chat::{ChatHub, ChatStats, PresenceConfig};
 pub use close::{CloseCode, CloseFrame, UnknownCloseCode};
 pub use config::{AllowedOrigins, RateLimit, WsConfig};
+pub use ip::IpLimits;
 pub use metrics::WsMetrics;
 pub use protocol::{ErrorCode, MAX_CLIENT_ID_LEN, PROTOCOL_VERSION};
 pub use service::WsService;
@@ -146,3 +152,8 @@ pub use axum;
 /// Re-exported so apps register into a [`Registry`](prometheus_client::registry::Registry) of
 /// the same version as [`WsService::register_metrics`] takes.
 pub use prometheus_client;
+/// Re-exported (feature `tls`) so apps build the [`rustls`](tokio_rustls::rustls)
+/// configuration of [`WsService::serve_tls`] with the same version.
+#[cfg(feature = "tls")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
+pub use tokio_rustls;

@@ -38,6 +38,15 @@ pub struct WsMetrics {
     pub slow_closed: u64,
     /// Connections closed because nothing was received within the idle timeout.
     pub idle_closed: u64,
+    /// TCP connections closed because they had not sent a complete HTTP request (the
+    /// upgrade) within [`WsConfig::handshake_timeout`](crate::WsConfig::handshake_timeout).
+    pub handshake_timeouts: u64,
+    /// Connections closed (4008) for sending control frames past
+    /// [`WsConfig::control_rate_limit`](crate::WsConfig::control_rate_limit).
+    pub flood_closed: u64,
+    /// TLS handshakes that failed (plain HTTP to a TLS port, an unacceptable client hello);
+    /// with [`WsService::serve_tls`](crate::WsService) only.
+    pub tls_errors: u64,
     errors: [u64; ErrorCode::ALL.len()],
 }
 
@@ -58,6 +67,9 @@ pub(crate) struct WsCounters {
     pub(crate) messages_in: AtomicU64,
     pub(crate) slow_closed: AtomicU64,
     pub(crate) idle_closed: AtomicU64,
+    pub(crate) handshake_timeouts: AtomicU64,
+    pub(crate) flood_closed: AtomicU64,
+    pub(crate) tls_errors: AtomicU64,
     errors: [AtomicU64; ErrorCode::ALL.len()],
 }
 
@@ -85,6 +97,9 @@ impl WsCounters {
             messages_in: get(&self.messages_in),
             slow_closed: get(&self.slow_closed),
             idle_closed: get(&self.idle_closed),
+            handshake_timeouts: get(&self.handshake_timeouts),
+            flood_closed: get(&self.flood_closed),
+            tls_errors: get(&self.tls_errors),
             errors: self.errors.each_ref().map(get),
         }
     }
@@ -197,6 +212,24 @@ impl Collector for WsCollector {
                 ws.idle_closed,
             ),
             (
+                "chatbus_handshake_timeouts",
+                "TCP connections closed for not completing the HTTP upgrade in time.",
+                Counter,
+                ws.handshake_timeouts,
+            ),
+            (
+                "chatbus_flood_closed",
+                "Connections closed for flooding control frames (4008).",
+                Counter,
+                ws.flood_closed,
+            ),
+            (
+                "chatbus_tls_errors",
+                "TLS handshakes that failed.",
+                Counter,
+                ws.tls_errors,
+            ),
+            (
                 "chatbus_broker_errors",
                 "Errors from broker subscriptions.",
                 Counter,
@@ -280,6 +313,9 @@ mod tests {
                 "chatbus_duplicates_total counter",
                 "chatbus_slow_closed_total counter",
                 "chatbus_idle_closed_total counter",
+                "chatbus_handshake_timeouts_total counter",
+                "chatbus_flood_closed_total counter",
+                "chatbus_tls_errors_total counter",
                 "chatbus_broker_errors_total counter",
                 "chatbus_decode_errors_total counter",
                 "chatbus_sessions gauge",

@@ -30,7 +30,8 @@ pub enum ErrorCode {
     TooLarge,
     /// The connection sent more frames than its rate limit allows; the frame was dropped.
     RateLimited,
-    /// The handshake carried no valid token (HTTP 401; never sent on an open socket).
+    /// The handshake carried no valid token (HTTP 401), or a `refresh` frame's token is
+    /// invalid or for another user, or the connection's token expired (then close 4003).
     Unauthorized,
     /// Not allowed: a foreign `Origin` (HTTP 403 at the handshake) or too many rooms.
     Forbidden,
@@ -136,6 +137,9 @@ pub(crate) enum Request<'a> {
         limit: Option<u64>,
     },
     Ping,
+    Refresh {
+        token: Cow<'a, str>,
+    },
 }
 
 impl Request<'_> {
@@ -146,7 +150,7 @@ impl Request<'_> {
             | Self::Send { room, .. }
             | Self::Typing { room }
             | Self::History { room, .. } => Some(room),
-            Self::Ping => None,
+            Self::Ping | Self::Refresh { .. } => None,
         }
     }
 }
@@ -188,6 +192,8 @@ struct Raw<'a> {
     client_id: Option<ClientId>,
     #[serde(default)]
     limit: Option<u64>,
+    #[serde(borrow, default)]
+    token: Option<Cow<'a, str>>,
 }
 
 /// Parses one text frame.
@@ -246,6 +252,12 @@ pub(crate) fn parse(text: &[u8]) -> Result<(Request<'_>, Option<ClientId>), Reje
             limit: raw.limit,
         },
         "ping" => Request::Ping,
+        "refresh" => Request::Refresh {
+            token: raw
+                .token
+                .filter(|t| !t.is_empty())
+                .ok_or_else(|| Rejected::bad("missing field `token`", cid()))?,
+        },
         other => {
             let shown: String = other.chars().take(32).collect();
             return Err(Rejected::bad(format!("unknown type {shown:?}"), cid()));
@@ -358,6 +370,24 @@ pub(crate) fn ack(
 }
 
 #[derive(Serialize)]
+struct Refreshed<'a> {
+    #[serde(rename = "type")]
+    ty: &'static str,
+    expires: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_id: Option<&'a ClientId>,
+}
+
+/// The answer to an accepted `refresh`: the new expiry (Unix ms), `null` for none.
+pub(crate) fn refreshed(expires_ms: Option<u64>, client_id: Option<&ClientId>) -> Bytes {
+    to_bytes(&Refreshed {
+        ty: "refreshed",
+        expires: expires_ms,
+        client_id,
+    })
+}
+
+#[derive(Serialize)]
 struct ErrorFrame<'a> {
     #[serde(rename = "type")]
     ty: &'static str,
@@ -460,6 +490,25 @@ mod tests {
             Ok(r) => panic!("{text} parsed as {r:?}"),
             Err(e) => (e.code, e.message),
         }
+    }
+
+    #[test]
+    fn parses_refresh() {
+        let (r, cid) =
+            parse(br#"{"type":"refresh","token":"t.k.n","client_id":1}"#).expect("refresh");
+        assert!(matches!(r, Request::Refresh { token } if token == "t.k.n"));
+        assert!(cid.is_some());
+        assert_eq!(code(r#"{"type":"refresh"}"#).1, "missing field `token`");
+        assert_eq!(
+            code(r#"{"type":"refresh","token":""}"#).1,
+            "missing field `token`"
+        );
+        let frame: serde_json::Value =
+            serde_json::from_slice(&refreshed(Some(5), None)).expect("JSON");
+        assert_eq!(
+            frame,
+            serde_json::json!({"type": "refreshed", "expires": 5})
+        );
     }
 
     #[test]

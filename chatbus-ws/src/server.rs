@@ -4,22 +4,30 @@
 use std::borrow::Cow;
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::ws::{self, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Query, State};
+use axum::extract::{ConnectInfo, FromRequestParts, Query, State};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
-use axum::serve::ListenerExt;
 use axum::Router;
 use bytes::Bytes;
 use futures::{future, SinkExt, StreamExt};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Deserialize;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite;
+use tokio_util::task::TaskTracker;
 
 use crate::auth::{display_name, Identity};
 use crate::close::CloseFrame;
+use crate::ip::Refusal;
+use crate::metrics::WsCounters;
 use crate::protocol::{self, ErrorCode};
 use crate::service::WsService;
 use crate::session::{TransportError, WsMessage};
@@ -88,11 +96,27 @@ impl WsService {
     /// Refusals: 503 while shutting down, 403 `forbidden` for a foreign `Origin`, 401
     /// `unauthorized` for a missing or invalid token, 400 `bad_request` for an invalid
     /// `?name=`; each with a JSON `error` body and counted by code.
+    ///
+    /// This knows no peer address, so [`WsConfig::ip_limits`](crate::WsConfig) do not apply;
+    /// see [`accept_from`](Self::accept_from).
     pub async fn accept(
         &self,
         upgrade: WebSocketUpgrade,
         headers: &HeaderMap,
         uri: &Uri,
+    ) -> Response {
+        self.accept_from(upgrade, headers, uri, None).await
+    }
+
+    /// [`accept`](Self::accept) for a connection from `peer` (the TCP peer, e.g. axum's
+    /// `ConnectInfo<SocketAddr>`, which [`serve`](Self::serve) provides): also enforces
+    /// [`WsConfig::ip_limits`](crate::WsConfig), refusing with 429 `rate_limited`.
+    pub async fn accept_from(
+        &self,
+        upgrade: WebSocketUpgrade,
+        headers: &HeaderMap,
+        uri: &Uri,
+        peer: Option<SocketAddr>,
     ) -> Response {
         if self.is_shutting_down() {
             return refuse(
@@ -102,6 +126,31 @@ impl WsService {
                 "server shutting down",
             );
         }
+        // Before the token check: refusing a flood must cost less than verifying it.
+        let limits = &self.config().ip_limits;
+        let slot = match peer {
+            Some(peer) if limits.enabled() => {
+                let ip = limits.client_ip(peer.ip(), headers);
+                match self.ips().admit(limits, ip) {
+                    Ok(slot) => Some(slot),
+                    Err(why) => {
+                        let message = match why {
+                            Refusal::TooManyConnections => "too many connections from your address",
+                            Refusal::TooManyAttempts => {
+                                "too many connection attempts from your address; retry later"
+                            }
+                        };
+                        return refuse(
+                            self,
+                            StatusCode::TOO_MANY_REQUESTS,
+                            ErrorCode::RateLimited,
+                            message,
+                        );
+                    }
+                }
+            }
+            _ => None,
+        };
         let origin = headers
             .get(header::ORIGIN)
             .map(|v| v.to_str().unwrap_or("\u{0}"));
@@ -159,7 +208,12 @@ impl WsService {
             .max_frame_size(limit)
             .read_buffer_size(READ_BUFFER)
             .on_failed_upgrade(|e| tracing::debug!(error = %e, "websocket upgrade failed"))
-            .on_upgrade(move |socket| async move { svc.run_socket(socket, identity).await })
+            .on_upgrade(move |socket| async move {
+                // Held for the session's lifetime: the address's count drops when it ends (or
+                // when the upgrade fails and this closure is dropped unrun).
+                let _slot = slot;
+                svc.run_socket(socket, identity).await;
+            })
     }
 
     async fn run_socket(&self, socket: WebSocket, identity: Identity) {
@@ -193,40 +247,243 @@ impl WsService {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        let svc = self.clone();
-        let signal = async move {
-            shutdown.await;
-            tracing::info!("shutting down: draining connections");
-            svc.begin_shutdown();
+        self.serve_with(listener, app, shutdown, Acceptor::default())
+            .await
+    }
+
+    /// [`serve`](Self::serve) over TLS (`wss://`, `https://`), with the rustls configuration
+    /// `tls` (certificate chain and key; build it with [`tokio_rustls::rustls`]). The TLS
+    /// handshake is part of the handshake deadline
+    /// ([`WsConfig::handshake_timeout`](crate::WsConfig::handshake_timeout)); a client that
+    /// fails it (plain `ws://` to this port, an untrusted certificate) is dropped and counted
+    /// (`chatbus_tls_errors_total`). The configuration is fixed for the server's lifetime: to
+    /// change the certificate, restart (one instance at a time, clients reconnect).
+    #[cfg(feature = "tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
+    pub async fn serve_tls<F>(
+        &self,
+        listener: TcpListener,
+        app: Router,
+        tls: Arc<tokio_rustls::rustls::ServerConfig>,
+        shutdown: F,
+    ) -> io::Result<()>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let acceptor = Acceptor {
+            tls: Some(tokio_rustls::TlsAcceptor::from(tls)),
         };
-        // TCP_NODELAY: frames are small and already batched per flush by the session writer;
-        // with Nagle on, a frame written while the previous one is unacknowledged waits for
-        // the client's (delayed, up to 40 ms) ACK, which showed as a 35-40 ms p99.9 under load.
-        let listener = listener.tap_io(|tcp| {
+        self.serve_with(listener, app, shutdown, acceptor).await
+    }
+
+    async fn serve_with<F>(
+        &self,
+        listener: TcpListener,
+        app: Router,
+        shutdown: F,
+        acceptor: Acceptor,
+    ) -> io::Result<()>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let router = app.merge(self.router());
+        // The HTTP connections (before their upgrade); upgraded sockets are the service's
+        // sessions, which `shutdown` waits for.
+        let connections = TaskTracker::new();
+        let mut shutdown = std::pin::pin!(shutdown);
+        loop {
+            let (tcp, peer) = tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        accept_failed(e).await;
+                        continue;
+                    }
+                },
+            };
+            // TCP_NODELAY: frames are small and already batched per flush by the session
+            // writer; with Nagle on, a frame written while the previous one is unacknowledged
+            // waits for the client's (delayed, up to 40 ms) ACK, which showed as a 35-40 ms
+            // p99.9 under load.
             if let Err(e) = tcp.set_nodelay(true) {
                 tracing::debug!(error = %e, "cannot set TCP_NODELAY");
             }
-        });
-        axum::serve(listener, app.merge(self.router()))
-            .with_graceful_shutdown(signal)
-            .await?;
-        // Upgraded sockets are not HTTP connections any more, so axum does not wait for them:
-        // the service does.
+            connections.spawn(serve_connection(
+                self.clone(),
+                tcp,
+                peer,
+                router.clone(),
+                acceptor.clone(),
+            ));
+        }
+        tracing::info!("shutting down: draining connections");
+        drop(listener);
+        // Every HTTP connection watches the shutdown token: an idle one closes now, one with a
+        // request in flight after answering it. None can take longer than the handshake
+        // deadline (or the header timeout of a kept-alive one) plus its handler.
+        self.begin_shutdown();
+        connections.close();
+        connections.wait().await;
         self.shutdown().await;
         Ok(())
+    }
+}
+
+/// An `accept` error. Per-connection errors (the peer reset before we accepted) are nothing to
+/// wait for; the others (out of file descriptors, above all) would come back at once, so the
+/// loop pauses instead of spinning, as hyper's and axum's servers do.
+async fn accept_failed(e: io::Error) {
+    if matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+    ) {
+        return;
+    }
+    tracing::error!(error = %e, "accept failed; retrying in 1 s");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+}
+
+/// Serves one HTTP/1 connection until it is upgraded (the WebSocket session then runs on its
+/// own) or closed.
+///
+/// The whole pre-upgrade phase is under [`WsConfig::handshake_timeout`](crate::WsConfig):
+/// a socket that sends nothing, or trickles its headers, would otherwise hold a file
+/// descriptor and a task forever (hyper's own header timeout does not start before the first
+/// byte in every version, so it is only the second line here, for the later requests of a
+/// kept-alive connection).
+async fn serve_connection(
+    svc: WsService,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    router: Router,
+    acceptor: Acceptor,
+) {
+    let deadline = tokio::time::Instant::now() + svc.config().handshake_timeout;
+    #[cfg(feature = "tls")]
+    if let Some(tls) = acceptor.tls {
+        match tokio::time::timeout_at(deadline, tls.accept(tcp)).await {
+            Err(_) => {
+                WsCounters::inc(&svc.counters().handshake_timeouts);
+                tracing::debug!(%peer, "TLS handshake not done within the handshake timeout");
+            }
+            Ok(Err(e)) => {
+                WsCounters::inc(&svc.counters().tls_errors);
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            }
+            Ok(Ok(stream)) => serve_http(svc, stream, peer, router, deadline).await,
+        }
+        return;
+    }
+    #[cfg(not(feature = "tls"))]
+    let _ = acceptor;
+    serve_http(svc, tcp, peer, router, deadline).await;
+}
+
+/// How accepted sockets are wrapped: plain, or TLS (feature `tls`).
+#[derive(Clone, Default)]
+struct Acceptor {
+    #[cfg(feature = "tls")]
+    tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+/// The HTTP part of [`serve_connection`], over a plain or TLS stream, until `deadline` for the
+/// first request.
+async fn serve_http<I>(
+    svc: WsService,
+    io: I,
+    peer: SocketAddr,
+    router: Router,
+    deadline: tokio::time::Instant,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let timeout = svc.config().handshake_timeout;
+    // Set once the first request's head is parsed: from then on the handler (or hyper's header
+    // timeout, for later requests) decides how long the connection lives.
+    let seen = Arc::new(AtomicBool::new(false));
+    let service = hyper::service::service_fn({
+        let seen = seen.clone();
+        move |mut req: hyper::Request<hyper::body::Incoming>| {
+            seen.store(true, Ordering::Relaxed);
+            // What `axum::serve(..).into_make_service_with_connect_info` would provide, so
+            // handlers (and the per-address limits) see the peer.
+            req.extensions_mut().insert(ConnectInfo(peer));
+            let mut router = router.clone();
+            // A Router is always ready (`poll_ready` is a no-op), so it is called directly.
+            tower_service::Service::call(&mut router, req)
+        }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(timeout)
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    let mut conn = std::pin::pin!(conn);
+    let deadline = tokio::time::sleep_until(deadline);
+    let mut deadline = std::pin::pin!(deadline);
+    let (mut timing, mut draining) = (true, false);
+    let shutdown = svc.shutdown_token().clone();
+    loop {
+        tokio::select! {
+            biased;
+            () = &mut deadline, if timing => {
+                if !seen.load(Ordering::Relaxed) {
+                    WsCounters::inc(&svc.counters().handshake_timeouts);
+                    tracing::debug!(%peer, "no complete request within the handshake timeout; closing");
+                    return; // dropping the connection closes the socket
+                }
+                timing = false;
+            }
+            () = shutdown.cancelled(), if !draining => {
+                conn.as_mut().graceful_shutdown();
+                draining = true;
+            }
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    if e.is_timeout() && !seen.load(Ordering::Relaxed) {
+                        // hyper's header timeout fired first: the same refusal.
+                        WsCounters::inc(&svc.counters().handshake_timeouts);
+                    }
+                    tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+                }
+                return;
+            }
+        }
     }
 }
 
 /// The axum handler behind [`WsService::router`].
 async fn ws_route(
     State(svc): State<WsService>,
+    Peer(peer): Peer,
     headers: HeaderMap,
     uri: Uri,
     upgrade: Result<WebSocketUpgrade, ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
     match upgrade {
-        Ok(upgrade) => svc.accept(upgrade, &headers, &uri).await,
+        Ok(upgrade) => svc.accept_from(upgrade, &headers, &uri, peer).await,
         Err(rejection) => rejection.into_response(),
+    }
+}
+
+/// The TCP peer, when the server put it in the request (as [`WsService::serve`] and axum's
+/// `into_make_service_with_connect_info` do); unlike `ConnectInfo`, never a rejection.
+struct Peer(Option<SocketAddr>);
+
+impl<S: Send + Sync> FromRequestParts<S> for Peer {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Self(
+            parts
+                .extensions
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|c| c.0),
+        ))
     }
 }
 

@@ -12,6 +12,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Identity;
 use crate::chat::ChatHub;
 use crate::config::WsConfig;
+use crate::ip::IpTable;
 use crate::metrics::{self, WsCounters, WsMetrics};
 use crate::session::{self, TransportError, WsMessage};
 
@@ -31,6 +32,7 @@ struct Inner {
     counters: WsCounters,
     shutdown: CancellationToken,
     sessions: TaskTracker,
+    ips: Arc<IpTable>,
 }
 
 /// A [`WsService`] that does not keep it alive (for the metrics collector).
@@ -70,6 +72,7 @@ impl WsService {
                 counters: WsCounters::default(),
                 shutdown: CancellationToken::new(),
                 sessions: TaskTracker::new(),
+                ips: Arc::default(),
             }),
         }
     }
@@ -103,6 +106,10 @@ impl WsService {
 
     pub(crate) fn counters(&self) -> &WsCounters {
         &self.inner.counters
+    }
+
+    pub(crate) fn ips(&self) -> &Arc<IpTable> {
+        &self.inner.ips
     }
 
     pub(crate) fn shutdown_token(&self) -> &CancellationToken {

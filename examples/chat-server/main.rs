@@ -16,11 +16,16 @@
 //! draining), `/metrics` Prometheus text (one `prometheus-client` registry: chatbus-ws's
 //! counters, the broker's, and `chatbus_broker_up`).
 //!
+//! TLS: `--tls-cert chain.pem --tls-key key.pem` serves `https://` and `wss://` on the same
+//! port (rustls). The files are read once at start: a renewed certificate takes a restart
+//! (drain one instance at a time; clients reconnect and resume).
+//!
 //! Ctrl-C or SIGTERM drains: no new connections, every open one gets its pending acks and
 //! messages and then a 1001 close.
 
 use std::error::Error;
 use std::fmt;
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,8 +41,9 @@ use chatbus_core::{
 };
 use chatbus_kafka::{KafkaBroker, KafkaConfig};
 use chatbus_redis::{RedisBroker, RedisConfig};
+use chatbus_ws::tokio_rustls::rustls;
 use chatbus_ws::{
-    AllowedOrigins, ChatHub, JwtVerifier, PresenceConfig, RateLimit, WsConfig, WsService,
+    AllowedOrigins, ChatHub, IpLimits, JwtVerifier, PresenceConfig, RateLimit, WsConfig, WsService,
 };
 use clap::{Parser, ValueEnum};
 use prometheus_client::collector::Collector;
@@ -164,6 +170,42 @@ struct Args {
     /// stored, so not replayable).
     #[arg(long, env = "CHATBUS_DURABLE_DOWN", value_enum, default_value_t = DurableDown::Reject)]
     durable_down: DurableDown,
+
+    /// Serve TLS (https://, wss://) with this PEM certificate chain (leaf first). Read once at
+    /// start: not reloaded, restart to change it.
+    #[arg(long, env = "CHATBUS_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+
+    /// The PEM private key (PKCS#8, PKCS#1 or SEC1) of `--tls-cert`.
+    #[arg(long, env = "CHATBUS_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+
+    /// Open WebSocket connections one client address may hold; 0 = no limit.
+    #[arg(long, env = "CHATBUS_IP_MAX_CONNECTIONS", default_value_t = 0)]
+    ip_max_connections: usize,
+
+    /// Handshake attempts per client address per second on average; 0 = no limit.
+    #[arg(long, env = "CHATBUS_IP_ATTEMPTS_PER_SEC", default_value_t = 0.0)]
+    ip_attempts_per_sec: f64,
+
+    /// Handshake attempts one client address may make in a burst (with
+    /// `--ip-attempts-per-sec`).
+    #[arg(long, env = "CHATBUS_IP_ATTEMPTS_BURST", default_value_t = 20)]
+    ip_attempts_burst: u32,
+
+    /// Reverse proxies whose `X-Forwarded-For` is believed for the per-address limits,
+    /// comma-separated IP addresses.
+    #[arg(long, env = "CHATBUS_TRUSTED_PROXIES", value_delimiter = ',')]
+    trusted_proxies: Vec<std::net::IpAddr>,
+
+    /// WebSocket pings/pongs a connection may send per second on average (burst 10x);
+    /// past it the connection is closed with 4008. 0 disables the limit.
+    #[arg(long, env = "CHATBUS_CONTROL_RATE_PER_SEC", default_value_t = 2.0)]
+    control_rate_per_sec: f64,
+
+    /// Seconds a new connection gets to complete its HTTP upgrade (TLS handshake included).
+    #[arg(long, env = "CHATBUS_HANDSHAKE_TIMEOUT_SECS", default_value_t = 10)]
+    handshake_timeout_secs: u64,
 }
 
 /// `--durable-down`.
@@ -242,7 +284,26 @@ fn ws_config(args: &Args) -> Result<WsConfig, BoxError> {
         .with_max_rooms(args.max_rooms)
         .with_idle_timeout(Duration::from_secs(args.idle_timeout_secs.max(1)))
         .with_ping_interval(Duration::from_secs(args.ping_interval_secs.max(1)))
-        .with_drain_timeout(Duration::from_secs(args.drain_timeout_secs));
+        .with_drain_timeout(Duration::from_secs(args.drain_timeout_secs))
+        .with_handshake_timeout(Duration::from_secs(args.handshake_timeout_secs.max(1)))
+        .with_control_rate_limit((args.control_rate_per_sec > 0.0).then(|| {
+            // The library default is burst 20 at 2/s; keep that ratio for other rates.
+            let burst = (args.control_rate_per_sec * 10.0)
+                .ceil()
+                .clamp(1.0, 10_000.0) as u32;
+            RateLimit::new(burst, args.control_rate_per_sec)
+        }))
+        .with_ip_limits(
+            IpLimits::default()
+                .with_max_connections(
+                    (args.ip_max_connections > 0).then_some(args.ip_max_connections),
+                )
+                .with_attempts(
+                    (args.ip_attempts_per_sec > 0.0)
+                        .then(|| RateLimit::new(args.ip_attempts_burst, args.ip_attempts_per_sec)),
+                )
+                .with_trusted_proxies(args.trusted_proxies.clone()),
+        );
     let origins: Vec<String> = args
         .allowed_origins
         .iter()
@@ -273,6 +334,31 @@ fn ws_config(args: &Args) -> Result<WsConfig, BoxError> {
         config = config.with_verifier(v);
     }
     Ok(config)
+}
+
+/// The rustls configuration of `--tls-cert` / `--tls-key`, or a message naming the file at
+/// fault.
+fn tls_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, BoxError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("cannot read --tls-cert {}: {e}", cert.display()))?;
+    if certs.is_empty() {
+        return Err(format!("--tls-cert {} holds no certificate", cert.display()).into());
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("cannot read --tls-key {}: {e}", key.display()))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| format!("--tls-cert and --tls-key do not make a usable pair: {e}"))?;
+    // The server speaks HTTP/1.1 only (WebSocket upgrades are HTTP/1.1).
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
 }
 
 async fn index() -> Response {
@@ -352,6 +438,11 @@ async fn run(args: Args) -> Result<(), BoxError> {
         metrics: broker_metrics,
     } = build_broker(&args).await?;
     let config = ws_config(&args)?;
+    // Read before anything is started, so a bad file fails fast with its name.
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(tls_config(cert, key)?),
+        _ => None,
+    };
     let auth = if config.verifier.is_some() {
         "jwt"
     } else {
@@ -380,9 +471,13 @@ async fn run(args: Args) -> Result<(), BoxError> {
             get(move |State(ws): State<WsService>| metrics::serve(ws, scrape.clone())),
         )
         .with_state(ws.clone());
-    tracing::info!(%addr, broker = %args.broker, auth, "chat-server started");
-    println!("chat-server listening on http://{addr}/");
-    ws.serve(listener, app, shutdown_signal()).await?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!(%addr, broker = %args.broker, auth, scheme, "chat-server started");
+    println!("chat-server listening on {scheme}://{addr}/");
+    match tls {
+        Some(tls) => ws.serve_tls(listener, app, tls, shutdown_signal()).await?,
+        None => ws.serve(listener, app, shutdown_signal()).await?,
+    }
     tracing::info!("chat-server stopped");
     Ok(())
 }

@@ -33,6 +33,7 @@ use crate::protocol::{self, Limits};
 use crate::service::WsService;
 
 use reader::Reader;
+pub(crate) use reader::TokenBucket;
 use writer::{Writer, LINGER};
 
 /// One WebSocket message, independent of the WebSocket library.
@@ -83,6 +84,10 @@ enum End {
     /// The server is shutting down: flush, then 1001.
     Shutdown,
     Idle,
+    /// Control frames past their budget: 4008.
+    Flood,
+    /// The token expired without a refresh: 4003.
+    TokenExpired,
     TooLarge,
     InvalidUtf8,
     /// The writer stopped first.
@@ -139,7 +144,7 @@ where
     //   into join!) made this task's future about 4.7 KiB, the bulk of an idle connection's
     //   memory; boxed, each takes what it needs.
     let reader: Half<'_> = Box::pin(async {
-        let mut r = Reader::new(svc, handle.clone(), &identity, cfg.rate_limit);
+        let mut r = Reader::new(svc, handle.clone(), &identity, cfg);
         let end = r.run(&mut stream, &mut end_tx).await;
         // The writer may already be gone; then there is no one left to tell.
         let _ = end_tx.send(end);

@@ -4,30 +4,35 @@
 //! control queue (so replies overtake queued messages); refusals are `error` frames counted by
 //! code. The reader also owns the idle timeout and notices shutdown between frames.
 
+use std::pin::Pin;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
 use bytes::Bytes;
 use chatbus_core::{Envelope, JoinOptions, Room, SessionHandle};
 use futures::{Stream, StreamExt};
 use tokio::sync::oneshot;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use super::{End, TransportError, WsMessage};
 use crate::auth::Identity;
 use crate::chat::history_item;
-use crate::config::RateLimit;
+use crate::config::{RateLimit, WsConfig};
 use crate::metrics::WsCounters;
 use crate::payload;
 use crate::protocol::{self, ClientId, ErrorCode, Request};
 use crate::service::WsService;
 
-/// A token bucket; `tokio::time::Instant` so tests can pause time.
-struct TokenBucket {
+/// A token bucket; `tokio::time::Instant` so tests can pause time. Also the per-address
+/// attempt limit of the handshake ([`crate::ip`]).
+#[derive(Debug)]
+pub(crate) struct TokenBucket {
     tokens: f64,
     last: Instant,
     limit: RateLimit,
 }
 
 impl TokenBucket {
-    fn new(limit: RateLimit) -> Self {
+    pub(crate) fn new(limit: RateLimit) -> Self {
         let burst = f64::from(limit.burst.max(1));
         Self {
             tokens: burst,
@@ -39,12 +44,22 @@ impl TokenBucket {
         }
     }
 
-    fn allow(&mut self) -> bool {
+    fn refill(&mut self) {
         let now = Instant::now();
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.last = now;
         self.tokens =
             (self.tokens + elapsed * self.limit.per_second).min(f64::from(self.limit.burst));
+    }
+
+    /// Whether the bucket refilled completely (it then says nothing a fresh one would not).
+    pub(crate) fn is_full(&mut self) -> bool {
+        self.refill();
+        self.tokens >= f64::from(self.limit.burst)
+    }
+
+    pub(crate) fn allow(&mut self) -> bool {
+        self.refill();
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             true
@@ -59,6 +74,33 @@ pub(super) struct Reader<'a> {
     handle: SessionHandle,
     identity: &'a Identity,
     bucket: Option<TokenBucket>,
+    /// Pings and pongs: tungstenite answers each ping by itself (keeping at most one pong
+    /// pending), so without this budget a client could make the server read and answer pings
+    /// as fast as it can send them.
+    control: Option<TokenBucket>,
+    /// When the connection's token expires (armed only for identities with an expiry, so an
+    /// anonymous connection carries no timer); a `refresh` moves it.
+    expiry: Option<Pin<Box<Sleep>>>,
+}
+
+/// The timer for a credential that expires at `at`; `None` for no expiry, or one so far ahead
+/// (over a year) that the timer wheel would not hold it, which is none in practice.
+fn expiry_timer(at: Option<SystemTime>) -> Option<Pin<Box<Sleep>>> {
+    let left = at?
+        .duration_since(SystemTime::now())
+        .unwrap_or(Duration::ZERO);
+    if left > Duration::from_secs(365 * 24 * 3600) {
+        return None;
+    }
+    Some(Box::pin(tokio::time::sleep_until(Instant::now() + left)))
+}
+
+/// Resolves when the token expires; never without one.
+async fn expired(expiry: &mut Option<Pin<Box<Sleep>>>) {
+    match expiry {
+        Some(sleep) => sleep.as_mut().await,
+        None => std::future::pending().await,
+    }
 }
 
 impl<'a> Reader<'a> {
@@ -66,13 +108,15 @@ impl<'a> Reader<'a> {
         svc: &'a WsService,
         handle: SessionHandle,
         identity: &'a Identity,
-        rate_limit: Option<RateLimit>,
+        cfg: &WsConfig,
     ) -> Self {
         Self {
             svc,
             handle,
             identity,
-            bucket: rate_limit.map(TokenBucket::new),
+            bucket: cfg.rate_limit.map(TokenBucket::new),
+            control: cfg.control_rate_limit.map(TokenBucket::new),
+            expiry: expiry_timer(identity.expires_at),
         }
     }
 
@@ -96,6 +140,15 @@ impl<'a> Reader<'a> {
                 biased;
                 () = end_tx.closed() => return End::WriterStopped,
                 () = shutdown.cancelled() => return End::Shutdown,
+                () = expired(&mut self.expiry) => {
+                    self.error(
+                        ErrorCode::Unauthorized,
+                        "token expired; closing (send `refresh` before it expires)",
+                        None,
+                        None,
+                    );
+                    return End::TokenExpired;
+                }
                 next = tokio::time::timeout(cfg.idle_timeout, stream.next()) => next,
             };
             let msg = match next {
@@ -148,8 +201,53 @@ impl<'a> Reader<'a> {
                         self.rate_limited(None, None);
                     }
                 }
-                WsMessage::Ping(_) | WsMessage::Pong(_) => {}
+                WsMessage::Ping(_) | WsMessage::Pong(_) => {
+                    if !self.control.as_mut().is_none_or(TokenBucket::allow) {
+                        self.error(
+                            ErrorCode::RateLimited,
+                            "control frames (pings/pongs) over the limit; closing",
+                            None,
+                            None,
+                        );
+                        return End::Flood;
+                    }
+                }
                 WsMessage::Close(_) => return End::ClientGone,
+            }
+        }
+    }
+
+    /// A `refresh`: verified like a connect token; it must prove the same user. Only the
+    /// expiry changes (the display name stays the one of the handshake). A refused refresh
+    /// changes nothing: the old expiry still holds.
+    async fn refresh(&mut self, token: &str, cid: Option<&ClientId>) {
+        let Some(verifier) = &self.svc.config().verifier else {
+            self.error(
+                ErrorCode::Unsupported,
+                "this server checks no tokens; there is nothing to refresh",
+                cid,
+                None,
+            );
+            return;
+        };
+        match verifier.verify(token).await {
+            Err(e) => {
+                let message = format!("refresh refused: {}", e.message());
+                self.error(ErrorCode::Unauthorized, &message, cid, None);
+            }
+            Ok(id) if id.user != self.identity.user => self.error(
+                ErrorCode::Unauthorized,
+                "refresh refused: the token is for another user",
+                cid,
+                None,
+            ),
+            Ok(id) => {
+                self.expiry = expiry_timer(id.expires_at);
+                let ms = id
+                    .expires_at
+                    .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                    .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+                self.handle.reply(protocol::refreshed(ms, cid));
             }
         }
     }
@@ -201,6 +299,7 @@ impl<'a> Reader<'a> {
             Request::Ping => {
                 self.handle.reply(Bytes::from_static(protocol::PONG));
             }
+            Request::Refresh { token } => self.refresh(&token, cid).await,
             Request::Join { room, since } => {
                 if !self.handle.is_member(&room) && self.handle.rooms().len() >= cfg.max_rooms {
                     let max = cfg.max_rooms;

@@ -229,6 +229,11 @@ where
                 WsCounters::inc(&self.svc.counters().idle_closed);
                 (CloseCode::IdleTimeout, Duration::ZERO)
             }
+            End::Flood => {
+                WsCounters::inc(&self.svc.counters().flood_closed);
+                (CloseCode::ControlFlood, Duration::from_secs(1))
+            }
+            End::TokenExpired => (CloseCode::TokenExpired, Duration::from_secs(1)),
             End::TooLarge => (CloseCode::TooLarge, Duration::from_secs(1)),
             End::InvalidUtf8 => (CloseCode::InvalidData, Duration::from_secs(1)),
         };

@@ -126,11 +126,32 @@ impl Client {
     pub async fn try_connect(
         request: impl IntoClientRequest + Unpin,
     ) -> Result<Self, (u16, String)> {
-        match tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(request))
+        let result = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(request))
             .await
-            .expect("handshake in time")
-        {
-            Ok((ws, _)) => {
+            .expect("handshake in time");
+        Self::handshake_result(result.map(|(ws, _)| ws)).await
+    }
+
+    /// [`try_connect`](Self::try_connect) over a TCP connection the caller opened (e.g. from
+    /// another local address).
+    pub async fn try_connect_on(
+        request: impl IntoClientRequest + Unpin,
+        tcp: TcpStream,
+    ) -> Result<Self, (u16, String)> {
+        let result = tokio::time::timeout(
+            WAIT,
+            tokio_tungstenite::client_async(request, MaybeTlsStream::Plain(tcp)),
+        )
+        .await
+        .expect("handshake in time");
+        Self::handshake_result(result.map(|(ws, _)| ws)).await
+    }
+
+    async fn handshake_result(
+        result: Result<Socket, tungstenite::Error>,
+    ) -> Result<Self, (u16, String)> {
+        match result {
+            Ok(ws) => {
                 let mut c = Self {
                     ws,
                     welcome: Value::Null,
