@@ -55,3 +55,14 @@ pub fn require_program(program: &str, extra: &[PathBuf], install_hint: &str) -> 
             panic!("`{program}` is required by this test but was not found. {install_hint}")
         })
 }
+
+/// The resident memory of process `pid` in KiB (`VmRSS` of `/proc/PID/status`), or `None` where
+/// it cannot be read (the process is gone, or this is not Linux).
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}

@@ -128,6 +128,9 @@ async fn a_ping_flood_is_closed_with_4008_and_not_answered_in_full() {
         .control_rate_limit
         .map_or(0, |l| l.burst as usize);
     let c = server.client("flooder").await;
+    // The server runs in this process: its memory is this process's.
+    let rss = || chatbus_testkit::rss_kib(std::process::id()).unwrap_or(0);
+    let rss_before = rss();
     let (mut tx, mut rx) = c.ws.split();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flood = tokio::spawn({
@@ -173,6 +176,13 @@ async fn a_ping_flood_is_closed_with_4008_and_not_answered_in_full() {
     // The server answered at most its budget (tungstenite keeps at most one pong pending):
     // nothing about the flood was queued.
     assert!(pongs <= burst + 1, "{pongs} pongs for a budget of {burst}");
+    // And its memory stayed flat: 200,000 unanswered pings queued would be megabytes.
+    let rss_after = rss();
+    assert!(rss_before > 0, "no VmRSS in /proc/self/status");
+    assert!(
+        rss_after < rss_before + 8 * 1024,
+        "memory grew from {rss_before} KiB to {rss_after} KiB during the flood"
+    );
     let m = server.ws.metrics();
     assert_eq!(m.flood_closed, 1);
     assert!(m.errors(chatbus_ws::ErrorCode::RateLimited) >= 1);
