@@ -5,7 +5,8 @@
 //!
 //! A direct message is published once, durably, in its conversation's room (so history and
 //! resume work for both participants), then copied as an ephemeral envelope into the personal
-//! channel of each participant, with the original's id and cursor: every connection of both
+//! channel of each participant, carrying the original's id and cursor (each copy an envelope
+//! with an id of its own, as brokers deduplicate by envelope id): every connection of both
 //! users, on any instance, gets it live without joining anything. A connection that did join
 //! the conversation skips the copy and gets the message from the room. A copy lost on the way
 //! (its broker down) is a live notification missed, never a message lost: the conversation
@@ -223,6 +224,7 @@ impl WsService {
             to: &to,
             conv: None,
             cursor: None,
+            id: None,
             body: &text,
         };
         let env = Envelope::new(room.clone(), payload::direct(&direct)).with_from(from.clone());
@@ -231,13 +233,14 @@ impl WsService {
         let cursor = receipt.cursor.map(|c| c.to_string());
         direct.conv = Some(room.as_str());
         direct.cursor = cursor.as_deref();
+        direct.id = Some(receipt.id.as_u128());
         let copy = payload::direct(&direct);
         let targets: &[&Arc<str>] = if to == from { &[&to] } else { &[&to, &from] };
         for target in targets {
             let mut env =
                 Envelope::ephemeral(user_channel(target), copy.clone()).with_from(from.clone());
-            // The same message: the same id (and time) as in the conversation.
-            env.id = receipt.id;
+            // The copy's frame shows the original's id (in the payload) and time; the envelope
+            // keeps an id of its own, since brokers drop a second envelope with the same id.
             env.ts = ts;
             if let Err(e) = hub.publish(&env).await {
                 tracing::warn!(room = %room, error = %e, "direct message copy not published; the conversation has it");

@@ -279,6 +279,7 @@ impl ChatHub {
 /// A `message` frame's fields: of the envelope itself, or of the conversation a direct
 /// message copy stands for.
 pub(crate) struct MessageOut<'a> {
+    pub(crate) id: MessageId,
     pub(crate) room: &'a str,
     pub(crate) from: &'a str,
     pub(crate) to: Option<&'a str>,
@@ -287,7 +288,7 @@ pub(crate) struct MessageOut<'a> {
     pub(crate) cursor: Option<chatbus_core::Cursor>,
 }
 
-/// The `message` frame of a chat message envelope (`id` and `ts` are the envelope's).
+/// The `message` frame of a chat message envelope (`ts` is the envelope's).
 pub(crate) fn message_frame(env: &Envelope, m: &MessageOut<'_>) -> Bytes {
     #[derive(Serialize)]
     struct Out<'a> {
@@ -308,7 +309,7 @@ pub(crate) fn message_frame(env: &Envelope, m: &MessageOut<'_>) -> Bytes {
         serde_json::to_vec(&Out {
             ty: "message",
             room: m.room,
-            id: AsDisplay(env.id),
+            id: AsDisplay(m.id),
             from: m.from,
             to: m.to,
             name: m.name,
@@ -325,6 +326,7 @@ fn own_message(env: &Envelope, to: Option<&str>, name: Option<&str>, body: &str)
     Some(message_frame(
         env,
         &MessageOut {
+            id: env.id,
             room: env.room.as_str(),
             from: env.from.as_deref()?,
             to,
@@ -388,11 +390,12 @@ impl FrameEncoder for ChatEncoder {
                 Some(conv) => {
                     let conv = Room::new(conv).ok();
                     let cursor = d.cursor.and_then(|c| c.parse().ok());
-                    match (conv, env.from.as_deref()) {
-                        (Some(conv), Some(from)) => {
+                    match (conv, env.from.as_deref(), d.id) {
+                        (Some(conv), Some(from), Some(id)) => {
                             let bytes = message_frame(
                                 env,
                                 &MessageOut {
+                                    id: MessageId::from_u128(id),
                                     room: conv.as_str(),
                                     from,
                                     to: Some(d.to),

@@ -8,16 +8,18 @@
 //! message   'M' name_len:u8 name[name_len] body (UTF-8, the rest)
 //! typing    'T' name_len:u8 name[name_len]
 //! presence  'P' instance:u128be seq:u64be flags:u8 count:u32be { len:u8 user[len] }*count
-//! direct    'D' name_len:u8 name to_len:u8 to conv_len:u8 conv cursor_len:u8 cursor body
+//! direct    'D' name_len:u8 name to_len:u8 to conv_len:u8 conv cursor_len:u8 cursor
+//!               id_len:u8 (0 or 16) id:u128be body
 //! probe     'Q' user_len:u8 user
 //! status    'S' instance:u128be seq:u64be online:u8 user_len:u8 user
 //! kick      'K' user_len:u8 user
 //! ```
 //!
 //! A direct message is a `direct` envelope in the conversation's room (`conv` and `cursor`
-//! empty: they are the envelope's own), and a copy in the personal channel of each participant
-//! that carries the conversation's room and the original's cursor (and the original's id as its
-//! own), so every connection of both users gets the `message` frame without a join. `probe`
+//! and `id` empty: they are the envelope's own), and a copy in the personal channel of each
+//! participant that carries the conversation's room, the original's cursor and the original's
+//! id, so every connection of both users gets the `message` frame without a join. (Each copy is
+//! an envelope of its own, with an id of its own: brokers deduplicate envelopes by id.) `probe`
 //! (in a user's personal channel) asks the user's instances to announce its status; `status`
 //! (in the user's status channel) is one instance's announcement; `kick` (in the personal
 //! channel) closes every connection of the user.
@@ -71,6 +73,8 @@ pub(crate) struct Direct<'a> {
     pub(crate) conv: Option<&'a str>,
     /// The original's cursor, in a copy.
     pub(crate) cursor: Option<&'a str>,
+    /// The original's id, in a copy.
+    pub(crate) id: Option<u128>,
     pub(crate) body: &'a str,
 }
 
@@ -125,12 +129,19 @@ fn put_short(out: &mut BytesMut, s: Option<&str>) {
 }
 
 pub(crate) fn direct(d: &Direct<'_>) -> Bytes {
-    let mut out = BytesMut::with_capacity(5 + 4 * 64 + d.body.len());
+    let mut out = BytesMut::with_capacity(22 + 4 * 64 + d.body.len());
     out.put_u8(TAG_DIRECT);
     put_short(&mut out, d.name);
     put_short(&mut out, Some(d.to));
     put_short(&mut out, d.conv);
     put_short(&mut out, d.cursor);
+    match d.id {
+        Some(id) => {
+            out.put_u8(16);
+            out.put_u128(id);
+        }
+        None => out.put_u8(0),
+    }
     out.put_slice(d.body.as_bytes());
     out.freeze()
 }
@@ -243,12 +254,18 @@ pub(crate) fn decode(bytes: &[u8]) -> Option<Payload<'_>> {
             let to = r.short_str()?;
             let conv = non_empty(r.short_str()?);
             let cursor = non_empty(r.short_str()?);
+            let id = match r.u8()? {
+                0 => None,
+                16 => Some(u128::from_be_bytes(r.array()?)),
+                _ => return None,
+            };
             let body = std::str::from_utf8(r.0).ok()?;
             Some(Payload::Direct(Direct {
                 name,
                 to,
                 conv,
                 cursor,
+                id,
                 body,
             }))
         }
@@ -314,6 +331,7 @@ mod tests {
             to: "bob",
             conv: Some("dm.a.b"),
             cursor: Some("0-7"),
+            id: Some(42 << 64),
             body: "psst",
         };
         assert_eq!(decode(&direct(&d)), Some(Payload::Direct(d)));
@@ -322,6 +340,7 @@ mod tests {
             to: "bob",
             conv: None,
             cursor: None,
+            id: None,
             body: "",
         };
         assert_eq!(decode(&direct(&plain)), Some(Payload::Direct(plain)));
@@ -348,6 +367,7 @@ mod tests {
             b"P\x00",
             b"D\x00",
             b"D\x00\x03bo",
+            b"D\x00\x01b\x00\x00\x05",
             b"Q\x03bob!",
             b"K",
             b"S\x00",

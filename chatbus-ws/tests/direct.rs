@@ -8,7 +8,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chatbus_core::{Broker, MemoryBroker, Room};
+use chatbus_core::{Broker, DualBus, DualConfig, MemoryBroker, MemoryConfig, Room};
 use chatbus_ws::{direct_room, JwtVerifier, PresenceConfig, WsConfig};
 use common::{Client, Event, Server};
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
@@ -30,9 +30,32 @@ fn token(user: &str, rooms: Option<&[&str]>) -> String {
     .expect("encode")
 }
 
-/// Two "instances" over one broker, presence (and status probes) every 300 ms.
+/// Two "instances" over one memory broker, presence (and status probes) every 300 ms.
 async fn pair() -> (Server, Server) {
     let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new());
+    pair_over(broker.clone(), broker).await
+}
+
+/// Two instances, each with its own DualBus over one shared relay and one shared log (the
+/// DualBus merger deduplicates envelopes by id, which a memory broker alone does not).
+async fn dual_pair() -> (Server, Server) {
+    let relay = Arc::new(MemoryBroker::with_config(
+        MemoryConfig::default().with_history_len(0),
+    ));
+    let log = Arc::new(MemoryBroker::with_config(
+        MemoryConfig::default().with_history_len(10_000),
+    ));
+    let bus = || -> Arc<dyn Broker> {
+        Arc::new(DualBus::new(
+            relay.clone(),
+            log.clone(),
+            DualConfig::default(),
+        ))
+    };
+    pair_over(bus(), bus()).await
+}
+
+async fn pair_over(a: Arc<dyn Broker>, b: Arc<dyn Broker>) -> (Server, Server) {
     let config = || WsConfig::default().with_verifier(JwtVerifier::hs256(SECRET));
     let start = |b: Arc<dyn Broker>| async move {
         let chat = chatbus_ws::ChatHub::with_config(
@@ -42,7 +65,7 @@ async fn pair() -> (Server, Server) {
         );
         Server::with_chat(chat, config()).await
     };
-    (start(broker.clone()).await, start(broker).await)
+    (start(a).await, start(b).await)
 }
 
 async fn user(server: &Server, name: &str) -> Client {
@@ -64,7 +87,17 @@ async fn wait_for(c: &mut Client, wait: Duration, what: impl Fn(&Value) -> bool)
 
 #[tokio::test]
 async fn a_direct_message_reaches_every_connection_of_both_users_without_a_join() {
-    let (mut one, mut two) = pair().await;
+    let (one, two) = pair().await;
+    direct_messages(one, two).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_messages_over_dual_bus() {
+    let (one, two) = dual_pair().await;
+    direct_messages(one, two).await;
+}
+
+async fn direct_messages(mut one: Server, mut two: Server) {
     let mut ann = user(&one, "ann").await;
     let mut ann_phone = user(&two, "ann").await;
     let mut bob = user(&two, "bob").await;
