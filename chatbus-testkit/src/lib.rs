@@ -6,6 +6,7 @@
 //! silent skip.
 
 pub mod chat;
+pub mod client;
 pub mod redis;
 pub mod tansu;
 
