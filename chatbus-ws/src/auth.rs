@@ -6,6 +6,8 @@ use std::time::SystemTime;
 
 use async_trait::async_trait;
 
+use crate::access::RoomGrants;
+
 /// The longest user id accepted, in bytes.
 pub const MAX_USER_LEN: usize = 128;
 /// The longest display name accepted, in characters.
@@ -26,23 +28,20 @@ pub struct Identity {
     /// client sends a `refresh` frame with a new token for the same user first. `None`: the
     /// connection keeps its identity until it closes.
     pub expires_at: Option<SystemTime>,
+    /// The rooms this user may join, read and post in (the JWT claim `rooms`); `None`: every
+    /// public room. Direct conversations of the user are allowed either way.
+    pub rooms: Option<RoomGrants>,
 }
 
 impl Identity {
-    /// An identity for a user id, validated.
+    /// An identity for a user id, validated ([`validate_user`]).
     pub fn new(user: &str) -> Result<Self, AuthError> {
-        if user.is_empty() || user.len() > MAX_USER_LEN {
-            return Err(AuthError::new(format!(
-                "user id must be 1 to {MAX_USER_LEN} bytes"
-            )));
-        }
-        if user.chars().any(char::is_control) {
-            return Err(AuthError::new("user id contains control characters"));
-        }
+        validate_user(user)?;
         Ok(Self {
             user: Arc::from(user),
             name: None,
             expires_at: None,
+            rooms: None,
         })
     }
 
@@ -50,6 +49,13 @@ impl Identity {
     #[must_use]
     pub fn with_expiry(mut self, expires_at: Option<SystemTime>) -> Self {
         self.expires_at = expires_at;
+        self
+    }
+
+    /// Sets [`rooms`](Self::rooms).
+    #[must_use]
+    pub fn with_rooms(mut self, rooms: Option<RoomGrants>) -> Self {
+        self.rooms = rooms;
         self
     }
 
@@ -69,6 +75,19 @@ impl Identity {
     pub(crate) fn display_name_if_different(&self) -> Option<&str> {
         self.name.as_deref()
     }
+}
+
+/// Validates a user id: 1 to [`MAX_USER_LEN`] bytes, no control characters.
+pub fn validate_user(user: &str) -> Result<(), AuthError> {
+    if user.is_empty() || user.len() > MAX_USER_LEN {
+        return Err(AuthError::new(format!(
+            "user id must be 1 to {MAX_USER_LEN} bytes"
+        )));
+    }
+    if user.chars().any(char::is_control) {
+        return Err(AuthError::new("user id contains control characters"));
+    }
+    Ok(())
 }
 
 /// Validates a display name: trimmed, at most [`MAX_NAME_CHARS`] characters, no control
@@ -147,11 +166,12 @@ mod jwt {
     use jsonwebtoken::{Algorithm, DecodingKey, Validation};
     use serde::Deserialize;
 
-    use super::{AuthError, Identity, Verifier};
+    use super::{AuthError, Identity, RoomGrants, Verifier};
 
     /// Verifies JSON Web Tokens signed with HS256 (shared secret) or RS256 (RSA public key).
     ///
-    /// Claims: `sub` is the user id (required), `name` an optional display name, `exp`
+    /// Claims: `sub` is the user id (required), `name` an optional display name, `rooms` an
+    /// optional list of room patterns ([`RoomGrants`](crate::RoomGrants)), `exp`
     /// required and checked (with a leeway of 30 s by default for clock skew); `iss` and `aud`
     /// are checked when configured. The connection is closed (4003) at `exp` plus the leeway
     /// unless it sends a `refresh` frame with a newer token first. An expired token, a bad signature or a token signed with
@@ -189,6 +209,9 @@ mod jwt {
         /// never gets here.
         #[serde(default)]
         exp: Option<u64>,
+        /// Room patterns (`["lobby", "team-a-*"]`); absent: every public room.
+        #[serde(default)]
+        rooms: Option<Vec<String>>,
     }
 
     impl JwtVerifier {
@@ -259,7 +282,15 @@ mod jwt {
                     exp.saturating_add(self.validation.leeway),
                 ))
             });
-            let id = Identity::new(&data.claims.sub)?.with_expiry(expires_at);
+            let rooms = data
+                .claims
+                .rooms
+                .map(RoomGrants::new)
+                .transpose()
+                .map_err(|e| AuthError::new(format!("token claim `rooms`: {e}")))?;
+            let id = Identity::new(&data.claims.sub)?
+                .with_expiry(expires_at)
+                .with_rooms(rooms);
             match data.claims.name {
                 Some(name) => id.with_name(&name),
                 None => Ok(id),

@@ -15,17 +15,20 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
+use crate::access;
 use crate::auth::Identity;
 use crate::payload::{self, Payload, Snapshot};
 use crate::protocol::{self, AsDisplay};
+use crate::status::Users;
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Plain maps that stay consistent between statements: a panic elsewhere must not poison
-    // presence for every connection.
+    // presence (or user status) for every connection.
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// How presence is shared between instances (see `docs/protocol.md`, "Presence").
+/// How presence (and user status) is shared between instances (see `docs/protocol.md`,
+/// "Presence" and "User status").
 ///
 /// Built from [`Default`] with the `with_*` setters, so fields can be added without breaking
 /// callers.
@@ -34,7 +37,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct PresenceConfig {
     /// Each instance republishes its snapshot of every room it has members in this often, and
     /// forgets another instance's snapshot after three intervals without news (an instance that
-    /// died). Default 10 s.
+    /// died). Watched users are probed this often too, and a user whose instance died goes
+    /// offline for its watchers within three intervals. Default 10 s.
     pub interval: Duration,
     /// Joins and leaves within this window are announced together, so a burst of joins costs
     /// one snapshot per room. Default 25 ms.
@@ -126,6 +130,7 @@ pub struct ChatHub {
 
 struct ChatShared {
     presence: Arc<Presence>,
+    users: Arc<Users>,
     stats: Arc<ChatCounters>,
     task: OnceLock<()>,
     stop: CancellationToken,
@@ -158,9 +163,11 @@ impl ChatHub {
         presence: PresenceConfig,
     ) -> Self {
         let stats = Arc::new(ChatCounters::default());
+        let users = Arc::new(Users::new(presence.interval));
         let presence = Arc::new(Presence::new(presence));
         let encoder = ChatEncoder {
             presence: presence.clone(),
+            users: users.clone(),
             stats: stats.clone(),
         };
         let hub = Hub::builder(broker)
@@ -172,6 +179,7 @@ impl ChatHub {
             hub,
             shared: Arc::new(ChatShared {
                 presence,
+                users,
                 stats,
                 task: OnceLock::new(),
                 _guard: stop.clone().drop_guard(),
@@ -226,18 +234,42 @@ impl ChatHub {
             let hub = self.hub.clone();
             let stop = self.shared.stop.clone();
             let stats = self.shared.stats.clone();
+            let users = self.shared.users.clone();
+            tokio::spawn({
+                let (hub, stop) = (hub.clone(), stop.clone());
+                async move { users.run(hub, stop).await }
+            });
             tokio::spawn(async move { presence.run(hub, stats, stop).await });
         });
     }
 
+    /// Who is connected to this instance, and what watchers know of others.
+    pub(crate) fn users(&self) -> &Users {
+        &self.shared.users
+    }
+
     /// Presence of `rooms` changed on this instance (a join, a leave, a disconnect).
     pub(crate) fn presence_changed(&self, rooms: impl IntoIterator<Item = Room>) {
-        self.shared.presence.mark_dirty(rooms);
+        // Personal and status channels are not rooms anyone sees the members of.
+        self.shared
+            .presence
+            .mark_dirty(rooms.into_iter().filter(access::is_client_room));
     }
 }
 
-/// The `message` frame of a chat message envelope.
-pub(crate) fn message_frame(env: &Envelope, from: &str, name: Option<&str>, body: &str) -> Bytes {
+/// A `message` frame's fields: of the envelope itself, or of the conversation a direct
+/// message copy stands for.
+pub(crate) struct MessageOut<'a> {
+    pub(crate) room: &'a str,
+    pub(crate) from: &'a str,
+    pub(crate) to: Option<&'a str>,
+    pub(crate) name: Option<&'a str>,
+    pub(crate) body: &'a str,
+    pub(crate) cursor: Option<chatbus_core::Cursor>,
+}
+
+/// The `message` frame of a chat message envelope (`id` and `ts` are the envelope's).
+pub(crate) fn message_frame(env: &Envelope, m: &MessageOut<'_>) -> Bytes {
     #[derive(Serialize)]
     struct Out<'a> {
         #[serde(rename = "type")]
@@ -245,6 +277,8 @@ pub(crate) fn message_frame(env: &Envelope, from: &str, name: Option<&str>, body
         room: &'a str,
         id: AsDisplay<MessageId>,
         from: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        to: Option<&'a str>,
         #[serde(skip_serializing_if = "Option::is_none")]
         name: Option<&'a str>,
         body: &'a str,
@@ -254,16 +288,32 @@ pub(crate) fn message_frame(env: &Envelope, from: &str, name: Option<&str>, body
     Bytes::from(
         serde_json::to_vec(&Out {
             ty: "message",
-            room: env.room.as_str(),
+            room: m.room,
             id: AsDisplay(env.id),
-            from,
-            name,
-            body,
+            from: m.from,
+            to: m.to,
+            name: m.name,
+            body: m.body,
             ts: env.ts,
-            cursor: env.cursor,
+            cursor: m.cursor,
         })
         .unwrap_or_default(),
     )
+}
+
+/// The frame of a chat message (plain or direct) as it is in its own room.
+fn own_message(env: &Envelope, to: Option<&str>, name: Option<&str>, body: &str) -> Option<Bytes> {
+    Some(message_frame(
+        env,
+        &MessageOut {
+            room: env.room.as_str(),
+            from: env.from.as_deref()?,
+            to,
+            name,
+            body,
+            cursor: env.cursor,
+        },
+    ))
 }
 
 fn typing_frame(room: &Room, from: &str, name: Option<&str>) -> Bytes {
@@ -290,40 +340,72 @@ fn typing_frame(room: &Room, from: &str, name: Option<&str>) -> Bytes {
 /// The message frame of a history envelope, or `None` for anything that is not a chat message.
 pub(crate) fn history_item(env: &Envelope) -> Option<Bytes> {
     match payload::decode(&env.payload)? {
-        Payload::Message { name, body } => {
-            Some(message_frame(env, env.from.as_deref()?, name, body))
-        }
+        Payload::Message { name, body } => own_message(env, None, name, body),
+        Payload::Direct(d) if d.conv.is_none() => own_message(env, Some(d.to), d.name, d.body),
         _ => None,
     }
 }
 
-/// Turns chatbus-ws payloads into protocol v1 frames, once per message per instance.
+/// Turns chatbus-ws payloads into protocol v1 frames, once per message per instance; acts on
+/// the control payloads of personal and status channels.
 #[derive(Debug)]
 struct ChatEncoder {
     presence: Arc<Presence>,
+    users: Arc<Users>,
     stats: Arc<ChatCounters>,
 }
 
 impl FrameEncoder for ChatEncoder {
     fn encode(&self, env: &Envelope) -> Option<Frame> {
-        let frame = match payload::decode(&env.payload) {
-            Some(Payload::Message { name, body }) => env.from.as_deref().map(|from| Frame {
-                bytes: message_frame(env, from, name, body),
-                skip_sender: false,
-            }),
-            Some(Payload::Typing { name }) => env.from.as_deref().map(|from| Frame {
-                bytes: typing_frame(&env.room, from, name),
+        let decoded = payload::decode(&env.payload);
+        let frame = match decoded {
+            Some(Payload::Message { name, body }) => {
+                own_message(env, None, name, body).map(Frame::new)
+            }
+            Some(Payload::Direct(d)) => match d.conv {
+                None => own_message(env, Some(d.to), d.name, d.body).map(Frame::new),
+                // A copy in a personal channel: the conversation's frame, for the connections
+                // that did not join the conversation (those get it from the room itself).
+                Some(conv) => {
+                    let conv = Room::new(conv).ok();
+                    let cursor = d.cursor.and_then(|c| c.parse().ok());
+                    match (conv, env.from.as_deref()) {
+                        (Some(conv), Some(from)) => {
+                            let bytes = message_frame(
+                                env,
+                                &MessageOut {
+                                    room: conv.as_str(),
+                                    from,
+                                    to: Some(d.to),
+                                    name: d.name,
+                                    body: d.body,
+                                    cursor,
+                                },
+                            );
+                            Some(Frame::new(bytes).skip_members_of(conv))
+                        }
+                        _ => None,
+                    }
+                }
+            },
+            Some(Payload::Typing { name }) => env.from.as_deref().map(|from| {
                 // Typing is for the others: not echoed to any session of the typist.
-                skip_sender: true,
+                Frame::new(typing_frame(&env.room, from, name)).skip_sender()
             }),
             Some(Payload::Presence(snapshot)) => {
                 return self
                     .presence
                     .on_snapshot(&env.room, snapshot)
-                    .map(|bytes| Frame {
-                        bytes,
-                        skip_sender: false,
-                    })
+                    .map(Frame::new)
+            }
+            Some(Payload::Status(status)) => return self.users.on_status(&status).map(Frame::new),
+            Some(Payload::Probe { user }) => {
+                self.users.on_probe(user);
+                return None;
+            }
+            Some(Payload::Kick { user }) => {
+                self.users.kick(user);
+                return None;
             }
             None => None,
         };
@@ -481,7 +563,11 @@ impl Presence {
                 let mut st = lock(&self.state);
                 let mut rooms: HashSet<Room> = st.dirty.drain().collect();
                 if beat {
-                    let live: HashSet<Room> = hub.rooms().into_iter().collect();
+                    let live: HashSet<Room> = hub
+                        .rooms()
+                        .into_iter()
+                        .filter(access::is_client_room)
+                        .collect();
                     // Views of rooms without local members are not delivered to anyone.
                     st.views.retain(|r, _| live.contains(r));
                     rooms.extend(live);

@@ -39,11 +39,15 @@ pub enum CloseCode {
     /// 4008: the client sent control frames (WebSocket pings or pongs) faster than
     /// [`WsConfig::control_rate_limit`](crate::WsConfig) allows.
     ControlFlood,
+    /// 4009: the application disconnected this user everywhere
+    /// ([`WsService::disconnect_user`](crate::WsService::disconnect_user)). Do not reconnect
+    /// automatically.
+    Disconnected,
 }
 
 impl CloseCode {
     /// Every close code, in numeric order.
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 9] = [
         Self::Normal,
         Self::GoingAway,
         Self::InvalidData,
@@ -52,6 +56,7 @@ impl CloseCode {
         Self::IdleTimeout,
         Self::TokenExpired,
         Self::ControlFlood,
+        Self::Disconnected,
     ];
 
     /// The number sent in the close frame.
@@ -65,6 +70,7 @@ impl CloseCode {
             Self::IdleTimeout => 4001,
             Self::TokenExpired => 4003,
             Self::ControlFlood => 4008,
+            Self::Disconnected => 4009,
         }
     }
 
@@ -79,6 +85,7 @@ impl CloseCode {
             Self::IdleTimeout => "idle timeout",
             Self::TokenExpired => "token expired",
             Self::ControlFlood => "control frame flood",
+            Self::Disconnected => "disconnected by the server",
         }
     }
 }
@@ -150,7 +157,10 @@ mod tests {
     #[test]
     fn codes_match_the_protocol_table() {
         let numbers: Vec<u16> = CloseCode::ALL.into_iter().map(u16::from).collect();
-        assert_eq!(numbers, [1000, 1001, 1007, 1009, 4000, 4001, 4003, 4008]);
+        assert_eq!(
+            numbers,
+            [1000, 1001, 1007, 1009, 4000, 4001, 4003, 4008, 4009]
+        );
         for code in CloseCode::ALL {
             assert_eq!(CloseCode::try_from(code.as_u16()), Ok(code));
         }

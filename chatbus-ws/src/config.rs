@@ -1,9 +1,10 @@
-//! [`WsConfig`]: limits, origins, heartbeats and the auth hook.
+//! [`WsConfig`]: limits, origins, heartbeats, the auth hook and the application's hooks.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::auth::Verifier;
+use crate::hooks::Hooks;
 use crate::ip::IpLimits;
 
 /// A per-connection token bucket: `burst` frames at once, refilled at `per_second`.
@@ -177,6 +178,15 @@ pub struct WsConfig {
     pub ip_limits: IpLimits,
     /// The token check; `None` accepts everyone, named by `?name=`.
     pub verifier: Option<Arc<dyn Verifier>>,
+    /// The application's [`Hooks`]; `None` (the default) allows what the built-in checks allow
+    /// and calls nothing.
+    pub hooks: Option<Arc<dyn Hooks>>,
+    /// How long one hook call may take; past it the action is denied (and counted as a
+    /// failure). Default 2 s.
+    pub hook_timeout: Duration,
+    /// Users one connection may [`watch`](crate) at once; a `watch` past it is `forbidden`.
+    /// Default 100.
+    pub max_watch: usize,
 }
 
 impl Default for WsConfig {
@@ -198,6 +208,9 @@ impl Default for WsConfig {
             handshake_timeout: Duration::from_secs(10),
             ip_limits: IpLimits::default(),
             verifier: None,
+            hooks: None,
+            hook_timeout: Duration::from_secs(2),
+            max_watch: 100,
         }
     }
 }
@@ -314,6 +327,27 @@ impl WsConfig {
     #[must_use]
     pub fn with_verifier(mut self, verifier: impl Verifier) -> Self {
         self.verifier = Some(Arc::new(verifier));
+        self
+    }
+
+    /// Sets the application's [`hooks`](Self::hooks).
+    #[must_use]
+    pub fn with_hooks(mut self, hooks: impl Hooks) -> Self {
+        self.hooks = Some(Arc::new(hooks));
+        self
+    }
+
+    /// Sets [`hook_timeout`](Self::hook_timeout).
+    #[must_use]
+    pub fn with_hook_timeout(mut self, d: Duration) -> Self {
+        self.hook_timeout = d;
+        self
+    }
+
+    /// Sets [`max_watch`](Self::max_watch).
+    #[must_use]
+    pub fn with_max_watch(mut self, n: usize) -> Self {
+        self.max_watch = n;
         self
     }
 }

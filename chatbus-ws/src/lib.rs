@@ -123,10 +123,13 @@
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod access;
+mod api;
 mod auth;
 mod chat;
 mod close;
 mod config;
+mod hooks;
 mod ip;
 mod metrics;
 mod payload;
@@ -134,13 +137,19 @@ mod protocol;
 mod server;
 mod service;
 mod session;
+mod status;
 
+pub use access::{direct_room, InvalidGrant, RoomGrants, MAX_ROOM_GRANTS};
+pub use api::ApiError;
 #[cfg(feature = "jwt")]
 pub use auth::JwtVerifier;
-pub use auth::{display_name, AuthError, Identity, Verifier, MAX_NAME_CHARS, MAX_USER_LEN};
+pub use auth::{
+    display_name, validate_user, AuthError, Identity, Verifier, MAX_NAME_CHARS, MAX_USER_LEN,
+};
 pub use chat::{ChatHub, ChatStats, PresenceConfig};
 pub use close::{CloseCode, CloseFrame, UnknownCloseCode};
 pub use config::{AllowedOrigins, RateLimit, WsConfig};
+pub use hooks::{Conn, ConnData, ConnectInfo, Denied, HookKind, HookStats, Hooks, Publish};
 pub use ip::IpLimits;
 pub use metrics::WsMetrics;
 pub use protocol::{ErrorCode, MAX_CLIENT_ID_LEN, PROTOCOL_VERSION};

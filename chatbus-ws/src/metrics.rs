@@ -14,6 +14,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 use crate::chat::ChatStats;
+use crate::hooks::{HookCounters, HookKind, HookStats};
 use crate::protocol::ErrorCode;
 use crate::service::WeakService;
 
@@ -48,9 +49,15 @@ pub struct WsMetrics {
     /// with [`WsService::serve_tls`](crate::WsService) only.
     pub tls_errors: u64,
     errors: [u64; ErrorCode::ALL.len()],
+    hooks: [HookStats; HookKind::ALL.len()],
 }
 
 impl WsMetrics {
+    /// The counters of one application hook.
+    pub fn hook(&self, kind: HookKind) -> HookStats {
+        self.hooks[kind.index()]
+    }
+
     /// Errors counted with `code` (`error` frames and refused handshakes).
     pub fn errors(&self, code: ErrorCode) -> u64 {
         self.errors[code.index()]
@@ -71,6 +78,7 @@ pub(crate) struct WsCounters {
     pub(crate) flood_closed: AtomicU64,
     pub(crate) tls_errors: AtomicU64,
     errors: [AtomicU64; ErrorCode::ALL.len()],
+    pub(crate) hooks: HookCounters,
 }
 
 impl WsCounters {
@@ -101,6 +109,7 @@ impl WsCounters {
             flood_closed: get(&self.flood_closed),
             tls_errors: get(&self.tls_errors),
             errors: self.errors.each_ref().map(get),
+            hooks: self.hooks.snapshot(),
         }
     }
 }
@@ -262,6 +271,35 @@ impl Collector for WsCollector {
                 .encode_family(&[("code", code.as_str())])?
                 .encode_counter::<NoLabelSet, _, u64>(&ws.errors(code), None)?;
         }
+        for (name, help, value) in [
+            (
+                "chatbus_hook_calls",
+                "Application hook calls, by hook.",
+                (|h: HookStats| h.calls) as fn(HookStats) -> u64,
+            ),
+            (
+                "chatbus_hook_denials",
+                "Application hook calls that denied the action, by hook.",
+                |h| h.denials,
+            ),
+            (
+                "chatbus_hook_failures",
+                "Application hook calls that timed out or panicked (the action was denied), by hook.",
+                |h| h.failures,
+            ),
+            (
+                "chatbus_hook_micros",
+                "Microseconds spent in application hooks, by hook.",
+                |h| h.micros,
+            ),
+        ] {
+            let mut family = encoder.encode_descriptor(name, help, None, Counter)?;
+            for kind in HookKind::ALL {
+                family
+                    .encode_family(&[("hook", kind.as_str())])?
+                    .encode_counter::<NoLabelSet, _, u64>(&value(ws.hook(kind)), None)?;
+            }
+        }
         Ok(())
     }
 }
@@ -321,8 +359,13 @@ mod tests {
                 "chatbus_sessions gauge",
                 "chatbus_rooms gauge",
                 "chatbus_errors_total counter",
+                "chatbus_hook_calls_total counter",
+                "chatbus_hook_denials_total counter",
+                "chatbus_hook_failures_total counter",
+                "chatbus_hook_micros_total counter",
             ]
         );
+        assert!(text.contains("\nchatbus_hook_denials_total{hook=\"join\"} 0\n"));
         assert!(text.contains("# HELP chatbus_connections Open WebSocket connections.\n"));
         assert!(text.contains("\nchatbus_errors_total{code=\"too_large\"} 1\n"));
         assert!(text.contains("\nchatbus_errors_total{code=\"internal\"} 0\n"));

@@ -8,7 +8,19 @@
 //! message   'M' name_len:u8 name[name_len] body (UTF-8, the rest)
 //! typing    'T' name_len:u8 name[name_len]
 //! presence  'P' instance:u128be seq:u64be flags:u8 count:u32be { len:u8 user[len] }*count
+//! direct    'D' name_len:u8 name to_len:u8 to conv_len:u8 conv cursor_len:u8 cursor body
+//! probe     'Q' user_len:u8 user
+//! status    'S' instance:u128be seq:u64be online:u8 user_len:u8 user
+//! kick      'K' user_len:u8 user
 //! ```
+//!
+//! A direct message is a `direct` envelope in the conversation's room (`conv` and `cursor`
+//! empty: they are the envelope's own), and a copy in the personal channel of each participant
+//! that carries the conversation's room and the original's cursor (and the original's id as its
+//! own), so every connection of both users gets the `message` frame without a join. `probe`
+//! (in a user's personal channel) asks the user's instances to announce its status; `status`
+//! (in the user's status channel) is one instance's announcement; `kick` (in the personal
+//! channel) closes every connection of the user.
 //!
 //! `name` is the sender's display name when it differs from its user id (else empty); the user
 //! id itself is the envelope's `from`, set from the authenticated session. Presence flags: bit 0
@@ -22,6 +34,10 @@ use bytes::{BufMut, Bytes, BytesMut};
 pub(crate) const TAG_MESSAGE: u8 = b'M';
 pub(crate) const TAG_TYPING: u8 = b'T';
 pub(crate) const TAG_PRESENCE: u8 = b'P';
+pub(crate) const TAG_DIRECT: u8 = b'D';
+pub(crate) const TAG_PROBE: u8 = b'Q';
+pub(crate) const TAG_STATUS: u8 = b'S';
+pub(crate) const TAG_KICK: u8 = b'K';
 
 const FLAG_HELLO: u8 = 1;
 
@@ -36,6 +52,35 @@ pub(crate) enum Payload<'a> {
         name: Option<&'a str>,
     },
     Presence(Snapshot),
+    Direct(Direct<'a>),
+    Probe {
+        user: &'a str,
+    },
+    Status(UserStatus<'a>),
+    Kick {
+        user: &'a str,
+    },
+}
+
+/// A direct message (or its copy in a personal channel).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Direct<'a> {
+    pub(crate) name: Option<&'a str>,
+    pub(crate) to: &'a str,
+    /// The conversation's room, in a copy; `None` in the conversation itself.
+    pub(crate) conv: Option<&'a str>,
+    /// The original's cursor, in a copy.
+    pub(crate) cursor: Option<&'a str>,
+    pub(crate) body: &'a str,
+}
+
+/// One instance's announcement of a user's status.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct UserStatus<'a> {
+    pub(crate) instance: u128,
+    pub(crate) seq: u64,
+    pub(crate) online: bool,
+    pub(crate) user: &'a str,
 }
 
 /// One instance's view of who is online in a room.
@@ -70,6 +115,48 @@ pub(crate) fn typing(name: Option<&str>) -> Bytes {
     out.put_u8(TAG_TYPING);
     out.put_u8(name.len() as u8);
     out.put_slice(name);
+    out.freeze()
+}
+
+fn put_short(out: &mut BytesMut, s: Option<&str>) {
+    let s = short(s);
+    out.put_u8(s.len() as u8);
+    out.put_slice(s);
+}
+
+pub(crate) fn direct(d: &Direct<'_>) -> Bytes {
+    let mut out = BytesMut::with_capacity(5 + 4 * 64 + d.body.len());
+    out.put_u8(TAG_DIRECT);
+    put_short(&mut out, d.name);
+    put_short(&mut out, Some(d.to));
+    put_short(&mut out, d.conv);
+    put_short(&mut out, d.cursor);
+    out.put_slice(d.body.as_bytes());
+    out.freeze()
+}
+
+fn user_only(tag: u8, user: &str) -> Bytes {
+    let mut out = BytesMut::with_capacity(2 + user.len());
+    out.put_u8(tag);
+    put_short(&mut out, Some(user));
+    out.freeze()
+}
+
+pub(crate) fn probe(user: &str) -> Bytes {
+    user_only(TAG_PROBE, user)
+}
+
+pub(crate) fn kick(user: &str) -> Bytes {
+    user_only(TAG_KICK, user)
+}
+
+pub(crate) fn status(s: &UserStatus<'_>) -> Bytes {
+    let mut out = BytesMut::with_capacity(27 + s.user.len());
+    out.put_u8(TAG_STATUS);
+    out.put_u128(s.instance);
+    out.put_u64(s.seq);
+    out.put_u8(u8::from(s.online));
+    put_short(&mut out, Some(s.user));
     out.freeze()
 }
 
@@ -151,6 +238,44 @@ pub(crate) fn decode(bytes: &[u8]) -> Option<Payload<'_>> {
                 users,
             }))
         }
+        TAG_DIRECT => {
+            let name = non_empty(r.short_str()?);
+            let to = r.short_str()?;
+            let conv = non_empty(r.short_str()?);
+            let cursor = non_empty(r.short_str()?);
+            let body = std::str::from_utf8(r.0).ok()?;
+            Some(Payload::Direct(Direct {
+                name,
+                to,
+                conv,
+                cursor,
+                body,
+            }))
+        }
+        TAG_PROBE | TAG_KICK => {
+            let user = r.short_str()?;
+            r.0.is_empty().then_some(if bytes[0] == TAG_PROBE {
+                Payload::Probe { user }
+            } else {
+                Payload::Kick { user }
+            })
+        }
+        TAG_STATUS => {
+            let instance = u128::from_be_bytes(r.array()?);
+            let seq = u64::from_be_bytes(r.array()?);
+            let online = match r.u8()? {
+                0 => false,
+                1 => true,
+                _ => return None,
+            };
+            let user = r.short_str()?;
+            r.0.is_empty().then_some(Payload::Status(UserStatus {
+                instance,
+                seq,
+                online,
+                user,
+            }))
+        }
         _ => None,
     }
 }
@@ -184,6 +309,31 @@ mod tests {
             users: vec![Arc::from("a"), Arc::from("bé")],
         };
         assert_eq!(decode(&presence(&s)), Some(Payload::Presence(s)));
+        let d = Direct {
+            name: Some("Ann"),
+            to: "bob",
+            conv: Some("dm.a.b"),
+            cursor: Some("0-7"),
+            body: "psst",
+        };
+        assert_eq!(decode(&direct(&d)), Some(Payload::Direct(d)));
+        let plain = Direct {
+            name: None,
+            to: "bob",
+            conv: None,
+            cursor: None,
+            body: "",
+        };
+        assert_eq!(decode(&direct(&plain)), Some(Payload::Direct(plain)));
+        assert_eq!(decode(&probe("bé")), Some(Payload::Probe { user: "bé" }));
+        assert_eq!(decode(&kick("bob")), Some(Payload::Kick { user: "bob" }));
+        let st = UserStatus {
+            instance: 3 << 90,
+            seq: 4,
+            online: true,
+            user: "ann",
+        };
+        assert_eq!(decode(&status(&st)), Some(Payload::Status(st)));
     }
 
     #[test]
@@ -196,6 +346,11 @@ mod tests {
             b"M\x00\xff",
             b"T\x00extra",
             b"P\x00",
+            b"D\x00",
+            b"D\x00\x03bo",
+            b"Q\x03bob!",
+            b"K",
+            b"S\x00",
             b"P\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\xff\xff\xff\xff",
         ] {
             assert_eq!(decode(bad), None, "{bad:?}");

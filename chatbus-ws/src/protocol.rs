@@ -6,6 +6,7 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use chatbus_core::{Cursor, Room};
@@ -33,7 +34,9 @@ pub enum ErrorCode {
     /// The handshake carried no valid token (HTTP 401), or a `refresh` frame's token is
     /// invalid or for another user, or the connection's token expired (then close 4003).
     Unauthorized,
-    /// Not allowed: a foreign `Origin` (HTTP 403 at the handshake) or too many rooms.
+    /// Not allowed: a foreign `Origin` or a connect hook's refusal (HTTP 403 at the
+    /// handshake), too many rooms or watched users, a room the token does not grant, a
+    /// reserved room, another pair's direct conversation, or an application hook's denial.
     Forbidden,
     /// The request names a room this connection has not joined.
     NotJoined,
@@ -128,6 +131,17 @@ pub(crate) enum Request<'a> {
         room: Room,
         body: Cow<'a, str>,
     },
+    /// A `send` with `to`: a direct message.
+    Direct {
+        to: Arc<str>,
+        body: Cow<'a, str>,
+    },
+    Watch {
+        users: Vec<Arc<str>>,
+    },
+    Unwatch {
+        users: Vec<Arc<str>>,
+    },
     Typing {
         room: Room,
     },
@@ -150,7 +164,11 @@ impl Request<'_> {
             | Self::Send { room, .. }
             | Self::Typing { room }
             | Self::History { room, .. } => Some(room),
-            Self::Ping | Self::Refresh { .. } => None,
+            Self::Ping
+            | Self::Refresh { .. }
+            | Self::Direct { .. }
+            | Self::Watch { .. }
+            | Self::Unwatch { .. } => None,
         }
     }
 }
@@ -194,7 +212,15 @@ struct Raw<'a> {
     limit: Option<u64>,
     #[serde(borrow, default)]
     token: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    to: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    users: Option<Vec<Cow<'a, str>>>,
 }
+
+/// The most user ids one `watch` or `unwatch` frame may list (the per-connection bound is
+/// [`WsConfig::max_watch`](crate::WsConfig::max_watch)).
+const MAX_USERS_PER_FRAME: usize = 1000;
 
 /// Parses one text frame.
 pub(crate) fn parse(text: &[u8]) -> Result<(Request<'_>, Option<ClientId>), Rejected> {
@@ -234,14 +260,51 @@ pub(crate) fn parse(text: &[u8]) -> Result<(Request<'_>, Option<ClientId>), Reje
             room: room(raw.room)?,
         },
         "send" => {
-            let room = room(raw.room)?;
             let body = raw
                 .body
                 .ok_or_else(|| Rejected::bad("missing field `body`", cid()))?;
             if body.is_empty() {
                 return Err(Rejected::bad("`body` is empty", cid()));
             }
-            Request::Send { room, body }
+            match (raw.room, raw.to) {
+                (Some(_), Some(_)) => {
+                    return Err(Rejected::bad(
+                        "a `send` has either `room` or `to`, not both",
+                        cid(),
+                    ))
+                }
+                (None, Some(to)) => Request::Direct {
+                    to: user_id(&to).map_err(|m| Rejected::bad(format!("`to`: {m}"), cid()))?,
+                    body,
+                },
+                (room_name, None) => Request::Send {
+                    room: room(room_name)?,
+                    body,
+                },
+            }
+        }
+        "watch" | "unwatch" => {
+            let list = raw
+                .users
+                .ok_or_else(|| Rejected::bad("missing field `users`", cid()))?;
+            if list.len() > MAX_USERS_PER_FRAME {
+                return Err(Rejected::bad(
+                    format!("more than {MAX_USERS_PER_FRAME} users in one frame"),
+                    cid(),
+                ));
+            }
+            let mut users: Vec<Arc<str>> = Vec::with_capacity(list.len());
+            for u in &list {
+                let u = user_id(u).map_err(|m| Rejected::bad(format!("`users`: {m}"), cid()))?;
+                if !users.contains(&u) {
+                    users.push(u);
+                }
+            }
+            if &*ty == "watch" {
+                Request::Watch { users }
+            } else {
+                Request::Unwatch { users }
+            }
         }
         "typing" => Request::Typing {
             room: room(raw.room)?,
@@ -264,6 +327,13 @@ pub(crate) fn parse(text: &[u8]) -> Result<(Request<'_>, Option<ClientId>), Reje
         }
     };
     Ok((req, client_id))
+}
+
+/// A user id named by a client (`to`, `users`), validated like an authenticated one.
+fn user_id(s: &str) -> Result<Arc<str>, String> {
+    crate::auth::validate_user(s)
+        .map(|()| Arc::from(s))
+        .map_err(|e| e.message().to_owned())
 }
 
 // ---- server frames ---------------------------------------------------------------------------
@@ -354,18 +424,40 @@ struct Ack<'a> {
     client_id: Option<&'a ClientId>,
     id: AsDisplay<chatbus_core::MessageId>,
     cursor: Option<Cursor>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    room: Option<&'a str>,
 }
 
+/// The `ack` of a send; `room` is set for a direct message (its conversation's room).
 pub(crate) fn ack(
     client_id: Option<&ClientId>,
     id: chatbus_core::MessageId,
     cursor: Option<Cursor>,
+    room: Option<&Room>,
 ) -> Bytes {
     to_bytes(&Ack {
         ty: "ack",
         client_id,
         id: AsDisplay(id),
         cursor,
+        room: room.map(Room::as_str),
+    })
+}
+
+#[derive(Serialize)]
+struct Status<'a> {
+    #[serde(rename = "type")]
+    ty: &'static str,
+    user: &'a str,
+    online: bool,
+}
+
+/// `{"type":"status","user":U,"online":B}`.
+pub(crate) fn status(user: &str, online: bool) -> Bytes {
+    to_bytes(&Status {
+        ty: "status",
+        user,
+        online,
     })
 }
 
@@ -537,6 +629,33 @@ mod tests {
             parse(br#"{"type":"ping","extra":1}"#),
             Ok((Request::Ping, _))
         ));
+        let (r, _) = parse(br#"{"type":"send","to":"bob","body":"psst"}"#).expect("direct");
+        assert!(
+            matches!(r, Request::Direct { ref to, ref body } if &**to == "bob" && body == "psst")
+        );
+        let (r, _) = parse(br#"{"type":"watch","users":["a","b","a"]}"#).expect("watch");
+        assert!(matches!(r, Request::Watch { ref users } if users.len() == 2));
+        let (r, _) = parse(br#"{"type":"unwatch","users":[]}"#).expect("unwatch");
+        assert!(matches!(r, Request::Unwatch { ref users } if users.is_empty()));
+    }
+
+    #[test]
+    fn rejects_bad_direct_and_watch_frames() {
+        assert!(code(r#"{"type":"send","room":"a","to":"b","body":"x"}"#)
+            .1
+            .contains("not both"));
+        assert!(code(r#"{"type":"send","to":"","body":"x"}"#)
+            .1
+            .starts_with("`to`"));
+        assert_eq!(code(r#"{"type":"watch"}"#).1, "missing field `users`");
+        assert!(code(r#"{"type":"watch","users":["a\nb"]}"#)
+            .1
+            .starts_with("`users`"));
+        let many = format!(
+            r#"{{"type":"watch","users":[{}]}}"#,
+            vec![r#""u""#; 1001].join(",")
+        );
+        assert!(code(&many).1.contains("more than 1000"));
     }
 
     #[test]

@@ -26,6 +26,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::{display_name, Identity};
 use crate::close::CloseFrame;
+use crate::hooks::{self, ConnData, HookKind};
 use crate::ip::Refusal;
 use crate::metrics::WsCounters;
 use crate::protocol::{self, ErrorCode};
@@ -201,6 +202,25 @@ impl WsService {
                 }
             },
         };
+        let data = match &self.config().hooks {
+            None => None,
+            Some(hooks) => {
+                let info = hooks::ConnectInfo::new(&identity, headers, peer);
+                let hook = hooks.on_connect(&info);
+                let timeout = self.config().hook_timeout;
+                match hooks::call(&self.counters().hooks, HookKind::Connect, timeout, hook).await {
+                    Ok(data) => data,
+                    Err(denied) => {
+                        return refuse(
+                            self,
+                            StatusCode::FORBIDDEN,
+                            ErrorCode::Forbidden,
+                            denied.reason(),
+                        )
+                    }
+                }
+            }
+        };
         let svc = self.clone();
         let limit = self.config().hard_frame_size;
         upgrade
@@ -212,15 +232,15 @@ impl WsService {
                 // Held for the session's lifetime: the address's count drops when it ends (or
                 // when the upgrade fails and this closure is dropped unrun).
                 let _slot = slot;
-                svc.run_socket(socket, identity).await;
+                svc.run_socket(socket, identity, data).await;
             })
     }
 
-    async fn run_socket(&self, socket: WebSocket, identity: Identity) {
+    async fn run_socket(&self, socket: WebSocket, identity: Identity, data: ConnData) {
         let (sink, stream) = socket.split();
         let sink = sink.with(|m: WsMessage| future::ready(to_axum(m)));
         let stream = stream.map(|r| r.map(from_axum).map_err(classify));
-        self.run_session(identity, sink, stream).await;
+        self.run_session_with(identity, data, sink, stream).await;
     }
 
     /// Serves `app` merged with [`router`](Self::router) on `listener` until `shutdown`

@@ -12,6 +12,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Identity;
 use crate::chat::ChatHub;
 use crate::config::WsConfig;
+use crate::hooks::ConnData;
 use crate::ip::IpTable;
 use crate::metrics::{self, WsCounters, WsMetrics};
 use crate::session::{self, TransportError, WsMessage};
@@ -127,12 +128,28 @@ impl WsService {
         Si::Error: fmt::Display,
         St: Stream<Item = Result<WsMessage, TransportError>> + Unpin + Send,
     {
+        self.run_session_with(identity, None, sink, stream).await;
+    }
+
+    /// [`run_session`](Self::run_session) with the data a
+    /// [`Hooks::on_connect`](crate::Hooks::on_connect) attached (the caller ran the hook).
+    pub async fn run_session_with<Si, St>(
+        &self,
+        identity: Identity,
+        data: ConnData,
+        sink: Si,
+        stream: St,
+    ) where
+        Si: Sink<WsMessage> + Unpin + Send,
+        Si::Error: fmt::Display,
+        St: Stream<Item = Result<WsMessage, TransportError>> + Unpin + Send,
+    {
         // Boxed: inline, rustc keeps the moved-in sink and stream next to the session's future,
         // and all of it inside the connection's task (about 2.2 KiB over axum's socket); boxed,
         // the session state is one allocation of the size it needs (about 0.7 KiB).
         self.inner
             .sessions
-            .track_future(Box::pin(session::run(self, identity, sink, stream)))
+            .track_future(Box::pin(session::run(self, identity, data, sink, stream)))
             .await;
     }
 

@@ -127,6 +127,11 @@ pub(super) fn fan_out(hub: &HubInner, entry: &RoomEntry, env: &Envelope) -> u64 
         if frame.skip_sender && env.from.as_deref() == Some(&*m.session.user) {
             continue;
         }
+        if let Some(room) = &frame.skip_members_of {
+            if m.session.gen(room).is_some() {
+                continue;
+            }
+        }
         // Cursors of one room only grow, so a cursor at or below the member's last is a copy
         // it already has (replayed during catch-up, or delivered twice by the broker).
         if let (Some(c), Some(l)) = (env.cursor, m.last) {

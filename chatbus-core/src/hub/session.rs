@@ -16,11 +16,14 @@ use crate::envelope::{Cursor, Room};
 
 /// Why a session was closed by the hub.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum CloseReason {
     /// It could not keep up ([`SlowPolicy::Close`](super::SlowPolicy::Close), or too many unread replies).
     SlowConsumer,
     /// The hub is shutting down.
     Shutdown,
+    /// The application closed it (e.g. "disconnect this user everywhere").
+    Disconnected,
 }
 
 /// What [`Session::recv`] hands to the transport's writer.

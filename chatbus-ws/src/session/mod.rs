@@ -26,10 +26,12 @@ use futures::stream::FuturesUnordered;
 use futures::{Sink, Stream, StreamExt};
 use tokio::sync::oneshot;
 
+use crate::access::user_channel;
 use crate::auth::Identity;
 use crate::close::CloseFrame;
+use crate::hooks::{self, Conn, ConnData, HookKind};
 use crate::metrics::WsCounters;
-use crate::protocol::{self, Limits};
+use crate::protocol::{self, ErrorCode, Limits};
 use crate::service::WsService;
 
 use reader::Reader;
@@ -104,8 +106,13 @@ impl Drop for ConnectionGuard<'_> {
 }
 
 /// Runs one connection to its end.
-pub(crate) async fn run<Si, St>(svc: &WsService, identity: Identity, sink: Si, mut stream: St)
-where
+pub(crate) async fn run<Si, St>(
+    svc: &WsService,
+    identity: Identity,
+    data: ConnData,
+    sink: Si,
+    mut stream: St,
+) where
     Si: Sink<WsMessage> + Unpin + Send,
     Si::Error: fmt::Display,
     St: Stream<Item = Result<WsMessage, TransportError>> + Unpin + Send,
@@ -119,6 +126,21 @@ where
     let session = chat.hub().connect(identity.user.clone());
     let handle = session.handle();
     let cfg = svc.config();
+    let conn = Conn::new(identity, handle.id(), data);
+    let identity = &conn.identity;
+    // Reachable by user id before the client hears `welcome`: direct messages, status probes
+    // and "disconnect this user" arrive through the personal channel. Without it (the broker
+    // is down) the connection still works in rooms; it is told so.
+    if let Err(e) = handle.join(user_channel(&identity.user)).await {
+        svc.counters().count_error(ErrorCode::Unavailable);
+        handle.reply(protocol::error(
+            ErrorCode::Unavailable,
+            &format!("direct messages cannot reach this connection: {e}"),
+            None,
+            None,
+        ));
+    }
+    chat.users().connected(handle.clone());
     handle.reply(protocol::welcome(
         handle.id(),
         &identity.user,
@@ -144,7 +166,7 @@ where
     //   into join!) made this task's future about 4.7 KiB, the bulk of an idle connection's
     //   memory; boxed, each takes what it needs.
     let reader: Half<'_> = Box::pin(async {
-        let mut r = Reader::new(svc, handle.clone(), &identity, cfg);
+        let mut r = Reader::new(svc, handle.clone(), &conn, cfg);
         let end = r.run(&mut stream, &mut end_tx).await;
         // The writer may already be gone; then there is no one left to tell.
         let _ = end_tx.send(end);
@@ -175,7 +197,16 @@ where
     // reads the hub's members after this, so it must no longer see this session.
     let rooms = handle.rooms();
     drop(session);
+    chat.users().disconnected(&identity.user, handle.id());
     chat.presence_changed(rooms);
+    if let Some(hooks) = &cfg.hooks {
+        let counters = &svc.counters().hooks;
+        let hook = async {
+            hooks.on_disconnect(&conn).await;
+            Ok(())
+        };
+        let _ = hooks::call(counters, HookKind::Disconnect, cfg.hook_timeout, hook).await;
+    }
 
     if sent_close && matches!(end, End::TooLarge | End::InvalidUtf8) {
         // The socket library gave up on the stream, with the rest of the bad frame unread:

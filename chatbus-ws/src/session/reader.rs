@@ -5,18 +5,21 @@
 //! code. The reader also owns the idle timeout and notices shutdown between frames.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use chatbus_core::{Envelope, JoinOptions, Room, SessionHandle};
+use chatbus_core::{Cursor, Envelope, JoinOptions, Room, SessionHandle};
 use futures::{Stream, StreamExt};
 use tokio::sync::oneshot;
 use tokio::time::{Instant, Sleep};
 
 use super::{End, TransportError, WsMessage};
-use crate::auth::Identity;
+use crate::access::{self, direct_room, status_channel};
+use crate::api::ApiError;
 use crate::chat::history_item;
 use crate::config::{RateLimit, WsConfig};
+use crate::hooks::{self, Conn, HookKind, Publish};
 use crate::metrics::WsCounters;
 use crate::payload;
 use crate::protocol::{self, ClientId, ErrorCode, Request};
@@ -72,7 +75,7 @@ impl TokenBucket {
 pub(super) struct Reader<'a> {
     svc: &'a WsService,
     handle: SessionHandle,
-    identity: &'a Identity,
+    conn: &'a Conn,
     bucket: Option<TokenBucket>,
     /// Pings and pongs: tungstenite answers each ping by itself (keeping at most one pong
     /// pending), so without this budget a client could make the server read and answer pings
@@ -107,16 +110,16 @@ impl<'a> Reader<'a> {
     pub(super) fn new(
         svc: &'a WsService,
         handle: SessionHandle,
-        identity: &'a Identity,
+        conn: &'a Conn,
         cfg: &WsConfig,
     ) -> Self {
         Self {
             svc,
             handle,
-            identity,
+            conn,
             bucket: cfg.rate_limit.map(TokenBucket::new),
             control: cfg.control_rate_limit.map(TokenBucket::new),
-            expiry: expiry_timer(identity.expires_at),
+            expiry: expiry_timer(conn.identity.expires_at),
         }
     }
 
@@ -235,7 +238,7 @@ impl<'a> Reader<'a> {
                 let message = format!("refresh refused: {}", e.message());
                 self.error(ErrorCode::Unauthorized, &message, cid, None);
             }
-            Ok(id) if id.user != self.identity.user => self.error(
+            Ok(id) if id.user != self.conn.identity.user => self.error(
                 ErrorCode::Unauthorized,
                 "refresh refused: the token is for another user",
                 cid,
@@ -293,77 +296,56 @@ impl<'a> Reader<'a> {
             self.rate_limited(cid, req.room());
             return;
         }
-        let chat = self.svc.chat();
-        let hub = chat.hub();
         match req {
             Request::Ping => {
                 self.handle.reply(Bytes::from_static(protocol::PONG));
             }
             Request::Refresh { token } => self.refresh(&token, cid).await,
-            Request::Join { room, since } => {
-                if !self.handle.is_member(&room) && self.handle.rooms().len() >= cfg.max_rooms {
-                    let max = cfg.max_rooms;
-                    self.error(
-                        ErrorCode::Forbidden,
-                        &format!("room limit reached ({max} per connection)"),
-                        cid,
-                        Some(&room),
-                    );
-                    return;
-                }
-                // Same test as the hub's: a resume replays only where the broker keeps history.
-                let resuming = since.is_some() && hub.broker().capabilities().replay;
-                let reply = protocol::joined(&room, resuming, cid);
-                let options = JoinOptions::default().since(since).reply(reply);
-                if let Err(e) = self.handle.join_with(room.clone(), options).await {
-                    self.broker_error(&e, cid, &room, "join");
-                    return;
-                }
-                chat.presence_changed([room.clone()]);
-                self.handle.reply(protocol::presence(
-                    &room,
-                    &chat.online(&room),
-                    chat.presence_config().max_listed,
-                ));
-            }
+            Request::Join { room, since } => self.join(room, since, cid).await,
             Request::Leave { room } => {
                 if !self.handle.leave(&room) {
                     self.not_joined(cid, &room);
                     return;
                 }
                 self.handle.reply(protocol::left(&room, cid));
-                chat.presence_changed([room]);
+                self.svc.chat().presence_changed([room]);
             }
             Request::Send { room, body } => {
+                // Access first: a third user learns nothing of a room it may not use.
+                if !self.access(&room, cid) {
+                    return;
+                }
                 if !self.handle.is_member(&room) {
                     self.not_joined(cid, &room);
                     return;
                 }
-                let env = Envelope::new(
-                    room,
-                    payload::message(self.identity.display_name_if_different(), &body),
-                )
-                .with_from(self.identity.user.clone());
-                match hub.publish(&env).await {
-                    Ok(receipt) => {
-                        WsCounters::inc(&self.svc.counters().messages_in);
-                        self.handle
-                            .reply(protocol::ack(cid, receipt.id, receipt.cursor));
-                    }
-                    Err(e) => self.broker_error(&e, cid, &env.room, "send"),
+                if self.allow(HookKind::Send, &room, Some(&body), cid).await {
+                    self.send(room, None, body.into_owned(), cid).await;
+                }
+            }
+            Request::Direct { to, body } => {
+                let room = direct_room(&self.conn.identity.user, &to);
+                if self.allow(HookKind::Send, &room, Some(&body), cid).await {
+                    self.send(room, Some(to), body.into_owned(), cid).await;
                 }
             }
             Request::Typing { room } => {
+                if !self.access(&room, cid) {
+                    return;
+                }
                 if !self.handle.is_member(&room) {
                     self.not_joined(cid, &room);
+                    return;
+                }
+                if !self.allow(HookKind::Typing, &room, None, cid).await {
                     return;
                 }
                 let env = Envelope::ephemeral(
                     room,
-                    payload::typing(self.identity.display_name_if_different()),
+                    payload::typing(self.conn.identity.display_name_if_different()),
                 )
-                .with_from(self.identity.user.clone());
-                if let Err(e) = hub.publish(&env).await {
+                .with_from(self.conn.identity.user.clone());
+                if let Err(e) = self.svc.chat().hub().publish(&env).await {
                     self.broker_error(&e, cid, &env.room, "typing");
                 }
             }
@@ -371,24 +353,208 @@ impl<'a> Reader<'a> {
                 room,
                 before,
                 limit,
-            } => {
-                if !self.handle.is_member(&room) {
-                    self.not_joined(cid, &room);
-                    return;
-                }
-                let max = cfg.max_history.max(1);
-                let limit = limit.map_or(cfg.default_history, |l| {
-                    usize::try_from(l).unwrap_or(usize::MAX)
-                });
-                let limit = limit.clamp(1, max);
-                match hub.history(&room, before, limit).await {
-                    Ok(envs) => {
-                        let items: Vec<Bytes> = envs.iter().filter_map(history_item).collect();
-                        self.handle.reply(protocol::history(&room, &items, cid));
-                    }
-                    Err(e) => self.broker_error(&e, cid, &room, "history"),
+            } => self.history(room, before, limit, cid).await,
+            Request::Watch { users } => self.watch(users, cid).await,
+            Request::Unwatch { users } => {
+                for u in &users {
+                    self.handle.leave(&status_channel(u));
                 }
             }
+        }
+    }
+
+    /// The built-in checks ([`access::check`]: grants, reserved rooms, other pairs'
+    /// conversations), then the application's hook; answers `forbidden` and returns false if
+    /// either refuses.
+    async fn allow(
+        &self,
+        kind: HookKind,
+        room: &Room,
+        body: Option<&str>,
+        cid: Option<&ClientId>,
+    ) -> bool {
+        if !self.access(room, cid) {
+            return false;
+        }
+        let cfg = self.svc.config();
+        let Some(h) = &cfg.hooks else {
+            return true;
+        };
+        let conn = self.conn;
+        let hook = async {
+            match kind {
+                HookKind::Join => h.on_join(conn, room).await,
+                HookKind::History => h.on_history(conn, room).await,
+                HookKind::Typing => h.on_typing(conn, room).await,
+                _ => h.on_send(conn, room, body.unwrap_or_default()).await,
+            }
+        };
+        match hooks::call(&self.svc.counters().hooks, kind, cfg.hook_timeout, hook).await {
+            Ok(()) => true,
+            Err(denied) => {
+                self.error(ErrorCode::Forbidden, denied.reason(), cid, Some(room));
+                false
+            }
+        }
+    }
+
+    /// The built-in checks alone; answers `forbidden` and returns false if they refuse.
+    fn access(&self, room: &Room, cid: Option<&ClientId>) -> bool {
+        match access::check(&self.conn.identity, room) {
+            Ok(()) => true,
+            Err(reason) => {
+                self.error(ErrorCode::Forbidden, reason, cid, Some(room));
+                false
+            }
+        }
+    }
+
+    async fn join(&mut self, room: Room, since: Option<Cursor>, cid: Option<&ClientId>) {
+        let cfg = self.svc.config();
+        let chat = self.svc.chat();
+        let member = self.handle.is_member(&room);
+        if !member && self.client_rooms() >= cfg.max_rooms {
+            let max = cfg.max_rooms;
+            self.error(
+                ErrorCode::Forbidden,
+                &format!("room limit reached ({max} per connection)"),
+                cid,
+                Some(&room),
+            );
+            return;
+        }
+        if !self.allow(HookKind::Join, &room, None, cid).await {
+            return;
+        }
+        // Same test as the hub's: a resume replays only where the broker keeps history.
+        let resuming = since.is_some() && chat.hub().broker().capabilities().replay;
+        let reply = protocol::joined(&room, resuming, cid);
+        let options = JoinOptions::default().since(since).reply(reply);
+        if let Err(e) = self.handle.join_with(room.clone(), options).await {
+            self.broker_error(&e, cid, &room, "join");
+            return;
+        }
+        chat.presence_changed([room.clone()]);
+        self.handle.reply(protocol::presence(
+            &room,
+            &chat.online(&room),
+            chat.presence_config().max_listed,
+        ));
+    }
+
+    /// Rooms the client joined (its personal and status channels do not count).
+    fn client_rooms(&self) -> usize {
+        self.handle
+            .rooms()
+            .iter()
+            .filter(|r| access::is_client_room(r))
+            .count()
+    }
+
+    async fn send(&self, room: Room, to: Option<Arc<str>>, body: String, cid: Option<&ClientId>) {
+        let identity = &self.conn.identity;
+        let publish = Publish {
+            room: room.clone(),
+            from: identity.user.clone(),
+            to,
+            body,
+            by_server: false,
+        };
+        let direct = publish.to.is_some();
+        match self
+            .svc
+            .publish_message(publish, identity.display_name_if_different())
+            .await
+        {
+            Ok(receipt) => {
+                WsCounters::inc(&self.svc.counters().messages_in);
+                let conversation = direct.then_some(&room);
+                self.handle
+                    .reply(protocol::ack(cid, receipt.id, receipt.cursor, conversation));
+            }
+            Err(ApiError::Broker(e)) => self.broker_error(&e, cid, &room, "send"),
+            Err(e) => {
+                let message = match &e {
+                    ApiError::Denied(d) => d.reason().to_owned(),
+                    other => other.to_string(),
+                };
+                self.error(e.code(), &message, cid, Some(&room));
+            }
+        }
+    }
+
+    async fn history(
+        &self,
+        room: Room,
+        before: Option<Cursor>,
+        limit: Option<u64>,
+        cid: Option<&ClientId>,
+    ) {
+        // A participant may read its direct conversations without joining them.
+        if !self.access(&room, cid) {
+            return;
+        }
+        let direct = room.as_str().starts_with(access::DIRECT_PREFIX);
+        if !direct && !self.handle.is_member(&room) {
+            self.not_joined(cid, &room);
+            return;
+        }
+        if !self.allow(HookKind::History, &room, None, cid).await {
+            return;
+        }
+        let cfg = self.svc.config();
+        let max = cfg.max_history.max(1);
+        let limit = limit.map_or(cfg.default_history, |l| {
+            usize::try_from(l).unwrap_or(usize::MAX)
+        });
+        let limit = limit.clamp(1, max);
+        match self.svc.chat().hub().history(&room, before, limit).await {
+            Ok(envs) => {
+                let items: Vec<Bytes> = envs.iter().filter_map(history_item).collect();
+                self.handle.reply(protocol::history(&room, &items, cid));
+            }
+            Err(e) => self.broker_error(&e, cid, &room, "history"),
+        }
+    }
+
+    /// A `watch`: subscribe to each user's status channel (so announcements reach this
+    /// instance), probe the users not tracked yet, then answer each one's status.
+    async fn watch(&self, users: Vec<Arc<str>>, cid: Option<&ClientId>) {
+        let cfg = self.svc.config();
+        let watching = self
+            .handle
+            .rooms()
+            .iter()
+            .filter(|r| access::is_status_channel(r))
+            .count();
+        let new = users
+            .iter()
+            .filter(|u| !self.handle.is_member(&status_channel(u)))
+            .count();
+        if watching + new > cfg.max_watch {
+            let max = cfg.max_watch;
+            self.error(
+                ErrorCode::Forbidden,
+                &format!("watch limit reached ({max} users per connection)"),
+                cid,
+                None,
+            );
+            return;
+        }
+        let chat = self.svc.chat();
+        let status = chat.users();
+        for u in &users {
+            if let Err(e) = self.handle.join(status_channel(u)).await {
+                let code = ErrorCode::for_error(&e);
+                self.error(code, &format!("watch failed: {e}"), cid, None);
+                return;
+            }
+            if status.watch(u) {
+                status.probe(chat.hub(), u).await;
+            }
+        }
+        for (user, online) in status.settle(&users).await {
+            self.handle.reply(protocol::status(&user, online));
         }
     }
 

@@ -113,7 +113,9 @@ where
             Ok(Ok(Some(reason))) => {
                 let code = match reason {
                     CloseReason::SlowConsumer => CloseCode::SlowConsumer,
-                    CloseReason::Shutdown => CloseCode::GoingAway,
+                    CloseReason::Disconnected => CloseCode::Disconnected,
+                    // Shutdown, and any reason a later hub adds: the client should reconnect.
+                    _ => CloseCode::GoingAway,
                 };
                 // Boxed, like the ping below: once per session, and inline its timer and send
                 // would size every idle writer.

@@ -35,7 +35,11 @@ impl Server {
     }
 
     pub async fn with_broker(broker: Arc<dyn Broker>, config: WsConfig) -> Self {
-        let ws = WsService::new(ChatHub::new(broker), config);
+        Self::with_chat(ChatHub::new(broker), config).await
+    }
+
+    pub async fn with_chat(chat: ChatHub, config: WsConfig) -> Self {
+        let ws = WsService::new(chat, config);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind 127.0.0.1:0");

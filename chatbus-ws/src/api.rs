@@ -1,0 +1,212 @@
+//! The server-side API ([`WsService::publish`], [`send_to_user`](WsService::send_to_user),
+//! [`disconnect_user`](WsService::disconnect_user), [`online`](WsService::online)) and the one
+//! publish path every chat message takes, from a client or from the server: the
+//! [`Hooks::on_publish`](crate::Hooks::on_publish) hook, then the broker.
+//!
+//! A direct message is published once, durably, in its conversation's room (so history and
+//! resume work for both participants), then copied as an ephemeral envelope into the personal
+//! channel of each participant, with the original's id and cursor: every connection of both
+//! users, on any instance, gets it live without joining anything. A connection that did join
+//! the conversation skips the copy and gets the message from the room. A copy lost on the way
+//! (its broker down) is a live notification missed, never a message lost: the conversation
+//! has it.
+
+use std::fmt;
+use std::sync::Arc;
+
+use chatbus_core::{Envelope, Receipt, Room};
+
+use crate::access::{direct_room, user_channel};
+use crate::auth::validate_user;
+use crate::hooks::{self, Denied, HookKind, Publish};
+use crate::payload::{self, Direct};
+use crate::protocol::ErrorCode;
+use crate::service::WsService;
+
+/// Why a message of the server API (or of a client) was not published, or a user not
+/// disconnected.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ApiError {
+    /// The [`on_publish`](crate::Hooks::on_publish) hook refused it (or failed).
+    Denied(Denied),
+    /// An argument is invalid: a user id, an empty body.
+    Invalid(String),
+    /// The broker did not take it.
+    Broker(chatbus_core::Error),
+}
+
+impl ApiError {
+    /// The protocol error code for it (what a client is answered, what an HTTP API maps to a
+    /// status).
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::Denied(_) => ErrorCode::Forbidden,
+            Self::Invalid(_) => ErrorCode::BadRequest,
+            Self::Broker(e) => ErrorCode::for_error(e),
+        }
+    }
+}
+
+impl fmt::Display for ApiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Denied(d) => write!(f, "denied: {d}"),
+            Self::Invalid(m) => f.write_str(m),
+            Self::Broker(e) => write!(f, "broker: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for ApiError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Broker(e) => Some(e),
+            Self::Denied(d) => Some(d),
+            Self::Invalid(_) => None,
+        }
+    }
+}
+
+fn user(id: &str, what: &str) -> Result<Arc<str>, ApiError> {
+    validate_user(id)
+        .map(|()| Arc::from(id))
+        .map_err(|e| ApiError::Invalid(format!("`{what}`: {e}")))
+}
+
+fn body(body: &str) -> Result<(), ApiError> {
+    if body.is_empty() {
+        return Err(ApiError::Invalid("`body` is empty".into()));
+    }
+    Ok(())
+}
+
+impl WsService {
+    /// Publishes a chat message to `room` as user `from` (for bots, announcements, backend
+    /// events): the [`on_publish`](crate::Hooks::on_publish) hook runs as for a client's send,
+    /// then the room's members on every instance get a `message` frame.
+    pub async fn publish(&self, room: Room, from: &str, text: &str) -> Result<Receipt, ApiError> {
+        body(text)?;
+        let publish = Publish {
+            room,
+            from: user(from, "from")?,
+            to: None,
+            body: text.to_owned(),
+            by_server: true,
+        };
+        self.publish_message(publish, None).await
+    }
+
+    /// Sends a direct message from user `from` to user `to`; returns the conversation's room
+    /// and the receipt. Every connection of both users, on every instance, gets it.
+    pub async fn send_to_user(
+        &self,
+        from: &str,
+        to: &str,
+        text: &str,
+    ) -> Result<(Room, Receipt), ApiError> {
+        body(text)?;
+        let (from, to) = (user(from, "from")?, user(to, "to")?);
+        let room = direct_room(&from, &to);
+        let publish = Publish {
+            room: room.clone(),
+            from,
+            to: Some(to),
+            body: text.to_owned(),
+            by_server: true,
+        };
+        let receipt = self.publish_message(publish, None).await?;
+        Ok((room, receipt))
+    }
+
+    /// Closes every connection of `user`, on every instance, with close code 4009
+    /// ([`CloseCode::Disconnected`](crate::CloseCode::Disconnected)). Returns how many were
+    /// open on this instance (the others close as the broker brings them the order).
+    ///
+    /// Without a working broker only this instance's connections close (and the error says
+    /// so).
+    pub async fn disconnect_user(&self, user_id: &str) -> Result<usize, ApiError> {
+        let user_id = user(user_id, "user")?;
+        let here = self.chat().users().kick(&user_id);
+        let env = Envelope::ephemeral(user_channel(&user_id), payload::kick(&user_id));
+        self.chat()
+            .hub()
+            .publish(&env)
+            .await
+            .map_err(ApiError::Broker)?;
+        Ok(here)
+    }
+
+    /// The users online in `room` across instances (from presence: within one presence
+    /// interval of any change), sorted.
+    pub fn online(&self, room: &Room) -> Vec<Arc<str>> {
+        self.chat().online(room)
+    }
+
+    /// The path of every chat message: the publish hook, then the broker (for a direct
+    /// message, the conversation's room and then the two personal copies). `name` is the
+    /// sender's display name, if any.
+    pub(crate) async fn publish_message(
+        &self,
+        publish: Publish,
+        name: Option<&str>,
+    ) -> Result<Receipt, ApiError> {
+        let cfg = self.config();
+        let (room, from, to) = (
+            publish.room.clone(),
+            publish.from.clone(),
+            publish.to.clone(),
+        );
+        let text = match &cfg.hooks {
+            None => publish.body,
+            Some(h) => {
+                let mut publish = publish;
+                hooks::call(
+                    &self.counters().hooks,
+                    HookKind::Publish,
+                    cfg.hook_timeout,
+                    h.on_publish(&mut publish),
+                )
+                .await
+                .map_err(ApiError::Denied)?;
+                // Only the body is the hook's to change: where a message goes and who sent it
+                // were checked before the hook ran.
+                if publish.body.is_empty() {
+                    return Err(ApiError::Invalid("`body` is empty after the hook".into()));
+                }
+                publish.body
+            }
+        };
+        let hub = self.chat().hub();
+        let Some(to) = to else {
+            let env = Envelope::new(room, payload::message(name, &text)).with_from(from);
+            return hub.publish(&env).await.map_err(ApiError::Broker);
+        };
+        let mut direct = Direct {
+            name,
+            to: &to,
+            conv: None,
+            cursor: None,
+            body: &text,
+        };
+        let env = Envelope::new(room.clone(), payload::direct(&direct)).with_from(from.clone());
+        let receipt = hub.publish(&env).await.map_err(ApiError::Broker)?;
+        let ts = env.ts;
+        let cursor = receipt.cursor.map(|c| c.to_string());
+        direct.conv = Some(room.as_str());
+        direct.cursor = cursor.as_deref();
+        let copy = payload::direct(&direct);
+        let targets: &[&Arc<str>] = if to == from { &[&to] } else { &[&to, &from] };
+        for target in targets {
+            let mut env =
+                Envelope::ephemeral(user_channel(target), copy.clone()).with_from(from.clone());
+            // The same message: the same id (and time) as in the conversation.
+            env.id = receipt.id;
+            env.ts = ts;
+            if let Err(e) = hub.publish(&env).await {
+                tracing::warn!(room = %room, error = %e, "direct message copy not published; the conversation has it");
+            }
+        }
+        Ok(receipt)
+    }
+}
