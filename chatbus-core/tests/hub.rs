@@ -559,3 +559,49 @@ async fn an_ended_subscription_is_renewed_and_members_resync_what_it_missed() ->
     assert_eq!(hub.stats().broker_errors, 1);
     Ok(())
 }
+
+/// An encoder that marks every message of room `copies` as a copy of room `original`.
+#[derive(Debug)]
+struct CopyOf {
+    copies: Room,
+    original: Room,
+}
+
+impl chatbus_core::FrameEncoder for CopyOf {
+    fn encode(&self, env: &Envelope) -> Option<chatbus_core::Frame> {
+        let frame = chatbus_core::Frame::new(env.payload.clone());
+        Some(if env.room == self.copies {
+            frame.skip_members_of(self.original.clone())
+        } else {
+            frame
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_copy_skips_the_members_of_its_original_room() -> Result<()> {
+    let (copies, original) = (room("inbox"), room("conversation"));
+    let hub = Hub::builder(Arc::new(MemoryBroker::new()))
+        .encoder(Arc::new(CopyOf {
+            copies: copies.clone(),
+            original: original.clone(),
+        }))
+        .build();
+    let mut joined = hub.connect("ann");
+    let mut inbox_only = hub.connect("ann");
+    joined.handle().join(copies.clone()).await?;
+    joined.handle().join(original.clone()).await?;
+    inbox_only.handle().join(copies.clone()).await?;
+    hub.publish(&Envelope::new(original.clone(), "m1")).await?;
+    hub.publish(&Envelope::ephemeral(copies.clone(), "m1 (copy)"))
+        .await?;
+    // The member of the original gets the message once, from the original.
+    assert_eq!(next_frame(&mut joined).await, "m1");
+    silent(&mut joined).await;
+    assert_eq!(next_frame(&mut inbox_only).await, "m1 (copy)");
+    // Leaving the original brings the copies back.
+    joined.handle().leave(&original);
+    hub.publish(&Envelope::ephemeral(copies, "m2 (copy)")).await?;
+    assert_eq!(next_frame(&mut joined).await, "m2 (copy)");
+    Ok(())
+}

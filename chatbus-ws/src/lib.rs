@@ -11,6 +11,16 @@
 //!   handshake timeouts, per-address [`IpLimits`]) and the token [`Verifier`] ([`JwtVerifier`]
 //!   for HS256 / RS256, feature `jwt`, on by default). Build it from `WsConfig::default()`
 //!   with the `with_*` setters.
+//! - [`Hooks`] let the application accept connections and attach data to them, allow or deny
+//!   joins, history, typing and sends, and rewrite or refuse every message before it is
+//!   published (set with [`WsConfig::with_hooks`]); each call is bounded by
+//!   [`WsConfig::hook_timeout`], and a failing hook denies, never crashes.
+//! - Who may use which room: the token's [`RoomGrants`] (JWT claim `rooms`), reserved internal
+//!   names, and direct conversations ([`direct_room`]) open to their two participants only.
+//! - Users are addressable on every instance: direct messages (`send` with `to`), user status
+//!   (`watch` / `status`), and the server API on [`WsService`]: [`publish`](WsService::publish),
+//!   [`send_to_user`](WsService::send_to_user), [`disconnect_user`](WsService::disconnect_user),
+//!   [`online`](WsService::online).
 //! - Connections end with a documented [`CloseCode`].
 //! - Every refused input is counted by [`ErrorCode`] in [`WsMetrics`];
 //!   [`register_metrics`](WsService::register_metrics) exports the counters through
@@ -87,8 +97,9 @@
 //! | `chatbus_flood_closed_total` | counter | connections closed with 4008 for control frames past [`WsConfig::control_rate_limit`] |
 //! | `chatbus_tls_errors_total` | counter | failed TLS handshakes (`WsService::serve_tls`, feature `tls`) |
 //! | `chatbus_broker_errors_total`, `chatbus_decode_errors_total` | counter | broker subscription errors, undecodable envelopes |
-//! | `chatbus_sessions`, `chatbus_rooms` | gauge | hub sessions, rooms with local members |
+//! | `chatbus_sessions`, `chatbus_rooms` | gauge | hub sessions, rooms with local members (each connected user's personal channel and each watched user's status channel included) |
 //! | `chatbus_errors_total{code}` | counter | errors answered, by [`ErrorCode`] (handshake refusals included) |
+//! | `chatbus_hook_calls_total{hook}`, `chatbus_hook_denials_total{hook}`, `chatbus_hook_failures_total{hook}`, `chatbus_hook_micros_total{hook}` | counter | application [`Hooks`] calls, denials, failures (timeouts, panics) and time spent, by [`HookKind`] |
 //!
 //! ```
 //! use std::sync::Arc;
