@@ -111,7 +111,7 @@ impl Platform {
     async fn connect(&self, instance: usize, user: &str, rooms: Option<&[&str]>) -> WsClient {
         let label = format!("{user}@instance{}", instance + 1);
         let path = format!("/ws?token={}", token(user, rooms));
-        match WsClient::connect(self.port(instance), &path, &label).await {
+        match WsClient::connect_as(self.port(instance), &path, &label).await {
             Ok(c) => c,
             Err(e) => panic!("{:?}: cannot connect {e}", self.backend),
         }
@@ -579,7 +579,8 @@ async fn api(
     if let Some(a) = &auth {
         headers.push(("Authorization", a.as_str()));
     }
-    let Some((code, text)) = http_request(port, method, path, &headers, body).await else {
+    let Some((code, text)) = http_request(port, method, path, &headers, body.unwrap_or("")).await
+    else {
         panic!("{method} {path} on port {port}: no HTTP answer");
     };
     let json = serde_json::from_str(&text).unwrap_or(Value::Null);

@@ -601,7 +601,8 @@ async fn a_copy_skips_the_members_of_its_original_room() -> Result<()> {
     assert_eq!(next_frame(&mut inbox_only).await, "m1 (copy)");
     // Leaving the original brings the copies back.
     joined.handle().leave(&original);
-    hub.publish(&Envelope::ephemeral(copies, "m2 (copy)")).await?;
+    hub.publish(&Envelope::ephemeral(copies, "m2 (copy)"))
+        .await?;
     assert_eq!(next_frame(&mut joined).await, "m2 (copy)");
     Ok(())
 }

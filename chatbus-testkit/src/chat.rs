@@ -23,15 +23,20 @@ use crate::{free_port, wait_for_port};
 /// `target/<profile>/examples/chat-server`, found from the running test binary's path
 /// (`target/<profile>/deps/<test>`), so any `CARGO_TARGET_DIR` works.
 pub fn chat_server_program() -> PathBuf {
+    example_program("chat-server")
+}
+
+/// Where cargo put the example `name` for this build, found like [`chat_server_program`].
+pub fn example_program(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     let profile_dir = exe
         .parent()
         .and_then(|deps| deps.parent())
         .unwrap_or_else(|| panic!("unexpected test binary path {}", exe.display()));
-    let path = profile_dir.join("examples").join("chat-server");
+    let path = profile_dir.join("examples").join(name);
     assert!(
         path.is_file(),
-        "{} not found: build it with `cargo build --example chat-server` (cargo test builds it)",
+        "{} not found: build it with `cargo build --example {name}` (cargo test builds it)",
         path.display()
     );
     path
@@ -156,18 +161,18 @@ fn now_ms() -> u64 {
 
 /// A minimal HTTP/1.1 GET on loopback: (status, body), or None if the connection failed.
 pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    http_request(port, "GET", path, &[], None).await
+    http_request(port, "GET", path, &[], "").await
 }
 
-/// A minimal HTTP/1.1 request on loopback with extra `headers` and an optional `body` (sent
-/// with its `Content-Length`): (status, body), or None if the connection failed or nothing
-/// came back within 5 s. A chunked response body is decoded.
+/// A minimal HTTP/1.1 request on loopback with extra `headers` and a `body` (sent with its
+/// `Content-Length`): (status, body), or None if the connection failed or nothing came back
+/// within 5 s. A chunked response body is decoded.
 pub async fn http_request(
     port: u16,
     method: &str,
     path: &str,
     headers: &[(&str, &str)],
-    body: Option<&str>,
+    body: &str,
 ) -> Option<(u16, String)> {
     use std::fmt::Write as _;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -175,16 +180,16 @@ pub async fn http_request(
         let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
             .ok()?;
-        let mut req =
-            format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n");
+        let mut req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\
+             Content-Length: {}\r\n",
+            body.len()
+        );
         for (name, value) in headers {
             let _ = write!(req, "{name}: {value}\r\n");
         }
-        if let Some(b) = body {
-            let _ = write!(req, "Content-Length: {}\r\n", b.len());
-        }
         req.push_str("\r\n");
-        req.push_str(body.unwrap_or(""));
+        req.push_str(body);
         s.write_all(req.as_bytes()).await.ok()?;
         let mut buf = Vec::new();
         s.read_to_end(&mut buf).await.ok()?;

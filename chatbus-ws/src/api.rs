@@ -11,6 +11,7 @@
 //! (its broker down) is a live notification missed, never a message lost: the conversation
 //! has it.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 
@@ -68,6 +69,15 @@ impl std::error::Error for ApiError {
     }
 }
 
+/// A chat message on its way to the broker (see [`WsService::publish_message`]).
+pub(crate) struct Outgoing<'a> {
+    pub(crate) room: Room,
+    pub(crate) from: Arc<str>,
+    pub(crate) to: Option<Arc<str>>,
+    pub(crate) body: Cow<'a, str>,
+    pub(crate) by_server: bool,
+}
+
 fn user(id: &str, what: &str) -> Result<Arc<str>, ApiError> {
     validate_user(id)
         .map(|()| Arc::from(id))
@@ -87,14 +97,14 @@ impl WsService {
     /// then the room's members on every instance get a `message` frame.
     pub async fn publish(&self, room: Room, from: &str, text: &str) -> Result<Receipt, ApiError> {
         body(text)?;
-        let publish = Publish {
+        let out = Outgoing {
             room,
             from: user(from, "from")?,
             to: None,
-            body: text.to_owned(),
+            body: Cow::Borrowed(text),
             by_server: true,
         };
-        self.publish_message(publish, None).await
+        self.publish_message(out, None).await
     }
 
     /// Sends a direct message from user `from` to user `to`; returns the conversation's room
@@ -108,14 +118,14 @@ impl WsService {
         body(text)?;
         let (from, to) = (user(from, "from")?, user(to, "to")?);
         let room = direct_room(&from, &to);
-        let publish = Publish {
+        let out = Outgoing {
             room: room.clone(),
             from,
             to: Some(to),
-            body: text.to_owned(),
+            body: Cow::Borrowed(text),
             by_server: true,
         };
-        let receipt = self.publish_message(publish, None).await?;
+        let receipt = self.publish_message(out, None).await?;
         Ok((room, receipt))
     }
 
@@ -148,19 +158,28 @@ impl WsService {
     /// sender's display name, if any.
     pub(crate) async fn publish_message(
         &self,
-        publish: Publish,
+        out: Outgoing<'_>,
         name: Option<&str>,
     ) -> Result<Receipt, ApiError> {
         let cfg = self.config();
-        let (room, from, to) = (
-            publish.room.clone(),
-            publish.from.clone(),
-            publish.to.clone(),
-        );
+        let Outgoing {
+            room,
+            from,
+            to,
+            body: text,
+            by_server,
+        } = out;
         let text = match &cfg.hooks {
-            None => publish.body,
+            // No hooks: the body is published from the client's frame as it was parsed.
+            None => text,
             Some(h) => {
-                let mut publish = publish;
+                let mut publish = Publish {
+                    room: room.clone(),
+                    from: from.clone(),
+                    to: to.clone(),
+                    body: text.into_owned(),
+                    by_server,
+                };
                 hooks::call(
                     &self.counters().hooks,
                     HookKind::Publish,
@@ -174,7 +193,7 @@ impl WsService {
                 if publish.body.is_empty() {
                     return Err(ApiError::Invalid("`body` is empty after the hook".into()));
                 }
-                publish.body
+                Cow::Owned(publish.body)
             }
         };
         let hub = self.chat().hub();

@@ -240,6 +240,10 @@ async fn the_rooms_claim_limits_rooms_but_not_own_conversations() {
     let mut free = user(&two, "bob").await;
     ann.join("lobby").await;
     ann.join("team-a-x").await;
+    // Not even its own personal channel is the client's to leave.
+    let own = format!("_u:{}", &direct_room("ann", "ann").as_str()[3..35]);
+    ann.send(json!({"type": "leave", "room": own})).await;
+    ann.expect_error("forbidden").await;
     for room in ["team-b", "lobby2", "_internal"] {
         ann.send(json!({"type": "join", "room": room})).await;
         let e = ann.expect_error("forbidden").await;

@@ -16,6 +16,17 @@
 //! draining), `/metrics` Prometheus text (one `prometheus-client` registry: chatbus-ws's
 //! counters, the broker's, and `chatbus_broker_up`).
 //!
+//! Server API: with `--api-key` (or `CHATBUS_API_KEY`), `/api/publish`, `/api/send`,
+//! `/api/disconnect` and `/api/presence` let the application's backend post messages, message
+//! a user, disconnect a user and list who is online, with `Authorization: Bearer <key>` (see
+//! docs/api.md); without a key every `/api/*` path is a 404.
+//!
+//! ```text
+//! CHATBUS_API_KEY=$(openssl rand -hex 32) cargo run --release --example chat-server
+//! curl -H "Authorization: Bearer $CHATBUS_API_KEY" -d '{"room":"lobby","from":"bot","body":"hi"}' \
+//!     http://127.0.0.1:3000/api/publish
+//! ```
+//!
 //! TLS: `--tls-cert chain.pem --tls-key key.pem` serves `https://` and `wss://` on the same
 //! port (rustls). The files are read once at start: a renewed certificate takes a restart
 //! (drain one instance at a time; clients reconnect and resume).
@@ -49,8 +60,10 @@ use clap::{Parser, ValueEnum};
 use prometheus_client::collector::Collector;
 use tracing_subscriber::EnvFilter;
 
+mod api;
 mod metrics;
 
+use api::ApiKey;
 use metrics::{DualMetrics, KafkaMetrics, RedisMetrics, Scrape};
 
 /// The page, embedded at compile time: the binary is all there is to deploy.
@@ -206,6 +219,22 @@ struct Args {
     /// Seconds a new connection gets to complete its HTTP upgrade (TLS handshake included).
     #[arg(long, env = "CHATBUS_HANDSHAKE_TIMEOUT_SECS", default_value_t = 10)]
     handshake_timeout_secs: u64,
+
+    /// Milliseconds between presence heartbeats of this instance. Every instance must use the
+    /// same value: the users of an instance that died go offline after 3 intervals.
+    #[arg(
+        long,
+        env = "CHATBUS_PRESENCE_INTERVAL_MS",
+        default_value_t = 10_000,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    presence_interval_ms: u64,
+
+    /// Turn on the server API (`/api/*`) for callers presenting `Authorization: Bearer <this
+    /// key>`; without it every `/api/*` path is a 404. Prefer the environment variable: a
+    /// command-line flag is visible to every local user in `ps`.
+    #[arg(long, env = "CHATBUS_API_KEY", hide_env_values = true, value_parser = ApiKey::parse)]
+    api_key: Option<ApiKey>,
 }
 
 /// `--durable-down`.
@@ -454,7 +483,9 @@ async fn run(args: Args) -> Result<(), BoxError> {
             SlowClients::Resync => SlowPolicy::Resync,
             SlowClients::Close => SlowPolicy::Close,
         });
-    let chat = ChatHub::with_config(broker, hub_config, PresenceConfig::default());
+    let presence =
+        PresenceConfig::default().with_interval(Duration::from_millis(args.presence_interval_ms));
+    let chat = ChatHub::with_config(broker, hub_config, presence);
     let ws = WsService::new(chat, config);
     let scrape = Arc::new(Scrape::new(&ws, broker_metrics));
 
@@ -470,9 +501,17 @@ async fn run(args: Args) -> Result<(), BoxError> {
             "/metrics",
             get(move |State(ws): State<WsService>| metrics::serve(ws, scrape.clone())),
         )
-        .with_state(ws.clone());
+        .with_state(ws.clone())
+        .merge(api::router(ws.clone(), args.api_key.clone()));
     let scheme = if tls.is_some() { "https" } else { "http" };
-    tracing::info!(%addr, broker = %args.broker, auth, scheme, "chat-server started");
+    tracing::info!(
+        %addr,
+        broker = %args.broker,
+        auth,
+        scheme,
+        api = args.api_key.is_some(),
+        "chat-server started"
+    );
     println!("chat-server listening on {scheme}://{addr}/");
     match tls {
         Some(tls) => ws.serve_tls(listener, app, tls, shutdown_signal()).await?,

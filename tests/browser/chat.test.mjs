@@ -1,36 +1,82 @@
-// Drives the chat page in headless Debian Chromium: two people chat, the typing indicator
-// shows, an XSS payload renders as text (and no alert fires), and a dropped connection
-// resumes without losing a message. Usage: node chat.test.mjs <server-url> <screenshot.png>
+// Drives the chat page in headless Debian Chromium. One test per run:
+//
+// - chat: two people chat, the typing indicator shows, an XSS payload renders as text (and no
+//   alert fires), a dropped connection resumes without losing a message, "load older" pages
+//   through history.
+// - direct: ann opens a direct conversation with bob from the online list and writes; bob's
+//   page shows the conversation and the message without a click; bob answers, ann sees it; a
+//   dropped connection resumes the conversation, a reload brings it back with its history.
+//
+// Usage: node chat.test.mjs <server-url> <out-dir> <test>   (screenshot: <out-dir>/<test>.png)
+//        node chat.test.mjs --list                          (the test names, one a line)
 //
 // Every wait is bounded; the whole run is capped by a watchdog. Exit code 0 = passed.
 
 import { chromium } from "playwright-core";
+import { join } from "node:path";
 
-const [url, screenshot] = process.argv.slice(2);
-if (!url || !screenshot) {
-  console.error("usage: node chat.test.mjs <server-url> <screenshot.png>");
+const TESTS = { chat, direct };
+
+if (process.argv[2] === "--list") {
+  console.log(Object.keys(TESTS).join("\n"));
+  process.exit(0);
+}
+const [url, outDir, testName] = process.argv.slice(2);
+if (!url || !outDir || !Object.hasOwn(TESTS, testName ?? "")) {
+  console.error(`usage: node chat.test.mjs <server-url> <out-dir> <${Object.keys(TESTS).join("|")}>`);
   process.exit(2);
 }
+const screenshot = join(outDir, `${testName}.png`);
 
 const WAIT = 10_000;
 const watchdog = setTimeout(() => {
-  console.error("browser test: timed out after 90 s");
+  console.error(`browser test ${testName}: timed out after 90 s`);
   process.exit(1);
 }, 90_000);
 
 const XSS = "<img src=x onerror=alert(1)>";
 const ROOM = "browser-test";
 const problems = [];
+// Every WebSocket frame each page sent and received, parsed (across reloads and reconnects).
+const frames = new WeakMap();
 
 function step(text) {
   console.log(`  - ${text}`);
 }
 
-async function open(browser, name) {
+function sentFrames(page) {
+  return frames.get(page).sent;
+}
+
+function receivedFrames(page) {
+  return frames.get(page).received;
+}
+
+// Polls `probe` until it returns something truthy; throws after WAIT.
+async function until(probe, what) {
+  const end = Date.now() + WAIT;
+  for (;;) {
+    const value = probe();
+    if (value) return value;
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+}
+
+async function open(browser, name, room = ROOM) {
   // One context per person: separate localStorage, like two browsers.
   const context = await browser.newContext({ viewport: { width: 1180, height: 720 } });
   const page = await context.newPage();
   page.setDefaultTimeout(WAIT);
+  const log = { sent: [], received: [] };
+  frames.set(page, log);
+  const parse = (payload) => {
+    try { return JSON.parse(String(payload)); } catch { return { unparsed: String(payload) }; }
+  };
+  page.on("websocket", (ws) => {
+    ws.on("framesent", (f) => log.sent.push(parse(f.payload)));
+    ws.on("framereceived", (f) => log.received.push(parse(f.payload)));
+  });
   page.on("dialog", async (d) => {
     problems.push(`${name}: a ${d.type()} dialog fired: ${d.message()}`);
     await d.dismiss();
@@ -43,9 +89,9 @@ async function open(browser, name) {
   await page.locator("#name-input").fill(name);
   await page.locator("#name-form button[type=submit]").click();
   await page.locator("#status.online").waitFor();
-  await page.locator("#join-input").fill(ROOM);
+  await page.locator("#join-input").fill(room);
   await page.locator("#join-input").press("Enter");
-  await page.locator(`#rooms li.active[data-room="${ROOM}"]`).waitFor();
+  await page.locator(`#rooms li.active[data-room="${room}"]`).waitFor();
   await page.locator("#text:not([disabled])").waitFor();
   return page;
 }
@@ -59,25 +105,7 @@ function message(page, body) {
   return page.locator("#messages .msg .body").filter({ hasText: body }).first();
 }
 
-let browser;
-let ok = false;
-try {
-  browser = await chromium.launch({
-    executablePath: "/usr/bin/chromium",
-    headless: true,
-    args: [
-      "--headless",
-      "--no-sandbox",
-      "--disable-gpu",
-      "--disable-background-networking",
-      "--disable-quic",
-      "--no-first-run",
-      "--disable-component-update",
-      "--disable-sync",
-    ],
-  });
-  step(`chromium ${browser.version()}`);
-
+async function chat(browser) {
   const alice = await open(browser, "Alice");
   const bob = await open(browser, "Bob");
   step("Alice and Bob joined #" + ROOM);
@@ -157,7 +185,132 @@ try {
   await alice.locator("#text").fill("");
   await alice.screenshot({ path: screenshot });
   step(`screenshot: ${screenshot}`);
+}
 
+async function direct(browser) {
+  const room = "direct-test";
+  const ann = await open(browser, "ann", room);
+  const bob = await open(browser, "bob", room);
+  step(`ann and bob joined #${room}`);
+
+  // ann clicks bob under "Online".
+  await ann.locator("#online li.user").filter({ hasText: /^bob$/ }).click();
+  const annEntry = ann.locator('#rooms li.dm.active[data-dm="bob"]');
+  await annEntry.waitFor();
+  const label = await annEntry.locator(".room-name").textContent();
+  if (label !== "@bob") problems.push(`ann's conversation entry is labelled ${JSON.stringify(label)}, expected "@bob"`);
+  await ann.locator("#room-title", { hasText: "@bob" }).waitFor();
+  await ann.locator("#text:not([disabled])").waitFor();
+  step("ann opened a conversation with bob from the online list");
+
+  const HI = "hi bob, <b>only you</b> see this";
+  await say(ann, HI);
+  await message(ann, "only you").waitFor();
+  const sentHi = await until(() => sentFrames(ann).find((f) => f.type === "send" && f.body === HI), "ann's send frame");
+  if (sentHi.to !== "bob" || "room" in sentHi || !sentHi.client_id) {
+    problems.push(`ann's direct message went out as ${JSON.stringify(sentHi)}, expected {type:"send",to:"bob",body,client_id}`);
+  }
+  step('ann wrote to bob: {"type":"send","to":"bob",…}; her own copy shows');
+
+  // bob does nothing: the conversation appears with the message in its preview.
+  const bobEntry = bob.locator('#rooms li.dm[data-dm="ann"]');
+  await bobEntry.waitFor();
+  await bobEntry.locator(".preview", { hasText: "only you" }).waitFor();
+  const preview = await bobEntry.locator(".preview").textContent();
+  if (preview !== HI) problems.push(`bob's preview shows ${JSON.stringify(preview)}, expected ${JSON.stringify(HI)}`);
+  if ((await bob.locator("#rooms b").count()) !== 0) problems.push("the markup in the message created an element in bob's room list");
+  const badge = await bobEntry.locator(".badge").textContent().catch(() => null);
+  if (badge !== "1") problems.push(`bob's unread badge shows ${JSON.stringify(badge)}, expected "1"`);
+  if ((await bob.locator(`#rooms li.active[data-room="${room}"]`).count()) !== 1) {
+    problems.push(`bob's page left #${room} by itself`);
+  }
+  const got = receivedFrames(bob).find((f) => f.type === "message" && f.body === HI);
+  if (!got || !String(got.room).startsWith("dm.") || got.from !== "ann" || got.to !== "bob") {
+    problems.push(`bob received ${JSON.stringify(got)}, expected a message in a dm. room from ann to bob`);
+  }
+  step("bob's page shows the conversation with ann and her message, without a click");
+
+  await bobEntry.click();
+  await bob.locator("#room-title", { hasText: "@ann" }).waitFor();
+  await message(bob, "only you").waitFor();
+  // The page joined the conversation and loaded its history: the message stays single.
+  await until(() => receivedFrames(bob).find((f) => f.type === "history" && f.room === got?.room), "bob's history of the conversation");
+  const bobCopies = await bob.locator("#messages .msg .body", { hasText: "only you" }).count();
+  if (bobCopies !== 1) problems.push(`bob's conversation shows ann's message ${bobCopies} times`);
+  // Both pages have joined the conversation's room by now: the answer must reach each once
+  // (the spec: from the room, not a second time as a direct copy; the page would hide a copy).
+  for (const [who, page] of [["ann", ann], ["bob", bob]]) {
+    await until(() => receivedFrames(page).find((f) => f.type === "joined" && f.room === got?.room), `${who} joined the conversation`);
+  }
+  const REPLY = "hello ann, got it";
+  await say(bob, REPLY);
+  const sentReply = await until(() => sentFrames(bob).find((f) => f.type === "send" && f.body === REPLY), "bob's send frame");
+  if (sentReply.to !== "ann" || "room" in sentReply) problems.push(`bob's answer went out as ${JSON.stringify(sentReply)}`);
+  const answer = message(ann, REPLY);
+  await answer.waitFor();
+  await ann.waitForTimeout(300); // a second copy would be right behind the first
+  for (const [who, page] of [["ann", ann], ["bob", bob]]) {
+    const copies = receivedFrames(page).filter((f) => f.type === "message" && f.body === REPLY);
+    if (copies.length !== 1) problems.push(`${who}'s connection received the answer ${copies.length} times: ${JSON.stringify(copies)}`);
+  }
+  const from = await answer.locator("xpath=..").locator(".from").textContent();
+  if (from !== "bob") problems.push(`ann sees the answer from ${JSON.stringify(from)}, expected "bob"`);
+  const annRoom = await annEntry.getAttribute("data-room");
+  const bobRoom = await bobEntry.getAttribute("data-room");
+  if (!annRoom || annRoom !== bobRoom) problems.push(`the two sides name the conversation ${annRoom} and ${bobRoom}`);
+  step(`bob answered in the conversation; ann sees it (room ${annRoom})`);
+
+  // ann's connection drops; bob writes meanwhile; ann resumes the conversation with `since`.
+  const AWAY = "while you were away, privately";
+  await ann.evaluate(() => state.ws.close());
+  await ann.locator("#status.offline").waitFor();
+  await say(bob, AWAY);
+  await ann.locator("#status.online").waitFor();
+  await message(ann, AWAY).waitFor();
+  const rejoin = sentFrames(ann).find((f) => f.type === "join" && f.room === annRoom && f.since);
+  if (!rejoin) problems.push("ann's page did not rejoin the conversation with since");
+  for (const body of [HI, REPLY, AWAY]) {
+    const n = await ann.locator("#messages .msg .body").filter({ hasText: body }).count();
+    if (n !== 1) problems.push(`after the resume ann sees ${JSON.stringify(body)} ${n} times`);
+  }
+  step("after a dropped connection ann resumed the conversation and got the missed message once");
+
+  // A reload brings the conversation back (it is the current one) and loads its history.
+  await ann.reload();
+  await ann.locator("#status.online").waitFor();
+  await ann.locator('#rooms li.dm.active[data-dm="bob"]').waitFor();
+  await message(ann, AWAY).waitFor();
+  const bodies = await ann.locator("#messages .msg .body").allTextContents();
+  if (JSON.stringify(bodies) !== JSON.stringify([HI, REPLY, AWAY])) {
+    problems.push(`after a reload ann's conversation shows ${JSON.stringify(bodies)}`);
+  }
+  step("after a reload ann's conversation is back with its history");
+
+  await bob.locator("#text").fill("");
+  await bob.screenshot({ path: screenshot });
+  step(`screenshot: ${screenshot}`);
+}
+
+let browser;
+let ok = false;
+try {
+  browser = await chromium.launch({
+
+    executablePath: "/usr/bin/chromium",
+    headless: true,
+    args: [
+      "--headless",
+      "--no-sandbox",
+      "--disable-gpu",
+      "--disable-background-networking",
+      "--disable-quic",
+      "--no-first-run",
+      "--disable-component-update",
+      "--disable-sync",
+    ],
+  });
+  step(`${testName}: chromium ${browser.version()}`);
+  await TESTS[testName](browser);
   ok = problems.length === 0;
 } catch (e) {
   problems.push(String(e && e.stack ? e.stack : e));

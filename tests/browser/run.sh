@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Browser test of the chat page: builds and starts the chat-server example (memory broker) on a
-# free loopback port (a rate limit high enough for a scripted burst), drives two pages in headless Debian Chromium with playwright-core
-# (chat.test.mjs), saves a screenshot to target/browser/chat.png, stops the server.
+# Browser tests of the chat page: builds and starts the chat-server example (memory broker) on a
+# free loopback port (a rate limit high enough for a scripted burst), then runs each test of
+# chat.test.mjs (`node chat.test.mjs --list`: chat, direct) in its own headless Debian Chromium
+# with playwright-core, each bounded by a timeout and saving a screenshot to
+# target/browser/<test>.png (chat.png, direct.png); stops the server.
 #
 # Run with: bash tests/browser/run.sh
 # Needs /usr/bin/chromium (apt-get install chromium; installed here when missing and root),
 # node and npm (playwright-core from package-lock.json; it never downloads a browser).
-# Last line: "browser: N passed, M failed"; exit status non-zero on failure.
+# Last line: "browser: N passed, M failed", counting tests (a setup failure fails them all);
+# exit status non-zero on failure.
 set -uo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -15,6 +18,10 @@ TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 OUT="$ROOT/target/browser"
 mkdir -p "$OUT"
 SERVER_PID=""
+TESTS=""
+PASSED=0
+FAILED=0
+TEST_TIMEOUT=120
 
 finish() {
   local status=$1
@@ -23,15 +30,20 @@ finish() {
     for _ in $(seq 50); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.1; done
     kill -KILL "$SERVER_PID" 2>/dev/null
   fi
-  if [ "$status" -eq 0 ]; then
-    echo "browser: 1 passed, 0 failed"
-  else
-    [ -f "$OUT/server.log" ] && { echo "--- server log (tail) ---"; tail -n 30 "$OUT/server.log"; }
-    echo "browser: 0 passed, 1 failed"
+  if [ "$status" -ne 0 ] && [ -f "$OUT/server.log" ]; then
+    echo "--- server log (tail) ---"; tail -n 30 "$OUT/server.log"
   fi
+  echo "browser: $PASSED passed, $FAILED failed"
   exit "$status"
 }
-fail() { echo "browser: $*" >&2; finish 1; }
+# A failure before the tests ran: every test counts as failed (one when they are not known yet).
+fail() {
+  echo "browser: $*" >&2
+  local n
+  n=$(echo "$TESTS" | wc -w)
+  FAILED=$(( n > 0 ? n : 1 ))
+  finish 1
+}
 
 if [ ! -x /usr/bin/chromium ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
@@ -43,6 +55,7 @@ if [ ! -x /usr/bin/chromium ]; then
 fi
 command -v node >/dev/null || fail "node not found: apt-get install nodejs npm"
 command -v npm >/dev/null || fail "npm not found: apt-get install npm"
+TESTS=$(node "$HERE/chat.test.mjs" --list) && [ -n "$TESTS" ] || fail "cannot list the tests of chat.test.mjs"
 
 if [ ! -f "$HERE/node_modules/playwright-core/package.json" ]; then
   (cd "$HERE" && npm ci --no-audit --no-fund --loglevel=error) || fail "npm ci failed"
@@ -71,11 +84,21 @@ done
 [ -n "$ready" ] || fail "chat-server not ready on $URL within 30 s"
 echo "browser: chat-server on $URL"
 
-rm -f "$OUT/chat.png"
-timeout 120 node "$HERE/chat.test.mjs" "$URL" "$OUT/chat.png"
-status=$?
-if [ "$status" -eq 0 ] && [ ! -s "$OUT/chat.png" ]; then
-  echo "browser: no screenshot written" >&2
-  status=1
-fi
-finish "$status"
+for t in $TESTS; do
+  echo "browser: test $t"
+  rm -f "$OUT/$t.png"
+  timeout -k 5 "$TEST_TIMEOUT" node "$HERE/chat.test.mjs" "$URL" "$OUT" "$t"
+  status=$?
+  [ "$status" -eq 124 ] && echo "browser: $t killed after $TEST_TIMEOUT s" >&2
+  if [ "$status" -eq 0 ] && [ ! -s "$OUT/$t.png" ]; then
+    echo "browser: $t wrote no screenshot" >&2
+    status=1
+  fi
+  if [ "$status" -eq 0 ]; then
+    PASSED=$((PASSED + 1)); echo "browser: $t passed"
+  else
+    FAILED=$((FAILED + 1)); echo "browser: $t FAILED"
+  fi
+done
+kill -0 "$SERVER_PID" 2>/dev/null || { echo "browser: chat-server died during the tests" >&2; }
+finish $(( FAILED > 0 ? 1 : 0 ))

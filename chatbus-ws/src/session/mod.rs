@@ -131,15 +131,7 @@ pub(crate) async fn run<Si, St>(
     // Reachable by user id before the client hears `welcome`: direct messages, status probes
     // and "disconnect this user" arrive through the personal channel. Without it (the broker
     // is down) the connection still works in rooms; it is told so.
-    if let Err(e) = handle.join(user_channel(&identity.user)).await {
-        svc.counters().count_error(ErrorCode::Unavailable);
-        handle.reply(protocol::error(
-            ErrorCode::Unavailable,
-            &format!("direct messages cannot reach this connection: {e}"),
-            None,
-            None,
-        ));
-    }
+    let reachable = handle.join(user_channel(&identity.user)).await;
     chat.users().connected(handle.clone());
     handle.reply(protocol::welcome(
         handle.id(),
@@ -153,6 +145,16 @@ pub(crate) async fn run<Si, St>(
             rate_burst: cfg.rate_limit.map(|r| r.burst),
         },
     ));
+    if let Err(e) = reachable {
+        // After `welcome`, which is always the first frame.
+        svc.counters().count_error(ErrorCode::Unavailable);
+        handle.reply(protocol::error(
+            ErrorCode::Unavailable,
+            &format!("direct messages cannot reach this connection: {e}"),
+            None,
+            None,
+        ));
+    }
     tracing::debug!(session = handle.id(), user = %identity.user, "connected");
 
     // The reader tells the writer how it ended over `end`; the writer dropping its receiver

@@ -4,6 +4,7 @@
 //! control queue (so replies overtake queued messages); refusals are `error` frames counted by
 //! code. The reader also owns the idle timeout and notices shutdown between frames.
 
+use std::borrow::Cow;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -16,10 +17,10 @@ use tokio::time::{Instant, Sleep};
 
 use super::{End, TransportError, WsMessage};
 use crate::access::{self, direct_room, status_channel};
-use crate::api::ApiError;
+use crate::api::{ApiError, Outgoing};
 use crate::chat::history_item;
 use crate::config::{RateLimit, WsConfig};
-use crate::hooks::{self, Conn, HookKind, Publish};
+use crate::hooks::{self, Conn, HookKind};
 use crate::metrics::WsCounters;
 use crate::payload;
 use crate::protocol::{self, ClientId, ErrorCode, Request};
@@ -303,6 +304,12 @@ impl<'a> Reader<'a> {
             Request::Refresh { token } => self.refresh(&token, cid).await,
             Request::Join { room, since } => self.join(room, since, cid).await,
             Request::Leave { room } => {
+                // The personal and status channels are the server's, not the client's to leave
+                // (`unwatch` ends a watch).
+                if access::is_internal(&room) {
+                    self.access(&room, cid);
+                    return;
+                }
                 if !self.handle.leave(&room) {
                     self.not_joined(cid, &room);
                     return;
@@ -320,13 +327,13 @@ impl<'a> Reader<'a> {
                     return;
                 }
                 if self.allow(HookKind::Send, &room, Some(&body), cid).await {
-                    self.send(room, None, body.into_owned(), cid).await;
+                    self.send(room, None, body, cid).await;
                 }
             }
             Request::Direct { to, body } => {
                 let room = direct_room(&self.conn.identity.user, &to);
                 if self.allow(HookKind::Send, &room, Some(&body), cid).await {
-                    self.send(room, Some(to), body.into_owned(), cid).await;
+                    self.send(room, Some(to), body, cid).await;
                 }
             }
             Request::Typing { room } => {
@@ -451,19 +458,25 @@ impl<'a> Reader<'a> {
             .count()
     }
 
-    async fn send(&self, room: Room, to: Option<Arc<str>>, body: String, cid: Option<&ClientId>) {
+    async fn send(
+        &self,
+        room: Room,
+        to: Option<Arc<str>>,
+        body: Cow<'_, str>,
+        cid: Option<&ClientId>,
+    ) {
         let identity = &self.conn.identity;
-        let publish = Publish {
+        let out = Outgoing {
             room: room.clone(),
             from: identity.user.clone(),
             to,
             body,
             by_server: false,
         };
-        let direct = publish.to.is_some();
+        let direct = out.to.is_some();
         match self
             .svc
-            .publish_message(publish, identity.display_name_if_different())
+            .publish_message(out, identity.display_name_if_different())
             .await
         {
             Ok(receipt) => {
