@@ -214,12 +214,15 @@ async fn presence_spans_instances_and_a_killed_one_goes_offline_in_three_interva
     let b = with_key(&args, &env).await;
     let room = format!("api-presence-{}", std::process::id());
 
-    // An instance hears the presence snapshots of a room only while it has a member there
-    // itself (it subscribes to the room's channel then): bob on b, ann on a.
-    let mut bob = client(b.port(), "bob").await;
-    bob.join(&room).await.expect("bob joins on b");
+    // Asked about a room it has no member in, an instance asks the others: ann on a, asked b.
     let mut ann = client(a.port(), "ann").await;
     ann.join(&room).await.expect("ann joins on a");
+    presence_until(b.port(), &room, Duration::from_secs(5), |users| {
+        users == [json!("ann")]
+    })
+    .await;
+    let mut bob = client(b.port(), "bob").await;
+    bob.join(&room).await.expect("bob joins on b");
     let both = [json!("ann"), json!("bob")];
     presence_until(b.port(), &room, Duration::from_secs(5), |users| {
         users == both

@@ -33,6 +33,12 @@ pub enum ApiError {
     Denied(Denied),
     /// An argument is invalid: a user id, an empty body.
     Invalid(String),
+    /// The body is longer than [`WsConfig::max_frame_size`](crate::WsConfig::max_frame_size),
+    /// the bound a client's message has too.
+    TooLarge {
+        /// The bound, in bytes.
+        limit: usize,
+    },
     /// The broker did not take it.
     Broker(chatbus_core::Error),
 }
@@ -44,6 +50,7 @@ impl ApiError {
         match self {
             Self::Denied(_) => ErrorCode::Forbidden,
             Self::Invalid(_) => ErrorCode::BadRequest,
+            Self::TooLarge { .. } => ErrorCode::TooLarge,
             Self::Broker(e) => ErrorCode::for_error(e),
         }
     }
@@ -52,8 +59,10 @@ impl ApiError {
 impl fmt::Display for ApiError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Denied(d) => write!(f, "denied: {d}"),
+            // The hook's reason as is: it is written for the client.
+            Self::Denied(d) => write!(f, "{d}"),
             Self::Invalid(m) => f.write_str(m),
+            Self::TooLarge { limit } => write!(f, "`body` longer than {limit} bytes"),
             Self::Broker(e) => write!(f, "broker: {e}"),
         }
     }
@@ -64,7 +73,7 @@ impl std::error::Error for ApiError {
         match self {
             Self::Broker(e) => Some(e),
             Self::Denied(d) => Some(d),
-            Self::Invalid(_) => None,
+            Self::Invalid(_) | Self::TooLarge { .. } => None,
         }
     }
 }
@@ -84,9 +93,12 @@ fn user(id: &str, what: &str) -> Result<Arc<str>, ApiError> {
         .map_err(|e| ApiError::Invalid(format!("`{what}`: {e}")))
 }
 
-fn body(body: &str) -> Result<(), ApiError> {
+fn body(body: &str, limit: usize) -> Result<(), ApiError> {
     if body.is_empty() {
         return Err(ApiError::Invalid("`body` is empty".into()));
+    }
+    if body.len() > limit {
+        return Err(ApiError::TooLarge { limit });
     }
     Ok(())
 }
@@ -96,7 +108,7 @@ impl WsService {
     /// events): the [`on_publish`](crate::Hooks::on_publish) hook runs as for a client's send,
     /// then the room's members on every instance get a `message` frame.
     pub async fn publish(&self, room: Room, from: &str, text: &str) -> Result<Receipt, ApiError> {
-        body(text)?;
+        body(text, self.config().max_frame_size)?;
         let out = Outgoing {
             room,
             from: user(from, "from")?,
@@ -115,7 +127,7 @@ impl WsService {
         to: &str,
         text: &str,
     ) -> Result<(Room, Receipt), ApiError> {
-        body(text)?;
+        body(text, self.config().max_frame_size)?;
         let (from, to) = (user(from, "from")?, user(to, "to")?);
         let room = direct_room(&from, &to);
         let out = Outgoing {
@@ -147,10 +159,15 @@ impl WsService {
         Ok(here)
     }
 
-    /// The users online in `room` across instances (from presence: within one presence
-    /// interval of any change), sorted.
-    pub fn online(&self, room: &Room) -> Vec<Arc<str>> {
-        self.chat().online(room)
+    /// The users online in `room` on every instance, sorted (see
+    /// [`ChatHub::online_everywhere`](crate::ChatHub::online_everywhere): immediate where this
+    /// instance has members in the room, else up to
+    /// [`PRESENCE_QUERY_WAIT`](crate::PRESENCE_QUERY_WAIT) to hear the others).
+    pub async fn online(&self, room: &Room) -> Result<Vec<Arc<str>>, ApiError> {
+        self.chat()
+            .online_everywhere(room)
+            .await
+            .map_err(ApiError::Broker)
     }
 
     /// The path of every chat message: the publish hook, then the broker (for a direct

@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use chatbus_core::{
-    Broker, Envelope, Frame, FrameEncoder, Hub, HubConfig, MessageId, Receipt, Room,
+    Broker, Envelope, Frame, FrameEncoder, Hub, HubConfig, Interest, MessageId, Receipt, Room,
 };
+use futures::StreamExt;
 use serde::Serialize;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -26,6 +27,11 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // presence (or user status) for every connection.
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+/// How long [`ChatHub::online_everywhere`] collects the other instances' answers for a room
+/// this instance has no members in (each answers within its presence debounce, 25 ms by
+/// default, plus the broker's round trip).
+pub const PRESENCE_QUERY_WAIT: Duration = Duration::from_millis(300);
 
 /// How presence (and user status) is shared between instances (see `docs/protocol.md`,
 /// "Presence" and "User status").
@@ -204,11 +210,24 @@ impl ChatHub {
     }
 
     /// Who is online in `room` as this instance knows it: the members of every instance that
-    /// announced itself (including this one), sorted.
+    /// announced itself (including this one), sorted. An instance follows the snapshots of a
+    /// room only while it has members there; for any room, use
+    /// [`online_everywhere`](Self::online_everywhere).
     pub fn online(&self, room: &Room) -> Vec<Arc<str>> {
         self.shared
             .presence
             .current(room, self.hub.local_members(room))
+    }
+
+    /// Who is online in `room` on every instance, whether or not this one has members there:
+    /// with local members, what [`online`](Self::online) knows; otherwise this instance
+    /// subscribes to the room for a moment, asks the others for their snapshots (a presence
+    /// "hello") and collects what arrives within [`PRESENCE_QUERY_WAIT`], sorted.
+    pub async fn online_everywhere(&self, room: &Room) -> chatbus_core::Result<Vec<Arc<str>>> {
+        if !self.hub.local_members(room).is_empty() {
+            return Ok(self.online(room));
+        }
+        self.shared.presence.query(&self.hub, room).await
     }
 
     /// Publishes a chat message to `room` as `from`, like a client `send` would (for bots and
@@ -583,6 +602,49 @@ impl Presence {
                 self.publish(&hub, &stats, room).await;
             }
         }
+    }
+
+    /// Asks every instance for its snapshot of `room` and unions what arrives in time (for a
+    /// room without local members, whose snapshots this instance does not follow).
+    async fn query(&self, hub: &Hub, room: &Room) -> chatbus_core::Result<Vec<Arc<str>>> {
+        // Subscribed before asking, so no answer can come before we listen.
+        let mut sub = hub.broker().subscribe(Interest::room(room.clone())).await?;
+        let seq = {
+            let mut st = lock(&self.state);
+            st.seq += 1;
+            st.seq
+        };
+        // An empty snapshot that says hello: it lists nobody for this instance (true: it has
+        // no members here) and makes every other instance publish its own.
+        let hello = Snapshot {
+            instance: self.instance,
+            seq,
+            hello: true,
+            users: Vec::new(),
+        };
+        hub.publish(&Envelope::ephemeral(
+            room.clone(),
+            payload::presence(&hello),
+        ))
+        .await?;
+        let mut latest: HashMap<u128, (u64, Vec<Arc<str>>)> = HashMap::new();
+        let deadline = Instant::now() + PRESENCE_QUERY_WAIT;
+        while let Ok(Some(item)) = tokio::time::timeout_at(deadline, sub.next()).await {
+            let Ok(env) = item else { continue };
+            if let Some(Payload::Presence(snap)) = payload::decode(&env.payload) {
+                if snap.instance != self.instance
+                    && latest
+                        .get(&snap.instance)
+                        .is_none_or(|(s, _)| *s < snap.seq)
+                {
+                    latest.insert(snap.instance, (snap.seq, snap.users));
+                }
+            }
+        }
+        let mut all: Vec<Arc<str>> = latest.into_values().flat_map(|(_, u)| u).collect();
+        all.sort_unstable();
+        all.dedup();
+        Ok(all)
     }
 
     async fn publish(&self, hub: &Hub, stats: &ChatCounters, room: Room) {

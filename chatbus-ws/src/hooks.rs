@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, Uri};
 use chatbus_core::Room;
 use futures::FutureExt;
 use tokio::time::Instant;
@@ -39,16 +39,24 @@ pub struct ConnectInfo<'a> {
     pub identity: &'a Identity,
     /// The upgrade request's headers.
     pub headers: &'a HeaderMap,
+    /// The upgrade request's URI (path and query: a `?team=` the page passes, say).
+    pub uri: &'a Uri,
     /// The TCP peer's address, if the server knows it ([`WsService::serve`](crate::WsService::serve) does).
     pub addr: Option<SocketAddr>,
 }
 
 impl<'a> ConnectInfo<'a> {
     /// What a connection of `identity` presents (for transports of your own and tests).
-    pub fn new(identity: &'a Identity, headers: &'a HeaderMap, addr: Option<SocketAddr>) -> Self {
+    pub fn new(
+        identity: &'a Identity,
+        headers: &'a HeaderMap,
+        uri: &'a Uri,
+        addr: Option<SocketAddr>,
+    ) -> Self {
         Self {
             identity,
             headers,
+            uri,
             addr,
         }
     }
@@ -207,6 +215,32 @@ pub trait Hooks: Send + Sync + fmt::Debug + 'static {
     /// The connection closed (for whatever reason). Runs after it left its rooms.
     async fn on_disconnect(&self, conn: &Conn) {
         let _ = conn;
+    }
+}
+
+/// Hooks shared with the rest of the application (`WsConfig::with_hooks(Arc::clone(&hooks))`).
+#[async_trait]
+impl<T: Hooks + ?Sized> Hooks for Arc<T> {
+    async fn on_connect(&self, info: &ConnectInfo<'_>) -> Result<ConnData, Denied> {
+        (**self).on_connect(info).await
+    }
+    async fn on_join(&self, conn: &Conn, room: &Room) -> Result<(), Denied> {
+        (**self).on_join(conn, room).await
+    }
+    async fn on_history(&self, conn: &Conn, room: &Room) -> Result<(), Denied> {
+        (**self).on_history(conn, room).await
+    }
+    async fn on_typing(&self, conn: &Conn, room: &Room) -> Result<(), Denied> {
+        (**self).on_typing(conn, room).await
+    }
+    async fn on_send(&self, conn: &Conn, room: &Room, body: &str) -> Result<(), Denied> {
+        (**self).on_send(conn, room, body).await
+    }
+    async fn on_publish(&self, publish: &mut Publish) -> Result<(), Denied> {
+        (**self).on_publish(publish).await
+    }
+    async fn on_disconnect(&self, conn: &Conn) {
+        (**self).on_disconnect(conn).await;
     }
 }
 

@@ -157,7 +157,7 @@ pub use auth::JwtVerifier;
 pub use auth::{
     display_name, validate_user, AuthError, Identity, Verifier, MAX_NAME_CHARS, MAX_USER_LEN,
 };
-pub use chat::{ChatHub, ChatStats, PresenceConfig};
+pub use chat::{ChatHub, ChatStats, PresenceConfig, PRESENCE_QUERY_WAIT};
 pub use close::{CloseCode, CloseFrame, UnknownCloseCode};
 pub use config::{AllowedOrigins, RateLimit, WsConfig};
 pub use hooks::{Conn, ConnData, ConnectInfo, Denied, HookKind, HookStats, Hooks, Publish};
@@ -167,6 +167,9 @@ pub use protocol::{ErrorCode, MAX_CLIENT_ID_LEN, PROTOCOL_VERSION};
 pub use service::WsService;
 pub use session::{TransportError, WsMessage};
 
+/// Re-exported so apps implement [`Hooks`] (an `#[async_trait]` trait) without adding the
+/// dependency themselves.
+pub use async_trait::async_trait;
 /// Re-exported so apps mount the router with the same axum version.
 pub use axum;
 /// Re-exported so apps register into a [`Registry`](prometheus_client::registry::Registry) of

@@ -205,7 +205,7 @@ impl WsService {
         let data = match &self.config().hooks {
             None => None,
             Some(hooks) => {
-                let info = hooks::ConnectInfo::new(&identity, headers, peer);
+                let info = hooks::ConnectInfo::new(&identity, headers, uri, peer);
                 let hook = hooks.on_connect(&info);
                 let timeout = self.config().hook_timeout;
                 match hooks::call(&self.counters().hooks, HookKind::Connect, timeout, hook).await {

@@ -262,11 +262,12 @@ async fn the_rooms_claim_limits_rooms_but_not_own_conversations() {
         .await;
     let ack = wait_for(&mut ann, common::WAIT, |v| v["type"] == "ack").await;
     assert_eq!(ack["room"], direct_room("ann", "bob").as_str());
-    assert!(one
-        .ws
-        .online(&Room::new("lobby").expect("room"))
-        .iter()
-        .any(|u| &**u == "ann"));
+    let lobby = Room::new("lobby").expect("room");
+    let here = one.ws.online(&lobby).await.expect("online");
+    assert!(here.iter().any(|u| &**u == "ann"), "{here:?}");
+    // The other instance has no member in the lobby: it asks, and hears ann's instance.
+    let there = two.ws.online(&lobby).await.expect("online");
+    assert_eq!(there, [Arc::<str>::from("ann")]);
     one.stop().await;
     two.stop().await;
 }

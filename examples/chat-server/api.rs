@@ -250,14 +250,15 @@ struct PresenceQuery {
 }
 
 /// `GET /api/presence?room=R` → `{"room":R,"users":[...]}`, across instances (as presence
-/// knows it: eventually consistent, see docs/protocol.md "Presence").
+/// knows it: eventually consistent, see docs/protocol.md "Presence"). For a room this instance
+/// has no members in, it asks the others, which takes up to `PRESENCE_QUERY_WAIT`.
 async fn presence(
     State(api): State<Api>,
     query: Result<Query<PresenceQuery>, QueryRejection>,
 ) -> Result<Json<serde_json::Value>, Failure> {
     let Query(q) = query.map_err(|e| Failure::bad_request(e.body_text()))?;
     let room = room(&q.room)?;
-    let online = api.ws.online(&room);
+    let online = api.ws.online(&room).await?;
     let users: Vec<&str> = online.iter().map(|u| &**u).collect();
     Ok(Json(json!({"room": room, "users": users})))
 }
