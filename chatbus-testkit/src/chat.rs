@@ -165,7 +165,8 @@ pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
 }
 
 /// A minimal HTTP/1.1 request on loopback with extra `headers` and a `body` (sent with its
-/// `Content-Length`): (status, body), or None if the connection failed.
+/// `Content-Length`): (status, body), or None if the connection failed or nothing came back
+/// within 5 s. A chunked response body is decoded.
 pub async fn http_request(
     port: u16,
     method: &str,
@@ -194,16 +195,42 @@ pub async fn http_request(
         s.read_to_end(&mut buf).await.ok()?;
         let text = String::from_utf8_lossy(&buf).into_owned();
         let code = text.split_whitespace().nth(1)?.parse().ok()?;
-        let body = text
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let chunked = head.lines().any(|l| {
+            let l = l.to_ascii_lowercase();
+            l.starts_with("transfer-encoding:") && l.contains("chunked")
+        });
+        let body = if chunked {
+            dechunk(body)
+        } else {
+            body.to_owned()
+        };
         Some((code, body))
     };
     tokio::time::timeout(Duration::from_secs(5), fut)
         .await
         .ok()
         .flatten()
+}
+
+/// Decodes a chunked HTTP body (as far as it is well formed).
+fn dechunk(mut rest: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let size = size.split(';').next().unwrap_or("").trim();
+        let Ok(n) = usize::from_str_radix(size, 16) else {
+            break;
+        };
+        let (Some(chunk), Some(tail)) = (after.get(..n), after.get(n..)) else {
+            break;
+        };
+        if n == 0 {
+            break;
+        }
+        out.push_str(chunk);
+        rest = tail.strip_prefix("\r\n").unwrap_or(tail);
+    }
+    out
 }
 
 /// One received chat message, as a participant recorded it.
