@@ -9,9 +9,9 @@ use std::task::{Context, Poll};
 use async_trait::async_trait;
 use futures::stream::BoxStream;
 use futures::{Stream, StreamExt, TryStreamExt};
-use tokio::sync::mpsc;
 
 use crate::envelope::{Cursor, Envelope, MessageId, Room};
+use crate::queue::{self, TrySendError};
 use crate::{Error, Result};
 
 /// Which rooms a subscription receives.
@@ -229,9 +229,9 @@ impl<T: Broker + ?Sized> BrokerExt for T {}
 /// Sending never blocks: when the subscriber's buffer is full the message is dropped and
 /// counted, and the subscriber receives one `Err(Error::Lagged { missed })` in its place before
 /// the next message that fits.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct SubscriptionSender {
-    tx: mpsc::Sender<Result<Envelope>>,
+    tx: queue::Sender<Result<Envelope>>,
     // Dropped since the last Lagged notice reached the buffer. Shared by clones so that a lag is
     // reported once whichever clone sends next.
     missed: Arc<AtomicU64>,
@@ -246,6 +246,14 @@ pub enum SendOutcome {
     Dropped,
     /// The subscription was dropped: the broker should forget it.
     Closed,
+}
+
+impl fmt::Debug for SubscriptionSender {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SubscriptionSender")
+            .field("closed", &self.tx.is_closed())
+            .finish_non_exhaustive()
+    }
 }
 
 impl SubscriptionSender {
@@ -266,20 +274,20 @@ impl SubscriptionSender {
         if missed > 0 {
             match self.tx.try_send(Err(Error::Lagged { missed })) {
                 Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(_)) => {
+                Err(TrySendError::Full) => {
                     self.missed.fetch_add(missed + 1, Ordering::AcqRel);
                     return SendOutcome::Dropped;
                 }
-                Err(mpsc::error::TrySendError::Closed(_)) => return SendOutcome::Closed,
+                Err(TrySendError::Closed) => return SendOutcome::Closed,
             }
         }
         match self.tx.try_send(item) {
             Ok(()) => SendOutcome::Sent,
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(TrySendError::Full) => {
                 self.missed.fetch_add(1, Ordering::AcqRel);
                 SendOutcome::Dropped
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => SendOutcome::Closed,
+            Err(TrySendError::Closed) => SendOutcome::Closed,
         }
     }
 
@@ -300,7 +308,7 @@ impl SubscriptionSender {
 /// because this subscriber was too slow (see [`Broker::subscribe`]). Dropping it ends the
 /// subscription.
 pub struct Subscription {
-    rx: mpsc::Receiver<Result<Envelope>>,
+    rx: queue::Receiver<Result<Envelope>>,
     // Shared with the senders: messages dropped and not reported yet. Checked when the buffer
     // is empty, so a loss at the end of a burst is reported without waiting for a next message.
     missed: Arc<AtomicU64>,
@@ -312,7 +320,7 @@ pub struct Subscription {
 impl Subscription {
     /// A subscription with a buffer of `capacity` messages (at least 1), and its sender.
     pub fn channel(capacity: usize) -> (SubscriptionSender, Self) {
-        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let (tx, rx) = queue::bounded(capacity);
         let missed = Arc::new(AtomicU64::new(0));
         (
             SubscriptionSender {
@@ -349,6 +357,11 @@ impl Subscription {
     /// without such a log.
     pub fn start(&self) -> Option<&[Cursor]> {
         self.start.as_deref()
+    }
+
+    /// Whether nothing is buffered right now (a loss not reported yet counts as something).
+    pub fn is_empty(&self) -> bool {
+        self.rx.is_empty() && self.missed.load(Ordering::Acquire) == 0
     }
 
     /// The next item, or `None` when the broker ended the subscription.

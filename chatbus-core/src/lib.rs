@@ -39,6 +39,7 @@ mod envelope;
 mod error;
 mod hub;
 mod memory;
+mod queue;
 mod subscribers;
 
 #[cfg(feature = "conformance")]

@@ -16,7 +16,10 @@ use crate::Error;
 
 /// Reads one room's broker subscription and fans every message out to the room's members.
 pub(super) async fn pump(hub: Weak<HubInner>, entry: Weak<RoomEntry>, mut sub: Subscription) {
-    let mut batch = Vec::with_capacity(64);
+    // Allocated when messages arrive (by `recv_many`) and released once the subscription is
+    // drained: there is one pump per room with local members (every connected user's personal
+    // channel included), and a 64-envelope buffer held by each idle one was ~9 KiB per room.
+    let mut batch = Vec::new();
     loop {
         if sub.recv_many(&mut batch, 64).await == 0 {
             // The broker ended the subscription (it gave up reconnecting): resubscribe, and let
@@ -55,6 +58,10 @@ pub(super) async fn pump(hub: Weak<HubInner>, entry: Weak<RoomEntry>, mut sub: S
                     }
                 }
             }
+        }
+        if sub.is_empty() {
+            // Idle now: give the buffer back. While messages keep coming it is reused.
+            batch = Vec::new();
         }
     }
 }
