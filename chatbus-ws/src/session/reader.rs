@@ -307,7 +307,8 @@ impl<'a> Reader<'a> {
                 // The personal and status channels are the server's, not the client's to leave
                 // (`unwatch` ends a watch).
                 if access::is_internal(&room) {
-                    self.access(&room, cid);
+                    // Refused by the access check (answered `forbidden`).
+                    let _ = self.access(&room, cid);
                     return;
                 }
                 if !self.handle.leave(&room) {
