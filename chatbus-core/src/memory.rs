@@ -1,6 +1,6 @@
 //! [`MemoryBroker`]: the embedded default, no infrastructure needed.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
@@ -22,6 +22,14 @@ pub struct MemoryConfig {
     /// (`capabilities().replay` is false), no cursors assigned, messages keep the cursor they
     /// carry.
     pub history_len: usize,
+    /// Rooms whose history is kept. Past it, publishing to a room that has none evicts the
+    /// history of the *least recently published* room (replay and history of that room then
+    /// return nothing, as for a room that never had messages). Without this bound a client
+    /// that creates endless rooms, one message each, would grow the broker without limit:
+    /// with it, the history holds at most `history_rooms × history_len` messages. Default
+    /// 4,096 (with the default `history_len`, at most about 4 million messages; the rooms a
+    /// single process serves at once are far fewer). At least 1.
+    pub history_rooms: usize,
     /// Buffer of each subscription, in messages. Default 4,096.
     pub subscriber_capacity: usize,
 }
@@ -30,6 +38,7 @@ impl Default for MemoryConfig {
     fn default() -> Self {
         Self {
             history_len: 1024,
+            history_rooms: 4096,
             subscriber_capacity: 4096,
         }
     }
@@ -40,6 +49,13 @@ impl MemoryConfig {
     #[must_use]
     pub fn with_history_len(mut self, n: usize) -> Self {
         self.history_len = n;
+        self
+    }
+
+    /// Sets [`history_rooms`](Self::history_rooms) (at least 1).
+    #[must_use]
+    pub fn with_history_rooms(mut self, n: usize) -> Self {
+        self.history_rooms = n.max(1);
         self
     }
 
@@ -57,7 +73,8 @@ impl MemoryConfig {
 /// - Cursors are `0-N` where `N` is one sequence over all rooms (like a one-partition log), so
 ///   within a room they increase but are not contiguous.
 /// - History is lost when the process exits (`capabilities().durable` is false) and holds the
-///   last [`MemoryConfig::history_len`] durable messages of each room.
+///   last [`MemoryConfig::history_len`] durable messages of each of the
+///   [`MemoryConfig::history_rooms`] most recently published rooms.
 /// - Delivery happens inside `publish`, so every subscriber sees one global order.
 /// - Slow subscribers lose messages and get `Lagged` (see [`Broker::subscribe`]).
 ///
@@ -87,7 +104,43 @@ struct Shared {
 #[derive(Debug, Default)]
 struct State {
     seq: u64,
-    history: HashMap<Room, VecDeque<Envelope>>,
+    history: HashMap<Room, RoomHistory>,
+    /// The rooms of `history` by the `seq` of their last durable message, oldest first: the
+    /// eviction order. Sequence numbers are unique, so each room has exactly one entry.
+    by_last: BTreeMap<u64, Room>,
+}
+
+#[derive(Debug, Default)]
+struct RoomHistory {
+    /// The key of this room in [`State::by_last`].
+    last: u64,
+    messages: VecDeque<Envelope>,
+}
+
+impl State {
+    /// Appends a durable message (its cursor already assigned from `seq`) to its room's
+    /// history, evicting the oldest message of the room and, for a new room past
+    /// `max_rooms`, the least recently published room.
+    fn store(&mut self, env: &Envelope, max_len: usize, max_rooms: usize) {
+        let seq = self.seq;
+        if let Some(h) = self.history.get_mut(&env.room) {
+            self.by_last.remove(&h.last);
+        } else {
+            while self.history.len() >= max_rooms {
+                let Some((_, oldest)) = self.by_last.pop_first() else {
+                    break;
+                };
+                self.history.remove(&oldest);
+            }
+        }
+        let h = self.history.entry(env.room.clone()).or_default();
+        h.last = seq;
+        if h.messages.len() >= max_len {
+            h.messages.pop_front();
+        }
+        h.messages.push_back(env.clone());
+        self.by_last.insert(seq, env.room.clone());
+    }
 }
 
 impl Shared {
@@ -136,7 +189,7 @@ impl MemoryBroker {
         state
             .history
             .get(room)
-            .map(|h| h.iter().cloned().collect())
+            .map(|h| h.messages.iter().cloned().collect())
             .unwrap_or_default()
     }
 }
@@ -161,11 +214,7 @@ impl Broker for MemoryBroker {
             env.cursor = None;
         }
         if env.is_durable() && history_len > 0 {
-            let h = state.history.entry(env.room.clone()).or_default();
-            if h.len() >= history_len {
-                h.pop_front();
-            }
-            h.push_back(env.clone());
+            state.store(&env, history_len, self.shared.config.history_rooms.max(1));
         }
         let receipt = Receipt {
             id: env.id,
@@ -256,6 +305,36 @@ mod tests {
         let page = b.history(&room, all[2].cursor, 1).await?;
         assert_eq!(page.len(), 1);
         assert_eq!(page[0].payload, "3");
+        Ok(())
+    }
+
+    /// A client creating endless rooms cannot grow the history: past `history_rooms`, the
+    /// least recently published room is forgotten (issue #11).
+    #[tokio::test]
+    async fn history_is_bounded_in_rooms_evicting_the_least_recently_published() -> Result<()> {
+        let b = MemoryBroker::with_config(MemoryConfig::default().with_history_rooms(3));
+        let rooms: Vec<Room> = (0..4)
+            .map(|i| Room::new(format!("r{i}")))
+            .collect::<Result<_>>()?;
+        for room in &rooms[..3] {
+            b.publish(&Envelope::new(room.clone(), "x")).await?;
+        }
+        // r0 is published again: r1 is now the least recently published.
+        b.publish(&Envelope::new(rooms[0].clone(), "y")).await?;
+        b.publish(&Envelope::new(rooms[3].clone(), "z")).await?;
+        let kept = |room: &Room| b.room_history(room).len();
+        assert_eq!(
+            rooms.iter().map(kept).collect::<Vec<_>>(),
+            [2, 0, 1, 1],
+            "r1 evicted, r0 kept whole"
+        );
+        for i in 0..10_000 {
+            b.publish(&Envelope::new(Room::new(format!("n{i}"))?, "x"))
+                .await?;
+        }
+        let state = b.shared.lock();
+        assert_eq!(state.history.len(), 3);
+        assert_eq!(state.by_last.len(), 3);
         Ok(())
     }
 

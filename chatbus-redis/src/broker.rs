@@ -64,7 +64,7 @@ struct Inner {
     publisher: ConnectionManager,
     script: redis::Script,
     shared: Arc<Shared>,
-    commands: mpsc::UnboundedSender<Command>,
+    commands: mpsc::Sender<Command>,
     // Local subscriptions; the actor activates them and unsubscribes the rooms they leave.
     subs: Subscribers,
     actor: tokio::task::AbortHandle,
@@ -161,8 +161,8 @@ impl RedisBroker {
         }
         let keys = Keys::new(&config.prefix);
         let shared = Arc::new(Shared::new());
-        let (commands, rx) = mpsc::unbounded_channel();
-        let subs = subscriber::registry(config.subscriber_capacity, &commands);
+        let (commands, rx) = subscriber::command_channel();
+        let subs = subscriber::registry(config.subscriber_capacity, &commands, &shared);
         let actor = Actor::new(
             client,
             publisher.clone(),

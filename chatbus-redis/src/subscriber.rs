@@ -15,7 +15,7 @@
 //!   `SUBSCRIBE` of a newer subscription to that room.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -24,7 +24,8 @@ use chatbus_core::backend::{codec, Pending, Subscribers, Target, Vacated};
 use chatbus_core::{Error, Interest, Result, Room, Subscription};
 use futures::{FutureExt, StreamExt};
 use redis::aio::{PubSubSink, PubSubStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::config::RedisConfig;
 use crate::error::{self, RedisBrokerError};
@@ -32,6 +33,19 @@ use crate::wire::Keys;
 
 /// Channels per `SUBSCRIBE` command when re-subscribing many rooms at once.
 const CHUNK: usize = 512;
+
+/// Requests queued for the actor. The queue was unbounded: while the actor waited on a slow
+/// Redis (up to the command timeout per round trip), every subscription dropped meanwhile
+/// queued a `Vacated` request, with no limit. Now a `subscribe` waits for room in the queue
+/// (within its timeout: back-pressure), and a `Vacated` that finds it full is not queued but
+/// folded into one flag, after which the actor re-checks every room it has subscribed. The
+/// actor takes the whole queue per round trip, so 1,024 is many round trips' worth.
+pub(crate) const COMMAND_QUEUE: usize = 1024;
+
+/// The actor's request queue (see [`COMMAND_QUEUE`]).
+pub(crate) fn command_channel() -> (mpsc::Sender<Command>, mpsc::Receiver<Command>) {
+    mpsc::channel(COMMAND_QUEUE)
+}
 
 /// How long a connection must serve before its loss resets the backoff and is retried at
 /// once. Shorter-lived connections keep backing off: the server keeps refusing or closing them.
@@ -73,6 +87,11 @@ pub(crate) struct Counters {
 pub(crate) struct Shared {
     pub(crate) state: Mutex<ConnState>,
     pub(crate) counters: Counters,
+    /// Set when a `Vacated` request found the queue full and was dropped: the actor must then
+    /// find the rooms left empty itself, among those it has subscribed.
+    vacated_overflow: AtomicBool,
+    /// Wakes the actor when `vacated_overflow` is set (a permit is kept if it is busy).
+    overflow: Notify,
 }
 
 impl Shared {
@@ -80,6 +99,8 @@ impl Shared {
         Self {
             state: Mutex::new(ConnState::Up),
             counters: Counters::default(),
+            vacated_overflow: AtomicBool::new(false),
+            overflow: Notify::new(),
         }
     }
 
@@ -104,18 +125,30 @@ pub(crate) enum Command {
 
 /// The registry of local subscriptions: it tells the actor, through `cmd`, of every room left
 /// without subscribers, so that the actor unsubscribes it.
-pub(crate) fn registry(capacity: usize, cmd: &mpsc::UnboundedSender<Command>) -> Subscribers {
+pub(crate) fn registry(
+    capacity: usize,
+    cmd: &mpsc::Sender<Command>,
+    shared: &Arc<Shared>,
+) -> Subscribers {
     let cmd = cmd.clone();
+    let shared = shared.clone();
     Subscribers::with_on_vacated(capacity, move |vacated| {
-        // Fails only when the actor is gone, and then there is nothing to unsubscribe.
-        let _ = cmd.send(Command::Vacated(vacated));
+        // Called where a subscription is dropped, which cannot wait: never block here.
+        match cmd.try_send(Command::Vacated(vacated)) {
+            // Closed: the actor is gone, and then there is nothing to unsubscribe.
+            Ok(()) | Err(TrySendError::Closed(_)) => {}
+            Err(TrySendError::Full(_)) => {
+                shared.vacated_overflow.store(true, Ordering::Release);
+                shared.overflow.notify_one();
+            }
+        }
     })
 }
 
 /// What the broker's `subscribe` does: asks the actor and waits for its answer.
 pub(crate) async fn subscribe(
     shared: &Shared,
-    cmd: &mpsc::UnboundedSender<Command>,
+    cmd: &mpsc::Sender<Command>,
     subs: &Subscribers,
     interest: Interest,
     timeout: Duration,
@@ -130,13 +163,18 @@ pub(crate) async fn subscribe(
     // already, removes it again, and the actor hears of the rooms left empty.
     let (pending, sub) = subs.prepare(interest);
     let (reply, answer) = oneshot::channel();
-    cmd.send(Command::Subscribe { pending, reply })
-        .map_err(|_| Error::Closed)?;
-    match tokio::time::timeout(timeout, answer).await {
+    // Waiting for room in the actor's queue is part of the timeout: a full queue (a stalled
+    // Redis) slows subscribers down and then fails them, it never grows.
+    let request = async {
+        cmd.send(Command::Subscribe { pending, reply })
+            .await
+            .map_err(|_| Error::Closed)?;
+        answer.await.map_err(|_| Error::Closed)?
+    };
+    match tokio::time::timeout(timeout, request).await {
         Err(_) => Err(error::timeout("subscribe", timeout)),
-        Ok(Err(_)) => Err(Error::Closed),
-        Ok(Ok(Err(e))) => Err(e),
-        Ok(Ok(Ok(()))) => Ok(sub),
+        Ok(Err(e)) => Err(e),
+        Ok(Ok(())) => Ok(sub),
     }
 }
 
@@ -178,7 +216,7 @@ pub(crate) struct Actor {
     publisher: redis::aio::ConnectionManager,
     pub(crate) keys: Keys,
     pub(crate) shared: Arc<Shared>,
-    pub(crate) commands: mpsc::UnboundedReceiver<Command>,
+    pub(crate) commands: mpsc::Receiver<Command>,
     timing: Timing,
     subs: Subscribers,
     // What Redis has confirmed on the current connection.
@@ -226,7 +264,7 @@ impl Actor {
         keys: Keys,
         shared: Arc<Shared>,
         subs: Subscribers,
-        commands: mpsc::UnboundedReceiver<Command>,
+        commands: mpsc::Receiver<Command>,
         timing: Timing,
     ) -> Self {
         Self {
@@ -444,6 +482,13 @@ impl Actor {
                     }
                     last_activity = Instant::now();
                 }
+                () = self.shared.overflow.notified() => {
+                    // Vacated requests were dropped on a full queue: `apply` re-checks them all.
+                    if let Err(reason) = self.apply(Vec::new(), sink, stream).await {
+                        return End::Lost(reason);
+                    }
+                    last_activity = Instant::now();
+                }
                 _ = ping.tick() => {
                     if last_activity.elapsed() >= self.timing.ping_interval {
                         if let Err(reason) = self.with_timeout("PING", sink.ping::<redis::Value>()).await {
@@ -475,6 +520,11 @@ impl Actor {
         let mut joining = Vec::new();
         let mut touched: HashSet<Room> = HashSet::new();
         let mut touched_all = false;
+        if self.shared.vacated_overflow.swap(false, Ordering::AcqRel) {
+            // Some rooms left empty were not reported: any subscribed one may be.
+            touched.extend(self.subscribed.iter().cloned());
+            touched_all = true;
+        }
         for cmd in batch {
             match cmd {
                 Command::Vacated(vacated) => {
@@ -621,6 +671,27 @@ impl Drop for Actor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue #11: subscriptions dropped while the actor is busy (here: never reading) cannot
+    /// grow its queue past [`COMMAND_QUEUE`]; what did not fit is one flag and one wake-up.
+    /// (On the unbounded queue before, all 10,240 requests were queued.)
+    #[tokio::test]
+    async fn dropped_subscriptions_cannot_grow_the_command_queue() {
+        let shared = Arc::new(Shared::new());
+        let (tx, mut rx) = command_channel();
+        let subs = registry(16, &tx, &shared);
+        for i in 0..10 * COMMAND_QUEUE {
+            let room = Room::new(format!("r{i}")).expect("room");
+            drop(subs.subscribe(Interest::room(room)));
+        }
+        assert!(rx.len() <= COMMAND_QUEUE, "{} requests queued", rx.len());
+        assert!(shared.vacated_overflow.load(Ordering::Acquire));
+        // The actor is woken to reconcile, even though nothing more is queued after the drain.
+        while rx.try_recv().is_ok() {}
+        tokio::time::timeout(Duration::from_secs(1), shared.overflow.notified())
+            .await
+            .expect("the actor is woken for the dropped requests");
+    }
 
     #[test]
     fn backoff_doubles_from_min_up_to_max_with_jitter_in_the_upper_half() {

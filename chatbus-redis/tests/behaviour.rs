@@ -12,6 +12,7 @@ use chatbus_core::{
 };
 use chatbus_redis::redis::AsyncCommands;
 use chatbus_testkit::redis::RedisServer;
+use futures::future::join_all;
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -154,6 +155,44 @@ async fn abandoned_subscribes_leave_nothing_subscribed() {
     assert_eq!(numsub(&server, &channel).await, 1);
     publish(&b, &Envelope::new(r, "after")).await;
     assert_eq!(recv_ok(&mut sub).await.payload, "after");
+}
+
+/// More subscriptions than the actor's request queue holds (1,024), subscribed at once (the
+/// later ones wait for room in the queue) and dropped at once (on this single-threaded runtime
+/// the actor cannot run in between, so most of the `Vacated` requests find the queue full and
+/// are folded into one flag): every room is still unsubscribed in Redis, and the one room
+/// still wanted is kept. Issue #11.
+#[tokio::test]
+async fn a_mass_drop_past_the_request_queue_still_unsubscribes_every_room() {
+    const ROOMS: usize = 3000;
+    let server = RedisServer::start().await;
+    let b = common::broker(&server, 0).await;
+    let prefix = b.config().prefix.clone();
+    let mut kept = subscribe(&b, Interest::room(room("kept"))).await;
+    let subscribes = (0..ROOMS).map(|i| b.subscribe(Interest::room(room(&format!("mass-{i}")))));
+    let subs: Vec<Subscription> = join_all(subscribes)
+        .await
+        .into_iter()
+        .map(|s| s.unwrap_or_else(|e| panic!("subscribe failed: {e}")))
+        .collect();
+    let channels = || async {
+        let mut c = common::raw(&server).await;
+        let names: Vec<String> = chatbus_redis::redis::cmd("PUBSUB")
+            .arg("CHANNELS")
+            .arg(format!("{prefix}:*"))
+            .query_async(&mut c)
+            .await
+            .unwrap_or_else(|e| panic!("PUBSUB CHANNELS: {e}"));
+        names.len()
+    };
+    assert_eq!(channels().await, ROOMS + 1);
+    drop(subs);
+    eventually(WAIT, "every dropped room unsubscribed", || async {
+        channels().await == 1
+    })
+    .await;
+    publish(&b, &Envelope::new(room("kept"), "still here")).await;
+    assert_eq!(recv_ok(&mut kept).await.payload, "still here");
 }
 
 /// Two prefixes on one Redis never see each other's traffic, even with `Interest::All`.

@@ -187,7 +187,20 @@ pub struct WsConfig {
     /// Users one connection may [`watch`](crate) at once; a `watch` past it is `forbidden`.
     /// Default 100.
     pub max_watch: usize,
+    /// WebSocket connections this instance holds at once, handshakes in progress included; a
+    /// handshake past it is refused with HTTP 503 `unavailable` and counted
+    /// (`chatbus_connections_refused_total`). Default [`DEFAULT_MAX_CONNECTIONS`].
+    pub max_connections: usize,
 }
+
+/// The default of [`WsConfig::max_connections`]: 16,384. Every connection holds a file
+/// descriptor, and a process at its open-file limit accepts nothing at all (not even its
+/// metrics or health endpoints), so the bound sits below the open-file limit of the machines
+/// this is run on (20,000), leaving room for broker connections, the listener and logs. At
+/// about 8 KiB of server memory per idle connection (`docs/BENCHMARKS.md`) it is some 130 MiB.
+/// Raise it together with the open-file limit (the benchmarks open 19,000 connections with
+/// `--max-connections` raised).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 16_384;
 
 impl Default for WsConfig {
     fn default() -> Self {
@@ -211,6 +224,7 @@ impl Default for WsConfig {
             hooks: None,
             hook_timeout: Duration::from_secs(2),
             max_watch: 100,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
 }
@@ -348,6 +362,13 @@ impl WsConfig {
     #[must_use]
     pub fn with_max_watch(mut self, n: usize) -> Self {
         self.max_watch = n;
+        self
+    }
+
+    /// Sets [`max_connections`](Self::max_connections).
+    #[must_use]
+    pub fn with_max_connections(mut self, n: usize) -> Self {
+        self.max_connections = n;
         self
     }
 }

@@ -87,6 +87,7 @@
 //! |---|---|---|
 //! | `chatbus_connections` | gauge | open WebSocket connections |
 //! | `chatbus_connections_total` | counter | connections accepted |
+//! | `chatbus_connections_refused_total` | counter | handshakes refused (503) at [`WsConfig::max_connections`] |
 //! | `chatbus_frames_in_total`, `chatbus_frames_out_total` | counter | frames received from / written to clients |
 //! | `chatbus_messages_in_total` | counter | chat messages accepted from clients (acked) |
 //! | `chatbus_messages_out_total` | counter | messages fanned out to local connections (one per recipient) |
@@ -159,7 +160,7 @@ pub use auth::{
 };
 pub use chat::{ChatHub, ChatStats, PresenceConfig, PRESENCE_QUERY_WAIT};
 pub use close::{CloseCode, CloseFrame, UnknownCloseCode};
-pub use config::{AllowedOrigins, RateLimit, WsConfig};
+pub use config::{AllowedOrigins, RateLimit, WsConfig, DEFAULT_MAX_CONNECTIONS};
 pub use hooks::{Conn, ConnData, ConnectInfo, Denied, HookKind, HookStats, Hooks, Publish};
 pub use ip::IpLimits;
 pub use metrics::WsMetrics;

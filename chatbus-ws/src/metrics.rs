@@ -28,6 +28,9 @@ pub struct WsMetrics {
     pub connections: u64,
     /// Connections accepted since start.
     pub connections_total: u64,
+    /// Handshakes refused (HTTP 503) because the instance held
+    /// [`WsConfig::max_connections`](crate::WsConfig::max_connections) already.
+    pub connections_refused: u64,
     /// Frames received from clients (text and binary).
     pub frames_in: u64,
     /// Frames written to clients.
@@ -69,6 +72,7 @@ impl WsMetrics {
 pub(crate) struct WsCounters {
     pub(crate) connections: AtomicU64,
     pub(crate) connections_total: AtomicU64,
+    pub(crate) connections_refused: AtomicU64,
     pub(crate) frames_in: AtomicU64,
     pub(crate) frames_out: AtomicU64,
     pub(crate) messages_in: AtomicU64,
@@ -100,6 +104,7 @@ impl WsCounters {
         WsMetrics {
             connections: get(&self.connections),
             connections_total: get(&self.connections_total),
+            connections_refused: get(&self.connections_refused),
             frames_in: get(&self.frames_in),
             frames_out: get(&self.frames_out),
             messages_in: get(&self.messages_in),
@@ -159,6 +164,12 @@ impl Collector for WsCollector {
                 "WebSocket connections accepted.",
                 Counter,
                 ws.connections_total,
+            ),
+            (
+                "chatbus_connections_refused",
+                "WebSocket handshakes refused because the instance was at its connection limit.",
+                Counter,
+                ws.connections_refused,
             ),
             (
                 "chatbus_frames_in",
@@ -341,6 +352,7 @@ mod tests {
             [
                 "chatbus_connections gauge",
                 "chatbus_connections_total counter",
+                "chatbus_connections_refused_total counter",
                 "chatbus_frames_in_total counter",
                 "chatbus_frames_out_total counter",
                 "chatbus_messages_in_total counter",

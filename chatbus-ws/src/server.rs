@@ -94,9 +94,13 @@ impl WsService {
     /// Checks a WebSocket handshake (shutdown, `Origin`, token) and upgrades it, for apps that
     /// mount the socket in a handler of their own rather than with [`router`](Self::router).
     ///
-    /// Refusals: 503 while shutting down, 403 `forbidden` for a foreign `Origin`, 401
+    /// Refusals: 503 `unavailable` while shutting down or at
+    /// [`WsConfig::max_connections`](crate::WsConfig::max_connections) (also counted in
+    /// `chatbus_connections_refused_total`), 403 `forbidden` for a foreign `Origin`, 401
     /// `unauthorized` for a missing or invalid token, 400 `bad_request` for an invalid
-    /// `?name=`; each with a JSON `error` body and counted by code.
+    /// `?name=`; each with a JSON `error` body and counted by code. A connection accepted here
+    /// holds one of the `max_connections` slots until its session ends; sessions started with
+    /// [`run_session`](Self::run_session) directly take none.
     ///
     /// This knows no peer address, so [`WsConfig::ip_limits`](crate::WsConfig) do not apply;
     /// see [`accept_from`](Self::accept_from).
@@ -127,6 +131,18 @@ impl WsService {
                 "server shutting down",
             );
         }
+        // First, and before the token check: at the limit, refusing must cost next to nothing.
+        // Taken now (not after the upgrade) so that concurrent handshakes cannot overshoot it;
+        // every refusal below drops it again.
+        let Some(conn_slot) = self.reserve_slot() else {
+            WsCounters::inc(&self.counters().connections_refused);
+            return refuse(
+                self,
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::Unavailable,
+                "server at its connection limit; retry later or elsewhere",
+            );
+        };
         // Before the token check: refusing a flood must cost less than verifying it.
         let limits = &self.config().ip_limits;
         let slot = match peer {
@@ -229,9 +245,9 @@ impl WsService {
             .read_buffer_size(READ_BUFFER)
             .on_failed_upgrade(|e| tracing::debug!(error = %e, "websocket upgrade failed"))
             .on_upgrade(move |socket| async move {
-                // Held for the session's lifetime: the address's count drops when it ends (or
-                // when the upgrade fails and this closure is dropped unrun).
-                let _slot = slot;
+                // Held for the session's lifetime: the address's count and the instance's drop
+                // when it ends (or when the upgrade fails and this closure is dropped unrun).
+                let _slots = (slot, conn_slot);
                 svc.run_socket(socket, identity, data).await;
             })
     }

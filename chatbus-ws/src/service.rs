@@ -1,6 +1,7 @@
 //! [`WsService`]: the transport's shared state, independent of the HTTP framework.
 
 use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -34,6 +35,9 @@ struct Inner {
     shutdown: CancellationToken,
     sessions: TaskTracker,
     ips: Arc<IpTable>,
+    /// Connection slots taken ([`ConnSlot`]s alive): handshakes past the checks and open
+    /// sessions, at most [`WsConfig::max_connections`].
+    slots: Arc<AtomicUsize>,
 }
 
 /// A [`WsService`] that does not keep it alive (for the metrics collector).
@@ -74,6 +78,7 @@ impl WsService {
                 shutdown: CancellationToken::new(),
                 sessions: TaskTracker::new(),
                 ips: Arc::default(),
+                slots: Arc::default(),
             }),
         }
     }
@@ -111,6 +116,20 @@ impl WsService {
 
     pub(crate) fn ips(&self) -> &Arc<IpTable> {
         &self.inner.ips
+    }
+
+    /// Takes one of the instance's [`WsConfig::max_connections`] slots, or `None` when all
+    /// are taken. Atomic (a compare-and-swap loop, no lock): concurrent handshakes can never
+    /// take more slots than the limit, and a refused one takes none.
+    pub(crate) fn reserve_slot(&self) -> Option<ConnSlot> {
+        let max = self.inner.config.max_connections;
+        self.inner
+            .slots
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
+        Some(ConnSlot(self.inner.slots.clone()))
     }
 
     pub(crate) fn shutdown_token(&self) -> &CancellationToken {
@@ -182,5 +201,16 @@ impl WsService {
             );
         }
         self.inner.chat.hub().shutdown();
+    }
+}
+
+/// One of the instance's connection slots, taken at the handshake and given back when dropped:
+/// when the session ends, or when the upgrade fails and its closure is dropped unrun.
+#[derive(Debug)]
+pub(crate) struct ConnSlot(Arc<AtomicUsize>);
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }

@@ -348,3 +348,74 @@ mod per_address {
         server.stop().await;
     }
 }
+
+/// The instance-wide cap (`WsConfig::max_connections`), issue #11.
+mod per_instance {
+    use super::*;
+    use common::Client;
+    use serde_json::Value;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    /// 40 handshakes race for 10 slots: exactly 10 get in (the slot is reserved atomically at
+    /// the handshake, so concurrent ones cannot overshoot), the 30 others get a 503 with the
+    /// JSON `unavailable` error, each counted once; the slots come back when the sessions end.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connections_past_max_connections_are_refused_with_503_exactly() {
+        const MAX: usize = 10;
+        const TRIES: usize = 40;
+        let mut server = Server::start(WsConfig::default().with_max_connections(MAX)).await;
+        let url = server.url("?name=x");
+        let tries = (0..TRIES).map(|_| {
+            let req = url.clone().into_client_request().expect("request");
+            tokio::spawn(Client::try_connect(req))
+        });
+        let mut open = Vec::new();
+        let mut refused = 0;
+        for result in futures::future::join_all(tries).await {
+            match result.expect("client task") {
+                Ok(c) => open.push(c),
+                Err((status, body)) => {
+                    assert_eq!(status, 503, "{body}");
+                    let body: Value = serde_json::from_str(&body).expect("a JSON body");
+                    assert_eq!(body["type"], "error");
+                    assert_eq!(body["code"], "unavailable");
+                    assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()));
+                    refused += 1;
+                }
+            }
+        }
+        assert_eq!(open.len(), MAX, "exactly max_connections accepted");
+        assert_eq!(refused, TRIES - MAX);
+        let m = server.ws.metrics();
+        assert_eq!(m.connections_refused, (TRIES - MAX) as u64);
+        assert_eq!(
+            m.errors(chatbus_ws::ErrorCode::Unavailable),
+            (TRIES - MAX) as u64
+        );
+        let text = server.scrape();
+        assert!(
+            text.contains(&format!(
+                "\nchatbus_connections_refused_total {}\n",
+                TRIES - MAX
+            )),
+            "{text}"
+        );
+
+        // Closed sessions give their slots back: MAX new clients get in again.
+        drop(open);
+        let deadline = Instant::now() + WAIT;
+        let mut again = Vec::new();
+        while again.len() < MAX {
+            let req = url.clone().into_client_request().expect("request");
+            match Client::try_connect(req).await {
+                Ok(c) => again.push(c),
+                Err((503, _)) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err((status, body)) => panic!("slots not given back: {status} {body}"),
+            }
+        }
+        drop(again);
+        server.stop().await;
+    }
+}

@@ -121,6 +121,10 @@ struct Args {
     #[arg(long, env = "CHATBUS_MEMORY_HISTORY", default_value_t = 1024)]
     memory_history: usize,
 
+    /// Rooms whose history the memory broker keeps (the least recently published is evicted).
+    #[arg(long, env = "CHATBUS_MEMORY_HISTORY_ROOMS", default_value_t = 4096)]
+    memory_history_rooms: usize,
+
     /// Require HS256 JWTs signed with this secret (`?token=` or `Authorization: Bearer`).
     #[arg(long, env = "CHATBUS_JWT_SECRET", hide_env_values = true)]
     jwt_secret: Option<String>,
@@ -157,6 +161,12 @@ struct Args {
     /// Rooms one connection may be in at once.
     #[arg(long, env = "CHATBUS_MAX_ROOMS", default_value_t = 64)]
     max_rooms: usize,
+
+    /// WebSocket connections this instance holds at once; past it a handshake gets HTTP 503.
+    /// Keep it below the process's open-file limit (`ulimit -n`), with room for the broker
+    /// connections.
+    #[arg(long, env = "CHATBUS_MAX_CONNECTIONS", default_value_t = chatbus_ws::DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
 
     /// Seconds without any frame from a client (pongs included) before it is dropped.
     #[arg(long, env = "CHATBUS_IDLE_TIMEOUT_SECS", default_value_t = 60)]
@@ -258,7 +268,9 @@ async fn build_broker(args: &Args) -> Result<Backend, BoxError> {
     Ok(match args.broker {
         BrokerKind::Memory => Backend {
             broker: Arc::new(MemoryBroker::with_config(
-                MemoryConfig::default().with_history_len(args.memory_history),
+                MemoryConfig::default()
+                    .with_history_len(args.memory_history)
+                    .with_history_rooms(args.memory_history_rooms),
             )),
             metrics: None,
         },
@@ -311,6 +323,7 @@ fn ws_config(args: &Args) -> Result<WsConfig, BoxError> {
             (args.rate_per_sec > 0.0).then_some(RateLimit::new(args.rate_burst, args.rate_per_sec)),
         )
         .with_max_rooms(args.max_rooms)
+        .with_max_connections(args.max_connections)
         .with_idle_timeout(Duration::from_secs(args.idle_timeout_secs.max(1)))
         .with_ping_interval(Duration::from_secs(args.ping_interval_secs.max(1)))
         .with_drain_timeout(Duration::from_secs(args.drain_timeout_secs))

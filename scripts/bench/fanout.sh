@@ -14,6 +14,10 @@
 source "$(dirname "$0")/lib.sh"
 
 CLIENTS=${CLIENTS:-1000}
+# More clients than the server's default --max-connections (16,384) would be refused with 503.
+if [ "$CLIENTS" -gt 16000 ]; then
+  export CHATBUS_MAX_CONNECTIONS=${CHATBUS_MAX_CONNECTIONS:-$((CLIENTS + 100))}
+fi
 SENDERS=${SENDERS:-10}
 if [ -n "${PEER:-}" ]; then
   RATES=${RATES:-30,40,50,60,70,85,100,120,150,200}

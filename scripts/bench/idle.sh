@@ -14,6 +14,9 @@ source "$(dirname "$0")/lib.sh"
 
 IDLE_AT=${IDLE_AT:-10000,19000}
 N=${IDLE_AT##*,}
+# The server refuses connections past --max-connections (default 16,384, below the open-file
+# limit): room for all N, plus the few handshakes a reconnecting client may have in flight.
+export CHATBUS_MAX_CONNECTIONS=${CHATBUS_MAX_CONNECTIONS:-$((N + 100))}
 build
 if [ -n "${PEER:-}" ]; then
   prepare_peer
