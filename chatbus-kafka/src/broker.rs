@@ -400,15 +400,16 @@ impl Broker for KafkaBroker {
 
     /// Reads the room's partition backwards from `before` (or its end) in growing chunks and
     /// returns the newest `limit` durable messages of the room, oldest first. Reads at most
-    /// [`KafkaConfig::history_scan_limit`] records, so a quiet room in a busy partition may
-    /// get a short page. Shares the replay readers: `Error::Timeout` when none came free
+    /// [`KafkaConfig::history_scan_limit`] records: when that stops it before it found `limit`
+    /// messages or the start of the partition (a quiet room in a busy partition), the page is
+    /// partial and `more_before` is the oldest offset read, to continue from. Shares the replay readers: `Error::Timeout` when none came free
     /// within [`KafkaConfig::request_timeout`].
     async fn history(
         &self,
         room: &Room,
         before: Option<Cursor>,
         limit: usize,
-    ) -> Result<Vec<Envelope>> {
+    ) -> Result<chatbus_core::HistoryPage> {
         let query = HistoryQuery {
             room: room.clone(),
             partition: self.partition_for_cursor(room, before)?,

@@ -96,7 +96,8 @@ pub struct KafkaConfig {
     /// it is full). Default 4,096.
     pub subscriber_capacity: usize,
     /// Most records `history` reads backwards in one call looking for a room's messages, so
-    /// that a page of a quiet room in a busy partition stays bounded. Default 100,000.
+    /// that a page of a quiet room in a busy partition stays bounded. A page this stops short
+    /// says so (`HistoryPage::more_before`, where to continue). Default 100,000.
     pub history_scan_limit: usize,
     /// Most `replay`/`history` reads running at once. Each holds a replay reader (a
     /// librdkafka consumer: a few threads and a connection to the partition's leader) and a
