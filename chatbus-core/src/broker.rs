@@ -151,19 +151,58 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
     /// The newest `limit` durable messages of `room` strictly before `before` (or the newest of
     /// all when `None`), oldest first: one page of "load older" history.
     ///
-    /// `Error::Unsupported` where the broker keeps no history.
+    /// A page is never silently short: when the broker stopped looking before it found `limit`
+    /// messages or the start of what it retains (Kafka bounds its backwards scan, see
+    /// `KafkaConfig::history_scan_limit`), [`HistoryPage::more_before`] says where to ask
+    /// again. `Error::Unsupported` where the broker keeps no history.
     async fn history(
         &self,
         room: &Room,
         before: Option<Cursor>,
         limit: usize,
-    ) -> Result<Vec<Envelope>>;
+    ) -> Result<HistoryPage>;
 
     /// What this broker can do.
     fn capabilities(&self) -> Capabilities;
 
     /// The broker's current state, cheap enough to call from a readiness probe.
     async fn health(&self) -> Health;
+}
+
+/// One page of [`Broker::history`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct HistoryPage {
+    /// The messages found, oldest first, at most the limit asked for.
+    pub messages: Vec<Envelope>,
+    /// `None` when the page is complete: it holds `limit` messages, or every retained message
+    /// before the position asked for. `Some(cursor)` when the broker stopped looking first:
+    /// older messages of the room may exist strictly before `cursor`; call `history` again
+    /// with `before = cursor` to go on (the next page may again be partial).
+    pub more_before: Option<Cursor>,
+}
+
+impl HistoryPage {
+    /// A complete page.
+    pub fn complete(messages: Vec<Envelope>) -> Self {
+        Self {
+            messages,
+            more_before: None,
+        }
+    }
+
+    /// A page whose scan stopped at `more_before` before it was complete.
+    pub fn partial(messages: Vec<Envelope>, more_before: Cursor) -> Self {
+        Self {
+            messages,
+            more_before: Some(more_before),
+        }
+    }
+
+    /// Whether the page is complete (see [`more_before`](Self::more_before)).
+    pub fn is_complete(&self) -> bool {
+        self.more_before.is_none()
+    }
 }
 
 macro_rules! forward_broker {
@@ -192,7 +231,7 @@ macro_rules! forward_broker {
                 room: &Room,
                 before: Option<Cursor>,
                 limit: usize,
-            ) -> Result<Vec<Envelope>> {
+            ) -> Result<HistoryPage> {
                 (**self).history(room, before, limit).await
             }
             fn capabilities(&self) -> Capabilities {

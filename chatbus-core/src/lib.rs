@@ -47,8 +47,8 @@ mod subscribers;
 pub mod conformance;
 
 pub use broker::{
-    Broker, BrokerExt, Capabilities, Health, HistoryStream, Interest, Receipt, ReplayFrom,
-    Subscription,
+    Broker, BrokerExt, Capabilities, Health, HistoryPage, HistoryStream, Interest, Receipt,
+    ReplayFrom, Subscription,
 };
 pub use dual::{DualBus, DualConfig, DualMode, DualStats, DurableDownPolicy};
 pub use envelope::{Cursor, Envelope, Kind, MessageId, Room, MAX_ROOM_LEN};

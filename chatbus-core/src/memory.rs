@@ -256,7 +256,7 @@ impl Broker for MemoryBroker {
         room: &Room,
         before: Option<Cursor>,
         limit: usize,
-    ) -> Result<Vec<Envelope>> {
+    ) -> Result<crate::HistoryPage> {
         self.check_history("history")?;
         let mut items: Vec<Envelope> = self
             .room_history(room)
@@ -269,7 +269,8 @@ impl Broker for MemoryBroker {
             .collect();
         let skip = items.len().saturating_sub(limit);
         items.drain(..skip);
-        Ok(items)
+        // The window is all there is: a page is always complete.
+        Ok(crate::HistoryPage::complete(items))
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -302,7 +303,7 @@ mod tests {
         let all = b.replay_vec(&room, ReplayFrom::Beginning, 100).await?;
         let bodies: Vec<_> = all.iter().map(|e| e.payload.clone()).collect();
         assert_eq!(bodies, ["2", "3", "4"]);
-        let page = b.history(&room, all[2].cursor, 1).await?;
+        let page = b.history(&room, all[2].cursor, 1).await?.messages;
         assert_eq!(page.len(), 1);
         assert_eq!(page[0].payload, "3");
         Ok(())

@@ -396,7 +396,7 @@ async fn main() {
     let took = t0.elapsed();
     println!("rdkafka BaseConsumer (raw)                   {:>9.0} msg/s   ({raw_n} records in {took:.2?})", raw_n as f64 / took.as_secs_f64());
     let h = match replay_broker.history(&replay_room, None, 50).await {
-        Ok(h) => h,
+        Ok(h) => h.messages,
         Err(e) => panic!("history: {e}"),
     };
     let t0 = Instant::now();
@@ -404,7 +404,7 @@ async fn main() {
     let mut before = h.first().and_then(|e| e.cursor);
     while pages < 20 {
         match replay_broker.history(&replay_room, before, 50).await {
-            Ok(page) if !page.is_empty() => before = page[0].cursor,
+            Ok(page) if !page.messages.is_empty() => before = page.messages[0].cursor,
             Ok(_) => break,
             Err(e) => panic!("history: {e}"),
         }

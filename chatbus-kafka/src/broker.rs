@@ -21,7 +21,7 @@ use crate::pool::Readers;
 use crate::producer::ProducerSlot;
 use crate::reader::{self, HistoryQuery, ReplayQuery};
 use crate::tail::Tail;
-use crate::topic::{self, TopicState};
+use crate::topic::{self, PartitionWatch, TopicState};
 
 /// How long `health` waits for the cluster to answer.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
@@ -44,6 +44,9 @@ struct Inner {
     readers: Arc<Readers>,
     published: AtomicU64,
     publish_errors: AtomicU64,
+    /// The topic's partition count against the one rooms are hashed by.
+    watch: PartitionWatch,
+    partition_changes: AtomicU64,
 }
 
 /// Counters of a [`KafkaBroker`], for metrics.
@@ -76,6 +79,9 @@ pub struct KafkaStats {
     pub replays_active: usize,
     /// Replay and history calls waiting for a free reader now.
     pub replays_waiting: usize,
+    /// Times the topic's partition count was seen to differ from the one rooms are hashed by
+    /// (0 or 1: once seen, publishes are refused until a restart).
+    pub partition_count_changes: u64,
 }
 
 impl std::fmt::Debug for KafkaBroker {
@@ -92,8 +98,14 @@ impl KafkaBroker {
     /// Connects to the cluster, creates the topic if it is missing (and
     /// [`KafkaConfig::create_topic`] allows it) and waits until every partition has a leader.
     ///
-    /// Errors: `Error::Config` for a bad configuration or a missing topic that may not be
-    /// created, `Error::Unavailable` / `Error::Timeout` when the cluster does not answer within
+    /// The partition count is fixed from then on: connect fails with `Error::Config` when the
+    /// topic exists with another count than [`KafkaConfig::partitions`] (unless
+    /// [`KafkaConfig::adopt_existing_partitions`]), and a background task re-reads the count
+    /// every [`KafkaConfig::partition_check_interval`]; once it changes, `publish` fails with
+    /// `Error::Unavailable` saying so and `health` is `Down` (see `docs/kafka-on-tansu.md`).
+    ///
+    /// Errors: `Error::Config` for a bad configuration, a missing topic that may not be
+    /// created or a topic with another partition count, `Error::Unavailable` / `Error::Timeout` when the cluster does not answer within
     /// [`KafkaConfig::request_timeout`].
     pub async fn connect(config: KafkaConfig) -> Result<Self> {
         config.validate()?;
@@ -101,7 +113,7 @@ impl KafkaBroker {
         let producer = ProducerSlot::new(&config, &ctx)?;
         let partitions = topic::ensure_topic(&config, &ctx, &producer.peek()).await?;
         let readers = Arc::new(Readers::new(config.clone(), ctx.clone()));
-        Ok(Self {
+        let broker = Self {
             inner: Arc::new(Inner {
                 config,
                 partitions,
@@ -111,8 +123,51 @@ impl KafkaBroker {
                 readers,
                 published: AtomicU64::new(0),
                 publish_errors: AtomicU64::new(0),
+                watch: PartitionWatch::new(partitions),
+                partition_changes: AtomicU64::new(0),
             }),
-        })
+        };
+        broker.spawn_partition_check();
+        Ok(broker)
+    }
+
+    /// Re-reads the topic's metadata every `partition_check_interval` until the broker is
+    /// dropped (the task holds only a weak reference). Publishes name their partition
+    /// explicitly, so librdkafka's own metadata refresh would never surface a grown topic.
+    fn spawn_partition_check(&self) {
+        let weak = Arc::downgrade(&self.inner);
+        let interval = self.inner.config.partition_check_interval;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(interval).await;
+                let Some(inner) = weak.upgrade() else { return };
+                let broker = Self { inner };
+                // Unreachable or leaderless: nothing learned; `health` reports those.
+                if let Ok(TopicState::Ready(n)) = broker.describe(HEALTH_TIMEOUT).await {
+                    broker.observe_partitions(n);
+                }
+            }
+        });
+    }
+
+    async fn describe(&self, wait: Duration) -> Result<TopicState> {
+        let producer = self.inner.producer.peek();
+        let topic = self.inner.config.topic.clone();
+        blocking(move || Ok(topic::describe(&producer, &topic, wait))).await
+    }
+
+    /// Records a partition count read from the cluster; logs and counts the first change.
+    fn observe_partitions(&self, found: u32) {
+        if self.inner.watch.observe(found) {
+            self.inner.partition_changes.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(
+                topic = %self.inner.config.topic,
+                from = self.inner.partitions,
+                to = found,
+                "the Kafka topic's partition count changed; refusing publishes until a restart \
+                 with a configuration that matches the topic (see docs/kafka-on-tansu.md)"
+            );
+        }
     }
 
     /// The configuration in use.
@@ -146,6 +201,7 @@ impl KafkaBroker {
             replay_readers: load(&self.inner.readers.created),
             replays_active: self.inner.readers.active(),
             replays_waiting: self.inner.readers.waiting(),
+            partition_count_changes: load(&self.inner.partition_changes),
         }
     }
 
@@ -215,6 +271,10 @@ impl Broker for KafkaBroker {
     /// unreachable; such a message may still have been stored (an ack lost in transit).
     async fn publish(&self, envelope: &Envelope) -> Result<Receipt> {
         let config = &self.inner.config;
+        if let Err(e) = self.inner.watch.check(&config.topic) {
+            self.inner.publish_errors.fetch_add(1, Ordering::Relaxed);
+            return Err(e);
+        }
         // The log position is the record's own offset: never store a stale cursor.
         let value = if envelope.cursor.is_some() {
             codec::encode(&Envelope {
@@ -340,15 +400,16 @@ impl Broker for KafkaBroker {
 
     /// Reads the room's partition backwards from `before` (or its end) in growing chunks and
     /// returns the newest `limit` durable messages of the room, oldest first. Reads at most
-    /// [`KafkaConfig::history_scan_limit`] records, so a quiet room in a busy partition may
-    /// get a short page. Shares the replay readers: `Error::Timeout` when none came free
+    /// [`KafkaConfig::history_scan_limit`] records: when that stops it before it found `limit`
+    /// messages or the start of the partition (a quiet room in a busy partition), the page is
+    /// partial and `more_before` is the oldest offset read, to continue from. Shares the replay readers: `Error::Timeout` when none came free
     /// within [`KafkaConfig::request_timeout`].
     async fn history(
         &self,
         room: &Room,
         before: Option<Cursor>,
         limit: usize,
-    ) -> Result<Vec<Envelope>> {
+    ) -> Result<chatbus_core::HistoryPage> {
         let query = HistoryQuery {
             room: room.clone(),
             partition: self.partition_for_cursor(room, before)?,
@@ -369,18 +430,20 @@ impl Broker for KafkaBroker {
     }
 
     /// `Healthy` when the cluster answers a metadata request for the topic within 2 s,
-    /// `Down` otherwise (with the reason) or after a fatal producer error.
+    /// `Down` otherwise (with the reason), after a fatal producer error, or once the topic's
+    /// partition count changed (this check also notices that).
     async fn health(&self) -> Health {
-        let producer = self.inner.producer.peek();
-        if let Some((_, reason)) = producer.client().fatal_error() {
+        if let Some((_, reason)) = self.inner.producer.peek().client().fatal_error() {
             return Health::Down(format!("fatal Kafka producer error: {reason}"));
         }
-        let topic = self.inner.config.topic.clone();
-        let probe = blocking(move || Ok(topic::describe(&producer, &topic, HEALTH_TIMEOUT))).await;
-        match probe {
-            Ok(TopicState::Ready(_)) => {
+        match self.describe(HEALTH_TIMEOUT).await {
+            Ok(TopicState::Ready(n)) => {
                 self.inner.ctx.conn.mark_up();
-                Health::Healthy
+                self.observe_partitions(n);
+                match self.inner.watch.check(&self.inner.config.topic) {
+                    Ok(()) => Health::Healthy,
+                    Err(e) => Health::Down(e.to_string()),
+                }
             }
             Ok(TopicState::Unreachable(reason)) => Health::Down(format!(
                 "Kafka unreachable at {}: {reason}",
@@ -412,6 +475,7 @@ mod mock_tests {
         mock.create_topic("mocked", 3, 1).expect("mock topic");
         let config = KafkaConfig::new(mock.bootstrap_servers())
             .with_topic("mocked")
+            .with_partitions(3)
             .with_publish_timeout(Duration::from_millis(1500))
             .with_fetch_wait(Duration::from_millis(10));
         KafkaBroker::connect(config)

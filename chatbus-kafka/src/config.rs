@@ -38,9 +38,25 @@ pub struct KafkaConfig {
     pub brokers: String,
     /// The one topic that carries every room. Default `chatbus`; env `CHATBUS_KAFKA_TOPIC`.
     pub topic: String,
-    /// Partitions of the topic when the broker creates it. An existing topic keeps its own
-    /// count, which is read at connect. Default 8; env `CHATBUS_KAFKA_PARTITIONS`.
+    /// Partitions of the topic: the count it is created with, and the count an existing topic
+    /// must have. Rooms are hashed to partitions by this count and cursors name a partition,
+    /// so a different count would split rooms across partitions: `connect` fails with
+    /// `Error::Config` when an existing topic has another count (unless
+    /// [`adopt_existing_partitions`](Self::adopt_existing_partitions)), and a running broker
+    /// refuses publishes once it sees the count change (see
+    /// [`partition_check_interval`](Self::partition_check_interval)). Default 8; env
+    /// `CHATBUS_KAFKA_PARTITIONS`.
     pub partitions: u32,
+    /// Accept an existing topic whose partition count differs from
+    /// [`partitions`](Self::partitions) and use its count. Only right when the topic has had
+    /// that count since it was created (for example a topic made by an operator tool); never
+    /// after the topic was grown, since rooms already in the log were hashed by the old
+    /// count. Default false; env `CHATBUS_KAFKA_ADOPT_PARTITIONS` (`true`/`false`).
+    pub adopt_existing_partitions: bool,
+    /// How often a running broker re-reads the topic's metadata to notice a partition count
+    /// that changed under it (`health` checks it too). Default 30 s; env
+    /// `CHATBUS_KAFKA_PARTITION_CHECK_MS`.
+    pub partition_check_interval: Duration,
     /// Replication factor of the topic when the broker creates it. Default 1 (a single-node
     /// development cluster); use 3 in production. Env `CHATBUS_KAFKA_REPLICATION`.
     pub replication: u32,
@@ -80,7 +96,8 @@ pub struct KafkaConfig {
     /// it is full). Default 4,096.
     pub subscriber_capacity: usize,
     /// Most records `history` reads backwards in one call looking for a room's messages, so
-    /// that a page of a quiet room in a busy partition stays bounded. Default 100,000.
+    /// that a page of a quiet room in a busy partition stays bounded. A page this stops short
+    /// says so (`HistoryPage::more_before`, where to continue). Default 100,000.
     pub history_scan_limit: usize,
     /// Most `replay`/`history` reads running at once. Each holds a replay reader (a
     /// librdkafka consumer: a few threads and a connection to the partition's leader) and a
@@ -106,6 +123,8 @@ impl Default for KafkaConfig {
             brokers: "127.0.0.1:9092".into(),
             topic: "chatbus".into(),
             partitions: 8,
+            adopt_existing_partitions: false,
+            partition_check_interval: Duration::from_secs(30),
             replication: 1,
             create_topic: true,
             linger: Duration::ZERO,
@@ -136,6 +155,8 @@ impl KafkaConfig {
     /// | `CHATBUS_KAFKA_BROKERS` | [`brokers`](Self::brokers) |
     /// | `CHATBUS_KAFKA_TOPIC` | [`topic`](Self::topic) |
     /// | `CHATBUS_KAFKA_PARTITIONS` | [`partitions`](Self::partitions) |
+    /// | `CHATBUS_KAFKA_ADOPT_PARTITIONS` | [`adopt_existing_partitions`](Self::adopt_existing_partitions) |
+    /// | `CHATBUS_KAFKA_PARTITION_CHECK_MS` | [`partition_check_interval`](Self::partition_check_interval) |
     /// | `CHATBUS_KAFKA_REPLICATION` | [`replication`](Self::replication) |
     /// | `CHATBUS_KAFKA_LINGER_MS` | [`linger`](Self::linger) |
     /// | `CHATBUS_KAFKA_PUBLISH_TIMEOUT_MS` | [`publish_timeout`](Self::publish_timeout) |
@@ -172,6 +193,12 @@ impl KafkaConfig {
                 "CHATBUS_KAFKA_BROKERS" => config.brokers = value,
                 "CHATBUS_KAFKA_TOPIC" => config.topic = value,
                 "CHATBUS_KAFKA_PARTITIONS" => config.partitions = parse(key, &value)?,
+                "CHATBUS_KAFKA_ADOPT_PARTITIONS" => {
+                    config.adopt_existing_partitions = parse(key, &value)?;
+                }
+                "CHATBUS_KAFKA_PARTITION_CHECK_MS" => {
+                    config.partition_check_interval = Duration::from_millis(parse(key, &value)?);
+                }
                 "CHATBUS_KAFKA_REPLICATION" => config.replication = parse(key, &value)?,
                 "CHATBUS_KAFKA_LINGER_MS" => {
                     config.linger = Duration::from_millis(parse(key, &value)?);
@@ -220,6 +247,20 @@ impl KafkaConfig {
     #[must_use]
     pub fn with_partitions(mut self, partitions: u32) -> Self {
         self.partitions = partitions;
+        self
+    }
+
+    /// Sets [`adopt_existing_partitions`](Self::adopt_existing_partitions).
+    #[must_use]
+    pub fn with_adopt_existing_partitions(mut self, adopt: bool) -> Self {
+        self.adopt_existing_partitions = adopt;
+        self
+    }
+
+    /// Sets [`partition_check_interval`](Self::partition_check_interval).
+    #[must_use]
+    pub fn with_partition_check_interval(mut self, interval: Duration) -> Self {
+        self.partition_check_interval = interval;
         self
     }
 
@@ -344,6 +385,9 @@ impl KafkaConfig {
         if self.publish_timeout < Duration::from_millis(1) || self.publish_timeout <= self.linger {
             return bad("publish_timeout must be at least 1 ms and longer than linger".into());
         }
+        if self.partition_check_interval < Duration::from_millis(10) {
+            return bad("partition_check_interval must be at least 10 ms".into());
+        }
         if self.request_timeout < Duration::from_millis(1) {
             return bad("request_timeout must be at least 1 ms".into());
         }
@@ -360,10 +404,12 @@ impl KafkaConfig {
 }
 
 fn parse<T: std::str::FromStr>(key: &str, value: &str) -> Result<T> {
-    value
-        .trim()
-        .parse()
-        .map_err(|_| Error::Config(format!("{key}={value:?} is not a valid number")))
+    value.trim().parse().map_err(|_| {
+        Error::Config(format!(
+            "{key}={value:?} is not a valid {}",
+            std::any::type_name::<T>()
+        ))
+    })
 }
 
 #[cfg(test)]

@@ -38,7 +38,10 @@
 //!   the envelope in chatbus' binary encoding ([`chatbus_core::backend::codec`]), timestamp = the
 //!   envelope's `ts`. The partition is `murmur2(room) % partitions` (Kafka's own keyed
 //!   partitioning, computed here so that replay knows where a room lives), so all messages of
-//!   a room are in one partition, in one order. A cursor is `partition-offset`.
+//!   a room are in one partition, in one order. A cursor is `partition-offset`. The count is
+//!   therefore fixed: `connect` refuses a topic with another count than
+//!   [`KafkaConfig::partitions`], and a broker that sees the count change refuses publishes
+//!   (see [`KafkaConfig::partition_check_interval`]).
 //! - **Publish**: an idempotent producer (`enable.idempotence=true`, `acks=all`): retries after
 //!   a lost connection never duplicate or reorder a record. `publish` returns after the
 //!   acknowledgement, with the record's offset as cursor, or fails with `Error::Timeout` /

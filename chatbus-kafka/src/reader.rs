@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use chatbus_core::backend::codec;
-use chatbus_core::{Cursor, Envelope, Error, HistoryStream, ReplayFrom, Result, Room};
+use chatbus_core::{Cursor, Envelope, Error, HistoryPage, HistoryStream, ReplayFrom, Result, Room};
 use futures::StreamExt;
 use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
@@ -280,9 +280,9 @@ pub(crate) async fn replay(readers: &Arc<Readers>, query: ReplayQuery) -> Result
 }
 
 /// Reads one page of history with one reader.
-pub(crate) async fn history(readers: &Arc<Readers>, query: HistoryQuery) -> Result<Vec<Envelope>> {
+pub(crate) async fn history(readers: &Arc<Readers>, query: HistoryQuery) -> Result<HistoryPage> {
     if query.limit == 0 {
-        return Ok(Vec::new());
+        return Ok(HistoryPage::default());
     }
     // Set if this future is dropped: the scan stops early and gives its reader back.
     let cancel = CancelOnDrop::default();
@@ -446,13 +446,15 @@ impl ReplayState {
     }
 }
 
-/// Reads backwards from `query.before` (or the end) in growing chunks. Blocking.
+/// Reads backwards from `query.before` (or the end) in growing chunks, at most `scan_limit`
+/// records. Blocking. The page is partial (`more_before` = the oldest offset read) when the
+/// scan limit stopped it before it found `limit` messages or reached the low watermark.
 fn history_page(
     readers: &Readers,
     reader: &Reader,
     query: &HistoryQuery,
     cancel: &Cancel,
-) -> Result<Vec<Envelope>> {
+) -> Result<HistoryPage> {
     let HistoryQuery {
         room,
         partition,
@@ -489,7 +491,13 @@ fn history_page(
         end = start;
         chunk = chunk.saturating_mul(2);
     }
+    if found.len() < limit && end > low {
+        // Stopped by the scan limit: offsets below `end` were not read, and `before` is
+        // exclusive, so `end` is exactly where the next page starts.
+        let next = Cursor::new(partition, u64::try_from(end).unwrap_or(0));
+        return Ok(HistoryPage::partial(found, next));
+    }
     let skip = found.len().saturating_sub(limit);
     found.drain(..skip);
-    Ok(found)
+    Ok(HistoryPage::complete(found))
 }

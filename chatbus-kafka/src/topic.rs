@@ -1,6 +1,7 @@
 //! The topic: created with the admin API when it is missing, and described (partition count,
 //! leaders) for `connect` and `health`.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,7 +36,7 @@ pub(crate) async fn ensure_topic(
         match probe {
             TopicState::Ready(n) => {
                 ctx.conn.mark_up();
-                return Ok(n);
+                return check_existing(config, n);
             }
             TopicState::Missing if !config.create_topic => {
                 return Err(Error::Config(format!(
@@ -67,6 +68,76 @@ pub(crate) async fn ensure_topic(
             });
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The count to use for a topic found with `found` partitions: the configured one, the found
+/// one when the configuration adopts it, or an error that says what the operator must do.
+pub(crate) fn check_existing(config: &KafkaConfig, found: u32) -> Result<u32> {
+    if found == config.partitions || config.adopt_existing_partitions {
+        if found != config.partitions {
+            tracing::warn!(
+                topic = %config.topic, found, configured = config.partitions,
+                "adopting the existing partition count of the Kafka topic"
+            );
+        }
+        return Ok(found);
+    }
+    Err(Error::Config(format!(
+        "Kafka topic {:?} has {found} partitions but KafkaConfig::partitions is {}: rooms are \
+         hashed to partitions by this count, so a different one would split rooms and \
+         invalidate cursors. If the topic has had {found} partitions since it was created, set \
+         partitions to {found} (or adopt_existing_partitions); if it was grown, move the rooms \
+         to a new topic with the intended count",
+        config.topic, config.partitions
+    )))
+}
+
+/// Watches the topic's partition count against the one rooms are hashed by. Once it sees
+/// another count it stays tripped: cursors and room placement made with the old count stay
+/// wrong even if the count were to change back, so only a restart with a matching
+/// configuration clears it.
+#[derive(Debug)]
+pub(crate) struct PartitionWatch {
+    expected: u32,
+    /// The other count seen, 0 while none was.
+    changed_to: AtomicU32,
+}
+
+impl PartitionWatch {
+    pub(crate) fn new(expected: u32) -> Self {
+        Self {
+            expected,
+            changed_to: AtomicU32::new(0),
+        }
+    }
+
+    /// Records a count read from the cluster's metadata; true the first time it differs
+    /// (the caller logs it and counts it).
+    pub(crate) fn observe(&self, found: u32) -> bool {
+        found != self.expected
+            && found != 0
+            && self
+                .changed_to
+                .compare_exchange(0, found, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+
+    /// `Error::Unavailable` saying what changed once the count was seen to change.
+    pub(crate) fn check(&self, topic: &str) -> Result<()> {
+        match self.changed_to.load(Ordering::Relaxed) {
+            0 => Ok(()),
+            now => Err(Error::Unavailable {
+                backend: BACKEND,
+                reason: format!(
+                    "the partition count of Kafka topic {topic:?} changed from {} to {now}; \
+                     publishing is refused because rooms would split across partitions. \
+                     Restore the topic or move the rooms to a new topic, then restart with \
+                     KafkaConfig::partitions matching it",
+                    self.expected
+                ),
+            }),
+        }
     }
 }
 
@@ -131,4 +202,39 @@ async fn create_topic(config: &KafkaConfig, ctx: &Context) -> Result<()> {
     }
     tracing::info!(topic = %config.topic, partitions, replication, "created Kafka topic");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_existing_topic_must_have_the_configured_count_unless_adopted() {
+        let config = KafkaConfig::default().with_topic("t").with_partitions(4);
+        assert_eq!(check_existing(&config, 4).expect("same count"), 4);
+        let err = check_existing(&config, 6).expect_err("another count");
+        let msg = err.to_string();
+        assert!(matches!(err, Error::Config(_)), "{err:?}");
+        assert!(
+            msg.contains("has 6 partitions") && msg.contains("is 4"),
+            "{msg}"
+        );
+        let adopt = config.with_adopt_existing_partitions(true);
+        assert_eq!(check_existing(&adopt, 6).expect("adopted"), 6);
+    }
+
+    #[test]
+    fn the_watch_trips_once_on_another_count_and_stays_tripped() {
+        let watch = PartitionWatch::new(2);
+        assert!(!watch.observe(2));
+        // An empty answer (a metadata hiccup) is not a count.
+        assert!(!watch.observe(0));
+        watch.check("t").expect("unchanged");
+        assert!(watch.observe(4), "first sight of the change");
+        assert!(!watch.observe(4), "reported once");
+        assert!(!watch.observe(2), "stays tripped when the count comes back");
+        let err = watch.check("t").expect_err("refused");
+        assert!(err.is_transient() || matches!(err, Error::Unavailable { .. }));
+        assert!(err.to_string().contains("changed from 2 to 4"), "{err}");
+    }
 }

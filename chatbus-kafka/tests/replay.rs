@@ -126,14 +126,21 @@ async fn replay_of_ten_thousand_messages_over_twenty_rooms() {
     let page = broker
         .history(room, Some(expected[mid].cursor), 50)
         .await
-        .expect("history");
+        .expect("history")
+        .messages;
     assert_eq!(got_ids(&page), ids(&expected[mid - 50..mid]));
-    let newest = broker.history(room, None, 30).await.expect("history");
+    let newest = broker
+        .history(room, None, 30)
+        .await
+        .expect("history")
+        .messages;
     assert_eq!(got_ids(&newest), ids(&expected[expected.len() - 30..]));
     let oldest = broker
         .history(room, Some(expected[5].cursor), 50)
         .await
         .expect("history at the start");
+    assert!(oldest.is_complete(), "reached the start of the partition");
+    let oldest = oldest.messages;
     assert_eq!(got_ids(&oldest), ids(&expected[..5]));
     eprintln!("replays and history in {:?}", started.elapsed());
 

@@ -146,7 +146,7 @@ async fn fifty_concurrent_replays_use_at_most_the_configured_readers() {
 
     // History shares the same readers.
     let page = match broker.history(&big, None, 100).await {
-        Ok(p) => p,
+        Ok(p) => p.messages,
         Err(e) => panic!("history: {e}"),
     };
     let ids: Vec<MessageId> = page.iter().map(|e| e.id).collect();

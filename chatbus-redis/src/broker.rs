@@ -472,7 +472,7 @@ impl Broker for RedisBroker {
         room: &Room,
         before: Option<Cursor>,
         limit: usize,
-    ) -> Result<Vec<Envelope>> {
+    ) -> Result<chatbus_core::HistoryPage> {
         self.require_history("history")?;
         let end = match before {
             None => "+".to_owned(),
@@ -482,12 +482,12 @@ impl Broker for RedisBroker {
                     // Every entry of sequence number `offset - 1`, whatever its id's second
                     // part.
                     Some(prev) if prev > 0 => format!("{prev}-{}", u64::MAX),
-                    _ => return Ok(Vec::new()),
+                    _ => return Ok(chatbus_core::HistoryPage::default()),
                 }
             }
         };
         if limit == 0 {
-            return Ok(Vec::new());
+            return Ok(chatbus_core::HistoryPage::default());
         }
         let t = self.inner.config.command_timeout;
         let mut conn = self.inner.publisher.clone();
@@ -510,7 +510,8 @@ impl Broker for RedisBroker {
             .map(|(_, e)| e)
             .collect();
         items.reverse();
-        Ok(items)
+        // XREVRANGE with COUNT reads the stream's index, not a bounded scan: always complete.
+        Ok(chatbus_core::HistoryPage::complete(items))
     }
 
     fn capabilities(&self) -> Capabilities {

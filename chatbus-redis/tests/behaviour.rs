@@ -289,7 +289,7 @@ async fn window_is_bounded() {
         .collect();
     assert_eq!(cursors, [8, 9, 10, 11, 12]);
     let page = match b.history(&r, Some(Cursor::new(0, 11)), 2).await {
-        Ok(v) => v,
+        Ok(v) => v.messages,
         Err(e) => panic!("history: {e}"),
     };
     assert_eq!(

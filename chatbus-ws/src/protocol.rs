@@ -553,7 +553,14 @@ pub(crate) const PONG: &[u8] = br#"{"type":"pong"}"#;
 
 /// `{"type":"history","room":R,"messages":[m1,m2,...]}` from already encoded message frames,
 /// so history reuses the exact bytes live delivery sends (no second serialisation path).
-pub(crate) fn history(room: &Room, messages: &[Bytes], client_id: Option<&ClientId>) -> Bytes {
+/// A partial page (the broker stopped scanning first) adds `"complete":false` and `"before"`,
+/// the cursor to ask the next page with.
+pub(crate) fn history(
+    room: &Room,
+    messages: &[Bytes],
+    more_before: Option<&str>,
+    client_id: Option<&ClientId>,
+) -> Bytes {
     let room_json = serde_json::to_string(room.as_str()).unwrap_or_default();
     let mut out = Vec::with_capacity(64 + messages.iter().map(Bytes::len).sum::<usize>());
     out.extend_from_slice(br#"{"type":"history","room":"#);
@@ -561,6 +568,10 @@ pub(crate) fn history(room: &Room, messages: &[Bytes], client_id: Option<&Client
     if let Some(cid) = client_id {
         out.extend_from_slice(br#","client_id":"#);
         out.extend_from_slice(&serde_json::to_vec(cid).unwrap_or_default());
+    }
+    if let Some(before) = more_before {
+        out.extend_from_slice(br#","complete":false,"before":"#);
+        out.extend_from_slice(&serde_json::to_vec(before).unwrap_or_default());
     }
     out.extend_from_slice(br#","messages":["#);
     for (i, m) in messages.iter().enumerate() {
@@ -694,9 +705,16 @@ mod tests {
         ];
         let cid = ClientId::Str("q".into());
         let h: serde_json::Value =
-            serde_json::from_slice(&history(&room, &m, Some(&cid))).expect("json");
+            serde_json::from_slice(&history(&room, &m, None, Some(&cid))).expect("json");
         assert_eq!(h["messages"][1]["b"], 2);
         assert_eq!(h["client_id"], "q");
+        assert!(h.get("complete").is_none() && h.get("before").is_none());
+        let partial: serde_json::Value =
+            serde_json::from_slice(&history(&room, &m, Some("0-17"), None)).expect("json");
+        assert_eq!(
+            (&partial["complete"], &partial["before"]),
+            (&false.into(), &"0-17".into())
+        );
         let e: serde_json::Value =
             serde_json::from_slice(&error(ErrorCode::NotJoined, "x", None, Some(&room)))
                 .expect("json");

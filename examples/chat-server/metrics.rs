@@ -173,6 +173,11 @@ fn kafka_metrics(
                 "Undecodable Kafka records, skipped.",
                 s.malformed,
             ),
+            (
+                "chatbus_kafka_partition_count_changes",
+                "Times the Kafka topic's partition count changed under the server (publishes are then refused).",
+                s.partition_count_changes,
+            ),
         ],
     )
 }

@@ -286,7 +286,7 @@ impl<F: Broker, D: Broker> Broker for DualBus<F, D> {
         room: &Room,
         before: Option<Cursor>,
         limit: usize,
-    ) -> Result<Vec<Envelope>> {
+    ) -> Result<crate::HistoryPage> {
         self.durable.history(room, before, limit).await
     }
 

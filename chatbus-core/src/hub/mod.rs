@@ -151,7 +151,7 @@ impl Hub {
         room: &Room,
         before: Option<Cursor>,
         limit: usize,
-    ) -> Result<Vec<Envelope>> {
+    ) -> Result<crate::HistoryPage> {
         self.inner.broker.history(room, before, limit).await
     }
 

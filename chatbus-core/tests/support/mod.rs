@@ -86,7 +86,7 @@ impl<H: Hooks> Broker for Hooked<H> {
         room: &Room,
         before: Option<Cursor>,
         limit: usize,
-    ) -> Result<Vec<Envelope>> {
+    ) -> Result<chatbus_core::HistoryPage> {
         self.inner.history(room, before, limit).await
     }
     fn capabilities(&self) -> Capabilities {

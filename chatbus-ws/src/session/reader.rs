@@ -523,9 +523,11 @@ impl<'a> Reader<'a> {
         });
         let limit = limit.clamp(1, max);
         match self.svc.chat().hub().history(&room, before, limit).await {
-            Ok(envs) => {
-                let items: Vec<Bytes> = envs.iter().filter_map(history_item).collect();
-                self.handle.reply(protocol::history(&room, &items, cid));
+            Ok(page) => {
+                let items: Vec<Bytes> = page.messages.iter().filter_map(history_item).collect();
+                let more = page.more_before.map(|c| c.to_string());
+                self.handle
+                    .reply(protocol::history(&room, &items, more.as_deref(), cid));
             }
             Err(e) => self.broker_error(&e, cid, &room, "history"),
         }
