@@ -660,6 +660,22 @@ mod tests {
         }
     }
 
+    /// Found by the `client_frame` fuzz target: serde_json's default float parser is not
+    /// correctly rounded, so a long decimal `client_id` came back as a neighbouring double, one
+    /// the client's own JSON parser reads as another number than the one it sent.
+    #[test]
+    fn float_client_id_echoes_as_sent() {
+        let text = "3.666666663333333333333333332";
+        let frame = format!(r#"{{"type":"ping","client_id":{text}}}"#);
+        let (_, cid) = parse(frame.as_bytes()).expect("ping");
+        let reply: serde_json::Value =
+            serde_json::from_slice(&error(ErrorCode::BadRequest, "x", cid.as_ref(), None))
+                .expect("JSON");
+        let sent: f64 = text.parse().expect("a float");
+        assert_eq!(reply["client_id"].as_f64(), Some(sent));
+        assert!(fuzz_check(frame.as_bytes()));
+    }
+
     #[test]
     fn parses_refresh() {
         let (r, cid) =
