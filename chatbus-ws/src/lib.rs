@@ -151,6 +151,32 @@ mod service;
 mod session;
 mod status;
 
+/// Entry points for the cargo-fuzz targets in `fuzz/` (feature `fuzzing`, off by default).
+///
+/// The client frame parser and the inter-instance payload decoder are crate-private: their types
+/// borrow from the input and are not an API we want to promise. Fuzzing them from outside the
+/// crate needs a door, so this is the narrowest one: bytes in, "accepted or not" out, with the
+/// round-trip checks done inside, where the encoders are visible. A broken property panics,
+/// which is what the fuzzer catches.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod __fuzz {
+    /// Parses `bytes` as a client text frame; `true` when it is a valid request.
+    ///
+    /// Panics if an accepted request breaks an invariant the session relies on (rooms valid,
+    /// cursors that print and parse back to themselves, non-empty bodies).
+    pub fn parse_client_frame(bytes: &[u8]) -> bool {
+        crate::protocol::fuzz_check(bytes)
+    }
+
+    /// Decodes `bytes` as an envelope payload; `true` when it decodes.
+    ///
+    /// Panics if a payload that decodes, re-encoded, does not decode to the same value.
+    pub fn decode_payload(bytes: &[u8]) -> bool {
+        crate::payload::fuzz_check(bytes)
+    }
+}
+
 pub use access::{direct_room, InvalidGrant, RoomGrants, MAX_ROOM_GRANTS};
 pub use api::ApiError;
 #[cfg(feature = "jwt")]
