@@ -49,6 +49,7 @@ use clap::{Parser, ValueEnum};
 use prometheus_client::collector::Collector;
 use tracing_subscriber::EnvFilter;
 
+mod bench_hook;
 mod metrics;
 
 use metrics::{DualMetrics, KafkaMetrics, RedisMetrics, Scrape};
@@ -206,6 +207,9 @@ struct Args {
     /// Seconds a new connection gets to complete its HTTP upgrade (TLS handshake included).
     #[arg(long, env = "CHATBUS_HANDSHAKE_TIMEOUT_SECS", default_value_t = 10)]
     handshake_timeout_secs: u64,
+    // Benchmarking only: `--bench-publish-hook-ms` (bench_hook.rs).
+    #[command(flatten)]
+    bench: bench_hook::BenchArgs,
 }
 
 /// `--durable-down`.
@@ -333,7 +337,7 @@ fn ws_config(args: &Args) -> Result<WsConfig, BoxError> {
         }
         config = config.with_verifier(v);
     }
-    Ok(config)
+    Ok(args.bench.apply(config))
 }
 
 /// The rustls configuration of `--tls-cert` / `--tls-key`, or a message naming the file at
