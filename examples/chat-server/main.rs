@@ -61,6 +61,7 @@ use prometheus_client::collector::Collector;
 use tracing_subscriber::EnvFilter;
 
 mod api;
+mod bench_hook;
 mod metrics;
 
 use api::ApiKey;
@@ -245,6 +246,10 @@ struct Args {
     /// command-line flag is visible to every local user in `ps`.
     #[arg(long, env = "CHATBUS_API_KEY", hide_env_values = true, value_parser = ApiKey::parse)]
     api_key: Option<ApiKey>,
+
+    // Benchmarking only: `--bench-publish-hook-ms` (bench_hook.rs).
+    #[command(flatten)]
+    bench: bench_hook::BenchArgs,
 }
 
 /// `--durable-down`.
@@ -375,7 +380,7 @@ fn ws_config(args: &Args) -> Result<WsConfig, BoxError> {
         }
         config = config.with_verifier(v);
     }
-    Ok(config)
+    Ok(args.bench.apply(config))
 }
 
 /// The rustls configuration of `--tls-cert` / `--tls-key`, or a message naming the file at

@@ -99,7 +99,8 @@ start_tansu() {
 
 # start_chatbus BROKER: starts one chat-server; sets CB_PORT and CB_PID and appends to
 # CB_PORTS / CB_PIDS. The per-connection rate limit is off: the load generator's senders
-# send far more than a person would.
+# send far more than a person would. CHATBUS_BIN runs another chat-server binary (hooks.sh
+# runs the code of an older commit beside this one).
 CB_PORTS=()
 CB_PIDS=()
 start_chatbus() {
@@ -111,7 +112,7 @@ start_chatbus() {
   if [ -n "${REDIS_PORT:-}" ]; then envs+=(CHATBUS_REDIS_URL="redis://127.0.0.1:$REDIS_PORT"); fi
   if [ -n "${KAFKA_PORT:-}" ]; then envs+=(CHATBUS_KAFKA_BROKERS="127.0.0.1:$KAFKA_PORT"); fi
   # shellcheck disable=SC2086 # CHATBUS_SERVER_ARGS is a list of extra flags
-  env "${envs[@]}" "$BIN/chat-server" --listen "127.0.0.1:$CB_PORT" --broker "$broker" \
+  env "${envs[@]}" "${CHATBUS_BIN:-$BIN/chat-server}" --listen "127.0.0.1:$CB_PORT" --broker "$broker" \
     --rate-per-sec 0 ${CHATBUS_SERVER_ARGS:-} >"$LOGS/chat-server-$CB_PORT.log" 2>&1 &
   CB_PID=$!
   STARTED_PIDS+=("$CB_PID")

@@ -18,6 +18,8 @@ pub(crate) struct Watched {
 pub(crate) struct Sample {
     /// User + system CPU time, microseconds.
     pub(crate) cpu_us: u64,
+    /// The system (kernel) part of `cpu_us`.
+    pub(crate) sys_us: u64,
     /// Resident set size, bytes.
     pub(crate) rss: u64,
 }
@@ -58,7 +60,7 @@ pub(crate) fn sample(pid: u32, ticks: u64) -> Result<Sample, String> {
             .and_then(|f| f.parse().ok())
             .ok_or_else(|| format!("/proc/{pid}/stat: no field {n}"))
     };
-    let ticks_total = field(14)? + field(15)?;
+    let (utime, stime) = (field(14)?, field(15)?);
     let status = fs::read_to_string(format!("/proc/{pid}/status"))
         .map_err(|e| format!("/proc/{pid}/status: {e}"))?;
     let rss_kb = status
@@ -67,7 +69,8 @@ pub(crate) fn sample(pid: u32, ticks: u64) -> Result<Sample, String> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .unwrap_or(0);
     Ok(Sample {
-        cpu_us: ticks_total * 1_000_000 / ticks,
+        cpu_us: (utime + stime) * 1_000_000 / ticks,
+        sys_us: stime * 1_000_000 / ticks,
         rss: rss_kb * 1024,
     })
 }
@@ -115,6 +118,17 @@ impl Snapshot {
             .zip(watched)
             .filter(|(_, w)| w.role == role)
             .map(|((a, b), _)| a.cpu_us.saturating_sub(b.cpu_us))
+            .sum()
+    }
+
+    /// The system (kernel) part of [`cpu_since`](Self::cpu_since).
+    pub(crate) fn sys_since(&self, earlier: &Snapshot, watched: &[Watched], role: &str) -> u64 {
+        self.samples
+            .iter()
+            .zip(&earlier.samples)
+            .zip(watched)
+            .filter(|(_, w)| w.role == role)
+            .map(|((a, b), _)| a.sys_us.saturating_sub(b.sys_us))
             .sum()
     }
 

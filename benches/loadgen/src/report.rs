@@ -126,6 +126,9 @@ pub(crate) struct StepOut {
     pub(crate) p999_ms: f64,
     pub(crate) max_ms: f64,
     pub(crate) server_cpu_us: u64,
+    /// The system (kernel) part of `server_cpu_us` (the rest is user time).
+    #[serde(default)]
+    pub(crate) server_sys_us: u64,
     pub(crate) broker_cpu_us: u64,
     /// Server processes' CPU per unique delivery.
     pub(crate) server_cpu_us_per_delivery: f64,

@@ -98,6 +98,7 @@ pub(crate) fn summarize(
         s.max_ms = hist.max() as f64 / 1000.0;
     }
     s.server_cpu_us = i.after.cpu_since(&i.before, watched, "server");
+    s.server_sys_us = i.after.sys_since(&i.before, watched, "server");
     s.broker_cpu_us = i.after.cpu_since(&i.before, watched, "broker");
     if s.delivered > 0 {
         s.server_cpu_us_per_delivery = s.server_cpu_us as f64 / s.delivered as f64;
