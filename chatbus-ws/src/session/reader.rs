@@ -327,13 +327,15 @@ impl<'a> Reader<'a> {
                     self.not_joined(cid, &room);
                     return;
                 }
-                if self.allow(HookKind::Send, &room, Some(&body), cid).await {
+                if self.hook(HookKind::Send, &room, Some(&body), cid).await {
                     self.send(room, None, body, cid).await;
                 }
             }
             Request::Direct { to, body } => {
                 let room = direct_room(&self.conn.identity.user, &to);
-                if self.allow(HookKind::Send, &room, Some(&body), cid).await {
+                if self.access(&room, cid)
+                    && self.hook(HookKind::Send, &room, Some(&body), cid).await
+                {
                     self.send(room, Some(to), body, cid).await;
                 }
             }
@@ -345,7 +347,7 @@ impl<'a> Reader<'a> {
                     self.not_joined(cid, &room);
                     return;
                 }
-                if !self.allow(HookKind::Typing, &room, None, cid).await {
+                if !self.hook(HookKind::Typing, &room, None, cid).await {
                     return;
                 }
                 let env = Envelope::ephemeral(
@@ -371,19 +373,15 @@ impl<'a> Reader<'a> {
         }
     }
 
-    /// The built-in checks ([`access::check`]: grants, reserved rooms, other pairs'
-    /// conversations), then the application's hook; answers `forbidden` and returns false if
-    /// either refuses.
-    async fn allow(
+    /// The application's hook for this action (after [`access`](Self::access) passed);
+    /// answers `forbidden` and returns false if it refuses.
+    async fn hook(
         &self,
         kind: HookKind,
         room: &Room,
         body: Option<&str>,
         cid: Option<&ClientId>,
     ) -> bool {
-        if !self.access(room, cid) {
-            return false;
-        }
         let cfg = self.svc.config();
         let Some(h) = &cfg.hooks else {
             return true;
@@ -406,7 +404,9 @@ impl<'a> Reader<'a> {
         }
     }
 
-    /// The built-in checks alone; answers `forbidden` and returns false if they refuse.
+    /// The built-in checks ([`access::check`]: reserved rooms, other pairs' conversations,
+    /// the token's grants); answers `forbidden` and returns false if they refuse. Runs first,
+    /// before membership and hooks, so a third user learns nothing of a room.
     fn access(&self, room: &Room, cid: Option<&ClientId>) -> bool {
         match access::check(&self.conn.identity, room) {
             Ok(()) => true,
@@ -431,7 +431,7 @@ impl<'a> Reader<'a> {
             );
             return;
         }
-        if !self.allow(HookKind::Join, &room, None, cid).await {
+        if !self.access(&room, cid) || !self.hook(HookKind::Join, &room, None, cid).await {
             return;
         }
         // Same test as the hub's: a resume replays only where the broker keeps history.
@@ -513,7 +513,7 @@ impl<'a> Reader<'a> {
             self.not_joined(cid, &room);
             return;
         }
-        if !self.allow(HookKind::History, &room, None, cid).await {
+        if !self.hook(HookKind::History, &room, None, cid).await {
             return;
         }
         let cfg = self.svc.config();
