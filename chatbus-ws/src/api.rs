@@ -16,11 +16,14 @@ use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use chatbus_core::{Envelope, Receipt, Room};
 
 use crate::access::{direct_room, user_channel};
 use crate::auth::validate_user;
 use crate::hooks::{self, Denied, HookKind, Publish};
+use crate::idempotency::{self, Claim, Guard, SendKey};
+use crate::metrics::WsCounters;
 use crate::payload::{self, Direct};
 use crate::protocol::ErrorCode;
 use crate::service::WsService;
@@ -86,6 +89,16 @@ pub(crate) struct Outgoing<'a> {
     pub(crate) to: Option<Arc<str>>,
     pub(crate) body: Cow<'a, str>,
     pub(crate) by_server: bool,
+    /// The client's idempotency key, if it gave one (`idempotency.rs`).
+    pub(crate) key: Option<SendKey>,
+}
+
+/// What [`WsService::publish_message`] did.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Published {
+    pub(crate) receipt: Receipt,
+    /// The key was sent before: nothing was published, `receipt` is the original's.
+    pub(crate) duplicate: bool,
 }
 
 fn user(id: &str, what: &str) -> Result<Arc<str>, ApiError> {
@@ -116,8 +129,9 @@ impl WsService {
             to: None,
             body: Cow::Borrowed(text),
             by_server: true,
+            key: None,
         };
-        self.publish_message(out, None).await
+        Ok(self.publish_message(out, None).await?.receipt)
     }
 
     /// Sends a direct message from user `from` to user `to`; returns the conversation's room
@@ -137,8 +151,9 @@ impl WsService {
             to: Some(to),
             body: Cow::Borrowed(text),
             by_server: true,
+            key: None,
         };
-        let receipt = self.publish_message(out, None).await?;
+        let receipt = self.publish_message(out, None).await?.receipt;
         Ok((room, receipt))
     }
 
@@ -171,14 +186,58 @@ impl WsService {
             .map_err(ApiError::Broker)
     }
 
-    /// The path of every chat message: the publish hook, then the broker (for a direct
-    /// message, the conversation's room and then the two personal copies). `name` is the
-    /// sender's display name, if any.
+    /// The path of every chat message: a send with a key already published is answered with
+    /// the original; else the publish hook, then the broker (for a direct message, the
+    /// conversation's room and then the two personal copies). `name` is the sender's display
+    /// name, if any.
     pub(crate) async fn publish_message(
         &self,
         out: Outgoing<'_>,
         name: Option<&str>,
-    ) -> Result<Receipt, ApiError> {
+    ) -> Result<Published, ApiError> {
+        let Some(key) = out.key.clone() else {
+            return self.publish_new(out, name, None).await;
+        };
+        let keys = self.chat().send_keys();
+        let guard = match keys.claim(&out.room, &out.from, &key.key).await {
+            Claim::Known(receipt) => return Ok(self.duplicate(receipt, "window")),
+            Claim::Fresh(guard) => guard,
+        };
+        if key.retry {
+            let broker = self.chat().hub().broker().clone();
+            let found =
+                idempotency::search_log(&*broker, &out.room, &out.from, &key.key, keys.window())
+                    .await;
+            WsCounters::inc(&self.counters().send_key_searches);
+            match found {
+                Ok(Some(receipt)) => {
+                    guard.complete(receipt);
+                    return Ok(self.duplicate(receipt, "log"));
+                }
+                Ok(None) => {}
+                // Not knowing whether the original is stored, publishing could make a second
+                // copy: the client retries later instead.
+                Err(e) => return Err(ApiError::Broker(e)),
+            }
+        }
+        self.publish_new(out, name, Some(guard)).await
+    }
+
+    fn duplicate(&self, receipt: Receipt, found_in: &str) -> Published {
+        WsCounters::inc(&self.counters().send_key_duplicates);
+        tracing::debug!(id = %receipt.id, found_in, "send with a known key answered with its original");
+        Published {
+            receipt,
+            duplicate: true,
+        }
+    }
+
+    async fn publish_new(
+        &self,
+        out: Outgoing<'_>,
+        name: Option<&str>,
+        guard: Option<Guard>,
+    ) -> Result<Published, ApiError> {
         let cfg = self.config();
         let Outgoing {
             room,
@@ -186,7 +245,14 @@ impl WsService {
             to,
             body: text,
             by_server,
+            key,
         } = out;
+        // The key goes into the payload, so every instance and every reader of the log can
+        // recognise a retry of it.
+        let wrap = |inner: Bytes| match &key {
+            Some(k) => payload::keyed(&k.key, &inner),
+            None => inner,
+        };
         let text = match &cfg.hooks {
             // No hooks: the body is published from the client's frame as it was parsed.
             None => text,
@@ -215,9 +281,19 @@ impl WsService {
             }
         };
         let hub = self.chat().hub();
+        let published = |receipt: Receipt| {
+            if let Some(g) = guard {
+                g.complete(receipt);
+            }
+            Published {
+                receipt,
+                duplicate: false,
+            }
+        };
         let Some(to) = to else {
-            let env = Envelope::new(room, payload::message(name, &text)).with_from(from);
-            return hub.publish(&env).await.map_err(ApiError::Broker);
+            let env = Envelope::new(room, wrap(payload::message(name, &text))).with_from(from);
+            let receipt = hub.publish(&env).await.map_err(ApiError::Broker)?;
+            return Ok(published(receipt));
         };
         let mut direct = Direct {
             name,
@@ -227,14 +303,16 @@ impl WsService {
             id: None,
             body: &text,
         };
-        let env = Envelope::new(room.clone(), payload::direct(&direct)).with_from(from.clone());
+        let env =
+            Envelope::new(room.clone(), wrap(payload::direct(&direct))).with_from(from.clone());
         let receipt = hub.publish(&env).await.map_err(ApiError::Broker)?;
+        let done = published(receipt);
         let ts = env.ts;
         let cursor = receipt.cursor.map(|c| c.to_string());
         direct.conv = Some(room.as_str());
         direct.cursor = cursor.as_deref();
         direct.id = Some(receipt.id.as_u128());
-        let copy = payload::direct(&direct);
+        let copy = wrap(payload::direct(&direct));
         let targets: &[&Arc<str>] = if to == from { &[&to] } else { &[&to, &from] };
         for target in targets {
             let mut env =
@@ -246,6 +324,6 @@ impl WsService {
                 tracing::warn!(room = %room, error = %e, "direct message copy not published; the conversation has it");
             }
         }
-        Ok(receipt)
+        Ok(done)
     }
 }

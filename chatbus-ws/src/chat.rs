@@ -18,6 +18,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::access;
 use crate::auth::Identity;
+use crate::idempotency::{SendKeyConfig, SendKeys};
 use crate::payload::{self, Payload, Snapshot};
 use crate::protocol::{self, AsDisplay};
 use crate::status::Users;
@@ -137,6 +138,7 @@ pub struct ChatHub {
 struct ChatShared {
     presence: Arc<Presence>,
     users: Arc<Users>,
+    send_keys: Arc<SendKeys>,
     stats: Arc<ChatCounters>,
     task: OnceLock<()>,
     stop: CancellationToken,
@@ -171,9 +173,11 @@ impl ChatHub {
         let stats = Arc::new(ChatCounters::default());
         let users = Arc::new(Users::new(presence.interval));
         let presence = Arc::new(Presence::new(presence));
+        let send_keys = Arc::new(SendKeys::new(SendKeyConfig::default()));
         let encoder = ChatEncoder {
             presence: presence.clone(),
             users: users.clone(),
+            send_keys: send_keys.clone(),
             stats: stats.clone(),
         };
         let hub = Hub::builder(broker)
@@ -186,12 +190,26 @@ impl ChatHub {
             shared: Arc::new(ChatShared {
                 presence,
                 users,
+                send_keys,
                 stats,
                 task: OnceLock::new(),
                 _guard: stop.clone().drop_guard(),
                 stop,
             }),
         }
+    }
+
+    /// Sets how long and for how many messages this instance remembers the idempotency keys of
+    /// sends (the `key` of a `send`; see `docs/protocol.md`). Default [`SendKeyConfig::default`]:
+    /// 10 minutes, 100,000 keys.
+    #[must_use]
+    pub fn with_send_keys(self, config: SendKeyConfig) -> Self {
+        self.shared.send_keys.configure(config);
+        self
+    }
+
+    pub(crate) fn send_keys(&self) -> &Arc<SendKeys> {
+        &self.shared.send_keys
     }
 
     /// The underlying hub.
@@ -373,12 +391,18 @@ pub(crate) fn history_item(env: &Envelope) -> Option<Bytes> {
 struct ChatEncoder {
     presence: Arc<Presence>,
     users: Arc<Users>,
+    send_keys: Arc<SendKeys>,
     stats: Arc<ChatCounters>,
 }
 
 impl FrameEncoder for ChatEncoder {
     fn encode(&self, env: &Envelope) -> Option<Frame> {
         let decoded = payload::decode(&env.payload);
+        if let Some(p) = &decoded {
+            // Every keyed message this instance sees, live or replayed, answers retries here
+            // without a log search.
+            self.send_keys.observe_envelope(env, p);
+        }
         let frame = match decoded {
             Some(Payload::Message { name, body }) => {
                 own_message(env, None, name, body).map(Frame::new)

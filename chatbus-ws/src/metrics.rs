@@ -35,8 +35,14 @@ pub struct WsMetrics {
     pub frames_in: u64,
     /// Frames written to clients.
     pub frames_out: u64,
-    /// Chat messages accepted from clients (`send` answered with `ack`).
+    /// Chat messages accepted from clients (`send` answered with `ack`), duplicates not counted.
     pub messages_in: u64,
+    /// Sends whose idempotency `key` was sent before: answered with the original's `ack`,
+    /// nothing published.
+    pub send_key_duplicates: u64,
+    /// Log searches for the original of a `retry` send that this instance's window did not
+    /// know.
+    pub send_key_searches: u64,
     /// Connections closed because the client could not keep up (write timeout; the hub's own
     /// slow-consumer closes are in [`HubStats::slow_closed`](chatbus_core::HubStats)).
     pub slow_closed: u64,
@@ -76,6 +82,8 @@ pub(crate) struct WsCounters {
     pub(crate) frames_in: AtomicU64,
     pub(crate) frames_out: AtomicU64,
     pub(crate) messages_in: AtomicU64,
+    pub(crate) send_key_duplicates: AtomicU64,
+    pub(crate) send_key_searches: AtomicU64,
     pub(crate) slow_closed: AtomicU64,
     pub(crate) idle_closed: AtomicU64,
     pub(crate) handshake_timeouts: AtomicU64,
@@ -108,6 +116,8 @@ impl WsCounters {
             frames_in: get(&self.frames_in),
             frames_out: get(&self.frames_out),
             messages_in: get(&self.messages_in),
+            send_key_duplicates: get(&self.send_key_duplicates),
+            send_key_searches: get(&self.send_key_searches),
             slow_closed: get(&self.slow_closed),
             idle_closed: get(&self.idle_closed),
             handshake_timeouts: get(&self.handshake_timeouts),
@@ -188,6 +198,24 @@ impl Collector for WsCollector {
                 "Chat messages accepted from clients.",
                 Counter,
                 ws.messages_in,
+            ),
+            (
+                "chatbus_send_key_duplicates",
+                "Sends answered with the original's ack because their key was sent before.",
+                Counter,
+                ws.send_key_duplicates,
+            ),
+            (
+                "chatbus_send_key_searches",
+                "Log searches for the original of a retried send.",
+                Counter,
+                ws.send_key_searches,
+            ),
+            (
+                "chatbus_send_keys",
+                "Idempotency keys this instance remembers.",
+                Gauge,
+                svc.chat().send_keys().len() as u64,
             ),
             (
                 "chatbus_messages_out",
@@ -356,6 +384,9 @@ mod tests {
                 "chatbus_frames_in_total counter",
                 "chatbus_frames_out_total counter",
                 "chatbus_messages_in_total counter",
+                "chatbus_send_key_duplicates_total counter",
+                "chatbus_send_key_searches_total counter",
+                "chatbus_send_keys gauge",
                 "chatbus_messages_out_total counter",
                 "chatbus_broker_messages_total counter",
                 "chatbus_lagged_total counter",

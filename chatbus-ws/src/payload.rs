@@ -13,6 +13,7 @@
 //! probe     'Q' user_len:u8 user
 //! status    'S' instance:u128be seq:u64be online:u8 user_len:u8 user
 //! kick      'K' user_len:u8 user
+//! keyed     'I' key_len:u8 key inner   (inner: a `message` or `direct` payload)
 //! ```
 //!
 //! A direct message is a `direct` envelope in the conversation's room (`conv` and `cursor`
@@ -25,7 +26,9 @@
 //! channel) closes every connection of the user.
 //!
 //! `name` is the sender's display name when it differs from its user id (else empty); the user
-//! id itself is the envelope's `from`, set from the authenticated session. Presence flags: bit 0
+//! id itself is the envelope's `from`, set from the authenticated session. `keyed` wraps a
+//! message sent with an idempotency key (`idempotency.rs`), so that every instance, and every
+//! later reader of the log, can tell a retry's original by its key. Presence flags: bit 0
 //! = "hello" (the sender just started tracking the room and asks the others for their
 //! snapshots).
 
@@ -40,6 +43,7 @@ pub(crate) const TAG_DIRECT: u8 = b'D';
 pub(crate) const TAG_PROBE: u8 = b'Q';
 pub(crate) const TAG_STATUS: u8 = b'S';
 pub(crate) const TAG_KICK: u8 = b'K';
+pub(crate) const TAG_KEYED: u8 = b'I';
 
 const FLAG_HELLO: u8 = 1;
 
@@ -146,6 +150,27 @@ pub(crate) fn direct(d: &Direct<'_>) -> Bytes {
     out.freeze()
 }
 
+/// `inner` (a `message` or `direct` payload) sent with the idempotency key `key` (at most 255
+/// bytes; the protocol bounds keys to 64).
+pub(crate) fn keyed(key: &str, inner: &[u8]) -> Bytes {
+    let key = short(Some(key));
+    let mut out = BytesMut::with_capacity(2 + key.len() + inner.len());
+    out.put_u8(TAG_KEYED);
+    out.put_u8(key.len() as u8);
+    out.put_slice(key);
+    out.put_slice(inner);
+    out.freeze()
+}
+
+/// The idempotency key of a `keyed` payload (without decoding the rest).
+pub(crate) fn key(bytes: &[u8]) -> Option<&str> {
+    let mut r = Reader(bytes);
+    if r.u8()? != TAG_KEYED {
+        return None;
+    }
+    non_empty(r.short_str()?)
+}
+
 fn user_only(tag: u8, user: &str) -> Bytes {
     let mut out = BytesMut::with_capacity(2 + user.len());
     out.put_u8(tag);
@@ -219,6 +244,15 @@ fn non_empty(s: &str) -> Option<&str> {
 pub(crate) fn decode(bytes: &[u8]) -> Option<Payload<'_>> {
     let mut r = Reader(bytes);
     match r.u8()? {
+        TAG_KEYED => {
+            // The key is read with `key()`; what it wraps is a chat message (never another
+            // wrapper: one level, so a hostile payload cannot make the decoder recurse).
+            non_empty(r.short_str()?)?;
+            match r.0.first() {
+                Some(&(TAG_MESSAGE | TAG_DIRECT)) => decode(r.0),
+                _ => None,
+            }
+        }
         TAG_MESSAGE => {
             let name = non_empty(r.short_str()?);
             let body = std::str::from_utf8(r.0).ok()?;
@@ -360,7 +394,7 @@ mod tests {
             id: Some(42 << 64),
             body: "psst",
         };
-        assert_eq!(decode(&direct(&d)), Some(Payload::Direct(d)));
+        assert_eq!(decode(&direct(&d)), Some(Payload::Direct(d.clone())));
         let plain = Direct {
             name: None,
             to: "bob",
@@ -379,6 +413,19 @@ mod tests {
             user: "ann",
         };
         assert_eq!(decode(&status(&st)), Some(Payload::Status(st)));
+        let k = keyed("c-1", &message(None, "hi"));
+        assert_eq!(
+            decode(&k),
+            Some(Payload::Message {
+                name: None,
+                body: "hi"
+            })
+        );
+        assert_eq!(key(&k), Some("c-1"));
+        assert_eq!(key(&message(None, "hi")), None);
+        let kd = keyed("c-2", &direct(&d));
+        assert_eq!(decode(&kd), Some(Payload::Direct(d)));
+        assert_eq!(key(&kd), Some("c-2"));
     }
 
     /// The fuzz target's property, on one payload of each tag and on garbage (the fuzzer's
@@ -436,6 +483,12 @@ mod tests {
             b"Q\x03bob!",
             b"K",
             b"S\x00",
+            // A key must be non-empty and wrap a chat message, one level deep.
+            b"I",
+            b"I\x00M\x00",
+            b"I\x01kT\x00",
+            b"I\x01kI\x01kM\x00",
+            b"I\x05k",
             b"P\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\xff\xff\xff\xff",
         ] {
             assert_eq!(decode(bad), None, "{bad:?}");

@@ -12,11 +12,16 @@ use bytes::Bytes;
 use chatbus_core::{Cursor, Room};
 use serde::{Deserialize, Serialize};
 
+use crate::idempotency::SendKey;
+
 /// The protocol version announced in `welcome`.
 pub const PROTOCOL_VERSION: u32 = 1;
 
 /// The longest `client_id` string accepted, in bytes.
 pub const MAX_CLIENT_ID_LEN: usize = 64;
+
+/// The longest idempotency `key` of a `send` accepted, in bytes.
+pub const MAX_KEY_LEN: usize = 64;
 
 /// The `code` of an `error` frame (and of refused handshakes).
 ///
@@ -130,11 +135,13 @@ pub(crate) enum Request<'a> {
     Send {
         room: Room,
         body: Cow<'a, str>,
+        key: Option<SendKey>,
     },
     /// A `send` with `to`: a direct message.
     Direct {
         to: Arc<str>,
         body: Cow<'a, str>,
+        key: Option<SendKey>,
     },
     Watch {
         users: Vec<Arc<str>>,
@@ -216,6 +223,10 @@ struct Raw<'a> {
     to: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     users: Option<Vec<Cow<'a, str>>>,
+    #[serde(borrow, default)]
+    key: Option<Cow<'a, str>>,
+    #[serde(default)]
+    retry: Option<bool>,
 }
 
 /// The most user ids one `watch` or `unwatch` frame may list (the per-connection bound is
@@ -266,6 +277,20 @@ pub(crate) fn parse(text: &[u8]) -> Result<(Request<'_>, Option<ClientId>), Reje
             if body.is_empty() {
                 return Err(Rejected::bad("`body` is empty", cid()));
             }
+            let key = match (raw.key, raw.retry.unwrap_or(false)) {
+                (None, false) => None,
+                (None, true) => return Err(Rejected::bad("`retry` needs a `key`", cid())),
+                (Some(k), _) if k.is_empty() || k.len() > MAX_KEY_LEN => {
+                    return Err(Rejected::bad(
+                        format!("`key` must be 1 to {MAX_KEY_LEN} bytes"),
+                        cid(),
+                    ))
+                }
+                (Some(k), retry) => Some(SendKey {
+                    key: Arc::from(&*k),
+                    retry,
+                }),
+            };
             match (raw.room, raw.to) {
                 (Some(_), Some(_)) => {
                     return Err(Rejected::bad(
@@ -276,10 +301,12 @@ pub(crate) fn parse(text: &[u8]) -> Result<(Request<'_>, Option<ClientId>), Reje
                 (None, Some(to)) => Request::Direct {
                     to: user_id(&to).map_err(|m| Rejected::bad(format!("`to`: {m}"), cid()))?,
                     body,
+                    key,
                 },
                 (room_name, None) => Request::Send {
                     room: room(room_name)?,
                     body,
+                    key,
                 },
             }
         }
@@ -426,14 +453,19 @@ struct Ack<'a> {
     cursor: Option<Cursor>,
     #[serde(skip_serializing_if = "Option::is_none")]
     room: Option<&'a str>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    duplicate: bool,
 }
 
-/// The `ack` of a send; `room` is set for a direct message (its conversation's room).
+/// The `ack` of a send; `room` is set for a direct message (its conversation's room);
+/// `duplicate` when the send's `key` was sent before and nothing was published again (`id` and
+/// `cursor` are then the original's).
 pub(crate) fn ack(
     client_id: Option<&ClientId>,
     id: chatbus_core::MessageId,
     cursor: Option<Cursor>,
     room: Option<&Room>,
+    duplicate: bool,
 ) -> Bytes {
     to_bytes(&Ack {
         ty: "ack",
@@ -441,6 +473,7 @@ pub(crate) fn ack(
         id: AsDisplay(id),
         cursor,
         room: room.map(Room::as_str),
+        duplicate,
     })
 }
 
@@ -610,7 +643,7 @@ pub(crate) fn fuzz_check(bytes: &[u8]) -> bool {
                 Request::Join { since, .. } => cursor_round_trips(*since),
                 Request::History { before, .. } => cursor_round_trips(*before),
                 Request::Send { body, .. } => assert!(!body.is_empty()),
-                Request::Direct { to, body } => {
+                Request::Direct { to, body, .. } => {
                     assert!(!body.is_empty());
                     assert!(crate::auth::validate_user(to).is_ok(), "{to:?}");
                 }
@@ -734,7 +767,7 @@ mod tests {
         ));
         let (r, _) = parse(br#"{"type":"send","to":"bob","body":"psst"}"#).expect("direct");
         assert!(
-            matches!(r, Request::Direct { ref to, ref body } if &**to == "bob" && body == "psst")
+            matches!(r, Request::Direct { ref to, ref body, .. } if &**to == "bob" && body == "psst")
         );
         let (r, _) = parse(br#"{"type":"watch","users":["a","b","a"]}"#).expect("watch");
         assert!(matches!(r, Request::Watch { ref users } if users.len() == 2));

@@ -17,10 +17,11 @@ use tokio::time::{Instant, Sleep};
 
 use super::{End, TransportError, WsMessage};
 use crate::access::{self, direct_room, status_channel};
-use crate::api::{ApiError, Outgoing};
+use crate::api::{ApiError, Outgoing, Published};
 use crate::chat::history_item;
 use crate::config::{RateLimit, WsConfig};
 use crate::hooks::{self, Conn, HookKind};
+use crate::idempotency::SendKey;
 use crate::metrics::WsCounters;
 use crate::payload;
 use crate::protocol::{self, ClientId, ErrorCode, Request};
@@ -318,7 +319,7 @@ impl<'a> Reader<'a> {
                 self.handle.reply(protocol::left(&room, cid));
                 self.svc.chat().presence_changed([room]);
             }
-            Request::Send { room, body } => {
+            Request::Send { room, body, key } => {
                 // Access first: a third user learns nothing of a room it may not use.
                 if !self.access(&room, cid) {
                     return;
@@ -328,15 +329,15 @@ impl<'a> Reader<'a> {
                     return;
                 }
                 if self.hook(HookKind::Send, &room, Some(&body), cid).await {
-                    self.send(room, None, body, cid).await;
+                    self.send(room, None, body, key, cid).await;
                 }
             }
-            Request::Direct { to, body } => {
+            Request::Direct { to, body, key } => {
                 let room = direct_room(&self.conn.identity.user, &to);
                 if self.access(&room, cid)
                     && self.hook(HookKind::Send, &room, Some(&body), cid).await
                 {
-                    self.send(room, Some(to), body, cid).await;
+                    self.send(room, Some(to), body, key, cid).await;
                 }
             }
             Request::Typing { room } => {
@@ -464,6 +465,7 @@ impl<'a> Reader<'a> {
         room: Room,
         to: Option<Arc<str>>,
         body: Cow<'_, str>,
+        key: Option<SendKey>,
         cid: Option<&ClientId>,
     ) {
         let identity = &self.conn.identity;
@@ -473,6 +475,7 @@ impl<'a> Reader<'a> {
             to,
             body,
             by_server: false,
+            key,
         };
         let direct = out.to.is_some();
         match self
@@ -480,11 +483,18 @@ impl<'a> Reader<'a> {
             .publish_message(out, identity.display_name_if_different())
             .await
         {
-            Ok(receipt) => {
-                WsCounters::inc(&self.svc.counters().messages_in);
+            Ok(Published { receipt, duplicate }) => {
+                if !duplicate {
+                    WsCounters::inc(&self.svc.counters().messages_in);
+                }
                 let conversation = direct.then_some(&room);
-                self.handle
-                    .reply(protocol::ack(cid, receipt.id, receipt.cursor, conversation));
+                self.handle.reply(protocol::ack(
+                    cid,
+                    receipt.id,
+                    receipt.cursor,
+                    conversation,
+                    duplicate,
+                ));
             }
             Err(ApiError::Broker(e)) => self.broker_error(&e, cid, &room, "send"),
             Err(e) => {
