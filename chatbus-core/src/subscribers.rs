@@ -395,6 +395,34 @@ impl Batch<'_> {
     }
 }
 
+impl Batch<'_> {
+    /// Like [`send_error`](Self::send_error), to the room subscriptions of the rooms that
+    /// `in_scope` accepts only (and to the `Interest::All` ones of `target`, which span every
+    /// room): for a fault that concerns some rooms, such as a gap in one partition of a log,
+    /// so that only their subscribers resync.
+    pub fn send_error_where(
+        &mut self,
+        target: Target,
+        in_scope: impl Fn(&Room) -> bool,
+        make: impl Fn() -> Error,
+    ) {
+        let Some(r) = &self.registry else {
+            return;
+        };
+        let rooms = r
+            .by_room
+            .iter()
+            .filter(|(room, _)| target.rooms && in_scope(room))
+            .flat_map(|(_, list)| list.iter());
+        let all = r.all.iter().filter(|_| target.all);
+        for entry in rooms.chain(all).filter(|e| e.wants(target.at)) {
+            if entry.tx.send_error(make()) == SendOutcome::Closed {
+                self.closed = true;
+            }
+        }
+    }
+}
+
 impl Drop for Batch<'_> {
     fn drop(&mut self) {
         let Some(mut r) = self.registry.take() else {
@@ -517,6 +545,13 @@ impl Subscribers {
     /// `Lagged` when delivery resumes after a possible loss).
     pub fn broadcast_error(&self, make: impl Fn() -> Error) {
         self.batch().send_error(Target::EVERYONE, make);
+    }
+
+    /// Sends an error to the subscribers of the rooms `in_scope` accepts, and to every
+    /// `Interest::All` subscriber (see [`Batch::send_error_where`]).
+    pub fn error_where(&self, in_scope: impl Fn(&Room) -> bool, make: impl Fn() -> Error) {
+        self.batch()
+            .send_error_where(Target::EVERYONE, in_scope, make);
     }
 
     /// Ends every subscription: their senders are dropped, so each `Subscription` yields

@@ -46,6 +46,29 @@ fn targets_choose_room_and_all_subscribers() {
 }
 
 #[test]
+fn an_error_for_some_rooms_reaches_only_their_subscribers_and_the_all_ones() {
+    let subs = Subscribers::new(8);
+    let (a, b) = (room("a"), room("b"));
+    let mut in_a = subs.subscribe(Interest::room(a.clone()));
+    let mut in_b = subs.subscribe(Interest::room(b.clone()));
+    let mut all = subs.subscribe(Interest::All);
+    subs.error_where(|r| *r == a, || Error::Lagged { missed: 0 });
+    assert_eq!(drain(&mut in_a), ["lagged"]);
+    assert!(drain(&mut in_b).is_empty(), "room b is not concerned");
+    assert_eq!(drain(&mut all), ["lagged"]);
+    // Aimed at a position: subscriptions that start after it are not concerned either.
+    let mut late = subs.subscribe_from(Interest::room(a.clone()), vec![Cursor::new(0, 10)]);
+    subs.batch().send_error_where(
+        Target::ROOM_SUBSCRIBERS.at(Cursor::new(0, 5)),
+        |_| true,
+        || Error::Lagged { missed: 1 },
+    );
+    assert!(drain(&mut late).is_empty());
+    assert_eq!(drain(&mut in_a), ["lagged"]);
+    assert!(drain(&mut all).is_empty(), "not aimed at Interest::All subscribers");
+}
+
+#[test]
 fn a_full_buffer_counts_as_dropped() {
     let subs = Subscribers::new(1);
     let r = room("r");
