@@ -146,6 +146,11 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
     /// history. What the broker retains (a bounded window, a retention time) bounds what can be
     /// replayed; the docs of each broker state it. History survives reconnects and, for durable
     /// brokers, restarts.
+    ///
+    /// `Error::CursorReset` when the cursor names no position of the room's log as it is now:
+    /// it is of another [epoch](Cursor::epoch) (the log started over since), or beyond the
+    /// end of the log. A cursor of an unknown epoch (0) is taken as a position of the current
+    /// log.
     async fn replay(&self, room: &Room, from: ReplayFrom, limit: usize) -> Result<HistoryStream>;
 
     /// The newest `limit` durable messages of `room` strictly before `before` (or the newest of

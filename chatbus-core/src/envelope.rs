@@ -165,24 +165,100 @@ pub enum Kind {
 /// a sequence number for the memory broker and Redis streams. Within one room, cursors of one
 /// broker are totally ordered (a room never changes partition), so "everything after this
 /// cursor" is well defined. Clients treat the string form (`"3-1041"`) as opaque.
+///
+/// **Epochs.** A position means something only in the log it was taken from. A Redis that
+/// comes back empty restarts a room's sequence at 1, a recreated Kafka topic restarts its
+/// offsets at 0, a restarted process has a new memory broker: the same `(partition, offset)`
+/// then names another message. So a cursor also carries the [`epoch`](Self::epoch) of its log,
+/// a nonzero number that changes whenever the log starts over (see each broker's docs for where
+/// it comes from). `0` means unknown (a cursor from before epochs, or a log whose first record
+/// is gone) and matches every log: [`same_log`](Self::same_log).
+///
+/// Comparing two cursors (`<`, `>`) is meaningful only when [`same_log`](Self::same_log)
+/// holds: every comparison used as a dedupe or resume bound checks it first. (`Ord` orders by
+/// partition, then offset, then epoch, so that sorted collections still work.)
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Cursor {
     /// The partition (0 where the broker has one sequence).
     pub partition: u32,
     /// The offset or sequence number within the partition.
     pub offset: u64,
+    /// The log this position belongs to; 0 = unknown (matches every log).
+    pub epoch: u32,
 }
 
 impl Cursor {
-    /// A cursor from its parts.
+    /// A cursor from its parts, of an unknown epoch (0).
     pub const fn new(partition: u32, offset: u64) -> Self {
-        Self { partition, offset }
+        Self {
+            partition,
+            offset,
+            epoch: 0,
+        }
+    }
+
+    /// A cursor from its parts, in the log of `epoch`.
+    pub const fn with_epoch(partition: u32, offset: u64, epoch: u32) -> Self {
+        Self {
+            partition,
+            offset,
+            epoch,
+        }
+    }
+
+    /// The same position, in the log of `epoch`.
+    #[must_use]
+    pub const fn in_epoch(self, epoch: u32) -> Self {
+        Self { epoch, ..self }
+    }
+
+    /// Whether `self` and `other` may belong to the same log, so that comparing their
+    /// positions means something: same epoch, or either epoch unknown (0).
+    pub const fn same_log(&self, other: &Self) -> bool {
+        self.epoch == 0 || other.epoch == 0 || self.epoch == other.epoch
+    }
+
+    /// Whether `self` is at or before `other` in one log (false for cursors of two logs):
+    /// "a copy of something already had", the dedupe test.
+    pub fn is_at_or_before(&self, other: &Self) -> bool {
+        self.same_log(other) && (self.partition, self.offset) <= (other.partition, other.offset)
+    }
+
+    /// A fresh random nonzero epoch, for a log that starts now.
+    pub fn new_epoch() -> u32 {
+        // The last 32 bits of a UUIDv7 are random.
+        nonzero(MessageId::new().as_u128() as u32)
     }
 }
 
+impl MessageId {
+    /// A nonzero 32-bit fingerprint of the id: the epoch of a log derived from its first
+    /// record, the same on every instance that reads it.
+    pub fn epoch_fingerprint(self) -> u32 {
+        let v = self.0;
+        let folded = (v as u32) ^ ((v >> 32) as u32) ^ ((v >> 64) as u32) ^ ((v >> 96) as u32);
+        nonzero(folded)
+    }
+}
+
+/// `v`, or 1 where it is 0 (0 means "unknown epoch").
+const fn nonzero(v: u32) -> u32 {
+    if v == 0 {
+        1
+    } else {
+        v
+    }
+}
+
+/// `P-O` for an unknown epoch (the form from before epochs), `P-O-E` with `E` in lowercase hex
+/// otherwise.
 impl fmt::Display for Cursor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}-{}", self.partition, self.offset)
+        if self.epoch == 0 {
+            write!(f, "{}-{}", self.partition, self.offset)
+        } else {
+            write!(f, "{}-{}-{:x}", self.partition, self.offset, self.epoch)
+        }
     }
 }
 
@@ -196,14 +272,33 @@ impl FromStr for Cursor {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
         let bad = || Error::InvalidCursor(s.chars().take(64).collect());
-        let (p, o) = s.split_once('-').ok_or_else(bad)?;
+        let mut parts = s.splitn(3, '-');
+        let (Some(p), Some(o)) = (parts.next(), parts.next()) else {
+            return Err(bad());
+        };
         // `parse` accepts a leading '+'; a cursor string never has one.
         if p.starts_with('+') || o.starts_with('+') {
             return Err(bad());
         }
+        let epoch = match parts.next() {
+            None => 0,
+            // One canonical form per cursor: lowercase hex, no sign, no leading zero, never 0
+            // (an unknown epoch is written without the part).
+            Some(e) => {
+                let canonical = !e.is_empty()
+                    && e.len() <= 8
+                    && !e.starts_with('0')
+                    && e.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+                if !canonical {
+                    return Err(bad());
+                }
+                u32::from_str_radix(e, 16).map_err(|_| bad())?
+            }
+        };
         Ok(Self {
             partition: p.parse().map_err(|_| bad())?,
             offset: o.parse().map_err(|_| bad())?,
+            epoch,
         })
     }
 }
@@ -317,6 +412,13 @@ mod tests {
         let c = Cursor::new(3, 1041);
         assert_eq!(c.to_string(), "3-1041");
         assert_eq!("3-1041".parse::<Cursor>().ok(), Some(c));
+        let e = Cursor::with_epoch(3, 1041, 0x9f3a_01bc);
+        assert_eq!(e.to_string(), "3-1041-9f3a01bc");
+        assert_eq!("3-1041-9f3a01bc".parse::<Cursor>().ok(), Some(e));
+        assert_eq!(
+            "0-1-ffffffff".parse::<Cursor>().ok(),
+            Some(Cursor::with_epoch(0, 1, u32::MAX))
+        );
         for bad in [
             "",
             "3",
@@ -325,12 +427,39 @@ mod tests {
             "a-1",
             "+3-1",
             "3-+1",
-            "3-1-2",
+            "3-1-",
+            "3-1-0",
+            "3-1-01",
+            "3-1-+1",
+            "3-1-A",
+            "3-1-g",
+            "3-1-100000000",
+            "3-1-2-4",
             "99999999999-1",
         ] {
             assert!(bad.parse::<Cursor>().is_err(), "{bad:?} parsed");
         }
         assert!(Cursor::new(0, 9) < Cursor::new(0, 10));
+    }
+
+    #[test]
+    fn epochs_separate_logs_and_unknown_matches_any() {
+        let (a, b) = (Cursor::with_epoch(0, 5, 7), Cursor::with_epoch(0, 9, 8));
+        assert!(!a.same_log(&b));
+        assert!(
+            !a.is_at_or_before(&b),
+            "positions of two logs are not ordered"
+        );
+        assert!(!b.is_at_or_before(&a));
+        let legacy = Cursor::new(0, 9);
+        assert!(legacy.same_log(&a) && a.same_log(&legacy));
+        assert!(a.is_at_or_before(&legacy));
+        assert!(a.is_at_or_before(&a.in_epoch(7)));
+        assert!(!Cursor::with_epoch(0, 6, 7).is_at_or_before(&a));
+        assert_ne!(Cursor::new_epoch(), 0);
+        assert_ne!(MessageId::from_u128(0).epoch_fingerprint(), 0);
+        let id = MessageId::new();
+        assert_eq!(id.epoch_fingerprint(), id.epoch_fingerprint());
     }
 
     #[test]

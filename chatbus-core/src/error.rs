@@ -1,6 +1,9 @@
 //! The one error type of chatbus.
 
+use std::fmt;
 use std::time::Duration;
+
+use crate::envelope::Cursor;
 
 /// A boxed error from a backend client library, kept opaque so that `redis` or `rdkafka`
 /// types never leak into the public API.
@@ -62,6 +65,18 @@ pub enum Error {
         /// The configured limit.
         after: Duration,
     },
+    /// A resume cursor that names no position of the room's log as it is now: the log was
+    /// reset since the cursor was taken (another [epoch](Cursor::epoch)), or the cursor is
+    /// beyond its end. Nothing can be replayed from it; a consumer goes live from now on and
+    /// tells its client that its history was reset (the Hub sends
+    /// [`Outbound::Reset`](crate::Outbound::Reset)).
+    #[error("cursor {cursor} does not fit the room's log: {reason}")]
+    CursorReset {
+        /// The cursor asked for.
+        cursor: Cursor,
+        /// Why it does not fit.
+        reason: ResetReason,
+    },
     /// A subscriber fell behind and `missed` messages were dropped for it. The subscription goes
     /// on; the consumer should resync from its last cursor with [`crate::Broker::replay`].
     #[error("subscriber lagged: {missed} messages dropped")]
@@ -101,5 +116,38 @@ impl Error {
             self,
             Self::Unavailable { .. } | Self::Timeout { .. } | Self::Lagged { .. }
         )
+    }
+}
+
+/// Why a cursor does not fit a log ([`Error::CursorReset`],
+/// [`Outbound::Reset`](crate::Outbound::Reset)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ResetReason {
+    /// The cursor belongs to another epoch of the log: the log started over since (Redis came
+    /// back empty, the Kafka topic was recreated, the process with the memory broker
+    /// restarted). Positions of the two logs are unrelated.
+    OtherLog,
+    /// The cursor is of this log but beyond its end: it names a message that was never
+    /// written (a made-up cursor, or one from a log that lost its newest messages).
+    BeyondEnd,
+}
+
+impl ResetReason {
+    /// The name used in the client protocol: `"log_reset"` or `"beyond_end"`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::OtherLog => "log_reset",
+            Self::BeyondEnd => "beyond_end",
+        }
+    }
+}
+
+impl fmt::Display for ResetReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::OtherLog => "it belongs to an earlier epoch of the log (the log was reset)",
+            Self::BeyondEnd => "it is beyond the end of the log",
+        })
     }
 }

@@ -52,7 +52,7 @@ pub use broker::{
 };
 pub use dual::{DualBus, DualConfig, DualMode, DualStats, DurableDownPolicy};
 pub use envelope::{Cursor, Envelope, Kind, MessageId, Room, MAX_ROOM_LEN};
-pub use error::{BoxError, Error, Result};
+pub use error::{BoxError, Error, ResetReason, Result};
 pub use hub::{
     CloseReason, Frame, FrameEncoder, Hub, HubBuilder, HubConfig, HubStats, JoinOptions, Joined,
     Outbound, RawPayload, Session, SessionHandle, SlowPolicy,

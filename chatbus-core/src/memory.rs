@@ -71,7 +71,10 @@ impl MemoryConfig {
 /// per-room history so that replay and resume work with no infrastructure.
 ///
 /// - Cursors are `0-N` where `N` is one sequence over all rooms (like a one-partition log), so
-///   within a room they increase but are not contiguous.
+///   within a room they increase but are not contiguous. Their [epoch](Cursor::epoch) is a
+///   random number drawn per broker: a restarted process has a new log, and a cursor of the
+///   old one is answered with `Error::CursorReset` instead of being taken as a position of the
+///   new one.
 /// - History is lost when the process exits (`capabilities().durable` is false) and holds the
 ///   last [`MemoryConfig::history_len`] durable messages of each of the
 ///   [`MemoryConfig::history_rooms`] most recently published rooms.
@@ -97,6 +100,8 @@ pub struct MemoryBroker {
 #[derive(Debug)]
 struct Shared {
     config: MemoryConfig,
+    // This broker's log: every cursor it assigns carries it.
+    epoch: u32,
     state: Mutex<State>,
     subscribers: Subscribers,
 }
@@ -169,6 +174,7 @@ impl MemoryBroker {
             shared: Arc::new(Shared {
                 subscribers: Subscribers::new(config.subscriber_capacity),
                 config,
+                epoch: Cursor::new_epoch(),
                 state: Mutex::new(State::default()),
             }),
         }
@@ -182,6 +188,20 @@ impl MemoryBroker {
             });
         }
         Ok(())
+    }
+
+    /// A cursor of another epoch (a broker before a restart), or past the last sequence number
+    /// assigned, names nothing in this log.
+    fn check_cursor(&self, c: Cursor) -> Result<()> {
+        let mine = Cursor::with_epoch(0, 0, self.shared.epoch);
+        let reason = if !c.same_log(&mine) {
+            crate::ResetReason::OtherLog
+        } else if c.offset > self.shared.lock().seq {
+            crate::ResetReason::BeyondEnd
+        } else {
+            return Ok(());
+        };
+        Err(crate::Error::CursorReset { cursor: c, reason })
     }
 
     fn room_history(&self, room: &Room) -> Vec<Envelope> {
@@ -209,7 +229,7 @@ impl Broker for MemoryBroker {
             // which is what a DualBus fast path needs.
         } else if env.is_durable() {
             state.seq += 1;
-            env.cursor = Some(Cursor::new(0, state.seq));
+            env.cursor = Some(Cursor::with_epoch(0, state.seq, self.shared.epoch));
         } else {
             env.cursor = None;
         }
@@ -233,17 +253,24 @@ impl Broker for MemoryBroker {
         if self.shared.config.history_len == 0 {
             return Ok(sub);
         }
-        Ok(sub.with_start(vec![Cursor::new(0, state.seq + 1)]))
+        Ok(sub.with_start(vec![Cursor::with_epoch(
+            0,
+            state.seq + 1,
+            self.shared.epoch,
+        )]))
     }
 
     async fn replay(&self, room: &Room, from: ReplayFrom, limit: usize) -> Result<HistoryStream> {
         self.check_history("replay")?;
+        if let ReplayFrom::Cursor(c) = from {
+            self.check_cursor(c)?;
+        }
         let items: Vec<Envelope> = self
             .room_history(room)
             .into_iter()
             .filter(|e| match from {
                 ReplayFrom::Beginning => true,
-                ReplayFrom::Cursor(c) => e.cursor.is_some_and(|ec| ec > c),
+                ReplayFrom::Cursor(c) => e.cursor.is_some_and(|ec| ec.offset > c.offset),
                 ReplayFrom::Time(ms) => e.ts >= ms,
             })
             .take(limit)
@@ -258,11 +285,14 @@ impl Broker for MemoryBroker {
         limit: usize,
     ) -> Result<crate::HistoryPage> {
         self.check_history("history")?;
+        if let Some(c) = before {
+            self.check_cursor(c)?;
+        }
         let mut items: Vec<Envelope> = self
             .room_history(room)
             .into_iter()
             .filter(|e| match (before, e.cursor) {
-                (Some(b), Some(c)) => c < b,
+                (Some(b), Some(c)) => c.offset < b.offset,
                 (None, _) => true,
                 (Some(_), None) => false,
             })
@@ -336,6 +366,57 @@ mod tests {
         let state = b.shared.lock();
         assert_eq!(state.history.len(), 3);
         assert_eq!(state.by_last.len(), 3);
+        Ok(())
+    }
+
+    /// A cursor of another memory broker (this process before a restart) or beyond the last
+    /// sequence number is refused with `CursorReset`, never read as a position of this log
+    /// (issue #11 item 1).
+    #[tokio::test]
+    async fn cursors_of_another_log_or_beyond_the_end_are_reset() -> Result<()> {
+        let room = Room::new("r")?;
+        let before_restart = MemoryBroker::new();
+        let old = before_restart
+            .publish(&Envelope::new(room.clone(), "old"))
+            .await?
+            .cursor;
+        let b = MemoryBroker::new();
+        let mine = b.publish(&Envelope::new(room.clone(), "new")).await?.cursor;
+        let (Some(old), Some(mine)) = (old, mine) else {
+            panic!("durable messages get cursors");
+        };
+        assert_eq!(old.offset, mine.offset, "both logs start at 1");
+        assert!(!old.same_log(&mine));
+        let reset = |r: Result<HistoryStream>| match r {
+            Err(crate::Error::CursorReset { reason, .. }) => Some(reason),
+            _ => None,
+        };
+        assert_eq!(
+            reset(b.replay(&room, ReplayFrom::Cursor(old), 10).await),
+            Some(crate::ResetReason::OtherLog)
+        );
+        assert_eq!(
+            reset(
+                b.replay(
+                    &room,
+                    ReplayFrom::Cursor(Cursor::new(0, mine.offset + 1)),
+                    10
+                )
+                .await
+            ),
+            Some(crate::ResetReason::BeyondEnd)
+        );
+        assert!(b
+            .replay_vec(&room, ReplayFrom::Cursor(mine), 10)
+            .await?
+            .is_empty());
+        assert_eq!(
+            b.replay_vec(&room, ReplayFrom::Cursor(Cursor::new(0, 0)), 10)
+                .await?
+                .len(),
+            1,
+            "a cursor without an epoch still resumes"
+        );
         Ok(())
     }
 

@@ -262,6 +262,7 @@ async fn drain(s: &mut Session) -> Vec<String> {
         match o {
             Outbound::Frame(b) => out.push(String::from_utf8_lossy(&b).into_owned()),
             Outbound::Lagged { cursor, .. } => out.push(format!("LAGGED {cursor:?}")),
+            Outbound::Reset { reason, .. } => out.push(format!("RESET {reason:?}")),
             Outbound::Close(r) => {
                 out.push(format!("CLOSE {r:?}"));
                 break;

@@ -93,6 +93,7 @@
 //! | `chatbus_messages_out_total` | counter | messages fanned out to local connections (one per recipient) |
 //! | `chatbus_broker_messages_total` | counter | envelopes received from the broker |
 //! | `chatbus_lagged_total`, `chatbus_replayed_total`, `chatbus_duplicates_total` | counter | slow-client resyncs, messages replayed during catch-up, duplicate copies dropped |
+//! | `chatbus_resets_total` | counter | `reset` frames sent: a resume cursor or a member's position did not fit the room's log (reset log, or beyond its end) |
 //! | `chatbus_slow_closed_total`, `chatbus_idle_closed_total` | counter | connections closed as slow (4000 or write timeout) / idle (4001) |
 //! | `chatbus_handshake_timeouts_total` | counter | TCP connections closed for not completing the HTTP upgrade within [`WsConfig::handshake_timeout`] |
 //! | `chatbus_flood_closed_total` | counter | connections closed with 4008 for control frames past [`WsConfig::control_rate_limit`] |

@@ -248,6 +248,12 @@ impl Collector for WsCollector {
                 hub.duplicates,
             ),
             (
+                "chatbus_resets",
+                "Times a session was told its history reset (its cursor did not fit the room's log).",
+                Counter,
+                hub.resets,
+            ),
+            (
                 "chatbus_slow_closed",
                 "Connections closed as slow consumers.",
                 Counter,
@@ -392,6 +398,7 @@ mod tests {
                 "chatbus_lagged_total counter",
                 "chatbus_replayed_total counter",
                 "chatbus_duplicates_total counter",
+                "chatbus_resets_total counter",
                 "chatbus_slow_closed_total counter",
                 "chatbus_idle_closed_total counter",
                 "chatbus_handshake_timeouts_total counter",

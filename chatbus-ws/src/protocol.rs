@@ -95,7 +95,7 @@ impl ErrorCode {
             }
             E::TooLarge { .. } => Self::TooLarge,
             E::Unsupported { .. } => Self::Unsupported,
-            E::InvalidRoom { .. } | E::InvalidCursor(_) => Self::BadRequest,
+            E::InvalidRoom { .. } | E::InvalidCursor(_) | E::CursorReset { .. } => Self::BadRequest,
             _ => Self::Internal,
         }
     }
@@ -558,6 +558,24 @@ pub(crate) fn lagged(room: &Room, cursor: Option<Cursor>) -> Bytes {
         ty: "lagged",
         room: room.as_str(),
         cursor,
+    })
+}
+
+#[derive(Serialize)]
+struct Reset<'a> {
+    #[serde(rename = "type")]
+    ty: &'static str,
+    room: &'a str,
+    reason: &'static str,
+}
+
+/// `{"type":"reset","room":R,"reason":"log_reset"|"beyond_end"}`: the connection's position in
+/// the room does not fit the room's log; it is live from now on and should reload the room.
+pub(crate) fn reset(room: &Room, reason: chatbus_core::ResetReason) -> Bytes {
+    to_bytes(&Reset {
+        ty: "reset",
+        room: room.as_str(),
+        reason: reason.as_str(),
     })
 }
 

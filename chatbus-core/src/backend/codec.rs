@@ -4,18 +4,25 @@
 //!
 //! ```text
 //! u8   version (= 1)
-//! u8   flags: bit 0 ephemeral, bit 1 has `from`, bit 2 has `cursor`; other bits must be 0
+//! u8   flags: bit 0 ephemeral, bit 1 has `from`, bit 2 has `cursor`, bit 3 the cursor has an
+//!      epoch (only with bit 2); other bits must be 0
 //! [16] message id
 //! u64  ts (Unix ms)
 //! u8   room length, then the room bytes (validated as a Room on decode)
 //! if from:   u16 length, then UTF-8 bytes
 //! if cursor: u32 partition, u64 offset
+//! if epoch:  u32 epoch (nonzero)
 //! u32  payload length, then the payload bytes (zero-copy slice of the input on decode)
 //! ```
 //!
 //! The first byte names the version so a future layout can be rolled out instance by instance:
 //! a decoder rejects versions it does not know instead of misreading them. Decoding never
 //! panics and never allocates more than the input's length, whatever the bytes.
+//!
+//! The epoch bit came after the first release: a cursor of an unknown epoch (0) is written
+//! without it, byte for byte as before, and only cursors of a known log set it. A decoder from
+//! before the bit rejects such frames (unknown flag) rather than misreading them, so mixed
+//! versions of chatbus must not share a broker that assigns epochs.
 
 use std::sync::Arc;
 
@@ -30,7 +37,8 @@ pub const VERSION: u8 = 1;
 const F_EPHEMERAL: u8 = 1;
 const F_FROM: u8 = 1 << 1;
 const F_CURSOR: u8 = 1 << 2;
-const F_KNOWN: u8 = F_EPHEMERAL | F_FROM | F_CURSOR;
+const F_EPOCH: u8 = 1 << 3;
+const F_KNOWN: u8 = F_EPHEMERAL | F_FROM | F_CURSOR | F_EPOCH;
 
 /// The number of bytes [`encode`] writes for `env`.
 pub fn encoded_len(env: &Envelope) -> usize {
@@ -40,7 +48,7 @@ pub fn encoded_len(env: &Envelope) -> usize {
         + 1
         + env.room.as_str().len()
         + env.from.as_ref().map_or(0, |f| 2 + f.len())
-        + env.cursor.map_or(0, |_| 12)
+        + env.cursor.map_or(0, |c| if c.epoch == 0 { 12 } else { 16 })
         + 4
         + env.payload.len()
 }
@@ -68,8 +76,11 @@ pub fn encode_into(env: &Envelope, buf: &mut BytesMut) -> Result<()> {
     if from_len.is_some() {
         flags |= F_FROM;
     }
-    if env.cursor.is_some() {
+    if let Some(c) = env.cursor {
         flags |= F_CURSOR;
+        if c.epoch != 0 {
+            flags |= F_EPOCH;
+        }
     }
     buf.reserve(encoded_len(env));
     buf.put_u8(VERSION);
@@ -87,6 +98,9 @@ pub fn encode_into(env: &Envelope, buf: &mut BytesMut) -> Result<()> {
     if let Some(c) = env.cursor {
         buf.put_u32(c.partition);
         buf.put_u64(c.offset);
+        if c.epoch != 0 {
+            buf.put_u32(c.epoch);
+        }
     }
     buf.put_u32(payload_len);
     buf.put_slice(&env.payload);
@@ -132,6 +146,9 @@ pub fn decode(bytes: &Bytes) -> Result<Envelope> {
     if flags & !F_KNOWN != 0 {
         return Err(Error::Decode("unknown flags"));
     }
+    if flags & F_EPOCH != 0 && flags & F_CURSOR == 0 {
+        return Err(Error::Decode("epoch without a cursor"));
+    }
     let id = MessageId::from_u128(u128::from_be_bytes(r.array("truncated id")?));
     let ts = u64::from_be_bytes(r.array("truncated timestamp")?);
     let [room_len] = r.array::<1>("truncated room")?;
@@ -149,7 +166,16 @@ pub fn decode(bytes: &Bytes) -> Result<Envelope> {
     let cursor = if flags & F_CURSOR != 0 {
         let partition = u32::from_be_bytes(r.array("truncated cursor")?);
         let offset = u64::from_be_bytes(r.array("truncated cursor")?);
-        Some(Cursor { partition, offset })
+        let epoch = if flags & F_EPOCH != 0 {
+            match u32::from_be_bytes(r.array("truncated cursor epoch")?) {
+                // Written without the bit; one encoding per envelope.
+                0 => return Err(Error::Decode("zero cursor epoch")),
+                e => e,
+            }
+        } else {
+            0
+        };
+        Some(Cursor::with_epoch(partition, offset, epoch))
     } else {
         None
     };
@@ -191,6 +217,11 @@ mod tests {
             (Some("bob"), Some(Cursor::new(7, 1 << 40)), Kind::Durable),
             (Some(""), None, Kind::Ephemeral),
             (None, Some(Cursor::new(0, 0)), Kind::Ephemeral),
+            (
+                Some("eve"),
+                Some(Cursor::with_epoch(2, 9, 0xdead_beef)),
+                Kind::Durable,
+            ),
         ] {
             e.from = from.map(Arc::from);
             e.cursor = cursor;
@@ -224,6 +255,32 @@ mod tests {
         let mut v = b.to_vec();
         v[1] |= 0x80;
         assert!(decode(&Bytes::from(v)).is_err(), "unknown flag accepted");
+        let mut v = b.to_vec();
+        v[1] |= F_EPOCH;
+        assert!(
+            decode(&Bytes::from(v)).is_err(),
+            "epoch without cursor accepted"
+        );
+    }
+
+    /// A cursor of an unknown epoch encodes exactly as before the epoch bit existed, so frames
+    /// without epochs stay readable by older decoders; with one, the bit and 4 bytes are added.
+    #[test]
+    fn epoch_zero_keeps_the_old_layout() {
+        let mut e = sample();
+        e.cursor = Some(Cursor::new(1, 2));
+        let old = encode(&e).expect("encodes");
+        assert_eq!(old[1] & F_EPOCH, 0);
+        e.cursor = Some(Cursor::new(1, 2).in_epoch(5));
+        let new = encode(&e).expect("encodes");
+        assert_eq!(new[1], old[1] | F_EPOCH);
+        assert_eq!(new.len(), old.len() + 4);
+        assert_eq!(decode(&new).ok().and_then(|d| d.cursor), e.cursor);
+        // The same bytes with the epoch zeroed are refused (not a second encoding of epoch 0).
+        let mut v = new.to_vec();
+        let at = v.len() - e.payload.len() - 4 - 4;
+        v[at..at + 4].copy_from_slice(&[0; 4]);
+        assert!(decode(&Bytes::from(v)).is_err());
     }
 
     fn arb_envelope() -> impl Strategy<Value = Envelope> {
@@ -234,7 +291,7 @@ mod tests {
             proptest::option::of(".{0,40}"),
             any::<u64>(),
             proptest::collection::vec(any::<u8>(), 0..512),
-            proptest::option::of((any::<u32>(), any::<u64>())),
+            proptest::option::of((any::<u32>(), any::<u64>(), any::<u32>())),
         )
             .prop_map(|(id, room, eph, from, ts, payload, cursor)| Envelope {
                 id: MessageId::from_u128(id),
@@ -243,7 +300,7 @@ mod tests {
                 from: from.map(Arc::from),
                 ts,
                 payload: Bytes::from(payload),
-                cursor: cursor.map(|(p, o)| Cursor::new(p, o)),
+                cursor: cursor.map(|(p, o, e)| Cursor::with_epoch(p, o, e)),
             })
     }
 
@@ -259,7 +316,7 @@ mod tests {
         /// Arbitrary bytes behind a valid version byte and flags (to reach deeper branches) never
         /// panic the decoder either.
         #[test]
-        fn decode_arbitrary_body_never_panics(flags in 0u8..8, body in proptest::collection::vec(any::<u8>(), 0..300)) {
+        fn decode_arbitrary_body_never_panics(flags in 0u8..16, body in proptest::collection::vec(any::<u8>(), 0..300)) {
             let mut v = vec![VERSION, flags];
             v.extend(body);
             let _ = decode(&Bytes::from(v));

@@ -29,6 +29,8 @@ pub(super) struct Merger {
     stats: Arc<Counters>,
     // Per partition: the next offset to deliver. Absent until the tail's start is known.
     next: HashMap<u32, u64>,
+    // Per partition: the epoch of the log `next` counts in, where known (nonzero).
+    epochs: HashMap<u32, u32>,
     // Per partition: fast copies ahead of `next`, with when they arrived.
     held: HashMap<u32, BTreeMap<u64, (Instant, Envelope)>>,
     held_total: usize,
@@ -53,6 +55,7 @@ impl Merger {
             out,
             stats,
             next: HashMap::new(),
+            epochs: HashMap::new(),
             held: HashMap::new(),
             held_total: 0,
             contiguous: start.is_some(),
@@ -70,6 +73,54 @@ impl Merger {
             .iter()
             .map(|c| (c.partition, c.offset))
             .collect();
+        self.epochs = start
+            .unwrap_or_default()
+            .iter()
+            .filter(|c| c.epoch != 0)
+            .map(|c| (c.partition, c.epoch))
+            .collect();
+    }
+
+    /// Checks `c` against the epoch `next` counts in for its partition. Returns false for a
+    /// fast copy of another epoch than the tail's: offsets of two logs are unrelated, so it is
+    /// neither a copy nor a gap; the tail, which reads the log there is, brings the message.
+    /// A tail message of another epoch means the log started over (a recreated topic): the
+    /// partition restarts from it, and what was held for the old log is dropped.
+    fn check_epoch(&mut self, c: Cursor, path: Path) -> bool {
+        if c.epoch == 0 {
+            return true;
+        }
+        let known = self.epochs.get(&c.partition).copied().unwrap_or(0);
+        if known == c.epoch {
+            return true;
+        }
+        if known == 0 {
+            self.epochs.insert(c.partition, c.epoch);
+            return true;
+        }
+        match path {
+            Path::Fast => {
+                inc(&self.stats.duplicates);
+                false
+            }
+            Path::Durable => {
+                tracing::warn!(
+                    partition = c.partition,
+                    from = known,
+                    to = c.epoch,
+                    "the durable log started over (new epoch); following it"
+                );
+                self.epochs.insert(c.partition, c.epoch);
+                self.next.insert(c.partition, c.offset);
+                if let Some(held) = self.held.remove(&c.partition) {
+                    self.held_total -= held.len();
+                    self.stats
+                        .held
+                        .store(self.held_total as u64, Ordering::Relaxed);
+                }
+                true
+            }
+        }
     }
 
     pub(super) async fn run<F: Broker, D: Broker>(
@@ -179,6 +230,9 @@ impl Merger {
             }
             return;
         };
+        if !self.check_epoch(c, path) {
+            return;
+        }
         let next = *self.next.entry(c.partition).or_insert(c.offset);
         if c.offset < next {
             inc(&self.stats.duplicates);

@@ -11,7 +11,7 @@ use super::stats::inc;
 use super::{lock, CloseReason, Outbound, Session};
 use crate::broker::{HistoryStream, ReplayFrom};
 use crate::envelope::{Cursor, Room};
-use crate::Result;
+use crate::{Error, ResetReason, Result};
 
 /// A replay request in flight, kept across cancellations of `Session::recv` (transports call it
 /// inside `select!`), so that a cancelled call neither loses nor repeats work.
@@ -95,6 +95,9 @@ impl Session {
                     cu.failures = 0;
                     cu.stream = Some(s);
                 }
+                Err(Error::CursorReset { reason, .. }) => {
+                    return Some(self.end_catchup_reset(reason));
+                }
                 Err(e) if e.is_transient() && cu.failures < CATCHUP_RETRIES => {
                     cu.failures += 1;
                     tracing::debug!(room = %cu.room, error = %e, "catch-up replay failed; retrying");
@@ -111,7 +114,7 @@ impl Session {
             Some(Ok(env)) => {
                 cu.page_len += 1;
                 let c = env.cursor?;
-                if c <= cu.position() {
+                if c.is_at_or_before(&cu.position()) {
                     return None;
                 }
                 cu.delivered = Some(c);
@@ -126,6 +129,10 @@ impl Session {
                     }
                 }
                 frame.map(Outbound::Frame)
+            }
+            Some(Err(Error::CursorReset { reason, .. })) => {
+                cu.stream = None;
+                Some(self.end_catchup_reset(reason))
             }
             Some(Err(e)) => {
                 tracing::warn!(room = %cu.room, error = %e, "catch-up replay failed");
@@ -145,7 +152,7 @@ impl Session {
                 if cu.page_len >= page {
                     return None;
                 }
-                if self.go_live(false) {
+                if self.go_live(false, false) {
                     self.catchup = None;
                 }
                 None
@@ -153,10 +160,27 @@ impl Session {
         }
     }
 
+    /// Ends a catch-up whose position does not fit the room's log (another epoch, or beyond
+    /// its end): nothing can be replayed from it, so the member goes live at once with every
+    /// message held meanwhile (none of them is a copy of something it has), and the client is
+    /// told to reload.
+    fn end_catchup_reset(&mut self, reason: ResetReason) -> Outbound {
+        self.go_live(true, true);
+        let Some(cu) = self.catchup.take() else {
+            return Outbound::Close(CloseReason::Shutdown);
+        };
+        inc(&self.handle.hub.inner.stats.resets);
+        tracing::debug!(room = %cu.room, since = %cu.since, %reason, "resume cursor does not fit the log; live from now on");
+        Outbound::Reset {
+            room: cu.room,
+            reason,
+        }
+    }
+
     /// Gives up a catch-up (replay failed or the limit was reached): the member goes live and
     /// the client is told it lagged, with the last cursor it got.
     fn end_catchup_lagged(&mut self) -> Outbound {
-        self.go_live(true);
+        self.go_live(true, false);
         let Some(cu) = self.catchup.take() else {
             return Outbound::Close(CloseReason::Shutdown);
         };
@@ -171,8 +195,9 @@ impl Session {
     /// meanwhile that come after what the client has are queued (older ones are copies of
     /// replayed ones). Without `force`, refuses when held messages overflowed or the room's
     /// live stream lagged meanwhile (returns false: what was missed is in the log, so the
-    /// caller replays on; the buffer starts empty again).
-    fn go_live(&mut self, force: bool) -> bool {
+    /// caller replays on; the buffer starts empty again). With `reset`, what the client had is
+    /// of no use as a bound (it is not a position of this log): every held message is queued.
+    fn go_live(&mut self, force: bool, reset: bool) -> bool {
         let Some(cu) = self.catchup.as_ref() else {
             return true;
         };
@@ -201,20 +226,37 @@ impl Session {
         }
         let held = std::mem::take(pending);
         // What the client has: what was replayed to it, or else what it said it had.
-        let mut bound = cu.position();
-        if let Some(d) = cu.delivered {
-            m.last = m.last.max(Some(d));
+        let mut bound = (!reset).then(|| cu.position());
+        if reset {
+            m.last = None;
+        } else if let Some(d) = cu.delivered {
+            if m.last.is_none_or(|l| !l.same_log(&d) || l < d) {
+                m.last = Some(d);
+            }
         }
+        let mut other_log = false;
         for (c, frame) in held {
             if let Some(c) = c {
-                if c <= bound {
-                    inc(&inner.stats.duplicates);
-                    continue;
+                if let Some(b) = bound {
+                    if c.is_at_or_before(&b) {
+                        inc(&inner.stats.duplicates);
+                        continue;
+                    }
+                    // The log started over while this member caught up: what follows is new.
+                    other_log |= !c.same_log(&b);
                 }
-                bound = c;
+                bound = Some(c);
                 m.last = Some(c);
             }
             self.ready.push_back(frame);
+        }
+        if other_log {
+            inc(&inner.stats.resets);
+            let note = Control::Reset {
+                room: cu.room.clone(),
+                reason: ResetReason::OtherLog,
+            };
+            self.handle.shared.push_control(note, usize::MAX);
         }
         m.mode = Mode::Live;
         true

@@ -12,7 +12,7 @@ use super::stats::inc;
 use super::{lock, CloseReason, HubInner, SlowPolicy};
 use crate::broker::{Interest, Subscription};
 use crate::envelope::{Cursor, Envelope, Room};
-use crate::Error;
+use crate::{Error, ResetReason};
 
 /// Reads one room's broker subscription and fans every message out to the room's members.
 pub(super) async fn pump(hub: Weak<HubInner>, entry: Weak<RoomEntry>, mut sub: Subscription) {
@@ -83,9 +83,10 @@ fn resync_all(hub: &HubInner, entry: &RoomEntry) {
 /// yet, replay resumes just before it.
 fn lag_member(hub: &HubInner, room: &Room, m: &mut Member, missed: Option<Cursor>) {
     inc(&hub.stats.lagged);
-    let before_missed = missed
-        .filter(|c| c.offset > 0)
-        .map(|c| Cursor::new(c.partition, c.offset - 1));
+    let before_missed = missed.filter(|c| c.offset > 0).map(|c| Cursor {
+        offset: c.offset - 1,
+        ..c
+    });
     match (
         hub.config.slow_policy,
         m.last.or(before_missed),
@@ -139,16 +140,35 @@ pub(super) fn fan_out(hub: &HubInner, entry: &RoomEntry, env: &Envelope) -> u64 
                 continue;
             }
         }
-        // Cursors of one room only grow, so a cursor at or below the member's last is a copy
-        // it already has (replayed during catch-up, or delivered twice by the broker).
-        if let (Some(c), Some(l)) = (env.cursor, m.last) {
-            if c <= l {
+        // Cursors of one room only grow within one log, so a cursor at or below the member's
+        // last is a copy it already has (replayed during catch-up, or delivered twice by the
+        // broker). A cursor of another epoch is never a copy: the log started over (Redis came
+        // back empty, ...) and its positions are unrelated to the old ones.
+        let reset = match (env.cursor, m.last) {
+            (Some(c), Some(l)) if c.is_at_or_before(&l) => {
                 duplicates += 1;
                 continue;
             }
-        }
+            (Some(c), Some(l)) => !c.same_log(&l),
+            _ => false,
+        };
         match &mut m.mode {
             Mode::Live => {
+                if reset {
+                    // Told ahead of the message (replies go first): its history no longer
+                    // matches the log, so it reloads; what follows is new.
+                    let note = Control::Reset {
+                        room: entry.room.clone(),
+                        reason: ResetReason::OtherLog,
+                    };
+                    if !m.session.push_control(note, hub.config.control_queue) {
+                        m.session.close(CloseReason::SlowConsumer);
+                        continue;
+                    }
+                    inc(&hub.stats.resets);
+                    // The old position is no resume point either, should this frame not fit.
+                    m.last = None;
+                }
                 if m.session
                     .push_frame(frame.bytes.clone(), hub.config.session_queue.max(1))
                 {

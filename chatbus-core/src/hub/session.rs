@@ -13,6 +13,7 @@ use super::catchup::CatchUp;
 use super::stats::inc;
 use super::{lock, Hub};
 use crate::envelope::{Cursor, Room};
+use crate::ResetReason;
 
 /// Why a session was closed by the hub.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +39,17 @@ pub enum Outbound {
         room: Room,
         /// The last cursor delivered in that room.
         cursor: Option<Cursor>,
+    },
+    /// The session's position in `room` no longer fits the room's log, so what it had is not
+    /// a base to build on: its resume cursor (or the last cursor it received) is of a log that
+    /// was reset since (another [epoch](Cursor::epoch)), or beyond the end of the log. It is
+    /// live from now on: every message that follows is new and delivered, none is dropped as a
+    /// copy. The client should reload the room's history (it cannot resume from its cursor).
+    Reset {
+        /// The room.
+        room: Room,
+        /// Why.
+        reason: ResetReason,
     },
     /// The session is closed; send a close frame and stop.
     Close(CloseReason),
@@ -70,6 +82,7 @@ pub(super) enum Control {
     Reply(Bytes),
     CatchUp { room: Room, since: Cursor, gen: u64 },
     Lagged { room: Room, cursor: Option<Cursor> },
+    Reset { room: Room, reason: ResetReason },
 }
 
 impl SessionShared {
@@ -303,6 +316,7 @@ impl Session {
             match shared.pop_control() {
                 Some(Control::Reply(b)) => return Outbound::Frame(b),
                 Some(Control::Lagged { room, cursor }) => return Outbound::Lagged { room, cursor },
+                Some(Control::Reset { room, reason }) => return Outbound::Reset { room, reason },
                 Some(Control::CatchUp { room, since, gen }) => {
                     // A newer join of a room replaces a catch-up still waiting for it.
                     self.waiting.retain(|(r, _, _)| *r != room);

@@ -22,6 +22,9 @@ pub struct HubStats {
     pub duplicates: u64,
     /// Sessions closed as slow.
     pub slow_closed: u64,
+    /// Times a member was told its history was reset ([`Outbound::Reset`](super::Outbound::Reset)):
+    /// its cursor was of another epoch of the log, or beyond its end.
+    pub resets: u64,
     /// Errors from the broker subscription (lag, disconnects).
     pub broker_errors: u64,
 }
@@ -37,6 +40,7 @@ pub(super) struct Counters {
     pub(super) replayed: AtomicU64,
     pub(super) duplicates: AtomicU64,
     pub(super) slow_closed: AtomicU64,
+    pub(super) resets: AtomicU64,
     pub(super) broker_errors: AtomicU64,
 }
 
@@ -52,6 +56,7 @@ impl Counters {
             replayed: get(&self.replayed),
             duplicates: get(&self.duplicates),
             slow_closed: get(&self.slow_closed),
+            resets: get(&self.resets),
             broker_errors: get(&self.broker_errors),
         }
     }

@@ -161,6 +161,9 @@ where
                     Outbound::Lagged { room, cursor } => {
                         WsMessage::Text(protocol::lagged(&room, cursor))
                     }
+                    Outbound::Reset { room, reason } => {
+                        WsMessage::Text(protocol::reset(&room, reason))
+                    }
                     Outbound::Close(reason) => {
                         // Flush what went before, then the caller sends the close frame.
                         st.close = Some(reason);
