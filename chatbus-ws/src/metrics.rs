@@ -254,6 +254,18 @@ impl Collector for WsCollector {
                 hub.resets,
             ),
             (
+                "chatbus_replay_reads",
+                "Log reads made for catch-ups (one serves every member resuming a room from about the same place).",
+                Counter,
+                hub.replay_reads,
+            ),
+            (
+                "chatbus_replays_shared",
+                "Catch-up pages served by a log read made for another member.",
+                Counter,
+                hub.replays_shared,
+            ),
+            (
                 "chatbus_slow_closed",
                 "Connections closed as slow consumers.",
                 Counter,
@@ -399,6 +411,8 @@ mod tests {
                 "chatbus_replayed_total counter",
                 "chatbus_duplicates_total counter",
                 "chatbus_resets_total counter",
+                "chatbus_replay_reads_total counter",
+                "chatbus_replays_shared_total counter",
                 "chatbus_slow_closed_total counter",
                 "chatbus_idle_closed_total counter",
                 "chatbus_handshake_timeouts_total counter",

@@ -6,16 +6,17 @@ use std::time::Duration;
 use futures::StreamExt;
 
 use super::registry::Mode;
+use super::replays::Page;
 use super::session::Control;
 use super::stats::inc;
 use super::{lock, CloseReason, Outbound, Session};
-use crate::broker::{HistoryStream, ReplayFrom};
+use crate::broker::HistoryStream;
 use crate::envelope::{Cursor, Room};
 use crate::{Error, ResetReason, Result};
 
 /// A replay request in flight, kept across cancellations of `Session::recv` (transports call it
 /// inside `select!`), so that a cancelled call neither loses nor repeats work.
-type Fetch = futures::future::BoxFuture<'static, Result<HistoryStream>>;
+type Fetch = futures::future::BoxFuture<'static, Result<Page>>;
 
 pub(super) struct CatchUp {
     room: Room,
@@ -27,15 +28,22 @@ pub(super) struct CatchUp {
     delivered: Option<Cursor>,
     fetch: Option<Fetch>,
     stream: Option<HistoryStream>,
-    // Items read from the current page, to tell a full page from the end of the log.
-    page_len: usize,
+    // The current page was full: the log may go on after it.
+    more: bool,
+    // When the current page was read.
+    page_read: tokio::time::Instant,
+    // Where the member's held live messages begin.
+    holding: Holding,
+    // The last page ended the log as it was before the member held its live messages, and did
+    // not reach where they begin: the next read must be newer than that.
+    need_fresh: bool,
     count: usize,
     // Failed replay requests in a row; transient errors are retried a few times.
     failures: u32,
 }
 
 impl CatchUp {
-    pub(super) fn new(room: Room, gen: u64, since: Cursor) -> Self {
+    pub(super) fn new(room: Room, gen: u64, since: Cursor, holding: Holding) -> Self {
         Self {
             room,
             gen,
@@ -43,7 +51,10 @@ impl CatchUp {
             delivered: None,
             fetch: None,
             stream: None,
-            page_len: 0,
+            more: false,
+            page_read: holding.since,
+            holding,
+            need_fresh: false,
             count: 0,
             failures: 0,
         }
@@ -53,6 +64,35 @@ impl CatchUp {
     fn position(&self) -> Cursor {
         self.delivered.unwrap_or(self.since)
     }
+
+    /// Whether the member has everything before its held live messages: it reached the last
+    /// message handed out before it started holding, or the last page reached the end of a log
+    /// read after that.
+    fn has_all_before_held(&self) -> bool {
+        let reached = self
+            .holding
+            .after
+            .is_some_and(|a| a.is_at_or_before(&self.position()));
+        reached || (!self.more && self.page_read >= self.holding.since)
+    }
+
+    /// The held messages were dropped (they overflowed) and are held afresh from now on.
+    fn holding_again(&mut self) {
+        self.holding = Holding {
+            since: tokio::time::Instant::now(),
+            after: None,
+        };
+    }
+}
+
+/// Where a member's held live messages begin: a log read begun at or after `since` sees every
+/// message it does not hold (the room's last event before it started holding), and (when
+/// known) the room's pump had handed out everything up to `after` by then, so it holds every
+/// message after `after`.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Holding {
+    pub(super) since: tokio::time::Instant,
+    pub(super) after: Option<Cursor>,
 }
 
 /// Replay requests retried after a failure before the client is told it lagged.
@@ -73,27 +113,32 @@ impl Session {
         }
         if cu.stream.is_none() {
             let fetch = cu.fetch.get_or_insert_with(|| {
-                let (broker, room, from) = (
+                let (broker, replays, room, from) = (
                     inner.broker.clone(),
+                    inner.replays.clone(),
                     cu.room.clone(),
-                    ReplayFrom::Cursor(cu.delivered.unwrap_or(cu.since)),
+                    cu.delivered.unwrap_or(cu.since),
                 );
+                let fresh = cu.need_fresh.then_some(cu.holding.since);
                 let backoff = Duration::from_millis(200 << cu.failures.min(4));
                 let wait = cu.failures > 0;
                 Box::pin(async move {
                     if wait {
                         tokio::time::sleep(backoff).await;
                     }
-                    broker.replay(&room, from, page).await
+                    // Shared with the other members resuming this room from about here.
+                    replays.fetch(&broker, &room, from, page, fresh).await
                 })
             });
             let result = fetch.await;
             cu.fetch = None;
             match result {
-                Ok(s) => {
-                    cu.page_len = 0;
+                Ok(p) => {
+                    cu.more = p.more;
+                    cu.page_read = p.started;
+                    cu.need_fresh = false;
                     cu.failures = 0;
-                    cu.stream = Some(s);
+                    cu.stream = Some(p.stream);
                 }
                 Err(Error::CursorReset { reason, .. }) => {
                     return Some(self.end_catchup_reset(reason));
@@ -112,7 +157,6 @@ impl Session {
         let stream = cu.stream.as_mut()?;
         match stream.next().await {
             Some(Ok(env)) => {
-                cu.page_len += 1;
                 let c = env.cursor?;
                 if c.is_at_or_before(&cu.position()) {
                     return None;
@@ -149,11 +193,17 @@ impl Session {
                 // end of the log as it was when fetched; everything published since then is
                 // either held for us (pending) or not yet fanned out (the pump will deliver it
                 // live, after our cursor).
-                if cu.page_len >= page {
+                if !cu.has_all_before_held() {
+                    // A full page: the log goes on. A short page read (for another member)
+                    // before this one held its live messages: what came in between is in
+                    // neither, so read on with a newer read.
+                    cu.need_fresh = !cu.more;
                     return None;
                 }
                 if self.go_live(false, false) {
                     self.catchup = None;
+                } else if let Some(cu) = self.catchup.as_mut() {
+                    cu.holding_again();
                 }
                 None
             }

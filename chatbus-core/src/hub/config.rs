@@ -35,6 +35,12 @@ pub struct HubConfig {
     /// Live messages held for a member while it catches up; past it the catch-up goes on from
     /// the log. Default 4,096.
     pub pending_limit: usize,
+    /// Log reads for catch-ups in flight at once; more wait their turn (holding their live
+    /// messages meanwhile, so waiting costs latency, not a `lagged`). One read serves every
+    /// member resuming the same room from about the same place. Default 8, the Kafka broker's
+    /// default number of replay readers, so that a mass reconnect queues here rather than
+    /// timing out in the broker.
+    pub max_replays: usize,
 }
 
 impl Default for HubConfig {
@@ -47,6 +53,7 @@ impl Default for HubConfig {
             replay_page: 500,
             max_catchup: 100_000,
             pending_limit: 4096,
+            max_replays: 8,
         }
     }
 }
@@ -98,6 +105,13 @@ impl HubConfig {
     #[must_use]
     pub fn with_pending_limit(mut self, pending_limit: usize) -> Self {
         self.pending_limit = pending_limit;
+        self
+    }
+
+    /// Sets [`max_replays`](Self::max_replays).
+    #[must_use]
+    pub fn with_max_replays(mut self, max_replays: usize) -> Self {
+        self.max_replays = max_replays;
         self
     }
 }

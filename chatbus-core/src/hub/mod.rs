@@ -11,6 +11,7 @@ use crate::Result;
 
 use pump::fan_out;
 use registry::RoomEntry;
+use replays::Replays;
 use session::SessionShared;
 use stats::{inc, Counters};
 
@@ -19,6 +20,7 @@ mod config;
 mod frame;
 mod pump;
 mod registry;
+mod replays;
 mod session;
 mod stats;
 
@@ -85,6 +87,7 @@ struct HubInner {
     next_session: AtomicU64,
     next_gen: AtomicU64,
     stats: Counters,
+    replays: Arc<Replays>,
 }
 
 impl fmt::Debug for Hub {
@@ -124,7 +127,10 @@ impl Hub {
 
     /// A snapshot of the counters.
     pub fn stats(&self) -> HubStats {
-        self.inner.stats.snapshot()
+        let mut stats = self.inner.stats.snapshot();
+        stats.replay_reads = self.inner.replays.log_reads();
+        stats.replays_shared = self.inner.replays.shared_reads();
+        stats
     }
 
     /// Opens a session for `user`.
@@ -227,12 +233,13 @@ impl HubBuilder {
             inner: Arc::new(HubInner {
                 broker: self.broker,
                 encoder: self.encoder,
-                config: self.config,
                 rooms: Mutex::new(HashMap::new()),
                 sessions: Mutex::new(HashMap::new()),
                 next_session: AtomicU64::new(1),
                 next_gen: AtomicU64::new(1),
                 stats: Counters::default(),
+                replays: Arc::new(Replays::new(self.config.max_replays)),
+                config: self.config,
             }),
         }
     }

@@ -36,6 +36,7 @@ pub(super) async fn pump(hub: Weak<HubInner>, entry: Weak<RoomEntry>, mut sub: S
             {
                 Ok(s) => {
                     sub = s;
+                    lock(&entry.members).last_event = Some(tokio::time::Instant::now());
                     resync_all(&hub, &entry);
                 }
                 Err(e) => tracing::warn!(room = %entry.room, error = %e, "resubscribe failed"),
@@ -71,7 +72,9 @@ fn resync_all(hub: &HubInner, entry: &RoomEntry) {
     let mut members = lock(&entry.members);
     for m in &mut members.list {
         match &mut m.mode {
-            Mode::Live => lag_member(hub, &entry.room, m, None),
+            // The subscription lost messages the pump never handed out: where the held ones
+            // begin says nothing about them (`None`).
+            Mode::Live => lag_member(hub, &entry.room, m, None, None),
             // What the live stream lost may be in neither the page already fetched nor the
             // held messages: make its catch-up replay again before going live.
             Mode::CatchingUp { overflowed, .. } => *overflowed = true,
@@ -80,8 +83,15 @@ fn resync_all(hub: &HubInner, entry: &RoomEntry) {
 }
 
 /// `missed` is the cursor of the message that did not fit, if known: with no cursor delivered
-/// yet, replay resumes just before it.
-fn lag_member(hub: &HubInner, room: &Room, m: &mut Member, missed: Option<Cursor>) {
+/// yet, replay resumes just before it. `live_from`: the last message handed out before the
+/// member starts holding (`missed` itself, which it did not get), if nothing else was lost.
+fn lag_member(
+    hub: &HubInner,
+    room: &Room,
+    m: &mut Member,
+    missed: Option<Cursor>,
+    live_from: Option<Cursor>,
+) {
     inc(&hub.stats.lagged);
     let before_missed = missed.filter(|c| c.offset > 0).map(|c| Cursor {
         offset: c.offset - 1,
@@ -105,6 +115,8 @@ fn lag_member(hub: &HubInner, room: &Room, m: &mut Member, missed: Option<Cursor
                 room: room.clone(),
                 since,
                 gen: m.gen,
+                holding_since: tokio::time::Instant::now(),
+                live_from,
             };
             if !m.session.push_control(job, hub.config.control_queue) {
                 m.session.close(CloseReason::SlowConsumer);
@@ -131,6 +143,12 @@ pub(super) fn fan_out(hub: &HubInner, entry: &RoomEntry, env: &Envelope) -> u64 
     let mut delivered = 0u64;
     let mut duplicates = 0u64;
     let mut members = lock(&entry.members);
+    // Before the loop: a member that lags on this message starts holding after it, so its
+    // catch-up must reach it.
+    if env.cursor.is_some() {
+        members.last_dispatched = env.cursor;
+        members.last_event = Some(tokio::time::Instant::now());
+    }
     for m in &mut members.list {
         if frame.skip_sender && env.from.as_deref() == Some(&*m.session.user) {
             continue;
@@ -177,7 +195,7 @@ pub(super) fn fan_out(hub: &HubInner, entry: &RoomEntry, env: &Envelope) -> u64 
                         m.last = env.cursor;
                     }
                 } else {
-                    lag_member(hub, &entry.room, m, env.cursor);
+                    lag_member(hub, &entry.room, m, env.cursor, env.cursor);
                 }
             }
             Mode::CatchingUp {

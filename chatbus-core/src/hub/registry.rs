@@ -33,6 +33,16 @@ pub(super) struct Members {
     // Set under this lock when the entry leaves the hub's map: a joiner holding a stale Arc
     // sees it and retries with a fresh entry.
     pub(super) removed: bool,
+    // The cursor of the last message the pump handed to the members (set under this lock as
+    // it fans out): a member that starts holding its live messages now holds everything after
+    // it, so its catch-up is complete once it reaches it (see `catchup.rs`).
+    pub(super) last_dispatched: Option<Cursor>,
+    // When the room's subscription was established or last handed out a message, whichever is
+    // later. Every broker with a log stores a message before it delivers it, and a message
+    // not delivered to a subscription was stored before the subscription was established; so
+    // a member that starts holding its live messages now needs from the log only what a read
+    // begun at this instant sees.
+    pub(super) last_event: Option<tokio::time::Instant>,
 }
 
 pub(super) struct Member {
@@ -157,6 +167,7 @@ impl Hub {
                         .broker
                         .subscribe(Interest::room(room.clone()))
                         .await?;
+                    lock(&entry.members).last_event = Some(tokio::time::Instant::now());
                     let task = tokio::spawn(pump(
                         Arc::downgrade(&self.inner),
                         Arc::downgrade(&entry),
@@ -201,6 +212,10 @@ impl Hub {
                     gen,
                 }),
             }
+            // Read under the lock that set the mode: the pump hands this member everything
+            // after it from now on.
+            let live_from = members.last_dispatched;
+            let holding_since = members.last_event.unwrap_or_else(tokio::time::Instant::now);
             drop(members);
             lock(&session.shared.rooms).insert(room.clone(), gen);
             if session.shared.dropped.load(Ordering::Acquire) {
@@ -209,7 +224,13 @@ impl Hub {
                 return Err(Error::Closed);
             }
             if let (true, Some(since)) = (resuming, since) {
-                let job = Control::CatchUp { room, since, gen };
+                let job = Control::CatchUp {
+                    room,
+                    since,
+                    gen,
+                    holding_since,
+                    live_from,
+                };
                 if !session
                     .shared
                     .push_control(job, self.inner.config.control_queue)

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use tokio::sync::Notify;
 
-use super::catchup::CatchUp;
+use super::catchup::{CatchUp, Holding};
 use super::stats::inc;
 use super::{lock, Hub};
 use crate::envelope::{Cursor, Room};
@@ -80,9 +80,25 @@ pub(super) struct SessionShared {
 
 pub(super) enum Control {
     Reply(Bytes),
-    CatchUp { room: Room, since: Cursor, gen: u64 },
-    Lagged { room: Room, cursor: Option<Cursor> },
-    Reset { room: Room, reason: ResetReason },
+    CatchUp {
+        room: Room,
+        since: Cursor,
+        gen: u64,
+        // A read begun at or after this sees everything the member does not hold: the room's
+        // last event before it started holding (see `Members::last_event`).
+        holding_since: tokio::time::Instant,
+        // The last message the pump handed out before that, when known: everything after it
+        // is held.
+        live_from: Option<Cursor>,
+    },
+    Lagged {
+        room: Room,
+        cursor: Option<Cursor>,
+    },
+    Reset {
+        room: Room,
+        reason: ResetReason,
+    },
 }
 
 impl SessionShared {
@@ -252,7 +268,7 @@ pub struct Session {
     pub(super) live: VecDeque<Bytes>,
     pub(super) catchup: Option<CatchUp>,
     // Catch-ups not started yet, one per room, run one after another.
-    pub(super) waiting: VecDeque<(Room, Cursor, u64)>,
+    pub(super) waiting: VecDeque<(Room, Cursor, u64, Holding)>,
     pub(super) ready: VecDeque<Bytes>,
 }
 
@@ -317,16 +333,26 @@ impl Session {
                 Some(Control::Reply(b)) => return Outbound::Frame(b),
                 Some(Control::Lagged { room, cursor }) => return Outbound::Lagged { room, cursor },
                 Some(Control::Reset { room, reason }) => return Outbound::Reset { room, reason },
-                Some(Control::CatchUp { room, since, gen }) => {
+                Some(Control::CatchUp {
+                    room,
+                    since,
+                    gen,
+                    holding_since,
+                    live_from,
+                }) => {
                     // A newer join of a room replaces a catch-up still waiting for it.
-                    self.waiting.retain(|(r, _, _)| *r != room);
-                    self.waiting.push_back((room, since, gen));
+                    self.waiting.retain(|(r, ..)| *r != room);
+                    let holding = Holding {
+                        since: holding_since,
+                        after: live_from,
+                    };
+                    self.waiting.push_back((room, since, gen, holding));
                     continue;
                 }
                 None => {}
             }
             if self.catchup.is_none() {
-                if let Some((room, since, gen)) = self.waiting.pop_front() {
+                if let Some((room, since, gen, holding)) = self.waiting.pop_front() {
                     if shared.gen(&room) != Some(gen) {
                         continue; // left or re-joined since: stale
                     }
@@ -334,7 +360,7 @@ impl Session {
                     // none are added while it catches up.
                     self.ready.append(&mut self.live);
                     shared.take_frames(&mut self.ready);
-                    self.catchup = Some(CatchUp::new(room, gen, since));
+                    self.catchup = Some(CatchUp::new(room, gen, since, holding));
                     continue;
                 }
             }

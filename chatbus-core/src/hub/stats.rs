@@ -25,6 +25,10 @@ pub struct HubStats {
     /// Times a member was told its history was reset ([`Outbound::Reset`](super::Outbound::Reset)):
     /// its cursor was of another epoch of the log, or beyond its end.
     pub resets: u64,
+    /// Log reads made for catch-ups.
+    pub replay_reads: u64,
+    /// Catch-up pages served by a log read made for another member resuming the same room.
+    pub replays_shared: u64,
     /// Errors from the broker subscription (lag, disconnects).
     pub broker_errors: u64,
 }
@@ -57,6 +61,9 @@ impl Counters {
             duplicates: get(&self.duplicates),
             slow_closed: get(&self.slow_closed),
             resets: get(&self.resets),
+            // Kept by the hub's `Replays`, filled in by `Hub::stats`.
+            replay_reads: 0,
+            replays_shared: 0,
             broker_errors: get(&self.broker_errors),
         }
     }

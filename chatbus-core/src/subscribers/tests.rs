@@ -65,7 +65,10 @@ fn an_error_for_some_rooms_reaches_only_their_subscribers_and_the_all_ones() {
     );
     assert!(drain(&mut late).is_empty());
     assert_eq!(drain(&mut in_a), ["lagged"]);
-    assert!(drain(&mut all).is_empty(), "not aimed at Interest::All subscribers");
+    assert!(
+        drain(&mut all).is_empty(),
+        "not aimed at Interest::All subscribers"
+    );
 }
 
 #[test]
