@@ -425,6 +425,59 @@ pub async fn unsubscribe<B: Broker + ?Sized>(b: &B) -> CheckResult {
     }
 }
 
+/// A resume point that names no position of the room's log is refused with
+/// [`Error::CursorReset`], never read as a position: a cursor beyond the end of the log
+/// (`BeyondEnd`) and, where the broker stamps its cursors with an epoch, the same position in
+/// another epoch (`OtherLog`). The last real cursor still resumes (to nothing).
+pub async fn resume_points<B: Broker + ?Sized>(b: &B) -> CheckResult {
+    if !b.capabilities().replay {
+        return Ok(());
+    }
+    let room = unique_room("resume-points");
+    let mut last = None;
+    for i in 0..3 {
+        last = ctx(
+            b.publish(&Envelope::new(room.clone(), body(i))).await,
+            "publish",
+        )?
+        .cursor;
+    }
+    let Some(last) = last else {
+        return Err("a broker with replay returned no cursor".into());
+    };
+    let reason = |r: crate::Result<crate::HistoryStream>| match r {
+        Err(Error::CursorReset { reason, .. }) => Ok(reason),
+        Err(e) => Err(format!("expected CursorReset, got {e}")),
+        Ok(_) => Err("expected CursorReset, got a stream".to_owned()),
+    };
+    let at_end = ctx(
+        b.replay_vec(&room, ReplayFrom::Cursor(last), 10).await,
+        "replay",
+    )?;
+    if !at_end.is_empty() {
+        return Err(format!(
+            "replay after the last cursor returned {}",
+            at_end.len()
+        ));
+    }
+    let beyond = crate::Cursor {
+        offset: last.offset + 1_000,
+        ..last
+    };
+    let got = reason(b.replay(&room, ReplayFrom::Cursor(beyond), 10).await);
+    if got != Ok(crate::ResetReason::BeyondEnd) {
+        return Err(format!("replay from beyond the end ({beyond}): {got:?}"));
+    }
+    if last.epoch != 0 {
+        let other = last.in_epoch(last.epoch.wrapping_add(1).max(1));
+        let got = reason(b.replay(&room, ReplayFrom::Cursor(other), 10).await);
+        if got != Ok(crate::ResetReason::OtherLog) {
+            return Err(format!("replay from another epoch ({other}): {got:?}"));
+        }
+    }
+    Ok(())
+}
+
 /// Health reports up on a working broker.
 pub async fn health<B: Broker + ?Sized>(b: &B) -> CheckResult {
     let h = b.health().await;
@@ -445,6 +498,7 @@ pub fn checks<'a, B: Broker + ?Sized>(b: &'a B) -> Vec<(&'static str, BoxFuture<
         ("ephemeral", ephemeral(b).boxed()),
         ("concurrent_publishers", concurrent_publishers(b).boxed()),
         ("unsubscribe", unsubscribe(b).boxed()),
+        ("resume_points", resume_points(b).boxed()),
         ("health", health(b).boxed()),
     ]
 }

@@ -24,6 +24,8 @@ enum Bug {
     ReplaysEphemeral,
     /// Messages of every room reach room subscribers.
     LeaksRooms,
+    /// A resume point that does not fit the log is answered with an empty replay.
+    SilentResets,
 }
 
 /// The planted bug and a publish counter.
@@ -70,7 +72,12 @@ impl Hooks for Buggy {
             }
             (_, f) => f,
         };
-        inner.replay(room, from, limit).await
+        match inner.replay(room, from, limit).await {
+            Err(chatbus_core::Error::CursorReset { .. }) if self.bug == Bug::SilentResets => {
+                Ok(chatbus_core::backend::history_stream(Vec::new()))
+            }
+            r => r,
+        }
     }
 }
 
@@ -122,4 +129,9 @@ async fn room_leaks_are_caught() {
     assert!(failed_checks(Bug::LeaksRooms)
         .await
         .contains(&"room_isolation"));
+}
+
+#[tokio::test]
+async fn silent_resets_are_caught() {
+    assert_eq!(failed_checks(Bug::SilentResets).await, ["resume_points"]);
 }

@@ -16,6 +16,7 @@ use tokio::sync::OnceCell;
 
 use crate::client::{self, blocking, Context, BACKEND};
 use crate::config::KafkaConfig;
+use crate::epoch::Epochs;
 use crate::partition;
 use crate::pool::Readers;
 use crate::producer::ProducerSlot;
@@ -112,7 +113,8 @@ impl KafkaBroker {
         let ctx = Context::default();
         let producer = ProducerSlot::new(&config, &ctx)?;
         let partitions = topic::ensure_topic(&config, &ctx, &producer.peek()).await?;
-        let readers = Arc::new(Readers::new(config.clone(), ctx.clone()));
+        let epochs = Arc::new(Epochs::new(partitions));
+        let readers = Arc::new(Readers::new(config.clone(), ctx.clone(), epochs));
         let broker = Self {
             inner: Arc::new(Inner {
                 config,
@@ -128,7 +130,36 @@ impl KafkaBroker {
             }),
         };
         broker.spawn_partition_check();
+        broker.spawn_epoch_probe();
         Ok(broker)
+    }
+
+    /// Learns the epoch of every partition that still has its offset 0, in the background
+    /// (one short read each), so that cursors carry it from the start. Partitions that are
+    /// empty now learn it when their first record is written (see `epoch.rs`).
+    fn spawn_epoch_probe(&self) {
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            let Some(inner) = weak.upgrade() else { return };
+            let (readers, partitions) = (inner.readers.clone(), inner.partitions);
+            drop(inner);
+            let Ok(slot) = readers.acquire().await else {
+                return;
+            };
+            let probed = blocking(move || {
+                let lease = slot.lease()?;
+                for p in 0..partitions {
+                    let (low, high) = readers.watermarks(&lease, p)?;
+                    readers.probe_epoch(&lease, p, low, high)?;
+                }
+                Ok(())
+            })
+            .await;
+            if let Err(e) = probed {
+                // Learned later, from offset 0 or the next replay that checks a cursor.
+                tracing::debug!(error = %e, "kafka epoch probe failed");
+            }
+        });
     }
 
     /// Re-reads the topic's metadata every `partition_check_interval` until the broker is
@@ -230,7 +261,7 @@ impl KafkaBroker {
                     let lease = slot.lease()?;
                     let ends = readers.end_offsets(&lease, partitions);
                     drop(lease);
-                    Tail::start(&config, ctx, ends?)
+                    Tail::start(&config, ctx, ends?, readers.epochs.clone())
                 })
                 .await
             })
@@ -309,11 +340,14 @@ impl Broker for KafkaBroker {
             Ok(Ok(delivery)) => {
                 self.inner.ctx.conn.mark_up();
                 self.inner.published.fetch_add(1, Ordering::Relaxed);
+                let p = u32::try_from(delivery.partition).unwrap_or(0);
+                let epochs = &self.inner.readers.epochs;
+                if delivery.offset == 0 {
+                    // This message starts the partition's log: its id is the epoch.
+                    epochs.learn(p, envelope.id);
+                }
                 let cursor = envelope.is_durable().then(|| {
-                    Cursor::new(
-                        u32::try_from(delivery.partition).unwrap_or(0),
-                        u64::try_from(delivery.offset).unwrap_or(0),
-                    )
+                    epochs.stamp(Cursor::new(p, u64::try_from(delivery.offset).unwrap_or(0)))
                 });
                 Ok(Receipt {
                     id: envelope.id,
@@ -499,7 +533,11 @@ mod mock_tests {
         let receipt = b.publish(&env).await.expect("publish");
         let cursor = receipt.cursor.expect("durable cursor");
         assert_eq!(cursor.partition, b.partition_of(&room));
-        assert_eq!(cursor, start[cursor.partition as usize]);
+        // The empty partition's epoch was unknown when the subscription started; the first
+        // record (offset 0) sets it.
+        let first = start[cursor.partition as usize];
+        assert_eq!((cursor.offset, first.offset, first.epoch), (0, 0, 0));
+        assert_eq!(cursor.epoch, env.id.epoch_fingerprint());
         let got = tokio::time::timeout(Duration::from_secs(10), sub.recv())
             .await
             .expect("delivered in time")

@@ -69,6 +69,15 @@
 //!   messages, and stops at `limit` or at the partition's end as it was when the replay
 //!   started. **History** reads backwards from a cursor (or the end) in growing chunks until
 //!   it has a page, bounded by [`KafkaConfig::history_scan_limit`] records.
+//! - **Epochs**: a topic deleted and created again restarts at offset 0, so cursors carry the
+//!   [epoch](chatbus_core::Cursor::epoch) of their partition's log: the fingerprint of the
+//!   message id of the record at offset 0, the same on every instance without coordination.
+//!   An instance learns it from its own publish at offset 0, from the tail reading offset 0,
+//!   from a background probe at connect, and again whenever a replay or history cursor does
+//!   not fit what it knows. `replay`/`history` answer a cursor of another epoch, or one
+//!   beyond the end of the partition, with `Error::CursorReset`. Limit: once retention has
+//!   deleted offset 0, an instance that had not read it cannot tell the epoch (0, which
+//!   matches every cursor) and catches an old cursor only when it is beyond the new end.
 //! - **Replay readers**: replay and history read with a pool of consumers, at most
 //!   [`KafkaConfig::max_concurrent_replays`] (default 8) reading at once, each on a blocking
 //!   thread; further calls queue in arrival order for up to [`KafkaConfig::request_timeout`],
@@ -96,6 +105,7 @@
 mod broker;
 mod client;
 mod config;
+mod epoch;
 mod partition;
 mod pool;
 mod producer;

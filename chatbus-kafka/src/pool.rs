@@ -17,6 +17,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::client::{self, lock, Context};
 use crate::config::KafkaConfig;
+use crate::epoch::Epochs;
 
 pub(crate) type Reader = BaseConsumer<Context>;
 
@@ -36,6 +37,8 @@ pub(crate) struct Readers {
     pub(crate) created: AtomicU64,
     /// Callers waiting for a slot (a metric).
     waiting: AtomicUsize,
+    /// The partitions' epochs, learned by the readers too (see `epoch.rs`).
+    pub(crate) epochs: Arc<Epochs>,
 }
 
 impl std::fmt::Debug for Readers {
@@ -144,7 +147,7 @@ impl Drop for Waiting<'_> {
 }
 
 impl Readers {
-    pub(crate) fn new(config: KafkaConfig, ctx: Context) -> Self {
+    pub(crate) fn new(config: KafkaConfig, ctx: Context, epochs: Arc<Epochs>) -> Self {
         // `validate` keeps it within 1..=Semaphore::MAX_PERMITS.
         let slots = config
             .max_concurrent_replays
@@ -156,6 +159,7 @@ impl Readers {
             slots: Arc::new(Semaphore::new(slots)),
             created: AtomicU64::new(0),
             waiting: AtomicUsize::new(0),
+            epochs,
         }
     }
 
@@ -249,7 +253,11 @@ mod tests {
         let config = KafkaConfig::new("127.0.0.1:1")
             .with_max_concurrent_replays(slots)
             .with_request_timeout(timeout);
-        Arc::new(Readers::new(config, Context::default()))
+        Arc::new(Readers::new(
+            config,
+            Context::default(),
+            Arc::new(Epochs::new(1)),
+        ))
     }
 
     #[tokio::test]

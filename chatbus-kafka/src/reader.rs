@@ -7,13 +7,16 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use chatbus_core::backend::codec;
-use chatbus_core::{Cursor, Envelope, Error, HistoryPage, HistoryStream, ReplayFrom, Result, Room};
+use chatbus_core::{
+    Cursor, Envelope, Error, HistoryPage, HistoryStream, ReplayFrom, ResetReason, Result, Room,
+};
 use futures::StreamExt;
 use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::client::{self, blocking};
+use crate::epoch::Epochs;
 use crate::pool::{Cancel, CancelOnDrop, Reader, Readers};
 
 /// How long one poll of a scan blocks, which bounds how late it notices a cancelled read.
@@ -62,6 +65,51 @@ impl Readers {
             }
         }
         Ok(ends)
+    }
+
+    /// Reads the record at offset 0 of `partition`, if the log still has it, to learn the
+    /// partition's epoch (see `epoch.rs`). Blocking.
+    pub(crate) fn probe_epoch(
+        &self,
+        reader: &Reader,
+        partition: u32,
+        low: i64,
+        high: i64,
+    ) -> Result<()> {
+        if low != 0 || high <= 0 {
+            return Ok(());
+        }
+        // Decoding the record learns the epoch.
+        self.scan(reader, partition, 0, 1, &Cancel::default(), |_| {
+            ControlFlow::Break(())
+        })
+    }
+
+    /// Whether `c` names a position of `partition`'s log as it is now (watermarks `low`,
+    /// `high`): of its epoch and at most `last`, else `Error::CursorReset`. Offset 0 is
+    /// read again first when the epoch is not known yet or the cursor does not fit it, since
+    /// the topic may have been recreated since it was learned. Blocking.
+    pub(crate) fn check_in_log(
+        &self,
+        reader: &Reader,
+        c: Cursor,
+        (low, high): (i64, i64),
+        last: i64,
+    ) -> Result<()> {
+        let beyond = i64::try_from(c.offset).map_or(true, |o| o > last);
+        let known = self.epochs.get(c.partition);
+        if known == 0 || beyond || (c.epoch != 0 && c.epoch != known) {
+            self.probe_epoch(reader, c.partition, low, high)?;
+        }
+        let now = Cursor::with_epoch(c.partition, 0, self.epochs.get(c.partition));
+        let reason = if !c.same_log(&now) || (high == 0 && c.epoch != 0) {
+            ResetReason::OtherLog
+        } else if beyond {
+            ResetReason::BeyondEnd
+        } else {
+            return Ok(());
+        };
+        Err(Error::CursorReset { cursor: c, reason })
     }
 
     /// The first offset of `partition` whose timestamp is at or after `ms`, or `None` when
@@ -152,7 +200,7 @@ impl Readers {
                     if offset >= to {
                         break;
                     }
-                    let env = decode(&msg, partition);
+                    let env = decode(&msg, partition, &self.epochs);
                     if f(env).is_break() {
                         break;
                     }
@@ -178,14 +226,25 @@ impl Readers {
     }
 }
 
-/// Decodes a record and sets its cursor (durable only); `None` if it is malformed.
-fn decode(msg: &rdkafka::message::BorrowedMessage<'_>, partition: u32) -> Option<Envelope> {
+/// Decodes a record and sets its cursor (durable only, in the partition's epoch, which a
+/// record at offset 0 sets); `None` if it is malformed.
+fn decode(
+    msg: &rdkafka::message::BorrowedMessage<'_>,
+    partition: u32,
+    epochs: &Epochs,
+) -> Option<Envelope> {
     let payload = msg.payload()?;
     match codec::decode(&Bytes::copy_from_slice(payload)) {
         Ok(mut env) => {
-            env.cursor = env
-                .is_durable()
-                .then(|| Cursor::new(partition, u64::try_from(msg.offset()).unwrap_or(0)));
+            if msg.offset() == 0 {
+                epochs.learn(partition, env.id);
+            }
+            env.cursor = env.is_durable().then(|| {
+                epochs.stamp(Cursor::new(
+                    partition,
+                    u64::try_from(msg.offset()).unwrap_or(0),
+                ))
+            });
             Some(env)
         }
         Err(e) => {
@@ -306,6 +365,10 @@ fn plan(
     from: ReplayFrom,
 ) -> Result<Option<(i64, i64)>> {
     let (low, high) = readers.watermarks(reader, partition)?;
+    if let ReplayFrom::Cursor(c) = from {
+        // Replay goes on after `c`: it must be a record of the log, at most the last one.
+        readers.check_in_log(reader, c, (low, high), high - 1)?;
+    }
     let start = match from {
         ReplayFrom::Beginning => low,
         ReplayFrom::Cursor(c) => i64::try_from(c.offset)
@@ -464,6 +527,10 @@ fn history_page(
     } = query;
     let (partition, before, limit, scan_limit) = (*partition, *before, *limit, *scan_limit);
     let (low, high) = readers.watermarks(reader, partition)?;
+    if let Some(c) = before {
+        // `before` is exclusive: the end of the log itself is a valid bound.
+        readers.check_in_log(reader, c, (low, high), high)?;
+    }
     let mut end = before.map_or(high, |c| {
         i64::try_from(c.offset).unwrap_or(i64::MAX).min(high)
     });
@@ -494,7 +561,9 @@ fn history_page(
     if found.len() < limit && end > low {
         // Stopped by the scan limit: offsets below `end` were not read, and `before` is
         // exclusive, so `end` is exactly where the next page starts.
-        let next = Cursor::new(partition, u64::try_from(end).unwrap_or(0));
+        let next = readers
+            .epochs
+            .stamp(Cursor::new(partition, u64::try_from(end).unwrap_or(0)));
         return Ok(HistoryPage::partial(found, next));
     }
     let skip = found.len().saturating_sub(limit);

@@ -25,6 +25,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use crate::client::{self, lock, Context};
 use crate::config::KafkaConfig;
+use crate::epoch::Epochs;
 
 type TailConsumer = BaseConsumer<Context>;
 
@@ -57,6 +58,7 @@ struct Shared {
     subscribers: Subscribers,
     stop: AtomicBool,
     stats: TailStats,
+    epochs: Arc<Epochs>,
 }
 
 /// The position of a record, as the cursor it would have.
@@ -70,7 +72,12 @@ fn cursor(partition: usize, offset: i64) -> Cursor {
 impl Tail {
     /// Starts reading every partition of the topic at `ends` (the current end offsets).
     /// Blocking: call from a blocking thread.
-    pub(crate) fn start(config: &KafkaConfig, ctx: Context, ends: Vec<i64>) -> Result<Self> {
+    pub(crate) fn start(
+        config: &KafkaConfig,
+        ctx: Context,
+        ends: Vec<i64>,
+        epochs: Arc<Epochs>,
+    ) -> Result<Self> {
         let consumer: TailConsumer = client::consumer_config(config, "tail", config.fetch_wait)
             .create_with_context(ctx)
             .map_err(|e| Error::backend(client::BACKEND, e))?;
@@ -90,6 +97,7 @@ impl Tail {
             subscribers: Subscribers::new(config.subscriber_capacity),
             stop: AtomicBool::new(false),
             stats: TailStats::default(),
+            epochs,
         });
         let thread = {
             let (shared, consumer) = (shared.clone(), consumer.clone());
@@ -115,7 +123,10 @@ impl Tail {
         let start = positions
             .iter()
             .enumerate()
-            .map(|(p, pos)| cursor(p, (*pos).max(ends.get(p).copied().unwrap_or(0))))
+            .map(|(p, pos)| {
+                let c = cursor(p, (*pos).max(ends.get(p).copied().unwrap_or(0)));
+                self.shared.epochs.stamp(c)
+            })
             .collect();
         // Registered before the positions are unlocked, so no batch falls in between.
         let sub = self.shared.subscribers.subscribe_from(interest, start);
@@ -198,9 +209,19 @@ fn decode(shared: &Shared, msg: &rdkafka::message::BorrowedMessage<'_>) -> Recor
         .map(|p| codec::decode(&Bytes::copy_from_slice(p)))
     {
         Some(Ok(mut env)) => {
-            env.cursor = env
-                .is_durable()
-                .then(|| Cursor::new(partition as u32, u64::try_from(offset).unwrap_or(0)));
+            let p = u32::try_from(partition).unwrap_or(u32::MAX);
+            if offset == 0 {
+                // The first record of the log: its epoch (a new one if the topic was
+                // recreated under this running consumer).
+                if let Some(old) = shared.epochs.learn(p, env.id) {
+                    tracing::warn!(partition, old, "Kafka partition restarted at offset 0 with another first record: the topic was recreated");
+                }
+            }
+            env.cursor = env.is_durable().then(|| {
+                shared
+                    .epochs
+                    .stamp(Cursor::new(p, u64::try_from(offset).unwrap_or(0)))
+            });
             Some(env)
         }
         Some(Err(e)) => {

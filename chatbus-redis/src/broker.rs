@@ -49,6 +49,10 @@ const SCAN_PAGE: usize = 256;
 ///   Publishes and new subscriptions fail meanwhile (within
 ///   [`RedisConfig::command_timeout`]); [`health`](Broker::health) reports `Down`, then
 ///   `Degraded` while re-subscribing.
+/// - **epochs**: a room's sequence lives in one hash with its epoch, drawn when the sequence
+///   is created, so a Redis that lost the sequence (`FLUSHALL`, eviction, failover to a
+///   replica that missed writes) also starts a new epoch: cursors of the old log are answered
+///   with `Error::CursorReset` by `replay`/`history`, and the Hub never takes them for bounds.
 /// - **history**: `replay`/`history` read the window (the last
 ///   [`RedisConfig::history_len`] durable messages of each room), or return
 ///   `Error::Unsupported` when it is off. The window lives in Redis memory (and its
@@ -63,6 +67,7 @@ struct Inner {
     keys: Keys,
     publisher: ConnectionManager,
     script: redis::Script,
+    head_script: redis::Script,
     shared: Arc<Shared>,
     commands: mpsc::Sender<Command>,
     // Local subscriptions; the actor activates them and unsubscribes the rooms they leave.
@@ -179,6 +184,7 @@ impl RedisBroker {
                 keys,
                 publisher,
                 script: redis::Script::new(wire::PUBLISH_SCRIPT),
+                head_script: redis::Script::new(wire::HEAD_SCRIPT),
                 shared,
                 commands,
                 subs,
@@ -264,20 +270,22 @@ impl RedisBroker {
         let channel = inner.keys.channel(&env.room);
         if env.is_durable() && self.history_on() {
             let (bytes, pos) = wire::encode_for_script(env)?;
-            let seq: u64 = inner
+            let (seq, epoch): (u64, u32) = inner
                 .script
-                .key(inner.keys.seq(&env.room))
+                .key(inner.keys.meta(&env.room))
                 .key(inner.keys.stream(&env.room))
+                .key(inner.keys.legacy_seq(&env.room))
                 .arg(channel)
                 .arg(bytes.as_ref())
                 .arg(pos)
                 .arg(inner.config.history_len)
+                .arg(Cursor::new_epoch())
                 .invoke_async(&mut conn)
                 .await
                 .map_err(|e| error::map("publish", e, t))?;
             return Ok(Receipt {
                 id: env.id,
-                cursor: Some(Cursor::new(0, seq)),
+                cursor: Some(Cursor::with_epoch(0, seq, epoch)),
             });
         }
         let bytes = if self.history_on() && env.cursor.is_some() {
@@ -346,6 +354,34 @@ impl RedisBroker {
         } else {
             Err(Error::InvalidCursor(c.to_string()))
         }
+    }
+
+    /// The head of the room's log (last sequence number and epoch), `None` if it has none.
+    async fn log_head(&self, room: &Room) -> Result<Option<wire::LogHead>> {
+        let t = self.inner.config.command_timeout;
+        let mut conn = self.inner.publisher.clone();
+        let head: Vec<u64> = self
+            .inner
+            .head_script
+            .key(self.inner.keys.meta(room))
+            .key(self.inner.keys.legacy_seq(room))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| error::map("replay", e, t))?;
+        Ok(match head[..] {
+            [seq, epoch] => Some(wire::LogHead {
+                seq,
+                epoch: u32::try_from(epoch).unwrap_or(0),
+            }),
+            _ => None,
+        })
+    }
+
+    /// A cursor of this room's log as it is now: of its epoch, not beyond its end (see
+    /// `Error::CursorReset`). One more round trip, paid by resumes and "load older" only.
+    async fn check_in_log(&self, room: &Room, c: Cursor) -> Result<()> {
+        Self::check_cursor(c)?;
+        wire::check_cursor(c, self.log_head(room).await?)
     }
 }
 
@@ -435,7 +471,7 @@ impl Broker for RedisBroker {
                 match from {
                     ReplayFrom::Beginning => Ok(self.xrange(room, "-", limit).await?),
                     ReplayFrom::Cursor(c) => {
-                        Self::check_cursor(c)?;
+                        self.check_in_log(room, c).await?;
                         match c.offset.checked_add(1) {
                             Some(next) => {
                                 Ok(self.xrange(room, &wire::entry_id(next), limit).await?)
@@ -477,7 +513,7 @@ impl Broker for RedisBroker {
         let end = match before {
             None => "+".to_owned(),
             Some(c) => {
-                Self::check_cursor(c)?;
+                self.bounded("history", self.check_in_log(room, c)).await?;
                 match c.offset.checked_sub(1) {
                     // Every entry of sequence number `offset - 1`, whatever its id's second
                     // part.

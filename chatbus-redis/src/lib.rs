@@ -31,7 +31,8 @@
 //! |---|---|---|
 //! | `<prefix>:{R}` | pub/sub channel | the room's live messages |
 //! | `<prefix>:{R}:log` | stream | the history window (only when it is on) |
-//! | `<prefix>:{R}:seq` | string (counter) | the room's last sequence number (only with the window) |
+//! | `<prefix>:{R}:meta` | hash | the room's log: `seq`, its last sequence number, and `epoch`, drawn when `seq` is created (only with the window) |
+//! | `<prefix>:{R}:seq` | string (counter) | the layout before epochs: moved into `:meta` by the first publish that finds it |
 //! | `<prefix>:{*}` | pattern | what `Interest::All` subscribes to |
 //!
 //! Room names cannot contain braces, so `{R}` is exactly the Redis Cluster *hash tag*: a room's
@@ -59,12 +60,16 @@
 //!   envelope's `cursor` travels unchanged — a `DualBus` publishes to Kafka first and then
 //!   through Redis with the Kafka cursor set, and subscribers receive that cursor.
 //! - History window on ([`RedisConfig::history_len`] > 0): a durable message is published by a
-//!   Lua script that, atomically, `INCR`s `<prefix>:{R}:seq` to get its sequence number `n`,
-//!   writes `n` into the envelope's cursor (the client encodes the envelope with a zero cursor
-//!   `0-0` and passes the byte position of the 8-byte offset), `XADD`s it to
-//!   `<prefix>:{R}:log` with the entry id `n-0` and `MAXLEN <history_len>`, and `PUBLISH`es the
-//!   same bytes. So the cursor is `Cursor::new(0, n)`: cursors of a room are totally ordered,
-//!   every subscriber sees them in stream order, and the receipt carries the same cursor.
+//!   Lua script that, atomically, `HINCRBY`s `seq` of `<prefix>:{R}:meta` to get its sequence
+//!   number `n` (creating the hash with a fresh random `epoch` `e` when it is missing), writes
+//!   `n` and `e` into the envelope's cursor (the client encodes the envelope with a placeholder
+//!   cursor and passes the byte position of the 8-byte offset, which the 4-byte epoch follows),
+//!   `XADD`s it to `<prefix>:{R}:log` with the entry id `n-0` and `MAXLEN <history_len>`, and
+//!   `PUBLISH`es the same bytes. So the cursor is `0-n-e`: cursors of a room are totally
+//!   ordered within its epoch, every subscriber sees them in stream order, and the receipt
+//!   carries the same cursor. A Redis that lost the hash (flushed, restarted empty, evicted,
+//!   failed over to a replica that missed writes) starts the room at 1 with another epoch, and
+//!   `replay`/`history` answer cursors of the old one with `Error::CursorReset`.
 //!   Ephemeral messages are only `PUBLISH`ed (never `XADD`ed) and carry no cursor.
 //!
 //! **History.** `replay` from the beginning or after cursor `0-n` is one `XRANGE` (from id

@@ -4,7 +4,7 @@
 
 use bytes::Bytes;
 use chatbus_core::backend::codec;
-use chatbus_core::{Cursor, Envelope, Result, Room};
+use chatbus_core::{Cursor, Envelope, Error, ResetReason, Result, Room};
 
 /// Names of the Redis channels and keys of one deployment (one prefix).
 #[derive(Debug, Clone)]
@@ -31,8 +31,18 @@ impl Keys {
         format!("{}{}}}:log", self.head, room.as_str())
     }
 
-    /// `<prefix>:{<room>}:seq`: the counter that numbers a room's durable messages.
-    pub(crate) fn seq(&self, room: &Room) -> String {
+    /// `<prefix>:{<room>}:meta`: the hash of the room's log, fields `seq` (the counter that
+    /// numbers its durable messages) and `epoch` (drawn when the counter is created). One key
+    /// for both, so that whatever loses one (`FLUSHALL`, eviction, a failover to a replica
+    /// that missed the writes) loses the other: a sequence that starts over always comes with
+    /// a new epoch.
+    pub(crate) fn meta(&self, room: &Room) -> String {
+        format!("{}{}}}:meta", self.head, room.as_str())
+    }
+
+    /// `<prefix>:{<room>}:seq`: the counter of the layout before epochs (a plain string). The
+    /// publish script moves it into [`meta`](Self::meta) the first time it runs for a room.
+    pub(crate) fn legacy_seq(&self, room: &Room) -> String {
         format!("{}{}}}:seq", self.head, room.as_str())
     }
 
@@ -48,38 +58,98 @@ impl Keys {
     }
 }
 
-/// Encodes a durable envelope for the publish script: with a zero cursor whose 8-byte offset
-/// the script overwrites with the room's sequence number. Returns the bytes and the 0-based
-/// position of that offset.
+/// Encodes a durable envelope for the publish script: with a placeholder cursor whose 8-byte
+/// offset and 4-byte epoch (which follows it) the script overwrites with the room's sequence
+/// number and epoch. Returns the bytes and the 0-based position of that offset.
 pub(crate) fn encode_for_script(env: &Envelope) -> Result<(Bytes, usize)> {
     let mut env = env.clone();
-    env.cursor = Some(Cursor::new(0, 0));
+    // A nonzero placeholder epoch, so that the codec writes the epoch field.
+    env.cursor = Some(Cursor::with_epoch(0, 0, u32::MAX));
     let bytes = codec::encode(&env)?;
-    // Codec v1 ends with: cursor (u32 partition, u64 offset), u32 payload length, payload.
-    let pos = bytes.len() - env.payload.len() - 4 - 8;
+    // The codec ends with: cursor (u32 partition, u64 offset, u32 epoch), u32 payload length,
+    // payload.
+    let pos = bytes.len() - env.payload.len() - 4 - 4 - 8;
     Ok((bytes, pos))
+}
+
+/// The head of a room's log as Redis has it now: the last sequence number and the epoch
+/// (`None` when the room has no log: never published to, or lost with a flush).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LogHead {
+    pub(crate) seq: u64,
+    /// 0 for a counter of the layout before epochs.
+    pub(crate) epoch: u32,
+}
+
+/// Whether `c` names a position of the log whose head is `head` (see `Error::CursorReset`).
+pub(crate) fn check_cursor(c: Cursor, head: Option<LogHead>) -> Result<()> {
+    let reason = match head {
+        // No log: every position a message had is gone with it.
+        None if c.epoch != 0 => ResetReason::OtherLog,
+        None if c.offset > 0 => ResetReason::BeyondEnd,
+        None => return Ok(()),
+        Some(h) if !c.same_log(&Cursor::with_epoch(0, 0, h.epoch)) => ResetReason::OtherLog,
+        Some(h) if c.offset > h.seq => ResetReason::BeyondEnd,
+        Some(_) => return Ok(()),
+    };
+    Err(Error::CursorReset { cursor: c, reason })
 }
 
 /// The publish script of the history window: numbers the message, appends it to the room's
 /// stream (trimmed to the window) and publishes the very same bytes, atomically, so that
 /// subscribers see cursors in stream order and every cursor they see is in the stream.
 ///
-/// KEYS[1] counter, KEYS[2] stream; ARGV[1] channel, ARGV[2] envelope (zero cursor),
-/// ARGV[3] position of the cursor offset, ARGV[4] window length. Returns the sequence number.
+/// The first message of a log creates the room's meta hash with its epoch (a random number
+/// the client passes: scripts cannot draw one). A counter of the layout before epochs is
+/// moved into it, keeping the stream (its cursors, of epoch 0, stay valid); otherwise a
+/// stream left without its counter (evicted alone) belongs to a log that is gone, and is
+/// dropped so that the new log's ids start at 1.
+///
+/// KEYS[1] meta hash, KEYS[2] stream, KEYS[3] legacy counter; ARGV[1] channel, ARGV[2]
+/// envelope (placeholder cursor), ARGV[3] position of the cursor offset, ARGV[4] window
+/// length, ARGV[5] a fresh epoch. Returns `{sequence number, epoch}`.
 pub(crate) const PUBLISH_SCRIPT: &str = r"
-local seq = redis.call('INCR', KEYS[1])
-local n = seq
-local b = {}
-for i = 8, 1, -1 do
-  b[i] = string.char(n % 256)
-  n = math.floor(n / 256)
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  local legacy = redis.call('GET', KEYS[3])
+  if legacy then
+    redis.call('HSET', KEYS[1], 'seq', legacy)
+    redis.call('DEL', KEYS[3])
+  else
+    redis.call('DEL', KEYS[2])
+  end
+end
+redis.call('HSETNX', KEYS[1], 'epoch', ARGV[5])
+local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+local epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch'))
+local function be(v, width)
+  local b = {}
+  for i = width, 1, -1 do
+    b[i] = string.char(v % 256)
+    v = math.floor(v / 256)
+  end
+  return table.concat(b)
 end
 local pos = tonumber(ARGV[3])
 local env = ARGV[2]
-local frame = string.sub(env, 1, pos) .. table.concat(b) .. string.sub(env, pos + 9)
+local frame = string.sub(env, 1, pos) .. be(seq, 8) .. be(epoch, 4) .. string.sub(env, pos + 13)
 redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[4], string.format('%d-0', seq), 'e', frame)
 redis.call('PUBLISH', ARGV[1], frame)
-return seq
+return {seq, epoch}
+";
+
+/// Reads the head of a room's log: `HMGET meta seq epoch` and the legacy counter.
+/// KEYS[1] meta hash, KEYS[2] legacy counter. Returns `{seq, epoch}` (`epoch` 0 for a legacy
+/// counter) or an empty array when the room has no log.
+pub(crate) const HEAD_SCRIPT: &str = r"
+local m = redis.call('HMGET', KEYS[1], 'seq', 'epoch')
+if m[1] then
+  return {tonumber(m[1]), tonumber(m[2] or '0')}
+end
+local legacy = redis.call('GET', KEYS[2])
+if legacy then
+  return {tonumber(legacy), 0}
+end
+return {}
 ";
 
 /// The stream field holding the encoded envelope.
@@ -100,7 +170,8 @@ mod tests {
         let r = Room::new("general")?;
         assert_eq!(k.channel(&r), "app:{general}");
         assert_eq!(k.stream(&r), "app:{general}:log");
-        assert_eq!(k.seq(&r), "app:{general}:seq");
+        assert_eq!(k.meta(&r), "app:{general}:meta");
+        assert_eq!(k.legacy_seq(&r), "app:{general}:seq");
         assert_eq!(k.pattern(), "app:{*}");
         assert_eq!(k.room_of_channel("app:{general}"), Some("general"));
         assert_eq!(k.room_of_channel("app2:{general}"), None);
@@ -117,12 +188,42 @@ mod tests {
             env.from = from.map(Into::into);
             let (bytes, pos) = encode_for_script(&env)?;
             let seq: u64 = 0x0102_0304_0506_0708;
+            let epoch: u32 = 0x0a0b_0c0d;
             let mut v = bytes.to_vec();
             v[pos..pos + 8].copy_from_slice(&seq.to_be_bytes());
+            v[pos + 8..pos + 12].copy_from_slice(&epoch.to_be_bytes());
             let got = codec::decode(&Bytes::from(v))?;
-            assert_eq!(got.cursor, Some(Cursor::new(0, seq)));
+            assert_eq!(got.cursor, Some(Cursor::with_epoch(0, seq, epoch)));
             assert_eq!((got.id, got.payload), (env.id, env.payload));
         }
         Ok(())
+    }
+
+    #[test]
+    fn cursors_are_checked_against_the_head_of_the_log() {
+        let head = Some(LogHead { seq: 10, epoch: 7 });
+        let reason = |c: Cursor, h: Option<LogHead>| match check_cursor(c, h) {
+            Err(Error::CursorReset { reason, .. }) => Some(reason),
+            _ => None,
+        };
+        assert_eq!(reason(Cursor::with_epoch(0, 10, 7), head), None);
+        assert_eq!(reason(Cursor::new(0, 3), head), None, "legacy cursor");
+        assert_eq!(
+            reason(Cursor::with_epoch(0, 3, 8), head),
+            Some(ResetReason::OtherLog)
+        );
+        assert_eq!(
+            reason(Cursor::with_epoch(0, 11, 7), head),
+            Some(ResetReason::BeyondEnd)
+        );
+        assert_eq!(
+            reason(Cursor::with_epoch(0, 3, 7), None),
+            Some(ResetReason::OtherLog)
+        );
+        assert_eq!(
+            reason(Cursor::new(0, 3), None),
+            Some(ResetReason::BeyondEnd)
+        );
+        assert_eq!(reason(Cursor::new(0, 0), None), None);
     }
 }

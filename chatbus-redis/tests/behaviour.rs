@@ -245,17 +245,18 @@ async fn cursor_pass_through_and_sequence() {
     let windowed = common::broker(&server, 100).await;
     let r2 = room("cursors2");
     let mut sub = subscribe(&windowed, Interest::room(r2.clone())).await;
+    let mut epoch = None;
     for expected in 1..=3u64 {
         let mut env = Envelope::new(r2.clone(), "x");
         env.cursor = Some(Cursor::new(3, 1041));
-        assert_eq!(
-            publish(&windowed, &env).await.cursor,
-            Some(Cursor::new(0, expected))
-        );
-        assert_eq!(
-            recv_ok(&mut sub).await.cursor,
-            Some(Cursor::new(0, expected))
-        );
+        let Some(c) = publish(&windowed, &env).await.cursor else {
+            panic!("no cursor with the window on");
+        };
+        // The room's log has one epoch, drawn with its sequence.
+        assert_ne!(c.epoch, 0);
+        assert_eq!(*epoch.get_or_insert(c.epoch), c.epoch);
+        assert_eq!(c, Cursor::with_epoch(0, expected, c.epoch));
+        assert_eq!(recv_ok(&mut sub).await.cursor, Some(c));
     }
     let mut eph = Envelope::ephemeral(r2.clone(), "typing");
     eph.cursor = Some(Cursor::new(0, 99));

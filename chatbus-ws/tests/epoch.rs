@@ -64,3 +64,22 @@ async fn a_since_beyond_the_end_is_answered_with_reset_then_live_messages() {
     assert!(metrics.contains("chatbus_resets_total 1"), "{metrics}");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_history_before_a_cursor_of_another_log_is_a_bad_request() {
+    let mut server = Server::start(WsConfig::default()).await;
+    let mut ann = server.client("ann").await;
+    ann.join("r").await;
+    ann.say("r", "m1", "1").await;
+    // Epoch 1 is never drawn by a running broker in practice (a random one is), so this names
+    // another log.
+    ann.send(json!({"type":"history","room":"r","before":"0-1-1","client_id":"h"}))
+        .await;
+    let err = ann.expect_error("bad_request").await;
+    assert_eq!(err["client_id"], "h");
+    // Without `before`: the page of the log there is.
+    ann.send(json!({"type":"history","room":"r"})).await;
+    let page = ann.expect("history").await;
+    assert_eq!(page["messages"][0]["body"], "m1");
+    server.stop().await;
+}

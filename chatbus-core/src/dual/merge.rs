@@ -337,3 +337,55 @@ async fn recv_opt(sub: &mut Option<Subscription>, out: &mut Vec<Result<Envelope>
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::Room;
+
+    fn at(offset: u64, epoch: u32) -> Envelope {
+        let room = Room::new("r").unwrap_or_else(|e| panic!("{e}"));
+        let mut e = Envelope::new(room, format!("{offset}@{epoch:x}"));
+        e.cursor = Some(Cursor::with_epoch(0, offset, epoch));
+        e
+    }
+
+    /// What the merger dispatched so far, as `offset@epoch` payloads.
+    fn delivered(sub: &mut Subscription) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Some(Some(Ok(e))) = futures::FutureExt::now_or_never(sub.recv()) {
+            out.push(String::from_utf8_lossy(&e.payload).into_owned());
+        }
+        out
+    }
+
+    /// A durable log that starts over (a recreated Kafka topic: offsets from 0 again, another
+    /// epoch) is followed: its messages are not dropped as copies of the old log's offsets,
+    /// and fast copies of an epoch the tail has not reached are left to the tail (issue #11).
+    #[tokio::test]
+    async fn a_new_epoch_of_the_durable_log_is_followed_not_dropped() {
+        let out = Subscribers::new(64);
+        let mut sub = out.subscribe(Interest::All);
+        let start = [Cursor::with_epoch(0, 10, 0xaa)];
+        let mut m = Merger::new(
+            DualConfig::default(),
+            out,
+            Arc::new(Counters::default()),
+            Some(&start),
+        );
+        m.accept(at(10, 0xaa), Path::Fast);
+        m.accept(at(10, 0xaa), Path::Durable); // a copy
+        m.accept(at(12, 0xaa), Path::Fast); // ahead: held for the tail
+        assert_eq!(delivered(&mut sub), ["10@aa"]);
+        // The topic is recreated: the tail brings offset 0 of another epoch. What was held for
+        // the old log is dropped; the new log is delivered from its first offset.
+        m.accept(at(0, 0xbb), Path::Durable);
+        m.accept(at(1, 0xaa), Path::Fast); // a late copy of the old log: not a message of the new one
+        m.accept(at(1, 0xbb), Path::Fast);
+        m.accept(at(1, 0xbb), Path::Durable); // its copy
+        m.accept(at(2, 0xcc), Path::Fast); // an epoch the tail has not reached: left to it
+        m.accept(at(2, 0xbb), Path::Durable);
+        assert_eq!(delivered(&mut sub), ["0@bb", "1@bb", "2@bb"]);
+        assert_eq!(m.held_total, 0);
+    }
+}
