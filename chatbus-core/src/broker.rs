@@ -172,6 +172,15 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
 
     /// The broker's current state, cheap enough to call from a readiness probe.
     async fn health(&self) -> Health;
+
+    /// The partition of the broker's log that holds `room`'s messages (the `partition` of its
+    /// cursors), for a broker whose log has several: lets a fault seen in one partition (a gap)
+    /// be confined to the rooms it concerns. `None` (the default) when unknown; callers then
+    /// treat every room as concerned.
+    fn log_partition(&self, room: &Room) -> Option<u32> {
+        let _ = room;
+        None
+    }
 }
 
 /// One page of [`Broker::history`].
@@ -244,6 +253,9 @@ macro_rules! forward_broker {
             }
             async fn health(&self) -> Health {
                 (**self).health().await
+            }
+            fn log_partition(&self, room: &Room) -> Option<u32> {
+                (**self).log_partition(room)
             }
         }
     };

@@ -330,3 +330,159 @@ async fn a_fast_broker_with_its_own_cursors_is_refused() {
         Err(Error::Config(_))
     ));
 }
+
+/// A durable log of two partitions, each a memory broker of its own (so offsets are contiguous
+/// per partition, as in Kafka): rooms whose name starts with `b` live in partition 1, the rest
+/// in partition 0. Its tail delivers each record after `tail_delay`.
+#[derive(Debug, Clone)]
+struct TwoPartitions {
+    logs: [MemoryBroker; 2],
+    tail_delay: Duration,
+}
+
+impl TwoPartitions {
+    fn new(tail_delay: Duration) -> Self {
+        Self {
+            logs: [log(), log()],
+            tail_delay,
+        }
+    }
+
+    fn index(room: &chatbus_core::Room) -> usize {
+        usize::from(room.as_str().starts_with('b'))
+    }
+
+    fn tag(mut env: Envelope, p: usize) -> Envelope {
+        env.cursor = env.cursor.map(|c| Cursor {
+            partition: p as u32,
+            ..c
+        });
+        env
+    }
+}
+
+#[async_trait]
+impl Broker for TwoPartitions {
+    fn name(&self) -> &'static str {
+        "two-partitions"
+    }
+    async fn publish(&self, envelope: &Envelope) -> Result<Receipt> {
+        let p = Self::index(&envelope.room);
+        let r = self.logs[p].publish(envelope).await?;
+        Ok(Receipt {
+            id: r.id,
+            cursor: r.cursor.map(|c| Cursor {
+                partition: p as u32,
+                ..c
+            }),
+        })
+    }
+    async fn subscribe(&self, interest: Interest) -> Result<Subscription> {
+        let (tx, sub) = Subscription::channel(4096);
+        let mut start = Vec::new();
+        for (p, log) in self.logs.iter().enumerate() {
+            let mut tail = log.subscribe(interest.clone()).await?;
+            if let Some(s) = tail.start().and_then(|s| s.first().copied()) {
+                start.push(Cursor {
+                    partition: p as u32,
+                    ..s
+                });
+            }
+            let (tx, delay) = (tx.clone(), self.tail_delay);
+            tokio::spawn(async move {
+                while let Some(item) = tail.recv().await {
+                    tokio::time::sleep(delay).await;
+                    let _ = match item {
+                        Ok(e) => tx.send(Self::tag(e, p)),
+                        Err(e) => tx.send_error(e),
+                    };
+                }
+            });
+        }
+        Ok(sub.with_start(start))
+    }
+    async fn replay(
+        &self,
+        room: &chatbus_core::Room,
+        from: chatbus_core::ReplayFrom,
+        limit: usize,
+    ) -> Result<chatbus_core::HistoryStream> {
+        use futures::StreamExt;
+        let p = Self::index(room);
+        let from = match from {
+            chatbus_core::ReplayFrom::Cursor(c) => {
+                chatbus_core::ReplayFrom::Cursor(Cursor { partition: 0, ..c })
+            }
+            other => other,
+        };
+        let s = self.logs[p].replay(room, from, limit).await?;
+        Ok(s.map(move |r| r.map(|e| Self::tag(e, p))).boxed())
+    }
+    async fn history(
+        &self,
+        room: &chatbus_core::Room,
+        before: Option<Cursor>,
+        limit: usize,
+    ) -> Result<chatbus_core::HistoryPage> {
+        let p = Self::index(room);
+        let before = before.map(|c| Cursor { partition: 0, ..c });
+        let mut page = self.logs[p].history(room, before, limit).await?;
+        page.messages = page.messages.into_iter().map(|e| Self::tag(e, p)).collect();
+        Ok(page)
+    }
+    fn capabilities(&self) -> chatbus_core::Capabilities {
+        self.logs[0].capabilities()
+    }
+    async fn health(&self) -> Health {
+        Health::Healthy
+    }
+    fn log_partition(&self, room: &chatbus_core::Room) -> Option<u32> {
+        Some(Self::index(room) as u32)
+    }
+}
+
+/// Issue #11 item 4: a gap in one partition makes only that partition's rooms resync.
+#[tokio::test(start_paused = true)]
+async fn a_gap_in_one_partition_resyncs_only_the_rooms_of_that_partition() -> Result<()> {
+    let durable = TwoPartitions::new(Duration::from_millis(1500));
+    let bus = DualBus::new(
+        relay(),
+        durable.clone(),
+        DualConfig::default().with_gap_timeout(Duration::from_millis(200)),
+    );
+    let (a, b) = (room("a-room"), room("b-room"));
+    let mut sa = bus.subscribe(Interest::room(a.clone())).await?;
+    let mut sb = bus.subscribe(Interest::room(b.clone())).await?;
+    bus.publish(&Envelope::new(a.clone(), "a0")).await?;
+    bus.publish(&Envelope::new(b.clone(), "b0")).await?;
+    // In partition 0's log, but its fast copy is lost: partition 0 has a gap until the slow
+    // tail brings it, and gives up waiting after 200 ms.
+    durable.publish(&Envelope::new(a.clone(), "lost")).await?;
+    bus.publish(&Envelope::new(a.clone(), "a1")).await?;
+    bus.publish(&Envelope::new(b.clone(), "b1")).await?;
+    let got = |sub: &mut Subscription| {
+        let mut out = Vec::new();
+        while let Some(Some(item)) = futures::FutureExt::now_or_never(sub.recv()) {
+            out.push(match item {
+                Ok(e) => String::from_utf8_lossy(&e.payload).into_owned(),
+                Err(Error::Lagged { .. }) => "LAGGED".to_owned(),
+                Err(e) => format!("ERROR {e}"),
+            });
+        }
+        out
+    };
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let in_a = got(&mut sa);
+    let in_b = got(&mut sb);
+    assert_eq!(bus.stats().gap_timeouts, 1);
+    assert!(
+        in_a.contains(&"LAGGED".to_owned()),
+        "room a must resync: {in_a:?}"
+    );
+    assert_eq!(
+        in_b,
+        ["b0", "b1"],
+        "room b lost nothing and must not resync"
+    );
+    Ok(())
+}

@@ -454,6 +454,10 @@ impl Broker for KafkaBroker {
         reader::history(&self.inner.readers, query).await
     }
 
+    fn log_partition(&self, room: &Room) -> Option<u32> {
+        Some(self.partition_of(room))
+    }
+
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             durable: true,

@@ -26,6 +26,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use crate::client::{self, lock, Context};
 use crate::config::KafkaConfig;
 use crate::epoch::Epochs;
+use crate::partition::partition_for;
 
 type TailConsumer = BaseConsumer<Context>;
 
@@ -244,6 +245,7 @@ fn decode(shared: &Shared, msg: &rdkafka::message::BorrowedMessage<'_>) -> Recor
 
 fn dispatch(shared: &Shared, batch: &mut Vec<Record>) {
     let mut positions = lock(&shared.positions);
+    let partitions = positions.len();
     // One lock for the whole batch; subscribers found gone are removed when it ends.
     let mut out = shared.subscribers.batch();
     for record in batch.drain(..) {
@@ -264,9 +266,18 @@ fn dispatch(shared: &Shared, batch: &mut Vec<Record>) {
                 missed,
                 "gap in the Kafka tail"
             );
-            // Only subscriptions that would have received the first missing record.
+            // Only subscriptions that would have received the first missing record, and only
+            // those of the rooms that live in this partition: the others lost nothing.
             let from = cursor(record.partition, *position);
-            out.send_error(Target::EVERYONE.at(from), || Error::Lagged { missed });
+            let (partition, count) = (
+                from.partition,
+                u32::try_from(partitions).unwrap_or(u32::MAX),
+            );
+            out.send_error_where(
+                Target::EVERYONE.at(from),
+                |room| partition_for(room.as_str().as_bytes(), count) == partition,
+                || Error::Lagged { missed },
+            );
         }
         *position = record.offset + 1;
         let Some(env) = record.envelope else {

@@ -198,7 +198,7 @@ impl Merger {
                     }
                 }
                 _ = tick.tick() => {
-                    self.expire_gaps();
+                    self.expire_gaps(&*durable_broker);
                     if fast.is_none() {
                         if let Ok(s) = fast_broker.subscribe(Interest::All).await {
                             tracing::info!("fast subscription restored");
@@ -293,8 +293,9 @@ impl Merger {
         }
     }
 
-    /// Gaps older than `gap_timeout`: deliver what is held and let subscribers resync.
-    fn expire_gaps(&mut self) {
+    /// Gaps older than `gap_timeout`: deliver what is held and let the subscribers of the
+    /// partition's rooms resync (rooms of other partitions lost nothing).
+    fn expire_gaps<D: Broker>(&mut self, durable: &D) {
         let timeout = self.config.gap_timeout;
         let expired: Vec<(u32, u64)> = self
             .held
@@ -313,8 +314,13 @@ impl Merger {
             );
             inc(&self.stats.gap_timeouts);
             // Lagged first: subscribers resync from the cursor they had *before* the held
-            // messages, so the skipped ones come from the log when it has them.
-            self.out.broadcast_error(|| Error::Lagged { missed });
+            // messages, so the skipped ones come from the log when it has them. Only the rooms
+            // of this partition can have lost anything (all rooms, if the log does not say
+            // where rooms live).
+            self.out.error_where(
+                |room| durable.log_partition(room).is_none_or(|p| p == partition),
+                || Error::Lagged { missed },
+            );
             self.advance(partition, first);
         }
     }

@@ -290,6 +290,10 @@ impl<F: Broker, D: Broker> Broker for DualBus<F, D> {
         self.durable.history(room, before, limit).await
     }
 
+    fn log_partition(&self, room: &Room) -> Option<u32> {
+        self.durable.log_partition(room)
+    }
+
     fn capabilities(&self) -> Capabilities {
         let d = self.durable.capabilities();
         Capabilities {
