@@ -86,7 +86,8 @@ pub struct ProxyStats {
     pub upstream_failures: u64,
     /// Connections closed by [`Mode::Drop`].
     pub dropped: u64,
-    /// Connections reset by [`Mode::Reset`] (new or open).
+    /// Connections reset: by [`Mode::Reset`] (new or open), or because one end reset its side
+    /// (passed on to the other end).
     pub reset: u64,
     /// Bytes forwarded from clients to the upstream.
     pub bytes_up: u64,
