@@ -652,3 +652,66 @@ impl Score {
         );
     }
 }
+
+/// Waits until every sender has finished sending (or nobody has received anything new for 4 s,
+/// when sends were refused) and every participant has received at least as many messages as
+/// were acknowledged, with nothing moving for a moment more (late duplicates would show up
+/// then), or until `limit` passes; then stops them all and returns their records.
+pub async fn settle(
+    participants: Vec<Participant>,
+    total_sends: usize,
+    limit: Duration,
+) -> Vec<(String, Record)> {
+    let deadline = Instant::now() + limit;
+    let mut last_progress = (0, Instant::now());
+    while Instant::now() < deadline {
+        let acked: usize = participants.iter().map(Participant::acked).sum();
+        let min_received = participants
+            .iter()
+            .map(Participant::received)
+            .min()
+            .unwrap_or(0);
+        let sum: usize = participants.iter().map(Participant::received).sum();
+        if sum != last_progress.0 {
+            last_progress = (sum, Instant::now());
+        }
+        let sent_out = acked >= total_sends || last_progress.1.elapsed() > Duration::from_secs(4);
+        if sent_out
+            && min_received >= acked
+            && last_progress.1.elapsed() > Duration::from_millis(700)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut out = Vec::new();
+    for p in participants {
+        let name = p.name.clone();
+        out.push((name, p.finish().await));
+    }
+    out
+}
+
+/// The value of one sample in Prometheus text: `sample` is the name with its labels as the
+/// server writes them (`chatbus_dual_mode{mode="dual"}`); 0 when it is absent.
+pub fn metric(text: &str, sample: &str) -> u64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(sample)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
+/// The `q`-quantile (0.0 to 1.0) of `values`, 0 when there are none.
+pub fn quantile(values: impl Iterator<Item = u64>, q: f64) -> u64 {
+    let mut v: Vec<u64> = values.collect();
+    v.sort_unstable();
+    let last = v.len().saturating_sub(1);
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let i = ((last as f64) * q.clamp(0.0, 1.0)).round() as usize;
+    v.get(i).copied().unwrap_or(0)
+}

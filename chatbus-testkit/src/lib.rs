@@ -7,6 +7,7 @@
 
 pub mod chat;
 pub mod client;
+pub mod proxy;
 pub mod redis;
 pub mod tansu;
 

@@ -45,6 +45,8 @@ const TANSU_ENV: &[&str] = &[
 pub struct Tansu {
     program: PathBuf,
     port: u16,
+    // The address given to clients in metadata, when it is not the listener's own.
+    advertised: Option<SocketAddr>,
     dir: tempfile::TempDir,
     child: Option<Child>,
 }
@@ -65,6 +67,19 @@ impl Tansu {
     /// Starts Tansu on a free loopback port with a fresh SQLite database, and waits until it
     /// answers Kafka requests. Panics (failing the test) with the reason and Tansu's log.
     pub async fn start() -> Self {
+        Self::start_on(free_port(), None).await
+    }
+
+    /// Starts Tansu on `port`, telling Kafka clients in its metadata to reach it at
+    /// `advertised`: a [`FaultProxy`](crate::proxy::FaultProxy) in front of it (started first,
+    /// with upstream `127.0.0.1:port`). A Kafka client uses the bootstrap address only for its
+    /// first request and then connects to the advertised one, so without this only the
+    /// bootstrap connection would go through the proxy.
+    pub async fn start_advertising(port: u16, advertised: SocketAddr) -> Self {
+        Self::start_on(port, Some(advertised)).await
+    }
+
+    async fn start_on(port: u16, advertised: Option<SocketAddr>) -> Self {
         let program = tansu_program();
         let dir = match tempfile::Builder::new().prefix("chatbus-tansu-").tempdir() {
             Ok(d) => d,
@@ -72,7 +87,8 @@ impl Tansu {
         };
         let mut tansu = Self {
             program,
-            port: free_port(),
+            port,
+            advertised,
             dir,
             child: None,
         };
@@ -168,6 +184,9 @@ impl Tansu {
 
     fn spawn(&self) -> Child {
         let url = format!("tcp://127.0.0.1:{}", self.port);
+        let advertised = self
+            .advertised
+            .map_or_else(|| url.clone(), |a| format!("tcp://{a}"));
         // Tansu resolves `sqlite:///a/b` relative to its working directory (it becomes
         // `<cwd>/a/b`); an absolute path needs four slashes. Run it in the temp dir too, so
         // that even a relative reading lands there.
@@ -190,7 +209,7 @@ impl Tansu {
         cmd.current_dir(self.dir.path())
             .arg("broker")
             .args(["--listener-url", &url])
-            .args(["--advertised-listener-url", &url])
+            .args(["--advertised-listener-url", &advertised])
             .args(["--storage-engine", &storage])
             .stdin(Stdio::null())
             .stdout(out)
