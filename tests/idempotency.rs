@@ -4,6 +4,9 @@
 //! the other instance with the same `key`; every receiver gets each message exactly once, and
 //! the retry of a message that was stored gets the original's `id` and `cursor`.
 //!
+//! The second scenario resets a client's own link (through the testkit's fault proxy) right
+//! after each send, so its `ack` is lost, and the client retries on a new connection.
+//!
 //! Run with `cargo build --all-features --example chat-server && cargo test --all-features
 //! --test idempotency`. Needs `redis-server` and `tansu` (see chatbus-testkit).
 
@@ -12,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use chatbus_testkit::chat::ChatServer;
 use chatbus_testkit::client::WsClient;
+use chatbus_testkit::proxy::{FaultProxy, Mode};
 use chatbus_testkit::redis::RedisServer;
 use chatbus_testkit::tansu::Tansu;
 use serde_json::{json, Value};
@@ -124,4 +128,62 @@ async fn a_retry_after_the_instance_died_is_one_message_with_redis_down() {
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0);
     assert!(duplicates >= 1, "the retry of m9 is a duplicate: {metrics}");
+}
+
+#[tokio::test]
+async fn a_client_link_reset_mid_send_and_retried_with_its_key_is_one_message() {
+    let redis = RedisServer::start().await;
+    let tansu = Tansu::start().await;
+    let env = [
+        ("CHATBUS_REDIS_URL", redis.url()),
+        ("CHATBUS_KAFKA_BROKERS", tansu.bootstrap()),
+        (
+            "CHATBUS_KAFKA_TOPIC",
+            format!("idempotency-link-{}", std::process::id()),
+        ),
+    ];
+    let server = ChatServer::start(&["--broker", "dual"], &env).await;
+    let proxy = FaultProxy::start(([127, 0, 0, 1], server.port()).into()).await;
+    let mut watcher = joined(server.port(), "watcher").await;
+    const SENDS: u32 = 10;
+    let (mut stored_first, mut sent_again) = (0, 0);
+    for i in 0..SENDS {
+        let mut alice = joined(proxy.port(), "alice").await;
+        alice.send(send(i, false)).await;
+        if i % 2 == 1 {
+            // Stored and fanned out, its ack on the way: the client never reads it.
+            let body = format!("m{i}");
+            watcher
+                .expect("the original", Duration::from_secs(10), |f| {
+                    f["type"] == "message" && f["body"] == body.as_str()
+                })
+                .await;
+        }
+        // Otherwise the link dies before the send is even through.
+        proxy.set(Mode::Reset);
+        drop(alice);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        proxy.set(Mode::Pass);
+        let mut alice = joined(proxy.port(), "alice").await;
+        alice.send(send(i, true)).await;
+        let r = ack(&mut alice, i, true).await;
+        assert_eq!(r["type"], "ack", "retry of m{i}: {r}");
+        if r["duplicate"] == true {
+            stored_first += 1;
+        } else {
+            sent_again += 1;
+        }
+    }
+    let got = tally(&mut watcher, SENDS as usize).await;
+    let expected: BTreeMap<String, usize> = (0..SENDS).map(|i| (format!("m{i}"), 1)).collect();
+    println!(
+        "link reset mid-send: {SENDS} sends, {stored_first} were stored before the reset (retry answered \
+         with the original), {sent_again} were not (retry published them); resets {}",
+        proxy.stats().reset
+    );
+    assert_eq!(got, expected, "each message exactly once");
+    assert!(
+        stored_first >= SENDS / 2,
+        "the originals seen stored must be answered as duplicates"
+    );
 }
