@@ -69,7 +69,8 @@ pub(super) enum Mode {
 #[non_exhaustive]
 pub struct Joined {
     /// A resume cursor was given and the broker keeps history: the missed messages will be
-    /// delivered before live ones.
+    /// delivered before live ones, or, when the cursor does not fit the room's log (another
+    /// epoch, or beyond its end), an [`Outbound::Reset`](super::Outbound::Reset) and live ones.
     pub resuming: bool,
 }
 
