@@ -5,10 +5,13 @@
 //! its live messages held, so waiting costs latency, never a `lagged`).
 //!
 //! A page read before a member started holding its live messages may end before the first
-//! message held for it. The catch-up (`catchup.rs`) knows where its held messages begin (the
-//! last message the room's pump handed out before the member joined): a page that reaches it
-//! completes the catch-up whenever it was read. Without that mark, only a page read after the
-//! member started holding may end it ([`Page::started`]), and the catch-up asks for one.
+//! message held for it. The catch-up (`catchup.rs`) knows where its held messages begin: a page
+//! that reaches the last message the room's pump handed out before the member joined, or a page
+//! that reached the end of the log and was read at or after the room's last event before the
+//! join ([`Page::started`]), completes it; otherwise it asks for a newer read.
+//!
+//! Finished reads are dropped by the next catch-up after [`KEEP`]; until then they hold at most
+//! the pages of the last reconnect wave.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
