@@ -3,7 +3,8 @@
 //! Tests never depend on a service the machine happens to run (such as a Redis on 6379): each
 //! starts its own process on a free port of 127.0.0.1, which it can stop and restart for fault
 //! tests. A missing program is a test failure whose message says what to install, never a
-//! silent skip.
+//! silent skip. Between a server and a service, a [`proxy::FaultProxy`] injects network faults
+//! (cut, reset, blackholed or slow links).
 
 pub mod chat;
 pub mod client;

@@ -59,9 +59,9 @@ pub enum Mode {
     /// Open connections are reset (RST to both ends, `SO_LINGER` 0) and so is every new one
     /// right after it is accepted.
     Reset,
-    /// Packets vanish: new connections are accepted and what they send is read and discarded,
-    /// but nothing is ever answered or closed (they never reach the upstream, even after the
-    /// mode changes back). Open connections stop forwarding at once in both directions and stay
+    /// A hung peer: new connections are accepted and what they send is read and discarded, but
+    /// nothing is ever answered, and they are closed only by a later `Drop` or `Reset` (they
+    /// never reach the upstream, even after the mode changes back). Open connections stop forwarding at once in both directions and stay
     /// open; what they sent meanwhile is held (as TCP would retransmit it) and delivered if the
     /// mode returns to [`Pass`](Mode::Pass) or [`Delay`](Mode::Delay) before either end gives
     /// up on the connection.
