@@ -65,8 +65,10 @@ pub struct RedisConfig {
     pub backoff_min: Duration,
     /// Cap of the reconnect delay. Default 2 s.
     pub backoff_max: Duration,
-    /// How often the pub/sub connection is checked with a `PING` when it is otherwise idle,
-    /// to notice a server that hangs without closing the connection. Default 5 s.
+    /// How long the pub/sub connection may be silent before it is checked with a `PING`, to
+    /// notice a server that hangs without closing the connection: a hung server is given up
+    /// within `ping_interval + command_timeout` of the last thing it sent (7 s with the
+    /// defaults). Default 5 s.
     pub ping_interval: Duration,
 }
 

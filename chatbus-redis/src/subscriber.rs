@@ -464,8 +464,12 @@ impl Actor {
 
     /// Serves one connection until it fails or the broker is dropped.
     async fn session(&mut self, sink: &mut PubSubSink, stream: &mut PubSubStream) -> End {
-        let mut ping = tokio::time::interval(self.timing.ping_interval);
-        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Due one `ping_interval` after the last sign of life: a hung server is noticed within
+        // `ping_interval + command_timeout` of its last message (a fixed-period tick would
+        // ping up to two intervals after it). Re-armed when it fires, not on every message.
+        let interval = self.timing.ping_interval;
+        let idle = tokio::time::sleep(interval);
+        tokio::pin!(idle);
         let mut last_activity = Instant::now();
         loop {
             tokio::select! {
@@ -489,12 +493,16 @@ impl Actor {
                     }
                     last_activity = Instant::now();
                 }
-                _ = ping.tick() => {
-                    if last_activity.elapsed() >= self.timing.ping_interval {
+                () = &mut idle => {
+                    let due = last_activity + interval;
+                    if Instant::now() >= due {
                         if let Err(reason) = self.with_timeout("PING", sink.ping::<redis::Value>()).await {
                             return End::Lost(reason);
                         }
                         last_activity = Instant::now();
+                        idle.as_mut().reset(tokio::time::Instant::from_std(last_activity + interval));
+                    } else {
+                        idle.as_mut().reset(tokio::time::Instant::from_std(due));
                     }
                 }
                 msg = stream.next() => match msg {
