@@ -13,7 +13,9 @@
 
 use std::time::{Duration, Instant};
 
-use chatbus_testkit::chat::{ChatServer, Participant, Plan, Record, Score};
+use chatbus_testkit::chat::{
+    metric, quantile, settle, ChatServer, Participant, Plan, Record, Score,
+};
 use chatbus_testkit::redis::RedisServer;
 use chatbus_testkit::tansu::Tansu;
 
@@ -109,55 +111,6 @@ fn rand_suffix() -> u128 {
         .map_or(0, |d| d.as_nanos())
 }
 
-/// Waits until every sender has finished sending and every participant has received at least
-/// every acknowledged message, or `limit` passes; then stops them all and returns the records.
-async fn settle(
-    participants: Vec<Participant>,
-    total_sends: usize,
-    limit: Duration,
-) -> Vec<(String, Record)> {
-    let deadline = Instant::now() + limit;
-    let mut last_progress = (0, Instant::now());
-    while Instant::now() < deadline {
-        let acked: usize = participants.iter().map(Participant::acked).sum();
-        let min_received = participants
-            .iter()
-            .map(Participant::received)
-            .min()
-            .unwrap_or(0);
-        let sum: usize = participants.iter().map(Participant::received).sum();
-        if sum != last_progress.0 {
-            last_progress = (sum, Instant::now());
-        }
-        // Done when no sender can send any more and everybody has at least what was acked,
-        // and nothing has moved for a moment (late duplicates would show up now).
-        let sent_out = participants.iter().map(Participant::acked).sum::<usize>() >= total_sends
-            || last_progress.1.elapsed() > Duration::from_secs(4);
-        if sent_out
-            && min_received >= acked
-            && last_progress.1.elapsed() > Duration::from_millis(700)
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let mut out = Vec::new();
-    for p in participants {
-        let name = p.name.clone();
-        out.push((name, p.finish().await));
-    }
-    out
-}
-
-/// The 99th percentile of `values` (0 when there are none).
-fn p99(values: impl Iterator<Item = u64>) -> u64 {
-    let mut v: Vec<u64> = values.collect();
-    v.sort_unstable();
-    v.get(v.len().saturating_sub(1) * 99 / 100)
-        .copied()
-        .unwrap_or(0)
-}
-
 fn report(scenario: &str, records: &[(String, Record)], score: &Score) {
     let received: usize = records.iter().map(|(_, r)| r.received.len()).sum();
     let errors: u64 = records
@@ -169,9 +122,12 @@ fn report(scenario: &str, records: &[(String, Record)], score: &Score) {
         .iter()
         .map(|(_, r)| r.connections.saturating_sub(1))
         .sum();
-    let p99 = p99(records
-        .iter()
-        .flat_map(|(_, r)| r.received.iter().map(|m| m.latency_ms)));
+    let p99 = quantile(
+        records
+            .iter()
+            .flat_map(|(_, r)| r.received.iter().map(|m| m.latency_ms)),
+        0.99,
+    );
     let max_ack = records
         .iter()
         .flat_map(|(_, r)| r.ack_ms.iter().copied())
@@ -341,11 +297,17 @@ async fn slow_client_that_reads_nothing() {
     // alike, while a fan-out held up by the stalled client would delay the others' copies, not
     // the acks (replies bypass the fan-out), for as long as the stall lasts. On a quiet machine
     // the bound is the plain 1 s.
-    let others = p99(records
-        .iter()
-        .filter(|(n, _)| n != "slow")
-        .flat_map(|(_, r)| r.received.iter().map(|m| m.latency_ms)));
-    let acks = p99(records.iter().flat_map(|(_, r)| r.ack_ms.iter().copied()));
+    let others = quantile(
+        records
+            .iter()
+            .filter(|(n, _)| n != "slow")
+            .flat_map(|(_, r)| r.received.iter().map(|m| m.latency_ms)),
+        0.99,
+    );
+    let acks = quantile(
+        records.iter().flat_map(|(_, r)| r.ack_ms.iter().copied()),
+        0.99,
+    );
     let bound = 1000.max(3 * acks);
     println!("slow client: others' p99 {others} ms (ack p99 {acks} ms, bound {bound} ms); server RSS {rss_before} KiB → {rss_during} KiB while stalled");
     assert!(
@@ -362,13 +324,6 @@ async fn slow_client_that_reads_nothing() {
         rss_during < rss_before + 64 * 1024,
         "server memory grew by more than 64 MiB"
     );
-}
-
-/// The value of an unlabelled Prometheus sample.
-fn metric(text: &str, name: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or(0)
 }
 
 fn rss_kib(pid: Option<u32>) -> u64 {
