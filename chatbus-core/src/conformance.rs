@@ -93,6 +93,24 @@ pub async fn expect_silence(sub: &mut Subscription, wait: Duration) -> CheckResu
     }
 }
 
+/// What a hub session writes until it has been quiet for `quiet`: each frame as text, a close
+/// as `CLOSE <reason>` (and the end), anything else (lagged, reset) as its `Debug` form. For
+/// tests of the Hub over a real broker.
+pub async fn drain_session(s: &mut crate::Session, quiet: Duration) -> Vec<String> {
+    let mut out = Vec::new();
+    while let Ok(o) = tokio::time::timeout(quiet, s.recv()).await {
+        match o {
+            crate::Outbound::Frame(b) => out.push(String::from_utf8_lossy(&b).into_owned()),
+            crate::Outbound::Close(r) => {
+                out.push(format!("CLOSE {r:?}"));
+                break;
+            }
+            other => out.push(format!("{other:?}")),
+        }
+    }
+    out
+}
+
 fn body(i: usize) -> Bytes {
     Bytes::from(format!("m{i}"))
 }

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use chatbus_core::{Cursor, Envelope, Hub, MemoryBroker, Outbound, Result, Room, Session};
+use chatbus_core::{Cursor, Envelope, Hub, MemoryBroker, Result, Room, Session};
 
 const T: Duration = Duration::from_secs(5);
 
@@ -18,21 +18,9 @@ fn room(name: &str) -> Room {
     Room::new(name).unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 
-/// What the session writes until it has been quiet for 300 ms: message payloads, and any
-/// other outbound as its `Debug` form.
+/// What the session writes until it has been quiet for a while.
 async fn drain(s: &mut Session) -> Vec<String> {
-    let mut out = Vec::new();
-    while let Ok(o) = tokio::time::timeout(Duration::from_millis(300), s.recv()).await {
-        match o {
-            Outbound::Frame(b) => out.push(String::from_utf8_lossy(&b).into_owned()),
-            Outbound::Close(r) => {
-                out.push(format!("CLOSE {r:?}"));
-                break;
-            }
-            other => out.push(format!("{other:?}")),
-        }
-    }
-    out
+    chatbus_core::conformance::drain_session(s, Duration::from_millis(300)).await
 }
 
 async fn publish_n(hub: &Hub, r: &Room, prefix: &str, n: usize) -> Result<Vec<Cursor>> {

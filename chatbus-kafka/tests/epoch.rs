@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chatbus_core::conformance::eventually;
-use chatbus_core::{Broker, Cursor, Envelope, Hub, Outbound, ReplayFrom, Room, Session};
+use chatbus_core::{Broker, Cursor, Envelope, Hub, ReplayFrom, Room, Session};
 use chatbus_kafka::KafkaBroker;
 use chatbus_testkit::tansu::{tansu_program, Tansu};
 use futures::StreamExt;
@@ -63,21 +63,9 @@ async fn recreate(tansu: &Tansu, topic: &str) {
     }
 }
 
-/// What the session writes until it has been quiet for 1 s: payloads, and any other outbound
-/// as its `Debug` form.
+/// What the session writes until it has been quiet for a while.
 async fn drain(s: &mut Session) -> Vec<String> {
-    let mut out = Vec::new();
-    while let Ok(o) = tokio::time::timeout(Duration::from_secs(1), s.recv()).await {
-        match o {
-            Outbound::Frame(b) => out.push(String::from_utf8_lossy(&b).into_owned()),
-            Outbound::Close(r) => {
-                out.push(format!("CLOSE {r:?}"));
-                break;
-            }
-            other => out.push(format!("{other:?}")),
-        }
-    }
-    out
+    chatbus_core::conformance::drain_session(s, Duration::from_secs(1)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -20,26 +20,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chatbus_core::conformance::unique_room;
-use chatbus_core::{Broker, Cursor, Envelope, Hub, Outbound, ReplayFrom, Room, Session};
+use chatbus_core::{Broker, Cursor, Envelope, Hub, ReplayFrom, Room, Session};
 use chatbus_testkit::redis::RedisServer;
 
 const HISTORY: usize = 100;
 
-/// What the session writes until it has been quiet for 500 ms: payloads, and any other
-/// outbound as its `Debug` form.
+/// What the session writes until it has been quiet for a while.
 async fn drain(s: &mut Session) -> Vec<String> {
-    let mut out = Vec::new();
-    while let Ok(o) = tokio::time::timeout(Duration::from_millis(500), s.recv()).await {
-        match o {
-            Outbound::Frame(b) => out.push(String::from_utf8_lossy(&b).into_owned()),
-            Outbound::Close(r) => {
-                out.push(format!("CLOSE {r:?}"));
-                break;
-            }
-            other => out.push(format!("{other:?}")),
-        }
-    }
-    out
+    chatbus_core::conformance::drain_session(s, Duration::from_millis(500)).await
 }
 
 async fn publish_n(hub: &Hub, r: &Room, prefix: &str, n: usize) -> Vec<Cursor> {
