@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Weak;
 use std::time::Duration;
 
+use super::catchup::Holding;
 use super::registry::{Member, Mode, RoomEntry};
 use super::session::Control;
 use super::stats::inc;
@@ -115,8 +116,10 @@ fn lag_member(
                 room: room.clone(),
                 since,
                 gen: m.gen,
-                holding_since: tokio::time::Instant::now(),
-                live_from,
+                holding: Holding {
+                    since: tokio::time::Instant::now(),
+                    after: live_from,
+                },
             };
             if !m.session.push_control(job, hub.config.control_queue) {
                 m.session.close(CloseReason::SlowConsumer);

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use tokio::sync::OnceCell;
 
+use super::catchup::Holding;
 use super::pump::pump;
 use super::session::{Control, SessionShared};
 use super::stats::inc;
@@ -215,8 +216,10 @@ impl Hub {
             }
             // Read under the lock that set the mode: the pump hands this member everything
             // after it from now on.
-            let live_from = members.last_dispatched;
-            let holding_since = members.last_event.unwrap_or_else(tokio::time::Instant::now);
+            let holding = Holding {
+                since: members.last_event.unwrap_or_else(tokio::time::Instant::now),
+                after: members.last_dispatched,
+            };
             drop(members);
             lock(&session.shared.rooms).insert(room.clone(), gen);
             if session.shared.dropped.load(Ordering::Acquire) {
@@ -229,8 +232,7 @@ impl Hub {
                     room,
                     since,
                     gen,
-                    holding_since,
-                    live_from,
+                    holding,
                 };
                 if !session
                     .shared

@@ -84,12 +84,8 @@ pub(super) enum Control {
         room: Room,
         since: Cursor,
         gen: u64,
-        // A read begun at or after this sees everything the member does not hold: the room's
-        // last event before it started holding (see `Members::last_event`).
-        holding_since: tokio::time::Instant,
-        // The last message the pump handed out before that, when known: everything after it
-        // is held.
-        live_from: Option<Cursor>,
+        // Where the member's held live messages begin.
+        holding: Holding,
     },
     Lagged {
         room: Room,
@@ -337,15 +333,10 @@ impl Session {
                     room,
                     since,
                     gen,
-                    holding_since,
-                    live_from,
+                    holding,
                 }) => {
                     // A newer join of a room replaces a catch-up still waiting for it.
                     self.waiting.retain(|(r, ..)| *r != room);
-                    let holding = Holding {
-                        since: holding_since,
-                        after: live_from,
-                    };
                     self.waiting.push_back((room, since, gen, holding));
                     continue;
                 }
