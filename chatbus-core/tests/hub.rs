@@ -654,3 +654,32 @@ async fn a_reconnect_wave_shares_its_log_reads_and_loses_nothing() -> Result<()>
     assert!(stats.replays_shared >= 54, "{stats:?}");
     Ok(())
 }
+
+/// A member that joins after the room's subscription lost messages (and before anything else
+/// was handed out) must get the lost ones from the log: the pump's "last handed out" mark no
+/// longer says where that member's held messages begin.
+#[tokio::test(flavor = "current_thread")]
+async fn a_join_after_the_room_stream_lagged_gets_the_lost_messages() -> Result<()> {
+    let broker = Arc::new(MemoryBroker::with_config(
+        MemoryConfig::default().with_subscriber_capacity(4),
+    ));
+    let hub = Hub::with_config(broker.clone(), HubConfig::default().with_replay_page(3));
+    let r = room("lagged-then-joined");
+    let mut a = hub.connect("a");
+    a.handle().join(r.clone()).await?;
+    let mut cursors = publish_n(&broker, &r, "m", 5).await?;
+    drain(&mut a).await;
+    // A burst the room's subscription cannot hold: it lags.
+    for i in 5..21 {
+        let rc = broker
+            .publish(&Envelope::new(r.clone(), format!("m{i}")))
+            .await?;
+        cursors.extend(rc.cursor);
+    }
+    drain(&mut a).await;
+    let mut b = hub.connect("b");
+    b.handle().join_since(r.clone(), cursors[4]).await?;
+    let want: Vec<String> = (5..21).map(|i| format!("m{i}")).collect();
+    assert_eq!(drain(&mut b).await, want);
+    Ok(())
+}

@@ -37,7 +37,6 @@ pub(super) async fn pump(hub: Weak<HubInner>, entry: Weak<RoomEntry>, mut sub: S
             {
                 Ok(s) => {
                     sub = s;
-                    lock(&entry.members).last_event = Some(tokio::time::Instant::now());
                     resync_all(&hub, &entry);
                 }
                 Err(e) => tracing::warn!(room = %entry.room, error = %e, "resubscribe failed"),
@@ -71,6 +70,11 @@ pub(super) async fn pump(hub: Weak<HubInner>, entry: Weak<RoomEntry>, mut sub: S
 /// Every live member of the room replays from its last cursor (or is told it lagged).
 fn resync_all(hub: &HubInner, entry: &RoomEntry) {
     let mut members = lock(&entry.members);
+    // The lost messages were never handed out, so "everything after the last one handed out"
+    // is no longer what a member that joins now will hold: a join from here on needs a read
+    // begun after this (they were stored before the loss was reported).
+    members.last_dispatched = None;
+    members.last_event = Some(tokio::time::Instant::now());
     for m in &mut members.list {
         match &mut m.mode {
             // The subscription lost messages the pump never handed out: where the held ones

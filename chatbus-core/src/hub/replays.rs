@@ -64,7 +64,8 @@ impl Fetched {
     fn covers(&self, start: Cursor, from: Cursor) -> bool {
         let last = self.items.last().and_then(|e| e.cursor).unwrap_or(start);
         if self.full {
-            !last.is_at_or_before(&from)
+            // Past `from` in the same log: a cursor of another log is the broker's to refuse.
+            last.same_log(&from) && !last.is_at_or_before(&from)
         } else {
             from.is_at_or_before(&last)
         }
@@ -175,6 +176,9 @@ impl Replays {
             min_started.is_none_or(|t| r.started >= t)
                 && r.limit == limit
                 && r.from.partition == from.partition
+                // The same epoch exactly: an epoch-less read (0 matches any log) must not serve
+                // a cursor of another log, which the broker would answer with `CursorReset`.
+                && r.from.epoch == from.epoch
                 && r.from.is_at_or_before(&from)
                 && match r.result.peek() {
                     Some(Some(f)) => f.covers(r.from, from),
@@ -188,7 +192,11 @@ impl Replays {
             return (r.clone(), false);
         }
         let (broker, room_owned, permits) = (broker.clone(), room.clone(), self.permits.clone());
-        let result = async move {
+        // A task of its own: it runs to the end and gives its permit back even when every
+        // catch-up waiting for it went away (a read only polled by its waiters would keep the
+        // permit for good once they were all dropped, and `max_replays` such reads would stall
+        // every catch-up of the hub).
+        let task = tokio::spawn(async move {
             let _permit = permits.acquire_owned().await.ok()?;
             let stream = broker
                 .replay(&room_owned, ReplayFrom::Cursor(from), limit)
@@ -201,9 +209,8 @@ impl Replays {
                 full,
                 done: Instant::now(),
             }))
-        }
-        .boxed()
-        .shared();
+        });
+        let result = task.map(|r| r.ok().flatten()).boxed().shared();
         self.log_reads.fetch_add(1, Ordering::Relaxed);
         let read = Arc::new(Read {
             from,
@@ -330,5 +337,57 @@ mod tests {
         );
         drop(held);
         assert_eq!(bodies(fetch.await.unwrap()).await, ["m1", "m2"]);
+    }
+
+    #[tokio::test]
+    async fn a_read_whose_waiters_all_went_away_still_gives_its_permit_back() {
+        let (room, other) = (Room::new("r").unwrap(), Room::new("o").unwrap());
+        let (b, c) = broker_with(&room, 3).await;
+        let oc = b
+            .publish(&Envelope::new(other.clone(), "o0"))
+            .await
+            .unwrap()
+            .cursor
+            .unwrap();
+        b.publish(&Envelope::new(other.clone(), "o1"))
+            .await
+            .unwrap();
+        let replays = Replays::new(1);
+        let held = replays.permits.clone().acquire_owned().await.unwrap();
+        {
+            // A catch-up starts a read that waits for the permit, then its session goes away.
+            let fetch = replays.fetch(&b, &room, c[0], 100, None);
+            tokio::pin!(fetch);
+            let _ = tokio::time::timeout(Duration::from_millis(20), &mut fetch).await;
+        }
+        drop(held);
+        let page = tokio::time::timeout(
+            Duration::from_secs(2),
+            replays.fetch(&b, &other, oc, 100, None),
+        )
+        .await
+        .expect("another room's catch-up must get the permit back")
+        .unwrap();
+        assert_eq!(bodies(page).await, ["o1"]);
+    }
+
+    #[tokio::test]
+    async fn a_cursor_of_another_log_is_never_served_from_an_epoch_less_read() {
+        let room = Room::new("r").unwrap();
+        let (b, c) = broker_with(&room, 10).await;
+        let stale = Cursor::with_epoch(0, c[4].offset, c[0].epoch.wrapping_add(1).max(1));
+        let replays = Replays::new(4);
+        // A full page read from an epoch-less cursor (0 matches every log) ...
+        let p = replays
+            .fetch(&b, &room, Cursor::new(0, c[1].offset), 3, None)
+            .await
+            .unwrap();
+        assert!(p.more);
+        // ... does not serve a cursor of another log: the broker answers it with a reset.
+        match replays.fetch(&b, &room, stale, 3, None).await {
+            Err(crate::Error::CursorReset { .. }) => {}
+            Ok(_) => panic!("a cursor of another log was served a page of this one"),
+            Err(e) => panic!("{e}"),
+        }
     }
 }
