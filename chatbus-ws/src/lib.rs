@@ -151,6 +151,9 @@ mod protocol;
 mod server;
 mod service;
 mod session;
+#[cfg(feature = "socketio")]
+#[cfg_attr(docsrs, doc(cfg(feature = "socketio")))]
+pub mod socketio;
 mod status;
 
 /// Entry points for the cargo-fuzz targets in `fuzz/` (feature `fuzzing`, off by default).

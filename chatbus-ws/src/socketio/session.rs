@@ -1,0 +1,549 @@
+//! One Socket.IO socket as a hub session: its client events in order, the session's queue
+//! out as Socket.IO events.
+//!
+//! socketioxide runs each event handler in a task of its own, so two events of one socket
+//! could be handled in either order. Events are therefore not handled in socketioxide's
+//! handlers: the [`Inbound`] extractor, which socketioxide runs synchronously in the order the
+//! packets arrive, puts each event on the socket's bounded inbox, and this session handles
+//! them one after another, as the native reader handles frames (a client's messages are
+//! published in the order it sent them).
+
+use std::borrow::Cow;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use chatbus_core::{Envelope, JoinOptions, Outbound, Room, Session, SessionHandle};
+use serde_json::Value;
+use socketioxide::adapter::LocalAdapter;
+use socketioxide::extract::{AckSender, SocketRef};
+use socketioxide::handler::FromMessageParts;
+use socketioxide::socket::Socket;
+use socketioxide::{SendError, SocketError};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::connect::Admitted;
+use super::events::{self, Bad, Event};
+use crate::access::{self, user_channel};
+use crate::api::{ApiError, Outgoing, Published};
+use crate::chat::history_item;
+use crate::hooks::{self, Conn, HookKind};
+use crate::metrics::WsCounters;
+use crate::protocol::{self, ErrorCode, Limits};
+use crate::service::WsService;
+use crate::session::TokenBucket;
+
+/// Events queued per socket before further ones are refused (`rate_limited`): the rate limit
+/// keeps a well-behaved client far below it; it bounds what a flood can make the server hold.
+pub(super) const INBOX: usize = 64;
+
+/// How long the writer waits between tries when socketioxide's per-socket buffer is full.
+const FULL_RETRY: Duration = Duration::from_millis(5);
+
+/// One client event, as queued for the session.
+pub(super) struct Inbound {
+    event: Result<String, String>,
+    data: Result<Value, String>,
+    /// Whether the client passed an ack callback (then answers go to it, not to `error`).
+    wants_ack: bool,
+    ack: AckSender,
+}
+
+/// The sending side of a socket's inbox, kept in the socket's extensions.
+#[derive(Clone)]
+pub(super) struct InboxTx(pub(super) mpsc::Sender<Inbound>, pub(super) WsService);
+
+/// The extractor of the catch-all event handler; queuing is its side effect (see the module
+/// docs). It never fails: what cannot be queued is answered here.
+pub(super) struct Queued;
+
+impl FromMessageParts<LocalAdapter> for Queued {
+    type Error = Infallible;
+
+    fn from_message_parts(
+        s: &Arc<Socket<LocalAdapter>>,
+        v: &mut socketioxide::handler::Value,
+        ack_id: &Option<i64>,
+    ) -> Result<Self, Infallible> {
+        let event = socketioxide::extract::Event::from_message_parts(s, v, ack_id)
+            .map(|e| e.0)
+            .map_err(|e| e.to_string());
+        let data = match socketioxide::extract::TryData::<Value>::from_message_parts(s, v, ack_id) {
+            Ok(socketioxide::extract::TryData(Ok(d))) => Ok(d),
+            Ok(socketioxide::extract::TryData(Err(e))) => Err(e.to_string()),
+            Err(never) => match never {},
+        };
+        let ack = match AckSender::from_message_parts(s, v, ack_id) {
+            Ok(ack) => ack,
+            Err(never) => match never {},
+        };
+        let inbound = Inbound {
+            event,
+            data,
+            wants_ack: ack_id.is_some(),
+            ack,
+        };
+        let Some(InboxTx(tx, svc)) = s.extensions.get::<InboxTx>() else {
+            return Ok(Self);
+        };
+        // A closed inbox: the session has ended, and the event has no one to act on it.
+        if let Err(mpsc::error::TrySendError::Full(inbound)) = tx.try_send(inbound) {
+            WsCounters::inc(&svc.counters().frames_in);
+            let frame = protocol::error(
+                ErrorCode::RateLimited,
+                "too many events queued; event dropped",
+                None,
+                None,
+            );
+            svc.counters().count_error(ErrorCode::RateLimited);
+            answer_now(&SocketRef::from(s.clone()), inbound, &frame);
+        }
+        Ok(Self)
+    }
+}
+
+/// Answers an event at once: to its ack callback, or as an `error` event if it is an error
+/// and the client gave no callback.
+fn answer_now(socket: &SocketRef, inbound: Inbound, frame: &[u8]) {
+    let data = events::answer(frame);
+    let result = if inbound.wants_ack {
+        inbound.ack.send(&data)
+    } else if data.get("code").is_some() {
+        socket.emit("error", &data)
+    } else {
+        Ok(())
+    };
+    if let Err(e) = result {
+        tracing::debug!(socket = %socket.id, error = %e, "socket.io answer not sent");
+    }
+}
+
+/// The endpoint's settings a session needs.
+#[derive(Debug, Clone)]
+pub(super) struct Settings {
+    pub(super) default_room: Room,
+}
+
+/// Runs one socket's session until the client goes, the server shuts down or the hub
+/// closes the session.
+pub(super) async fn run(
+    svc: WsService,
+    settings: Arc<Settings>,
+    socket: SocketRef,
+    admitted: Arc<Admitted>,
+    mut inbox: mpsc::Receiver<Inbound>,
+    gone: CancellationToken,
+) {
+    let counters = svc.counters();
+    WsCounters::inc(&counters.connections);
+    WsCounters::inc(&counters.connections_total);
+    let chat = svc.chat();
+    chat.ensure_started();
+    let mut session = chat.hub().connect(admitted.identity.user.clone());
+    let handle = session.handle();
+    let cfg = svc.config();
+    let conn = Conn::new(
+        admitted.identity.clone(),
+        handle.id(),
+        admitted.data.clone(),
+    );
+    let me = Me {
+        svc: &svc,
+        socket: &socket,
+        handle: &handle,
+        conn: &conn,
+        settings: &settings,
+    };
+    // Reachable by user id (direct messages, status probes, "disconnect this user") before
+    // the client hears anything, as on `/ws`.
+    let reachable = handle.join(user_channel(&conn.identity.user)).await;
+    chat.users().connected(handle.clone());
+    me.emit_frame(&protocol::welcome(
+        handle.id(),
+        &conn.identity.user,
+        conn.identity.display(),
+        Limits {
+            max_frame_size: cfg.max_frame_size,
+            max_rooms: cfg.max_rooms,
+            max_history: cfg.max_history,
+            rate_per_second: cfg.rate_limit.map(|r| r.per_second),
+            rate_burst: cfg.rate_limit.map(|r| r.burst),
+        },
+    ))
+    .await;
+    if let Err(e) = reachable {
+        me.refuse(
+            ErrorCode::Unavailable,
+            &format!("direct messages cannot reach this connection: {e}"),
+            None,
+        )
+        .await;
+    }
+    // The default room, and every room the client resumes, each after its cursor: the hub
+    // replays what the client missed, then goes live without a gap or a copy.
+    let mut rooms: Vec<(Room, Option<chatbus_core::Cursor>)> = vec![(
+        settings.default_room.clone(),
+        admitted
+            .cursors
+            .iter()
+            .find(|(r, _)| *r == settings.default_room)
+            .map(|(_, c)| *c),
+    )];
+    rooms.extend(
+        admitted
+            .cursors
+            .iter()
+            .filter(|(r, _)| *r != settings.default_room)
+            .map(|(r, c)| (r.clone(), Some(*c))),
+    );
+    for (room, since) in rooms {
+        if let Err(frame) = me.join(room, since).await {
+            me.emit_frame(&frame).await;
+        }
+    }
+    tracing::debug!(session = handle.id(), user = %conn.identity.user, "socket.io connected");
+
+    let mut bucket = cfg.rate_limit.map(TokenBucket::new);
+    let reader = async {
+        while let Some(inbound) = inbox.recv().await {
+            WsCounters::inc(&counters.frames_in);
+            let allowed = bucket.as_mut().is_none_or(TokenBucket::allow);
+            Box::pin(me.handle(inbound, allowed)).await;
+        }
+    };
+    let writer = me.write(&mut session);
+    let shutdown = svc.shutdown_token();
+    let kicked = tokio::select! {
+        () = reader => false,
+        kicked = writer => kicked,
+        () = gone.cancelled() => false,
+        () = shutdown.cancelled() => true,
+    };
+    if kicked && socket.connected() {
+        // Shutdown, a slow client, `disconnect_user`: the server ends the socket.
+        if let Err(e) = socket.clone().disconnect() {
+            tracing::debug!(socket = %socket.id, error = %e, "socket.io disconnect failed");
+        }
+    }
+
+    let rooms = handle.rooms();
+    drop(session);
+    chat.users().disconnected(&conn.identity.user, handle.id());
+    chat.presence_changed(rooms);
+    if let Some(h) = &cfg.hooks {
+        let hook = async {
+            h.on_disconnect(&conn).await;
+            Ok(())
+        };
+        let _ = hooks::call(
+            &counters.hooks,
+            HookKind::Disconnect,
+            cfg.hook_timeout,
+            hook,
+        )
+        .await;
+    }
+    WsCounters::dec(&counters.connections);
+    tracing::debug!(session = handle.id(), user = %conn.identity.user, "socket.io disconnected");
+}
+
+/// What a session's handlers share.
+struct Me<'a> {
+    svc: &'a WsService,
+    socket: &'a SocketRef,
+    handle: &'a SessionHandle,
+    conn: &'a Conn,
+    settings: &'a Settings,
+}
+
+/// An answer to a client event: a protocol v1 frame (`ack`, `joined`, `error`, ...).
+type Answer = Result<Bytes, Bytes>;
+
+impl Me<'_> {
+    /// Emits a v1 frame as its Socket.IO event, waiting (up to the write timeout) while the
+    /// socket's buffer is full. `false`: the socket is gone or stopped reading.
+    async fn emit_frame(&self, frame: &[u8]) -> bool {
+        let Some((event, data)) = events::outbound(frame) else {
+            return true;
+        };
+        let deadline = Instant::now() + self.svc.config().write_timeout;
+        loop {
+            match self.socket.emit(&event, &data) {
+                Ok(()) => {
+                    WsCounters::inc(&self.svc.counters().frames_out);
+                    return true;
+                }
+                // socketioxide's emit does not wait for room in its buffer; the hub's queue in
+                // front of it is what absorbs a burst, so waiting here is backpressure, not
+                // loss.
+                Err(SendError::Socket(SocketError::InternalChannelFull))
+                    if Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(FULL_RETRY).await;
+                }
+                Err(SendError::Socket(SocketError::InternalChannelFull)) => {
+                    WsCounters::inc(&self.svc.counters().slow_closed);
+                    tracing::debug!(socket = %self.socket.id, "socket.io client stopped reading; dropping it");
+                    return false;
+                }
+                Err(e) => {
+                    tracing::debug!(socket = %self.socket.id, error = %e, "socket.io emit failed");
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// The writer: the session's queue out as events. Returns whether the server ends the
+    /// connection (the hub closed the session, or the client stopped reading).
+    async fn write(&self, session: &mut Session) -> bool {
+        loop {
+            let frame = match session.recv().await {
+                Outbound::Frame(bytes) => bytes,
+                Outbound::Lagged { room, cursor } => protocol::lagged(&room, cursor),
+                Outbound::Reset { room, reason } => protocol::reset(&room, reason),
+                // Slow consumer (close policy), `disconnect_user`, hub shutdown.
+                Outbound::Close(_) => return true,
+            };
+            if !self.emit_frame(&frame).await {
+                return true;
+            }
+        }
+    }
+
+    /// Counts and returns an `error` answer.
+    fn error(&self, code: ErrorCode, message: &str, room: Option<&Room>) -> Bytes {
+        self.svc.counters().count_error(code);
+        protocol::error(code, message, None, room)
+    }
+
+    /// An error outside any request: the `error` event.
+    async fn refuse(&self, code: ErrorCode, message: &str, room: Option<&Room>) {
+        let frame = self.error(code, message, room);
+        self.emit_frame(&frame).await;
+    }
+
+    async fn handle(&self, inbound: Inbound, allowed: bool) {
+        let answer = match (&inbound.event, &inbound.data) {
+            (Err(e), _) | (_, Err(e)) => Err(self.error(
+                ErrorCode::BadRequest,
+                &format!("undecodable event: {e}"),
+                None,
+            )),
+            (Ok(_), Ok(_)) if !allowed => Err(self.error(
+                ErrorCode::RateLimited,
+                "rate limit exceeded; event dropped",
+                None,
+            )),
+            (Ok(name), Ok(data)) => match events::parse(name, data.clone()) {
+                Err(Bad { code, message }) => Err(self.error(code, &message, None)),
+                Ok(event) => self.act(event).await,
+            },
+        };
+        let frame = match answer {
+            Ok(f) | Err(f) => f,
+        };
+        answer_now(self.socket, inbound, &frame);
+    }
+
+    async fn act(&self, event: Event) -> Answer {
+        match event {
+            Event::Send { room, body, key } => {
+                let room = room.unwrap_or_else(|| self.settings.default_room.clone());
+                self.send(room, body, key).await
+            }
+            Event::Join { room, since } => self.join(room, since).await,
+            Event::Leave { room } => {
+                // The personal and status channels are the server's, not the client's to leave.
+                self.access(&room)?;
+                if !self.handle.leave(&room) {
+                    return Err(self.not_joined(&room));
+                }
+                self.svc.chat().presence_changed([room.clone()]);
+                Ok(protocol::left(&room, None))
+            }
+            Event::Typing { room } => {
+                self.access(&room)?;
+                self.member(&room)?;
+                self.hook(HookKind::Typing, &room, None).await?;
+                let env = Envelope::ephemeral(
+                    room,
+                    crate::payload::typing(self.conn.identity.display_name_if_different()),
+                )
+                .with_from(self.conn.identity.user.clone());
+                match self.svc.chat().hub().publish(&env).await {
+                    Ok(_) => Ok(Bytes::from_static(b"{\"type\":\"typing\"}")),
+                    Err(e) => Err(self.broker_error(&e, &env.room, "typing")),
+                }
+            }
+            Event::History {
+                room,
+                before,
+                limit,
+            } => {
+                self.access(&room)?;
+                if !room.as_str().starts_with(access::DIRECT_PREFIX) {
+                    self.member(&room)?;
+                }
+                self.hook(HookKind::History, &room, None).await?;
+                let cfg = self.svc.config();
+                let limit = limit
+                    .map_or(cfg.default_history, |l| {
+                        usize::try_from(l).unwrap_or(usize::MAX)
+                    })
+                    .clamp(1, cfg.max_history.max(1));
+                match self.svc.chat().hub().history(&room, before, limit).await {
+                    Ok(page) => {
+                        let items: Vec<Bytes> =
+                            page.messages.iter().filter_map(history_item).collect();
+                        let more = page.more_before.map(|c| c.to_string());
+                        Ok(protocol::history(&room, &items, more.as_deref(), None))
+                    }
+                    Err(e) => Err(self.broker_error(&e, &room, "history")),
+                }
+            }
+        }
+    }
+
+    /// The built-in access checks (reserved rooms, other pairs' conversations, the token's
+    /// grants), first, as on `/ws`: a third user learns nothing of a room.
+    fn access(&self, room: &Room) -> Result<(), Bytes> {
+        access::check(&self.conn.identity, room)
+            .map_err(|reason| self.error(ErrorCode::Forbidden, reason, Some(room)))
+    }
+
+    fn member(&self, room: &Room) -> Result<(), Bytes> {
+        if self.handle.is_member(room) {
+            Ok(())
+        } else {
+            Err(self.not_joined(room))
+        }
+    }
+
+    fn not_joined(&self, room: &Room) -> Bytes {
+        self.error(ErrorCode::NotJoined, "join the room first", Some(room))
+    }
+
+    async fn hook(&self, kind: HookKind, room: &Room, body: Option<&str>) -> Result<(), Bytes> {
+        let cfg = self.svc.config();
+        let Some(h) = &cfg.hooks else {
+            return Ok(());
+        };
+        let conn = self.conn;
+        let hook = async {
+            match kind {
+                HookKind::Join => h.on_join(conn, room).await,
+                HookKind::History => h.on_history(conn, room).await,
+                HookKind::Typing => h.on_typing(conn, room).await,
+                _ => h.on_send(conn, room, body.unwrap_or_default()).await,
+            }
+        };
+        hooks::call(&self.svc.counters().hooks, kind, cfg.hook_timeout, hook)
+            .await
+            .map_err(|d| self.error(ErrorCode::Forbidden, d.reason(), Some(room)))
+    }
+
+    async fn join(&self, room: Room, since: Option<chatbus_core::Cursor>) -> Answer {
+        let cfg = self.svc.config();
+        let chat = self.svc.chat();
+        if !self.handle.is_member(&room) {
+            let joined = self
+                .handle
+                .rooms()
+                .iter()
+                .filter(|r| access::is_client_room(r))
+                .count();
+            if joined >= cfg.max_rooms {
+                let max = cfg.max_rooms;
+                return Err(self.error(
+                    ErrorCode::Forbidden,
+                    &format!("room limit reached ({max} per connection)"),
+                    Some(&room),
+                ));
+            }
+        }
+        self.access(&room)?;
+        self.hook(HookKind::Join, &room, None).await?;
+        let resuming = since.is_some() && chat.hub().broker().capabilities().replay;
+        if let Err(e) = self
+            .handle
+            .join_with(room.clone(), JoinOptions::default().since(since))
+            .await
+        {
+            return Err(self.broker_error(&e, &room, "join"));
+        }
+        chat.presence_changed([room.clone()]);
+        Ok(protocol::joined(&room, resuming, None))
+    }
+
+    async fn send(
+        &self,
+        room: Room,
+        body: String,
+        key: Option<crate::idempotency::SendKey>,
+    ) -> Answer {
+        self.access(&room)?;
+        self.member(&room)?;
+        let limit = self.svc.config().max_frame_size;
+        if body.len() > limit {
+            return Err(self.error(
+                ErrorCode::TooLarge,
+                &format!(
+                    "message of {} bytes exceeds the limit of {limit}",
+                    body.len()
+                ),
+                Some(&room),
+            ));
+        }
+        self.hook(HookKind::Send, &room, Some(&body)).await?;
+        let identity = &self.conn.identity;
+        let out = Outgoing {
+            room: room.clone(),
+            from: identity.user.clone(),
+            to: None,
+            body: Cow::Owned(body),
+            by_server: false,
+            key,
+        };
+        match self
+            .svc
+            .publish_message(out, identity.display_name_if_different())
+            .await
+        {
+            Ok(Published { receipt, duplicate }) => {
+                if !duplicate {
+                    WsCounters::inc(&self.svc.counters().messages_in);
+                }
+                Ok(protocol::ack(
+                    None,
+                    receipt.id,
+                    receipt.cursor,
+                    None,
+                    duplicate,
+                ))
+            }
+            Err(ApiError::Broker(e)) => Err(self.broker_error(&e, &room, "send")),
+            Err(e) => {
+                let message = match &e {
+                    ApiError::Denied(d) => d.reason().to_owned(),
+                    other => other.to_string(),
+                };
+                Err(self.error(e.code(), &message, Some(&room)))
+            }
+        }
+    }
+
+    fn broker_error(&self, e: &chatbus_core::Error, room: &Room, op: &str) -> Bytes {
+        let code = ErrorCode::for_error(e);
+        tracing::debug!(socket = %self.socket.id, %room, error = %e, "socket.io {op} failed");
+        // As on `/ws`: the broker's message, except for internal errors.
+        let message = match code {
+            ErrorCode::Internal => format!("{op} failed"),
+            _ => e.to_string(),
+        };
+        self.error(code, &message, Some(room))
+    }
+}
