@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use axum::extract::ConnectInfo;
 use axum::http::header;
@@ -16,6 +16,10 @@ use chatbus_core::{Cursor, Room};
 use serde::Deserialize;
 use serde_json::Value;
 use socketioxide::extract::SocketRef;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::session::{self, Inbound};
 
 use crate::auth::Identity;
 use crate::hooks::{self, ConnData, HookKind};
@@ -33,6 +37,10 @@ pub(super) struct Admitted {
     pub(super) data: ConnData,
     /// Rooms to resume, with the last cursor the client has of each (`auth.cursors`).
     pub(super) cursors: Vec<(Room, Cursor)>,
+    /// The socket's events, queued from the moment it was admitted (see [`session::open`]).
+    pub(super) inbox: Mutex<Option<mpsc::Receiver<Inbound>>>,
+    /// Cancelled when socketioxide reports the socket gone.
+    pub(super) gone: CancellationToken,
     /// Held for the connection's lifetime: the instance's and the address's counts drop when
     /// the session ends and this is dropped.
     _slots: (ConnSlot, Option<IpSlot>),
@@ -189,10 +197,13 @@ pub(super) async fn admit(
             .map_err(|d| refuse(&svc, ErrorCode::Forbidden, d.reason()))?
         }
     };
+    let (inbox, gone) = session::open(&svc, &socket);
     socket.extensions.insert(Arc::new(Admitted {
         identity,
         data,
         cursors,
+        inbox: Mutex::new(Some(inbox)),
+        gone,
         _slots: (conn_slot, ip_slot),
     }));
     Ok(())

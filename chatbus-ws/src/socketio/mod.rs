@@ -51,13 +51,11 @@ use chatbus_core::Room;
 use socketioxide::extract::SocketRef;
 use socketioxide::handler::ConnectHandler;
 use socketioxide::SocketIo;
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 use crate::service::WsService;
 
 use connect::Admitted;
-use session::{InboxTx, Queued, Settings, INBOX};
+use session::Settings;
 
 /// Re-exported so apps that need socketioxide's own handle use the same version.
 pub use socketioxide;
@@ -164,23 +162,18 @@ impl WsService {
 
 /// The connect handler: the socket passed [`connect::admit`]; its session starts.
 fn start(svc: WsService, settings: Arc<Settings>, socket: SocketRef) {
-    let Some(admitted) = socket.extensions.remove::<Arc<Admitted>>() else {
+    let admitted = socket.extensions.remove::<Arc<Admitted>>();
+    let inbox = admitted.as_ref().and_then(|a| {
+        a.inbox
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    });
+    let (Some(admitted), Some(inbox)) = (admitted, inbox) else {
         // Only the middleware admits; a socket without its record was not admitted.
         let _ = socket.disconnect();
         return;
     };
-    let (tx, rx) = mpsc::channel(INBOX);
-    socket.extensions.insert(InboxTx(tx, svc.clone()));
-    socket.on_fallback(async |_: Queued| {});
-    let gone = CancellationToken::new();
-    socket.on_disconnect({
-        let gone = gone.clone();
-        async move || gone.cancel()
-    });
-    // A client gone before the handler above was registered never calls it.
-    if !socket.connected() {
-        gone.cancel();
-    }
     let sessions = svc.sessions().clone();
-    sessions.spawn(session::run(svc, settings, socket, admitted, rx, gone));
+    sessions.spawn(session::run(svc, settings, socket, admitted, inbox));
 }

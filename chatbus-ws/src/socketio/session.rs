@@ -54,7 +54,7 @@ pub(super) struct Inbound {
 
 /// The sending side of a socket's inbox, kept in the socket's extensions.
 #[derive(Clone)]
-pub(super) struct InboxTx(pub(super) mpsc::Sender<Inbound>, pub(super) WsService);
+struct InboxTx(pub(super) mpsc::Sender<Inbound>, pub(super) WsService);
 
 /// The extractor of the catch-all event handler; queuing is its side effect (see the module
 /// docs). It never fails: what cannot be queued is answered here.
@@ -121,6 +121,25 @@ fn answer_now(socket: &SocketRef, inbound: Inbound, frame: &[u8]) {
     }
 }
 
+/// Opens the socket's inbox and registers its handlers, from the connect middleware: the
+/// client may emit as soon as it hears its CONNECT, which socketioxide sends before the
+/// connect handler runs, so events must be caught from admission on. The session handles
+/// them once it has joined its rooms.
+pub(super) fn open(
+    svc: &WsService,
+    socket: &SocketRef,
+) -> (mpsc::Receiver<Inbound>, CancellationToken) {
+    let (tx, rx) = mpsc::channel(INBOX);
+    socket.extensions.insert(InboxTx(tx, svc.clone()));
+    socket.on_fallback(async |_: Queued| {});
+    let gone = CancellationToken::new();
+    socket.on_disconnect({
+        let gone = gone.clone();
+        async move || gone.cancel()
+    });
+    (rx, gone)
+}
+
 /// The endpoint's settings a session needs.
 #[derive(Debug, Clone)]
 pub(super) struct Settings {
@@ -135,8 +154,12 @@ pub(super) async fn run(
     socket: SocketRef,
     admitted: Arc<Admitted>,
     mut inbox: mpsc::Receiver<Inbound>,
-    gone: CancellationToken,
 ) {
+    let gone = admitted.gone.clone();
+    // A client gone before its disconnect handler could fire (between admission and now).
+    if !socket.connected() {
+        gone.cancel();
+    }
     let counters = svc.counters();
     WsCounters::inc(&counters.connections);
     WsCounters::inc(&counters.connections_total);
