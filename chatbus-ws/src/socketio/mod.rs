@@ -31,12 +31,12 @@
 //!
 //! # How it works
 //!
-//! A connect middleware ([`connect`]) runs the native handshake's checks on the Socket.IO
+//! A connect middleware (`connect.rs`) runs the native handshake's checks on the Socket.IO
 //! handshake (its `auth` payload carries the token and the cursors to resume from); the
-//! connect handler then starts the socket's session ([`session`]), which joins the default
+//! connect handler then starts the socket's session (`session.rs`), which joins the default
 //! room and the resumed ones, handles the socket's events in order and emits what the hub
 //! queues for it. The hub's frames are protocol v1 JSON (encoded once per instance and
-//! shared); each is turned into its Socket.IO event per recipient ([`events`]), which costs a
+//! shared); each is turned into its Socket.IO event per recipient (`events.rs`), which costs a
 //! JSON parse per delivery that native clients do not pay.
 
 mod connect;
@@ -160,7 +160,7 @@ impl WsService {
     }
 }
 
-/// The connect handler: the socket passed [`connect::admit`]; its session starts.
+/// The connect handler: the socket passed `connect::admit`; its session starts.
 fn start(svc: WsService, settings: Arc<Settings>, socket: SocketRef) {
     let admitted = socket.extensions.remove::<Arc<Admitted>>();
     let inbox = admitted.as_ref().and_then(|a| {
