@@ -244,21 +244,17 @@ async fn bad_token_is_refused_at_connect() {
     );
 }
 
-/// A native `/ws` client on one instance and a Socket.IO client on the other, in the default
-/// room, see each other's messages.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn native_and_socketio_clients_see_each_other() {
-    let cluster = Cluster::start(Backend::Redis).await;
-    let mut native = WsClient::connect_as(
-        cluster.servers[0].port(),
-        &format!("/ws?token={}", token("native-user")),
-        "native",
-    )
-    .await
-    .unwrap_or_else(|e| panic!("native connect: {e}"));
-    native.join("general").await.expect("join general");
+/// Starts `scenario`, waits for its `READY` line; returns the process and its remaining
+/// stdout lines.
+async fn start_until_ready(
+    cluster: &Cluster,
+    scenario: &str,
+) -> (
+    tokio::process::Child,
+    tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+) {
     let mut node = cluster
-        .node("interop")
+        .node(scenario)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -275,7 +271,68 @@ async fn native_and_socketio_clients_see_each_other() {
         false
     })
     .await;
-    assert_eq!(ready, Ok(true), "the Socket.IO client did not get ready");
+    assert_eq!(
+        ready,
+        Ok(true),
+        "{scenario}: the Socket.IO client did not get ready"
+    );
+    (node, lines)
+}
+
+/// Reads the rest of a scenario started with [`start_until_ready`] and checks that it passed.
+async fn finish(
+    scenario: &str,
+    mut node: tokio::process::Child,
+    mut lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+) {
+    let rest = tokio::time::timeout(SCENARIO_LIMIT, async {
+        let mut out = Vec::new();
+        while let Ok(Some(line)) = lines.next_line().await {
+            out.push(line);
+        }
+        out
+    })
+    .await
+    .expect("node finished");
+    let status = node.wait().await.expect("node exit status");
+    println!("{}", rest.join("\n"));
+    assert!(
+        status.success() && rest.iter().any(|l| *l == format!("PASS {scenario}")),
+        "{scenario} failed: {rest:?}"
+    );
+}
+
+/// A graceful stop (SIGTERM) of an instance closes its Socket.IO transports rather than
+/// disconnecting the sockets, so stock clients reconnect by themselves; a client that resumes
+/// on the other instance with its cursor misses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_stop_closes_transports_and_clients_resume_elsewhere() {
+    let cluster = Cluster::start(Backend::Redis).await;
+    let (node, lines) = start_until_ready(&cluster, "drain").await;
+    let pid = cluster.servers[0].pid().expect("instance 1 runs");
+    let status = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .await
+        .expect("run kill");
+    assert!(status.success(), "kill -TERM {pid}");
+    finish("drain", node, lines).await;
+}
+
+/// A native `/ws` client on one instance and a Socket.IO client on the other, in the default
+/// room, see each other's messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_and_socketio_clients_see_each_other() {
+    let cluster = Cluster::start(Backend::Redis).await;
+    let mut native = WsClient::connect_as(
+        cluster.servers[0].port(),
+        &format!("/ws?token={}", token("native-user")),
+        "native",
+    )
+    .await
+    .unwrap_or_else(|e| panic!("native connect: {e}"));
+    native.join("general").await.expect("join general");
+    let (node, lines) = start_until_ready(&cluster, "interop").await;
     native
         .send(json!({"type":"send","room":"general","body":"from-native","client_id":"n1"}))
         .await;
@@ -289,19 +346,5 @@ async fn native_and_socketio_clients_see_each_other() {
     native
         .send(json!({"type":"send","room":"general","body":"native-got-it"}))
         .await;
-    let rest = tokio::time::timeout(SCENARIO_LIMIT, async {
-        let mut out = Vec::new();
-        while let Ok(Some(line)) = lines.next_line().await {
-            out.push(line);
-        }
-        out
-    })
-    .await
-    .expect("node finished");
-    let status = node.wait().await.expect("node exit status");
-    println!("{}", rest.join("\n"));
-    assert!(
-        status.success() && rest.iter().any(|l| l == "PASS interop"),
-        "interop failed: {rest:?}"
-    );
+    finish("interop", node, lines).await;
 }

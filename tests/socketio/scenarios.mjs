@@ -187,6 +187,35 @@ const scenarios = {
     }
   },
 
+  // The Rust test stops instance 1 gracefully (SIGTERM) after READY: the client's transport
+  // is closed (so a stock client would reconnect by itself, unlike after "io server
+  // disconnect"), and on the other instance it resumes with its cursor without a gap.
+  async drain() {
+    const s = connect(URLS[0], 'reader');
+    const sender = connect(URLS[1], 'sender');
+    await Promise.all([connected(s), connected(sender)]);
+    await settle([s, sender]);
+    const first = await sender.timeout(WAIT_MS).emitWithAck('event:message', { message: `drain:${tag}:before` });
+    await until('the message before the stop', () => s.got.some((m) => m.id === first.id));
+    const cursor = s.got.find((m) => m.id === first.id).cursor;
+    const reason = new Promise((resolve) => s.once('disconnect', resolve));
+    console.log('READY');
+    const why = await Promise.race([reason, sleep(WAIT_MS).then(() => 'still connected')]);
+    check(why === 'transport close', `the stopped instance closed the transport (disconnect reason: ${why})`);
+    const missed = [];
+    for (let k = 0; k < 3; k++) {
+      const body = `drain:${tag}:after-${k}`;
+      const ack = await sender.timeout(WAIT_MS).emitWithAck('event:message', { message: body });
+      check(typeof ack.id === 'string', `after-${k} acked`);
+      missed.push(body);
+    }
+    const again = connect(URLS[1], 'reader', { cursors: { general: cursor } });
+    await connected(again);
+    await until('the messages sent during the restart', () => bodies(again, `drain:${tag}:after-`).length >= missed.length);
+    await sleep(300);
+    check(bodies(again, `drain:${tag}:`).join('|') === missed.join('|'), 'resumed on the other instance: each missed message once');
+  },
+
   // With a native client (driven by the Rust test): print READY once joined, answer the
   // native "from-native" message with "from-sio", finish when the native client's second
   // message arrives.

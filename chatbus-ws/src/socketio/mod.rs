@@ -43,7 +43,7 @@ mod connect;
 mod events;
 mod session;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::Router;
@@ -51,6 +51,8 @@ use chatbus_core::Room;
 use socketioxide::extract::SocketRef;
 use socketioxide::handler::ConnectHandler;
 use socketioxide::SocketIo;
+
+use tokio_util::task::TaskTracker;
 
 use crate::service::WsService;
 
@@ -136,6 +138,8 @@ impl WsService {
             .build_svc();
         let settings = Arc::new(Settings {
             default_room: config.default_room,
+            sessions: TaskTracker::new(),
+            closer: OnceLock::new(),
         });
         let svc = self.clone();
         let admit = {
@@ -148,9 +152,9 @@ impl WsService {
                 async move { connect::admit(svc, s, auth.ok()).await }
             }
         };
-        let on_connect = move |socket: SocketRef| {
+        let on_connect = move |socket: SocketRef, io: SocketIo| {
             let (svc, settings) = (svc.clone(), settings.clone());
-            async move { start(svc, settings, socket) }
+            async move { start(svc, settings, socket, io) }
         };
         io.ns("/", on_connect.with(admit));
         // One service, cloned per request: every clone shares one Engine.IO session table.
@@ -161,7 +165,7 @@ impl WsService {
 }
 
 /// The connect handler: the socket passed `connect::admit`; its session starts.
-fn start(svc: WsService, settings: Arc<Settings>, socket: SocketRef) {
+fn start(svc: WsService, settings: Arc<Settings>, socket: SocketRef, io: SocketIo) {
     let admitted = socket.extensions.remove::<Arc<Admitted>>();
     let inbox = admitted.as_ref().and_then(|a| {
         a.inbox
@@ -175,5 +179,22 @@ fn start(svc: WsService, settings: Arc<Settings>, socket: SocketRef) {
         return;
     };
     let sessions = svc.sessions().clone();
-    sessions.spawn(session::run(svc, settings, socket, admitted, inbox));
+    // Started here, where a runtime surely runs (not when the router is built).
+    settings.closer.get_or_init(|| {
+        sessions.spawn(session::close_on_shutdown(
+            svc.clone(),
+            settings.clone(),
+            io,
+        ));
+    });
+    // Tracked twice: by the service, whose shutdown waits for every connection, and by the
+    // endpoint, whose transports are closed once its own sessions are done.
+    let run = settings.sessions.track_future(session::run(
+        svc,
+        settings.clone(),
+        socket,
+        admitted,
+        inbox,
+    ));
+    sessions.spawn(run);
 }

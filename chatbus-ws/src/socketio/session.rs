@@ -10,7 +10,7 @@
 
 use std::borrow::Cow;
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -20,10 +20,11 @@ use socketioxide::adapter::LocalAdapter;
 use socketioxide::extract::{AckSender, SocketRef};
 use socketioxide::handler::FromMessageParts;
 use socketioxide::socket::Socket;
-use socketioxide::{SendError, SocketError};
+use socketioxide::{SendError, SocketError, SocketIo};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::connect::Admitted;
 use super::events::{self, Bad, Event};
@@ -34,7 +35,7 @@ use crate::hooks::{self, Conn, HookKind};
 use crate::metrics::WsCounters;
 use crate::protocol::{self, ErrorCode, Limits};
 use crate::service::WsService;
-use crate::session::TokenBucket;
+use crate::session::{expired, expiry_timer, TokenBucket};
 
 /// Events queued per socket before further ones are refused (`rate_limited`): the rate limit
 /// keeps a well-behaved client far below it; it bounds what a flood can make the server hold.
@@ -140,11 +141,42 @@ pub(super) fn open(
     (rx, gone)
 }
 
-/// The endpoint's settings a session needs.
-#[derive(Debug, Clone)]
+/// The endpoint's settings and shared state.
+#[derive(Debug)]
 pub(super) struct Settings {
     pub(super) default_room: Room,
+    /// The Socket.IO sessions, which the transports are closed after on shutdown.
+    pub(super) sessions: TaskTracker,
+    /// Set once the task that closes the transports on shutdown is started.
+    pub(super) closer: OnceLock<()>,
 }
+
+/// On shutdown, once every Socket.IO session has flushed its queue, closes the Engine.IO
+/// transports. A namespace disconnect would tell `socket.io-client` not to reconnect
+/// ("io server disconnect"); a closed transport makes it reconnect, to another instance, and
+/// resume there.
+pub(super) async fn close_on_shutdown(svc: WsService, settings: Arc<Settings>, io: SocketIo) {
+    svc.shutdown_token().cancelled().await;
+    settings.sessions.close();
+    settings.sessions.wait().await;
+    io.close().await;
+}
+
+/// How the session ended.
+enum End {
+    /// The client went (or the session's inbox closed).
+    ClientGone,
+    /// The server ends this socket: the hub closed the session (`disconnect_user`, a slow
+    /// client under the close policy) or the client stopped reading.
+    Kicked,
+    /// The server is shutting down: flush, then the transports are closed.
+    Shutdown,
+    /// The token expired.
+    Expired,
+}
+
+/// During a shutdown drain, the queue counts as empty after this long without a frame.
+const DRAIN_IDLE: Duration = Duration::from_millis(20);
 
 /// Runs one socket's session until the client goes, the server shuts down or the hub
 /// closes the session.
@@ -230,6 +262,7 @@ pub(super) async fn run(
     tracing::debug!(session = handle.id(), user = %conn.identity.user, "socket.io connected");
 
     let mut bucket = cfg.rate_limit.map(TokenBucket::new);
+    let mut expiry = expiry_timer(conn.identity.expires_at);
     let reader = async {
         while let Some(inbound) = inbox.recv().await {
             WsCounters::inc(&counters.frames_in);
@@ -237,18 +270,50 @@ pub(super) async fn run(
             Box::pin(me.handle(inbound, allowed)).await;
         }
     };
-    let writer = me.write(&mut session);
     let shutdown = svc.shutdown_token();
-    let kicked = tokio::select! {
-        () = reader => false,
-        kicked = writer => kicked,
-        () = gone.cancelled() => false,
-        () = shutdown.cancelled() => true,
+    let end = {
+        let writer = me.write(&mut session);
+        tokio::select! {
+            () = reader => End::ClientGone,
+            kicked = writer => if kicked { End::Kicked } else { End::ClientGone },
+            () = gone.cancelled() => End::ClientGone,
+            () = shutdown.cancelled() => End::Shutdown,
+            () = expired(&mut expiry) => End::Expired,
+        }
     };
-    if kicked && socket.connected() {
-        // Shutdown, a slow client, `disconnect_user`: the server ends the socket.
-        if let Err(e) = socket.clone().disconnect() {
-            tracing::debug!(socket = %socket.id, error = %e, "socket.io disconnect failed");
+    match end {
+        End::ClientGone => {}
+        End::Shutdown => {
+            // As on `/ws`: what is queued (acks of accepted messages included) goes out first.
+            let deadline = Instant::now() + cfg.drain_timeout;
+            while Instant::now() < deadline {
+                let frame = match tokio::time::timeout(DRAIN_IDLE, session.recv()).await {
+                    Ok(Outbound::Frame(bytes)) => bytes,
+                    Ok(Outbound::Lagged { room, cursor }) => protocol::lagged(&room, cursor),
+                    Ok(Outbound::Reset { room, reason }) => protocol::reset(&room, reason),
+                    Ok(Outbound::Close(_)) | Err(_) => break,
+                };
+                if !me.emit_frame(&frame).await {
+                    break;
+                }
+            }
+        }
+        End::Expired | End::Kicked => {
+            if matches!(end, End::Expired) {
+                me.refuse(
+                    ErrorCode::Unauthorized,
+                    "token expired; reconnect with a fresh token",
+                    None,
+                )
+                .await;
+            }
+            // The client must not reconnect by itself (it would come back with the same
+            // token, or be disconnected again): a namespace disconnect says so.
+            if socket.connected() {
+                if let Err(e) = socket.clone().disconnect() {
+                    tracing::debug!(socket = %socket.id, error = %e, "socket.io disconnect failed");
+                }
+            }
         }
     }
 
