@@ -172,7 +172,8 @@ const scenarios = {
     check(got.join('|') === [...missed, `res:${tag}:live`].join('|'), `after ${missed.length} messages missed over 5 s: each once, in order, then the live one (got ${got.length})`);
   },
 
-  // A bad token, and none, are refused at connect with connect_error, nothing delivered.
+  // A bad token, none, a malformed auth and a foreign Origin are refused at connect with
+  // connect_error; a valid token connects.
   async badtoken() {
     for (const [what, auth] of [['a bad signature', { token: 'eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4IiwiZXhwIjo0MTAyNDQ0ODAwfQ.bad' }], ['no token', {}], ['a malformed auth', 'not an object']]) {
       const s = io(URLS[0], { reconnection: false, forceNew: true, auth });
@@ -185,6 +186,19 @@ const scenarios = {
       const want = typeof auth === 'string' ? /^(unauthorized|bad_request): / : /^unauthorized: /;
       check(want.test(outcome) && !s.connected, `${what} is refused at connect (${outcome})`);
     }
+    // A valid token from a foreign page is refused by the Origin check, as on /ws.
+    const foreign = io(URLS[0], { reconnection: false, forceNew: true, auth: { token: TOKENS.u0 }, extraHeaders: { origin: 'http://evil.example' } });
+    sockets.push(foreign);
+    const outcome = await new Promise((resolve) => {
+      foreign.once('connect', () => resolve('connected'));
+      foreign.once('connect_error', (e) => resolve(e.message));
+      setTimeout(() => resolve('no answer'), WAIT_MS);
+    });
+    check(outcome === 'forbidden: origin not allowed', `a foreign Origin is refused (${outcome})`);
+    // And the same token from no page at all connects: the refusals above were the auth's.
+    const fine = connect(URLS[0], 'u0');
+    await connected(fine);
+    check(fine.connected, 'a valid token connects');
   },
 
   // The Rust test stops instance 1 gracefully (SIGTERM) after READY: the client's transport
