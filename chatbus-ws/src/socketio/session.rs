@@ -3,7 +3,7 @@
 //!
 //! socketioxide runs each event handler in a task of its own, so two events of one socket
 //! could be handled in either order. Events are therefore not handled in socketioxide's
-//! handlers: the [`Inbound`] extractor, which socketioxide runs synchronously in the order the
+//! handlers: the [`Queued`] extractor, which socketioxide runs synchronously in the order the
 //! packets arrive, puts each event on the socket's bounded inbox, and this session handles
 //! them one after another, as the native reader handles frames (a client's messages are
 //! published in the order it sent them).
@@ -44,8 +44,12 @@ pub(super) const INBOX: usize = 64;
 /// How long the writer waits between tries when socketioxide's per-socket buffer is full.
 const FULL_RETRY: Duration = Duration::from_millis(5);
 
+/// The queued form of a client event: boxed, because the channel allocates its slots up front
+/// (a block of 32), which for an idle socket would be 32 whole events.
+pub(super) type Inbound = Box<InboundEvent>;
+
 /// One client event, as queued for the session.
-pub(super) struct Inbound {
+pub(super) struct InboundEvent {
     event: Result<String, String>,
     data: Result<Value, String>,
     /// Whether the client passed an ack callback (then answers go to it, not to `error`).
@@ -81,12 +85,12 @@ impl FromMessageParts<LocalAdapter> for Queued {
             Ok(ack) => ack,
             Err(never) => match never {},
         };
-        let inbound = Inbound {
+        let inbound = Box::new(InboundEvent {
             event,
             data,
             wants_ack: ack_id.is_some(),
             ack,
-        };
+        });
         let Some(InboxTx(tx, svc)) = s.extensions.get::<InboxTx>() else {
             return Ok(Self);
         };
@@ -100,7 +104,7 @@ impl FromMessageParts<LocalAdapter> for Queued {
                 None,
             );
             svc.counters().count_error(ErrorCode::RateLimited);
-            answer_now(&SocketRef::from(s.clone()), inbound, &frame);
+            answer_now(&SocketRef::from(s.clone()), *inbound, &frame);
         }
         Ok(Self)
     }
@@ -108,7 +112,7 @@ impl FromMessageParts<LocalAdapter> for Queued {
 
 /// Answers an event at once: to its ack callback, or as an `error` event if it is an error
 /// and the client gave no callback.
-fn answer_now(socket: &SocketRef, inbound: Inbound, frame: &[u8]) {
+fn answer_now(socket: &SocketRef, inbound: InboundEvent, frame: &[u8]) {
     let data = events::answer(frame);
     let result = if inbound.wants_ack {
         inbound.ack.send(&data)
@@ -434,7 +438,7 @@ impl Me<'_> {
         let frame = match answer {
             Ok(f) | Err(f) => f,
         };
-        answer_now(self.socket, inbound, &frame);
+        answer_now(self.socket, *inbound, &frame);
     }
 
     async fn act(&self, event: Event) -> Answer {
