@@ -140,6 +140,7 @@ impl WsService {
             default_room: config.default_room,
             sessions: TaskTracker::new(),
             closer: OnceLock::new(),
+            translations: session::Translations::default(),
         });
         let svc = self.clone();
         let admit = {

@@ -9,8 +9,9 @@
 //! published in the order it sent them).
 
 use std::borrow::Cow;
+use std::collections::VecDeque;
 use std::convert::Infallible;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -153,6 +154,7 @@ pub(super) struct Settings {
     pub(super) sessions: TaskTracker,
     /// Set once the task that closes the transports on shutdown is started.
     pub(super) closer: OnceLock<()>,
+    pub(super) translations: Translations,
 }
 
 /// On shutdown, once every Socket.IO session has flushed its queue, closes the Engine.IO
@@ -164,6 +166,44 @@ pub(super) async fn close_on_shutdown(svc: WsService, settings: Arc<Settings>, i
     settings.sessions.close();
     settings.sessions.wait().await;
     io.close().await;
+}
+
+/// Frames last translated into Socket.IO events, shared by the instance's sessions.
+///
+/// The hub encodes a message once and gives every recipient the same bytes; without this,
+/// each of a room's sockets would parse and rebuild the same event. An entry holds its frame,
+/// so the allocation it is recognised by (pointer and length) cannot be freed and reused
+/// for another frame while the entry exists.
+#[derive(Debug, Default)]
+pub(super) struct Translations {
+    recent: Mutex<VecDeque<(Bytes, Translated)>>,
+}
+
+/// A frame as a Socket.IO event: its name and argument.
+type Translated = Arc<(String, Value)>;
+
+/// Frames remembered: the messages in flight at once in a busy instance's rooms; a miss only
+/// costs the translation.
+const TRANSLATIONS: usize = 64;
+
+impl Translations {
+    fn get(&self, frame: &Bytes) -> Option<Translated> {
+        let same = |b: &Bytes| b.as_ptr() == frame.as_ptr() && b.len() == frame.len();
+        {
+            let recent = crate::chat::lock(&self.recent);
+            if let Some((_, t)) = recent.iter().find(|(b, _)| same(b)) {
+                return Some(t.clone());
+            }
+        }
+        // Translated outside the lock; two sessions may both do it once, which is harmless.
+        let translated = Arc::new(events::outbound(frame)?);
+        let mut recent = crate::chat::lock(&self.recent);
+        if recent.len() >= TRANSLATIONS {
+            recent.pop_front();
+        }
+        recent.push_back((frame.clone(), translated.clone()));
+        Some(translated)
+    }
 }
 
 /// How the session ended.
@@ -357,13 +397,14 @@ type Answer = Result<Bytes, Bytes>;
 impl Me<'_> {
     /// Emits a v1 frame as its Socket.IO event, waiting (up to the write timeout) while the
     /// socket's buffer is full. `false`: the socket is gone or stopped reading.
-    async fn emit_frame(&self, frame: &[u8]) -> bool {
-        let Some((event, data)) = events::outbound(frame) else {
+    async fn emit_frame(&self, frame: &Bytes) -> bool {
+        let Some(translated) = self.settings.translations.get(frame) else {
             return true;
         };
+        let (event, data) = &*translated;
         let deadline = Instant::now() + self.svc.config().write_timeout;
         loop {
-            match self.socket.emit(&event, &data) {
+            match self.socket.emit(event, data) {
                 Ok(()) => {
                     WsCounters::inc(&self.svc.counters().frames_out);
                     return true;
@@ -637,5 +678,40 @@ impl Me<'_> {
             _ => e.to_string(),
         };
         self.error(code, &message, Some(room))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(body: &str) -> Bytes {
+        Bytes::from(format!(
+            r#"{{"type":"message","room":"r","id":"i","from":"u","body":"{body}","ts":1,"cursor":null}}"#
+        ))
+    }
+
+    #[test]
+    fn a_shared_frame_is_translated_once_and_never_confused() {
+        let t = Translations::default();
+        let a = frame("one");
+        let first = t.get(&a).expect("a frame");
+        // Another recipient's clone of the same frame: the same translation.
+        let again = t.get(&a.clone()).expect("a frame");
+        assert!(Arc::ptr_eq(&first, &again));
+        assert_eq!(first.0, "message");
+        assert_eq!(first.1["message"], "one");
+        // Equal bytes elsewhere, and a prefix of the same allocation, are other frames.
+        let b = frame("two");
+        assert_eq!(t.get(&b).expect("a frame").1["message"], "two");
+        let prefix = a.slice(0..a.len() - 1);
+        assert!(t.get(&prefix).is_none(), "a truncated frame is not JSON");
+        // Past the bound the oldest go; what is translated stays right.
+        for i in 0..2 * TRANSLATIONS {
+            let f = frame(&format!("m{i}"));
+            assert_eq!(t.get(&f).expect("a frame").1["message"], format!("m{i}"));
+        }
+        assert_eq!(crate::chat::lock(&t.recent).len(), TRANSLATIONS);
+        assert_eq!(t.get(&a).expect("a frame").1["message"], "one");
     }
 }
