@@ -107,10 +107,14 @@ impl Cluster {
              tests/socketio/run.sh do)",
             dir.display()
         );
-        let tokens: serde_json::Map<String, Value> = USERS
+        let mut tokens: serde_json::Map<String, Value> = USERS
             .iter()
             .map(|u| ((*u).to_owned(), Value::String(token(u))))
             .collect();
+        // `short`: user `shorty`, expired 22 s ago, so still valid for the verifier's 30 s
+        // leeway: the connection lives 8 s. `shorty`: the same user for an hour.
+        tokens.insert("short".into(), Value::String(token_exp("shorty", -22)));
+        tokens.insert("shorty".into(), Value::String(token("shorty")));
         let mut cmd = Command::new("node");
         cmd.arg(dir.join("scenarios.mjs"))
             .arg(scenario)
@@ -170,10 +174,15 @@ fn unique() -> String {
 
 /// An HS256 token for `sub`, valid for an hour.
 fn token(sub: &str) -> String {
-    let exp = std::time::SystemTime::now()
+    token_exp(sub, 3600)
+}
+
+/// An HS256 token for `sub` whose `exp` is `secs` from now (negative: in the past).
+fn token_exp(sub: &str, secs: i64) -> String {
+    let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-        + 3600;
+        .map_or(0, |d| d.as_secs());
+    let exp = now.saturating_add_signed(secs);
     jsonwebtoken::encode(
         &Header::default(),
         &json!({"sub": sub, "exp": exp}),
@@ -217,6 +226,13 @@ async fn acks_carry_id_and_cursor_and_errors_carry_codes() {
         "bad requests counted:\n{metrics}"
     );
     assert!(metric(&metrics, r#"chatbus_errors_total{code="not_joined"}"#) >= 1);
+}
+
+/// A connection lives until its token expires (an `unauthorized` error event, then a server
+/// disconnect) unless it sends `refresh` with a new token for the same user.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_expiry_disconnects_unless_refreshed() {
+    Cluster::start(Backend::Redis).await.run("expiry").await;
 }
 
 /// A client disconnected for 5 s reconnects to the other instance with its last cursor in

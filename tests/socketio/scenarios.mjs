@@ -106,7 +106,8 @@ const scenarios = {
   },
 
   // Acks: send answers {id, cursor} equal to the message's; the same key again is the
-  // original's ack marked duplicate; errors are {code, message} with protocol v1 codes.
+  // original's ack marked duplicate; join/leave/history/refresh answers; errors are
+  // {code, message} with protocol v1 codes.
   async acks() {
     const s = connect(URLS[0], 'acker');
     await connected(s);
@@ -132,6 +133,10 @@ const scenarios = {
     check(left.room === `other-${process.pid}`, 'leave acked');
     const history = await s.timeout(WAIT_MS).emitWithAck('history', { room: 'general', limit: 10 });
     check(Array.isArray(history.messages) && history.messages.some((x) => x.message === body && x.id === ack.id), 'history holds the message, with message for body');
+    const refreshed = await s.timeout(WAIT_MS).emitWithAck('refresh', { token: TOKENS.acker });
+    check(typeof refreshed.expires === 'number' && refreshed.expires > Date.now(), `refresh with a new token of the same user: {expires} (${JSON.stringify(refreshed)})`);
+    const stolen = await s.timeout(WAIT_MS).emitWithAck('refresh', TOKENS.u0);
+    check(stolen.code === 'unauthorized' && s.connected, 'refresh with another user\'s token: {code: unauthorized}, still connected');
     const unknown = await s.timeout(WAIT_MS).emitWithAck('frobnicate', {});
     check(unknown.code === 'bad_request', 'an unknown event: {code: bad_request}');
     // Without a callback, an error comes as the `error` event.
@@ -199,6 +204,27 @@ const scenarios = {
     const fine = connect(URLS[0], 'u0');
     await connected(fine);
     check(fine.connected, 'a valid token connects');
+  },
+
+  // Tokens that expire 8 s from now (TOKENS.short, user "shorty", inside the verifier's
+  // leeway): a socket that refreshes with a long token (TOKENS.shorty) stays; the other gets
+  // an `unauthorized` error event and a server disconnect when the token expires.
+  async expiry() {
+    const start = Date.now();
+    const lapsing = connect(URLS[0], 'short');
+    const refreshing = connect(URLS[0], 'short');
+    await Promise.all([connected(lapsing), connected(refreshing)]);
+    const errors = [];
+    lapsing.on('error', (e) => errors.push(e));
+    const gone = new Promise((resolve) => lapsing.once('disconnect', resolve));
+    const r = await refreshing.timeout(WAIT_MS).emitWithAck('refresh', { token: TOKENS.shorty });
+    check(r.expires > Date.now() + 3_000_000, `refreshed to a later expiry (${JSON.stringify(r)})`);
+    const why = await Promise.race([gone, sleep(WAIT_MS).then(() => 'still connected')]);
+    const after = (Date.now() - start) / 1000;
+    check(why === 'io server disconnect' && after > 3, `the lapsing socket is disconnected by the server at expiry (${why} after ${after.toFixed(1)} s)`);
+    check(errors.some((e) => e.code === 'unauthorized'), 'it was told why: an unauthorized error event');
+    await sleep(1500);
+    check(refreshing.connected, 'the refreshed socket is still connected past the old expiry');
   },
 
   // The Rust test stops instance 1 gracefully (SIGTERM) after READY: the client's transport

@@ -39,6 +39,10 @@ pub(super) enum Event {
         before: Option<Cursor>,
         limit: Option<u64>,
     },
+    /// A new token for the same user, before the current one expires.
+    Refresh {
+        token: String,
+    },
 }
 
 /// A refused event: the code and the message the client gets.
@@ -124,6 +128,14 @@ pub(super) fn parse(name: &str, data: Value) -> Result<Event, Bad> {
                 limit,
             })
         }
+        "refresh" => match data {
+            Value::String(token) if !token.is_empty() => Ok(Event::Refresh { token }),
+            Value::Object(mut o) => match o.remove("token") {
+                Some(Value::String(token)) if !token.is_empty() => Ok(Event::Refresh { token }),
+                _ => Err(bad("`refresh` needs `token`, a non-empty string")),
+            },
+            _ => Err(bad("`refresh` takes a token or `{token}`")),
+        },
         other => Err(bad(format!(
             "unknown event `{}`; see docs/protocol.md, \"Socket.IO endpoint\"",
             other.chars().take(64).collect::<String>()
@@ -302,6 +314,11 @@ mod tests {
             json!({"room": "x", "body": "b", "key": "k".repeat(65)})
         )
         .is_err());
+        assert_eq!(
+            parse("refresh", json!({"token": "t"})),
+            Ok(Event::Refresh { token: "t".into() })
+        );
+        assert!(parse("refresh", json!({"token": ""})).is_err());
         let unknown = parse("subscribe", json!({})).expect_err("unknown");
         assert!(unknown.message.contains("unknown event `subscribe`"));
     }

@@ -12,7 +12,7 @@ use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use chatbus_core::{Envelope, JoinOptions, Outbound, Room, Session, SessionHandle};
@@ -22,7 +22,7 @@ use socketioxide::extract::{AckSender, SocketRef};
 use socketioxide::handler::FromMessageParts;
 use socketioxide::socket::Socket;
 use socketioxide::{SendError, SocketError, SocketIo};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -249,12 +249,15 @@ pub(super) async fn run(
         handle.id(),
         admitted.data.clone(),
     );
+    // When the connection's token expires; a `refresh` moves it.
+    let (expiry_tx, mut expiry_rx) = watch::channel(conn.identity.expires_at);
     let me = Me {
         svc: &svc,
         socket: &socket,
         handle: &handle,
         conn: &conn,
         settings: &settings,
+        expiry: &expiry_tx,
     };
     // Reachable by user id (direct messages, status probes, "disconnect this user") before
     // the client hears anything, as on `/ws`.
@@ -306,7 +309,20 @@ pub(super) async fn run(
     tracing::debug!(session = handle.id(), user = %conn.identity.user, "socket.io connected");
 
     let mut bucket = cfg.rate_limit.map(TokenBucket::new);
-    let mut expiry = expiry_timer(conn.identity.expires_at);
+    let expiry = async {
+        loop {
+            let mut timer = expiry_timer(*expiry_rx.borrow_and_update());
+            tokio::select! {
+                () = expired(&mut timer) => return,
+                changed = expiry_rx.changed() => {
+                    if changed.is_err() {
+                        // The sender lives as long as the session: not reached.
+                        std::future::pending::<()>().await;
+                    }
+                }
+            }
+        }
+    };
     let reader = async {
         while let Some(inbound) = inbox.recv().await {
             WsCounters::inc(&counters.frames_in);
@@ -322,7 +338,7 @@ pub(super) async fn run(
             kicked = writer => if kicked { End::Kicked } else { End::ClientGone },
             () = gone.cancelled() => End::ClientGone,
             () = shutdown.cancelled() => End::Shutdown,
-            () = expired(&mut expiry) => End::Expired,
+            () = expiry => End::Expired,
         }
     };
     match end {
@@ -389,6 +405,7 @@ struct Me<'a> {
     handle: &'a SessionHandle,
     conn: &'a Conn,
     settings: &'a Settings,
+    expiry: &'a watch::Sender<Option<SystemTime>>,
 }
 
 /// An answer to a client event: a protocol v1 frame (`ack`, `joined`, `error`, ...).
@@ -498,6 +515,7 @@ impl Me<'_> {
                 self.svc.chat().presence_changed([room.clone()]);
                 Ok(protocol::left(&room, None))
             }
+            Event::Refresh { token } => self.refresh(&token).await,
             Event::Typing { room } => {
                 self.access(&room)?;
                 self.member(&room)?;
@@ -665,6 +683,38 @@ impl Me<'_> {
                     other => other.to_string(),
                 };
                 Err(self.error(e.code(), &message, Some(&room)))
+            }
+        }
+    }
+
+    /// A `refresh`: verified like a connect token, for the same user; only the expiry
+    /// changes. A refused one changes nothing. (As the native `refresh` frame.)
+    async fn refresh(&self, token: &str) -> Answer {
+        let Some(verifier) = &self.svc.config().verifier else {
+            return Err(self.error(
+                ErrorCode::Unsupported,
+                "this server checks no tokens; there is nothing to refresh",
+                None,
+            ));
+        };
+        match verifier.verify(token).await {
+            Err(e) => Err(self.error(
+                ErrorCode::Unauthorized,
+                &format!("refresh refused: {}", e.message()),
+                None,
+            )),
+            Ok(id) if id.user != self.conn.identity.user => Err(self.error(
+                ErrorCode::Unauthorized,
+                "refresh refused: the token is for another user",
+                None,
+            )),
+            Ok(id) => {
+                self.expiry.send_replace(id.expires_at);
+                let ms = id
+                    .expires_at
+                    .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                    .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+                Ok(protocol::refreshed(ms, None))
             }
         }
     }
