@@ -19,7 +19,7 @@ use socketioxide::extract::SocketRef;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::session::{self, Inbound};
+use super::inbox::{self, Inbound};
 
 use crate::auth::Identity;
 use crate::hooks::{self, ConnData, HookKind};
@@ -37,7 +37,7 @@ pub(super) struct Admitted {
     pub(super) data: ConnData,
     /// Rooms to resume, with the last cursor the client has of each (`auth.cursors`).
     pub(super) cursors: Vec<(Room, Cursor)>,
-    /// The socket's events, queued from the moment it was admitted (see [`session::open`]).
+    /// The socket's events, queued from the moment it was admitted (see [`inbox::open`]).
     pub(super) inbox: Mutex<Option<mpsc::Receiver<Inbound>>>,
     /// Cancelled when socketioxide reports the socket gone.
     pub(super) gone: CancellationToken,
@@ -197,7 +197,7 @@ pub(super) async fn admit(
             .map_err(|d| refuse(&svc, ErrorCode::Forbidden, d.reason()))?
         }
     };
-    let (inbox, gone) = session::open(&svc, &socket);
+    let (inbox, gone) = inbox::open(&svc, &socket);
     socket.extensions.insert(Arc::new(Admitted {
         identity,
         data,

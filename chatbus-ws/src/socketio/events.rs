@@ -7,7 +7,10 @@
 //! (acks) are built with the same v1 builders as the native endpoint and go through the same
 //! rule, so the two endpoints cannot drift apart field by field.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
 
 use chatbus_core::{Cursor, Room};
 use serde_json::{Map, Value};
@@ -244,6 +247,44 @@ fn rename_body(o: &mut Map<String, Value>) {
     }
 }
 
+/// Frames last translated into Socket.IO events, shared by the instance's sessions.
+///
+/// The hub encodes a message once and gives every recipient the same bytes; without this,
+/// each of a room's sockets would parse and rebuild the same event. An entry holds its frame,
+/// so the allocation it is recognised by (pointer and length) cannot be freed and reused
+/// for another frame while the entry exists.
+#[derive(Debug, Default)]
+pub(super) struct Translations {
+    recent: Mutex<VecDeque<(Bytes, Translated)>>,
+}
+
+/// A frame as a Socket.IO event: its name and argument.
+type Translated = Arc<(String, Value)>;
+
+/// Frames remembered: the messages in flight at once in a busy instance's rooms; a miss only
+/// costs the translation.
+const TRANSLATIONS: usize = 64;
+
+impl Translations {
+    pub(super) fn get(&self, frame: &Bytes) -> Option<Translated> {
+        let same = |b: &Bytes| b.as_ptr() == frame.as_ptr() && b.len() == frame.len();
+        {
+            let recent = crate::chat::lock(&self.recent);
+            if let Some((_, t)) = recent.iter().find(|(b, _)| same(b)) {
+                return Some(t.clone());
+            }
+        }
+        // Translated outside the lock; two sessions may both do it once, which is harmless.
+        let translated = Arc::new(outbound(frame)?);
+        let mut recent = crate::chat::lock(&self.recent);
+        if recent.len() >= TRANSLATIONS {
+            recent.pop_front();
+        }
+        recent.push_back((frame.clone(), translated.clone()));
+        Some(translated)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -344,5 +385,35 @@ mod tests {
         );
         assert_eq!(outbound(b"not json"), None);
         assert_eq!(outbound(br#"{"no":"type"}"#), None);
+    }
+
+    fn frame(body: &str) -> Bytes {
+        Bytes::from(format!(
+            r#"{{"type":"message","room":"r","id":"i","from":"u","body":"{body}","ts":1,"cursor":null}}"#
+        ))
+    }
+
+    #[test]
+    fn a_shared_frame_is_translated_once_and_never_confused() {
+        let t = Translations::default();
+        let a = frame("one");
+        let first = t.get(&a).expect("a frame");
+        // Another recipient's clone of the same frame: the same translation.
+        let again = t.get(&a.clone()).expect("a frame");
+        assert!(Arc::ptr_eq(&first, &again));
+        assert_eq!(first.0, "message");
+        assert_eq!(first.1["message"], "one");
+        // Equal bytes elsewhere, and a prefix of the same allocation, are other frames.
+        let b = frame("two");
+        assert_eq!(t.get(&b).expect("a frame").1["message"], "two");
+        let prefix = a.slice(0..a.len() - 1);
+        assert!(t.get(&prefix).is_none(), "a truncated frame is not JSON");
+        // Past the bound the oldest go; what is translated stays right.
+        for i in 0..2 * TRANSLATIONS {
+            let f = frame(&format!("m{i}"));
+            assert_eq!(t.get(&f).expect("a frame").1["message"], format!("m{i}"));
+        }
+        assert_eq!(crate::chat::lock(&t.recent).len(), TRANSLATIONS);
+        assert_eq!(t.get(&a).expect("a frame").1["message"], "one");
     }
 }

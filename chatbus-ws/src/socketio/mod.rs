@@ -34,13 +34,15 @@
 //! A connect middleware (`connect.rs`) runs the native handshake's checks on the Socket.IO
 //! handshake (its `auth` payload carries the token and the cursors to resume from); the
 //! connect handler then starts the socket's session (`session.rs`), which joins the default
-//! room and the resumed ones, handles the socket's events in order and emits what the hub
-//! queues for it. The hub's frames are protocol v1 JSON (encoded once per instance and
+//! room and the resumed ones, handles the socket's events in the order they arrived
+//! (`inbox.rs`, `actions.rs`) and emits what the hub queues for it. The hub's frames are protocol v1 JSON (encoded once per instance and
 //! shared); each is turned into its Socket.IO event per recipient (`events.rs`), which costs a
 //! JSON parse per delivery that native clients do not pay.
 
+mod actions;
 mod connect;
 mod events;
+mod inbox;
 mod session;
 
 use std::sync::{Arc, OnceLock};
@@ -140,7 +142,7 @@ impl WsService {
             default_room: config.default_room,
             sessions: TaskTracker::new(),
             closer: OnceLock::new(),
-            translations: session::Translations::default(),
+            translations: events::Translations::default(),
         });
         let svc = self.clone();
         let admit = {
