@@ -228,6 +228,13 @@ async fn acks_carry_id_and_cursor_and_errors_carry_codes() {
     assert!(metric(&metrics, r#"chatbus_errors_total{code="not_joined"}"#) >= 1);
 }
 
+/// Direct messages between Socket.IO users on two instances: acked with the conversation,
+/// delivered to both users' sockets without a join, not to anyone else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_messages_between_socketio_users() {
+    Cluster::start(Backend::Redis).await.run("direct").await;
+}
+
 /// A connection lives until its token expires (an `unauthorized` error event, then a server
 /// disconnect) unless it sends `refresh` with a new token for the same user.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -206,6 +206,27 @@ const scenarios = {
     check(fine.connected, 'a valid token connects');
   },
 
+  // A direct message (`send` with `to`) between Socket.IO users on two instances: acked with
+  // the conversation's room, delivered to the recipient (and the sender's own sockets)
+  // without joining anything, and not to a third user in the default room.
+  async direct() {
+    const ann = connect(URLS[0], 'u0');
+    const bob = connect(URLS[1 % URLS.length], 'u1');
+    const eve = connect(URLS[1 % URLS.length], 'u2');
+    await Promise.all([ann, bob, eve].map(connected));
+    await settle([ann, bob, eve]);
+    const body = `dm:${tag}`;
+    const ack = await ann.timeout(WAIT_MS).emitWithAck('send', { to: 'u1', body });
+    check(typeof ack.id === 'string' && typeof ack.room === 'string' && ack.room.startsWith('dm.'), `a direct message is acked with its conversation (${JSON.stringify(ack)})`);
+    await until('the direct message at bob and ann', () => [ann, bob].every((s) => s.got.some((m) => m.id === ack.id)));
+    const m = bob.got.find((x) => x.id === ack.id);
+    check(m.message === body && m.from === 'u0' && m.to === 'u1' && m.room === ack.room, 'bob got it with from, to and the conversation as room');
+    await sleep(500);
+    check(!eve.got.some((x) => x.id === ack.id), 'a third user did not get it');
+    const both = await ann.timeout(WAIT_MS).emitWithAck('send', { to: 'u1', room: 'general', body: 'x' });
+    check(both.code === 'bad_request', '`room` and `to` together: {code: bad_request}');
+  },
+
   // Tokens that expire 8 s from now (TOKENS.short, user "shorty", inside the verifier's
   // leeway): a socket that refreshes with a long token (TOKENS.shorty) stays; the other gets
   // an `unauthorized` error event and a server disconnect when the token expires.

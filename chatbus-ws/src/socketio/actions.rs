@@ -3,6 +3,7 @@
 //! answer a protocol v1 frame, translated like everything else the socket receives.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
 use bytes::Bytes;
@@ -46,7 +47,11 @@ impl Me<'_> {
         match event {
             Event::Send { room, body, key } => {
                 let room = room.unwrap_or_else(|| self.settings.default_room.clone());
-                self.send(room, body, key).await
+                self.send(room, None, body, key).await
+            }
+            Event::Direct { to, body, key } => {
+                let room = access::direct_room(&self.conn.identity.user, &to);
+                self.send(room, Some(to), body, key).await
             }
             Event::Join { room, since } => self.join(room, since).await,
             Event::Leave { room } => {
@@ -173,14 +178,19 @@ impl Me<'_> {
         Ok(protocol::joined(&room, resuming, None))
     }
 
+    /// A send to `room`, or (with `to`) a direct message in the conversation `room`, which
+    /// needs no join, as on `/ws`.
     async fn send(
         &self,
         room: Room,
+        to: Option<Arc<str>>,
         body: String,
         key: Option<crate::idempotency::SendKey>,
     ) -> Answer {
         self.access(&room)?;
-        self.member(&room)?;
+        if to.is_none() {
+            self.member(&room)?;
+        }
         let limit = self.svc.config().max_frame_size;
         if body.len() > limit {
             return Err(self.error(
@@ -194,10 +204,11 @@ impl Me<'_> {
         }
         self.hook(HookKind::Send, &room, Some(&body)).await?;
         let identity = &self.conn.identity;
+        let direct = to.is_some();
         let out = Outgoing {
             room: room.clone(),
             from: identity.user.clone(),
-            to: None,
+            to,
             body: Cow::Owned(body),
             by_server: false,
             key,
@@ -211,11 +222,13 @@ impl Me<'_> {
                 if !duplicate {
                     WsCounters::inc(&self.svc.counters().messages_in);
                 }
+                // A direct message's ack names its conversation, as on `/ws`.
+                let conversation = direct.then_some(&room);
                 Ok(protocol::ack(
                     None,
                     receipt.id,
                     receipt.cursor,
-                    None,
+                    conversation,
                     duplicate,
                 ))
             }

@@ -15,6 +15,7 @@ use bytes::Bytes;
 use chatbus_core::{Cursor, Room};
 use serde_json::{Map, Value};
 
+use crate::auth::validate_user;
 use crate::idempotency::SendKey;
 use crate::protocol::{ErrorCode, MAX_KEY_LEN};
 
@@ -24,6 +25,12 @@ pub(super) enum Event {
     /// `event:message`, `send`: publish `body` to `room` (`None`: the default room).
     Send {
         room: Option<Room>,
+        body: String,
+        key: Option<SendKey>,
+    },
+    /// `send` with `to`: a direct message to that user.
+    Direct {
+        to: Arc<str>,
         body: String,
         key: Option<SendKey>,
     },
@@ -96,11 +103,25 @@ pub(super) fn parse(name: &str, data: Value) -> Result<Event, Bad> {
                 Some(Value::String(s)) => nonempty(s)?,
                 _ => return Err(bad("`send` needs `body`, a string")),
             };
-            Ok(Event::Send {
-                room: Some(room(o.remove("room"))?),
-                body,
-                key: key(&mut o)?,
-            })
+            match o.remove("to") {
+                None | Some(Value::Null) => Ok(Event::Send {
+                    room: Some(room(o.remove("room"))?),
+                    body,
+                    key: key(&mut o)?,
+                }),
+                Some(_) if o.get("room").is_some_and(|r| !r.is_null()) => {
+                    Err(bad("`send` takes `room` or `to`, not both"))
+                }
+                Some(Value::String(to)) => {
+                    validate_user(&to).map_err(|e| bad(format!("`to`: {e}")))?;
+                    Ok(Event::Direct {
+                        to: Arc::from(to),
+                        body,
+                        key: key(&mut o)?,
+                    })
+                }
+                Some(_) => Err(bad("`to` must be a user id, a string")),
+            }
         }
         "join" => {
             let (room, mut o) = room_arg(data, "join")?;
@@ -349,6 +370,16 @@ mod tests {
         assert!(parse("join", json!({"room": "x", "since": "nope"})).is_err());
         assert!(parse("history", json!({"room": "x", "limit": -1})).is_err());
         assert!(parse("send", json!({"room": "x"})).is_err());
+        assert_eq!(
+            parse("send", json!({"to": "bob", "body": "psst"})),
+            Ok(Event::Direct {
+                to: Arc::from("bob"),
+                body: "psst".into(),
+                key: None
+            })
+        );
+        assert!(parse("send", json!({"to": "bob", "room": "x", "body": "b"})).is_err());
+        assert!(parse("send", json!({"to": "", "body": "b"})).is_err());
         assert!(parse("send", json!({"room": "x", "body": "b", "retry": true})).is_err());
         assert!(parse(
             "send",
