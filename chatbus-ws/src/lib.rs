@@ -21,6 +21,8 @@
 //!   (`watch` / `status`), and the server API on [`WsService`]: [`publish`](WsService::publish),
 //!   [`send_to_user`](WsService::send_to_user), [`disconnect_user`](WsService::disconnect_user),
 //!   [`online`](WsService::online).
+//! - With feature `socketio`, `WsService::socketio_router` serves Socket.IO clients
+//!   (`socket.io-client` 4.x) at `/socket.io/` over the same hub: see the `socketio` module.
 //! - Connections end with a documented [`CloseCode`].
 //! - Every refused input is counted by [`ErrorCode`] in [`WsMetrics`];
 //!   [`register_metrics`](WsService::register_metrics) exports the counters through
@@ -151,6 +153,9 @@ mod protocol;
 mod server;
 mod service;
 mod session;
+#[cfg(feature = "socketio")]
+#[cfg_attr(docsrs, doc(cfg(feature = "socketio")))]
+pub mod socketio;
 mod status;
 
 /// Entry points for the cargo-fuzz targets in `fuzz/` (feature `fuzzing`, off by default).

@@ -524,7 +524,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Peer {
 }
 
 /// The identity of a client when no verifier is configured: `?name=`, or a guest name.
-fn anonymous(name: Option<&str>) -> Result<Identity, String> {
+pub(crate) fn anonymous(name: Option<&str>) -> Result<Identity, String> {
     let name = display_name(name.unwrap_or("")).map_err(|e| e.to_string())?;
     if name.is_empty() {
         let n = chatbus_core::MessageId::new().as_u128() as u16;

@@ -132,6 +132,13 @@ impl WsService {
         Some(ConnSlot(self.inner.slots.clone()))
     }
 
+    /// The sessions [`shutdown`](Self::shutdown) waits for (Socket.IO sessions are spawned
+    /// into it too).
+    #[cfg(feature = "socketio")]
+    pub(crate) fn sessions(&self) -> &TaskTracker {
+        &self.inner.sessions
+    }
+
     pub(crate) fn shutdown_token(&self) -> &CancellationToken {
         &self.inner.shutdown
     }

@@ -12,6 +12,9 @@
 //! ```
 //!
 //! Routes: `/` the chat page, `/ws` the WebSocket (protocol v1, see docs/protocol.md),
+//! `/socket.io/` the Socket.IO endpoint for `socket.io-client` 4.x (docs/protocol.md, "Socket.IO
+//! endpoint"; `--no-socketio` turns it off, `--socketio-room` names the room the seed's
+//! `event:message` goes to),
 //! `/healthz` liveness, `/readyz` broker health (503 when the broker is down or the server is
 //! draining), `/metrics` Prometheus text (one `prometheus-client` registry: chatbus-ws's
 //! counters, the broker's, and `chatbus_broker_up`).
@@ -48,10 +51,11 @@ use axum::routing::get;
 use axum::Router;
 use chatbus_core::{
     Broker, DualBus, DualConfig, DurableDownPolicy, Health, HubConfig, MemoryBroker, MemoryConfig,
-    SlowPolicy,
+    Room, SlowPolicy,
 };
 use chatbus_kafka::{KafkaBroker, KafkaConfig};
 use chatbus_redis::{RedisBroker, RedisConfig};
+use chatbus_ws::socketio::SocketIoConfig;
 use chatbus_ws::tokio_rustls::rustls;
 use chatbus_ws::{
     AllowedOrigins, ChatHub, IpLimits, JwtVerifier, PresenceConfig, RateLimit, WsConfig, WsService,
@@ -247,9 +251,21 @@ struct Args {
     #[arg(long, env = "CHATBUS_API_KEY", hide_env_values = true, value_parser = ApiKey::parse)]
     api_key: Option<ApiKey>,
 
+    /// Do not serve the Socket.IO endpoint (`/socket.io/`).
+    #[arg(long, env = "CHATBUS_NO_SOCKETIO")]
+    no_socketio: bool,
+
+    /// The room Socket.IO clients join at connect and the seed's `event:message` events go to.
+    #[arg(long, env = "CHATBUS_SOCKETIO_ROOM", default_value = "general", value_parser = parse_room)]
+    socketio_room: Room,
+
     // Benchmarking only: `--bench-publish-hook-ms` (bench_hook.rs).
     #[command(flatten)]
     bench: bench_hook::BenchArgs,
+}
+
+fn parse_room(s: &str) -> Result<Room, String> {
+    Room::new(s).map_err(|e| e.to_string())
 }
 
 /// `--durable-down`.
@@ -511,7 +527,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     let addr = listener.local_addr()?;
-    let app = Router::new()
+    let mut app = Router::new()
         .route("/", get(index))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -521,6 +537,11 @@ async fn run(args: Args) -> Result<(), BoxError> {
         )
         .with_state(ws.clone())
         .merge(api::router(ws.clone(), args.api_key.clone()));
+    if !args.no_socketio {
+        app = app.merge(ws.socketio_router(
+            SocketIoConfig::default().with_default_room(args.socketio_room.clone()),
+        ));
+    }
     let scheme = if tls.is_some() { "https" } else { "http" };
     tracing::info!(
         %addr,
@@ -528,6 +549,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
         auth,
         scheme,
         api = args.api_key.is_some(),
+        socketio = !args.no_socketio,
         "chat-server started"
     );
     println!("chat-server listening on {scheme}://{addr}/");

@@ -5,6 +5,7 @@
 #
 #   scripts/bench/fanout.sh                 # chatbus (--broker redis)
 #   PEER=1 scripts/bench/fanout.sh          # the Socket.IO + Redis adapter peer
+#   SOCKETIO=1 scripts/bench/fanout.sh      # chatbus's Socket.IO endpoint: the peer's wire protocol
 #   RATES=30,100,200 scripts/bench/fanout.sh   # other steps (messages/s over all senders)
 #   BROKER=memory scripts/bench/fanout.sh   # chatbus, one instance, no Redis (the hub alone)
 #
@@ -19,7 +20,7 @@ if [ "$CLIENTS" -gt 16000 ]; then
   export CHATBUS_MAX_CONNECTIONS=${CHATBUS_MAX_CONNECTIONS:-$((CLIENTS + 100))}
 fi
 SENDERS=${SENDERS:-10}
-if [ -n "${PEER:-}" ]; then
+if [ -n "${PEER:-}" ] || [ -n "${SOCKETIO:-}" ]; then
   RATES=${RATES:-30,40,50,60,70,85,100,120,150,200}
 else
   RATES=${RATES:-30,100,200,400,700,1000,1500,2000,3000}
@@ -36,6 +37,12 @@ if [ -n "${PEER:-}" ]; then
   start_peer; start_peer
   proto=socketio; name=fanout-peer; ports=("${PEER_PORTS[@]}"); pids=("${PEER_PIDS[@]}")
   label="socket.io + redis adapter, 2 instances"
+elif [ -n "${SOCKETIO:-}" ]; then
+  # The same clients as the peer's (Engine.IO over WebSocket, `event:message` / `message`),
+  # to chatbus's /socket.io/, whose default room `general` every socket joins at connect.
+  start_chatbus "$BROKER"; start_chatbus "$BROKER"
+  proto=socketio; name=fanout-chatbus-socketio; ports=("${CB_PORTS[@]}"); pids=("${CB_PIDS[@]}")
+  label="chatbus /socket.io/ --broker $BROKER, 2 instances"
 elif [ "$BROKER" = memory ]; then
   start_chatbus memory
   proto=chatbus; name=fanout-chatbus-memory; ports=("${CB_PORTS[@]}"); pids=("${CB_PIDS[@]}")

@@ -4,6 +4,7 @@
 #
 #   scripts/bench/idle.sh                      # chatbus
 #   PEER=1 scripts/bench/idle.sh               # the Socket.IO peer instead (one node process)
+#   SOCKETIO=1 scripts/bench/idle.sh           # chatbus, the clients on its /socket.io/ endpoint
 #   IDLE_AT=10000 scripts/bench/idle.sh        # other checkpoints (comma-separated)
 #
 # The per-process open-file limit (20,000) cannot be raised, so the generator spreads its
@@ -24,9 +25,13 @@ if [ -n "${PEER:-}" ]; then
   start_peer
   name=idle-peer; proto=socketio; port=$PEER_PORT; pid=$PEER_PID; rooms=1
   label="socket.io peer, 1 instance"
+elif [ -n "${SOCKETIO:-}" ]; then
+  start_chatbus memory
+  name=idle-chatbus-socketio; proto=socketio; port=$CB_PORT; pid=$CB_PID; rooms=1
+  label="chatbus /socket.io/, memory, 1 instance"
 else
   start_chatbus memory
-  name=idle-chatbus; proto=chatbus; port=$CB_PORT; pid=$CB_PID; rooms=$((N / 100))
+  name=idle-chatbus; proto=chatbus; port=$CB_PORT; pid=$CB_PID; rooms=${ROOMS:-$((N / 100))}
   label="chatbus memory, 1 instance, rooms of 100"
 fi
 # Let the server finish starting (lazy allocations) before the baseline RSS reading.

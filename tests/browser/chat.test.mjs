@@ -6,6 +6,9 @@
 // - direct: ann opens a direct conversation with bob from the online list and writes; bob's
 //   page shows the conversation and the message without a click; bob answers, ann sees it; a
 //   dropped connection resumes the conversation, a reload brings it back with its history.
+// - socketio: a page using the official socket.io-client bundle (node_modules) with the seed's
+//   calls and the native page chat in the default room `general`, each seeing the other's
+//   messages and the Socket.IO user online.
 //
 // Usage: node chat.test.mjs <server-url> <out-dir> <test>   (screenshot: <out-dir>/<test>.png)
 //        node chat.test.mjs --list                          (the test names, one a line)
@@ -13,9 +16,10 @@
 // Every wait is bounded; the whole run is capped by a watchdog. Exit code 0 = passed.
 
 import { chromium } from "playwright-core";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
 
-const TESTS = { chat, direct };
+const TESTS = { chat, direct, socketio };
 
 if (process.argv[2] === "--list") {
   console.log(Object.keys(TESTS).join("\n"));
@@ -288,6 +292,57 @@ async function direct(browser) {
 
   await bob.locator("#text").fill("");
   await bob.screenshot({ path: screenshot });
+  step(`screenshot: ${screenshot}`);
+}
+
+// The official client's browser bundle, as an app would serve it.
+const SOCKET_IO_BUNDLE = join(
+  dirname(fileURLToPath(import.meta.url)),
+  "node_modules/socket.io-client/dist/socket.io.min.js",
+);
+
+async function socketio(browser) {
+  const alice = await open(browser, "Alice", "general");
+  step("Alice joined #general on the native page");
+
+  // Any page of the server's origin will do for the bundle; the chat page's CSP allows no
+  // foreign scripts, so /healthz it is.
+  const context = await browser.newContext();
+  const sio = await context.newPage();
+  sio.setDefaultTimeout(WAIT);
+  sio.on("pageerror", (e) => problems.push(`Socket.IO page: page error: ${e.message}`));
+  await sio.goto(`${url}healthz`);
+  await sio.addScriptTag({ path: SOCKET_IO_BUNDLE });
+  await sio.evaluate(() => {
+    // The seed's client code, plus a name (the server checks no tokens here).
+    window.got = [];
+    window.socket = io({ auth: { name: "Sio" } });
+    socket.on("message", (m) => got.push(m));
+  });
+  await sio.waitForFunction(() => window.socket.connected);
+  step("the Socket.IO page connected (Engine.IO transport: " + (await sio.evaluate(() => socket.io.engine.transport.name)) + ")");
+
+  await alice.locator("#online li", { hasText: "Sio" }).waitFor();
+  step("Alice sees the Socket.IO user online");
+
+  await sio.evaluate(() => socket.emit("event:message", { message: "Hello from Socket.IO" }));
+  const got = message(alice, "Hello from Socket.IO");
+  await got.waitFor();
+  const from = await got.locator("xpath=..").locator(".from").textContent();
+  if (from !== "Sio") problems.push(`Socket.IO sender shown as ${JSON.stringify(from)}, expected "Sio"`);
+  step("Alice received the seed-style message with the sender's name");
+
+  await say(alice, "Hello back from the native page");
+  const echo = await sio.waitForFunction(
+    () => window.got.find((m) => m.message === "Hello back from the native page"),
+  );
+  const m = await echo.jsonValue();
+  if (m.from !== "Alice" || m.room !== "general" || typeof m.cursor !== "string") {
+    problems.push(`the Socket.IO page got ${JSON.stringify(m)}`);
+  }
+  step("the Socket.IO page received Alice's message as {message, from, room, cursor}");
+
+  await alice.screenshot({ path: screenshot });
   step(`screenshot: ${screenshot}`);
 }
 

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Browser tests of the chat page: builds and starts the chat-server example (memory broker) on a
 # free loopback port (a rate limit high enough for a scripted burst), then runs each test of
-# chat.test.mjs (`node chat.test.mjs --list`: chat, direct) in its own headless Debian Chromium
-# with playwright-core, each bounded by a timeout and saving a screenshot to
-# target/browser/<test>.png (chat.png, direct.png); stops the server.
+# chat.test.mjs (`node chat.test.mjs --list`: chat, direct, socketio) in its own headless
+# Debian Chromium with playwright-core, each bounded by a timeout and saving a screenshot to
+# target/browser/<test>.png (chat.png, direct.png, socketio.png); stops the server.
 #
 # Run with: bash tests/browser/run.sh
 # Needs /usr/bin/chromium (apt-get install chromium; installed here when missing and root),
-# node and npm (playwright-core from package-lock.json; it never downloads a browser).
+# node and npm (playwright-core and socket.io-client from package-lock.json; it never downloads a
+# browser).
 # Last line: "browser: N passed, M failed", counting tests (a setup failure fails them all);
 # exit status non-zero on failure.
 set -uo pipefail
@@ -57,7 +58,7 @@ command -v node >/dev/null || fail "node not found: apt-get install nodejs npm"
 command -v npm >/dev/null || fail "npm not found: apt-get install npm"
 TESTS=$(node "$HERE/chat.test.mjs" --list) && [ -n "$TESTS" ] || fail "cannot list the tests of chat.test.mjs"
 
-if [ ! -f "$HERE/node_modules/playwright-core/package.json" ]; then
+if [ ! -f "$HERE/node_modules/playwright-core/package.json" ] || [ ! -f "$HERE/node_modules/socket.io-client/package.json" ]; then
   (cd "$HERE" && npm ci --no-audit --no-fund --loglevel=error) || fail "npm ci failed"
 fi
 

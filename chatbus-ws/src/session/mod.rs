@@ -36,6 +36,8 @@ use crate::service::WsService;
 
 use reader::Reader;
 pub(crate) use reader::TokenBucket;
+#[cfg(feature = "socketio")]
+pub(crate) use reader::{expired, expiry_timer};
 use writer::{Writer, LINGER};
 
 /// One WebSocket message, independent of the WebSocket library.

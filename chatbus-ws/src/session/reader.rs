@@ -90,7 +90,7 @@ pub(super) struct Reader<'a> {
 
 /// The timer for a credential that expires at `at`; `None` for no expiry, or one so far ahead
 /// (over a year) that the timer wheel would not hold it, which is none in practice.
-fn expiry_timer(at: Option<SystemTime>) -> Option<Pin<Box<Sleep>>> {
+pub(crate) fn expiry_timer(at: Option<SystemTime>) -> Option<Pin<Box<Sleep>>> {
     let left = at?
         .duration_since(SystemTime::now())
         .unwrap_or(Duration::ZERO);
@@ -101,7 +101,7 @@ fn expiry_timer(at: Option<SystemTime>) -> Option<Pin<Box<Sleep>>> {
 }
 
 /// Resolves when the token expires; never without one.
-async fn expired(expiry: &mut Option<Pin<Box<Sleep>>>) {
+pub(crate) async fn expired(expiry: &mut Option<Pin<Box<Sleep>>>) {
     match expiry {
         Some(sleep) => sleep.as_mut().await,
         None => std::future::pending().await,
