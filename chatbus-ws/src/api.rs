@@ -20,7 +20,7 @@ use bytes::Bytes;
 use chatbus_core::{Envelope, Receipt, Room};
 
 use crate::access::{direct_room, user_channel};
-use crate::auth::validate_user;
+use crate::auth::{validate_user, Identity};
 use crate::hooks::{self, Denied, HookKind, Publish};
 use crate::idempotency::{self, Claim, Guard, SendKey};
 use crate::metrics::WsCounters;
@@ -221,6 +221,33 @@ impl WsService {
             }
         }
         self.publish_new(out, name, Some(guard)).await
+    }
+
+    /// A client's `send` (from `/ws` or Socket.IO), checked already: published through the one
+    /// path and counted when it is new.
+    pub(crate) async fn client_send(
+        &self,
+        identity: &Identity,
+        room: Room,
+        to: Option<Arc<str>>,
+        body: Cow<'_, str>,
+        key: Option<SendKey>,
+    ) -> Result<Published, ApiError> {
+        let out = Outgoing {
+            room,
+            from: identity.user.clone(),
+            to,
+            body,
+            by_server: false,
+            key,
+        };
+        let published = self
+            .publish_message(out, identity.display_name_if_different())
+            .await?;
+        if !published.duplicate {
+            WsCounters::inc(&self.counters().messages_in);
+        }
+        Ok(published)
     }
 
     fn duplicate(&self, receipt: Receipt, found_in: &str) -> Published {

@@ -403,6 +403,19 @@ pub(crate) struct Limits {
     pub(crate) rate_burst: Option<u32>,
 }
 
+impl Limits {
+    /// The limits `config` sets.
+    pub(crate) fn of(config: &crate::WsConfig) -> Self {
+        Self {
+            max_frame_size: config.max_frame_size,
+            max_rooms: config.max_rooms,
+            max_history: config.max_history,
+            rate_per_second: config.rate_limit.map(|r| r.per_second),
+            rate_burst: config.rate_limit.map(|r| r.burst),
+        }
+    }
+}
+
 pub(crate) fn welcome(session: u64, user: &str, name: &str, limits: Limits) -> Bytes {
     to_bytes(&Welcome {
         ty: "welcome",

@@ -139,13 +139,7 @@ pub(crate) async fn run<Si, St>(
         handle.id(),
         &identity.user,
         identity.display(),
-        Limits {
-            max_frame_size: cfg.max_frame_size,
-            max_rooms: cfg.max_rooms,
-            max_history: cfg.max_history,
-            rate_per_second: cfg.rate_limit.map(|r| r.per_second),
-            rate_burst: cfg.rate_limit.map(|r| r.burst),
-        },
+        Limits::of(cfg),
     ));
     if let Err(e) = reachable {
         // After `welcome`, which is always the first frame.

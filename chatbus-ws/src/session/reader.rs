@@ -17,7 +17,7 @@ use tokio::time::{Instant, Sleep};
 
 use super::{End, TransportError, WsMessage};
 use crate::access::{self, direct_room, status_channel};
-use crate::api::{ApiError, Outgoing, Published};
+use crate::api::{ApiError, Published};
 use crate::chat::history_item;
 use crate::config::{RateLimit, WsConfig};
 use crate::hooks::{self, Conn, HookKind};
@@ -468,25 +468,13 @@ impl<'a> Reader<'a> {
         key: Option<SendKey>,
         cid: Option<&ClientId>,
     ) {
-        let identity = &self.conn.identity;
-        let out = Outgoing {
-            room: room.clone(),
-            from: identity.user.clone(),
-            to,
-            body,
-            by_server: false,
-            key,
-        };
-        let direct = out.to.is_some();
+        let direct = to.is_some();
         match self
             .svc
-            .publish_message(out, identity.display_name_if_different())
+            .client_send(&self.conn.identity, room.clone(), to, body, key)
             .await
         {
             Ok(Published { receipt, duplicate }) => {
-                if !duplicate {
-                    WsCounters::inc(&self.svc.counters().messages_in);
-                }
                 let conversation = direct.then_some(&room);
                 self.handle.reply(protocol::ack(
                     cid,

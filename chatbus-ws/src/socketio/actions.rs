@@ -13,10 +13,9 @@ use super::events::{self, Bad, Event};
 use super::inbox::{answer_now, Inbound};
 use super::session::{Answer, Me};
 use crate::access;
-use crate::api::{ApiError, Outgoing, Published};
+use crate::api::{ApiError, Published};
 use crate::chat::history_item;
 use crate::hooks::{self, HookKind};
-use crate::metrics::WsCounters;
 use crate::protocol::{self, ErrorCode};
 
 impl Me<'_> {
@@ -203,25 +202,13 @@ impl Me<'_> {
             ));
         }
         self.hook(HookKind::Send, &room, Some(&body)).await?;
-        let identity = &self.conn.identity;
         let direct = to.is_some();
-        let out = Outgoing {
-            room: room.clone(),
-            from: identity.user.clone(),
-            to,
-            body: Cow::Owned(body),
-            by_server: false,
-            key,
-        };
         match self
             .svc
-            .publish_message(out, identity.display_name_if_different())
+            .client_send(&self.conn.identity, room.clone(), to, Cow::Owned(body), key)
             .await
         {
             Ok(Published { receipt, duplicate }) => {
-                if !duplicate {
-                    WsCounters::inc(&self.svc.counters().messages_in);
-                }
                 // A direct message's ack names its conversation, as on `/ws`.
                 let conversation = direct.then_some(&room);
                 Ok(protocol::ack(

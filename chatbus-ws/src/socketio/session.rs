@@ -109,13 +109,7 @@ pub(super) async fn run(
         handle.id(),
         &conn.identity.user,
         conn.identity.display(),
-        Limits {
-            max_frame_size: cfg.max_frame_size,
-            max_rooms: cfg.max_rooms,
-            max_history: cfg.max_history,
-            rate_per_second: cfg.rate_limit.map(|r| r.per_second),
-            rate_burst: cfg.rate_limit.map(|r| r.burst),
-        },
+        Limits::of(cfg),
     ))
     .await;
     if let Err(e) = reachable {
