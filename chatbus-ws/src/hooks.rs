@@ -26,6 +26,7 @@ use futures::FutureExt;
 use tokio::time::Instant;
 
 use crate::auth::Identity;
+use crate::config::WsConfig;
 
 /// Data the application attaches to a connection in [`Hooks::on_connect`], handed back in
 /// every later hook through [`Conn::data`].
@@ -332,6 +333,31 @@ impl HookCounters {
 }
 
 /// Runs one hook call: under `timeout`, with panics caught, counted in `counters`.
+/// The application's hook for a client's action on `room` (join, history, typing, send with
+/// its `body`), through [`call`]; `Ok` when no hooks are configured. One place for both
+/// endpoints (`/ws` and Socket.IO).
+pub(crate) async fn room_action(
+    config: &WsConfig,
+    counters: &HookCounters,
+    conn: &Conn,
+    kind: HookKind,
+    room: &Room,
+    body: Option<&str>,
+) -> Result<(), Denied> {
+    let Some(h) = &config.hooks else {
+        return Ok(());
+    };
+    let hook = async {
+        match kind {
+            HookKind::Join => h.on_join(conn, room).await,
+            HookKind::History => h.on_history(conn, room).await,
+            HookKind::Typing => h.on_typing(conn, room).await,
+            _ => h.on_send(conn, room, body.unwrap_or_default()).await,
+        }
+    };
+    call(counters, kind, config.hook_timeout, hook).await
+}
+
 pub(crate) async fn call<T, F>(
     counters: &HookCounters,
     kind: HookKind,

@@ -383,20 +383,8 @@ impl<'a> Reader<'a> {
         body: Option<&str>,
         cid: Option<&ClientId>,
     ) -> bool {
-        let cfg = self.svc.config();
-        let Some(h) = &cfg.hooks else {
-            return true;
-        };
-        let conn = self.conn;
-        let hook = async {
-            match kind {
-                HookKind::Join => h.on_join(conn, room).await,
-                HookKind::History => h.on_history(conn, room).await,
-                HookKind::Typing => h.on_typing(conn, room).await,
-                _ => h.on_send(conn, room, body.unwrap_or_default()).await,
-            }
-        };
-        match hooks::call(&self.svc.counters().hooks, kind, cfg.hook_timeout, hook).await {
+        let (cfg, counters) = (self.svc.config(), &self.svc.counters().hooks);
+        match hooks::room_action(cfg, counters, self.conn, kind, room, body).await {
             Ok(()) => true,
             Err(denied) => {
                 self.error(ErrorCode::Forbidden, denied.reason(), cid, Some(room));

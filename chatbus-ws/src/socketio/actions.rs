@@ -126,20 +126,8 @@ impl Me<'_> {
     }
 
     async fn hook(&self, kind: HookKind, room: &Room, body: Option<&str>) -> Result<(), Bytes> {
-        let cfg = self.svc.config();
-        let Some(h) = &cfg.hooks else {
-            return Ok(());
-        };
-        let conn = self.conn;
-        let hook = async {
-            match kind {
-                HookKind::Join => h.on_join(conn, room).await,
-                HookKind::History => h.on_history(conn, room).await,
-                HookKind::Typing => h.on_typing(conn, room).await,
-                _ => h.on_send(conn, room, body.unwrap_or_default()).await,
-            }
-        };
-        hooks::call(&self.svc.counters().hooks, kind, cfg.hook_timeout, hook)
+        let (cfg, counters) = (self.svc.config(), &self.svc.counters().hooks);
+        hooks::room_action(cfg, counters, self.conn, kind, room, body)
             .await
             .map_err(|d| self.error(ErrorCode::Forbidden, d.reason(), Some(room)))
     }
