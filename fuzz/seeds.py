@@ -53,7 +53,7 @@ write("payload_decode", "probe", b"Q" + short(b"bob"))
 write("payload_decode", "kick", b"K" + short(b"bob"))
 write("payload_decode", "status", b"S" + (3 << 90).to_bytes(16, "big") + struct.pack(">QB", 4, 1) + short(b"ann"))
 
-# chatbus-ws/src/protocol.rs, docs/protocol.md.
+# chatbus-ws/src/protocol/mod.rs, docs/protocol.md.
 frames = {
     "join": {"type": "join", "room": "general", "since": "0-41", "client_id": 1},
     "leave": {"type": "leave", "room": "general", "client_id": "c1"},
