@@ -130,7 +130,9 @@ impl KafkaBroker {
             }),
         };
         broker.spawn_partition_check();
-        broker.spawn_epoch_probe();
+        if broker.inner.config.probe_epochs_at_connect {
+            broker.spawn_epoch_probe();
+        }
         Ok(broker)
     }
 

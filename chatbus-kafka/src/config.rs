@@ -57,6 +57,13 @@ pub struct KafkaConfig {
     /// that changed under it (`health` checks it too). Default 30 s; env
     /// `CHATBUS_KAFKA_PARTITION_CHECK_MS`.
     pub partition_check_interval: Duration,
+    /// Learn the epoch of every partition at connect (one short background read of each
+    /// partition's offset 0 with a replay reader), so that cursors carry it from the start;
+    /// without it an epoch is learned at the first replay or publish that meets offset 0, and
+    /// cursors handed out before are of an unknown epoch. Default true. (Off only where the
+    /// topic is deleted under the running broker: librdkafka 2.12 was seen to crash, SIGSEGV
+    /// in its metadata cache, when a topic that one of its consumers had read was deleted.)
+    pub probe_epochs_at_connect: bool,
     /// Replication factor of the topic when the broker creates it. Default 1 (a single-node
     /// development cluster); use 3 in production. Env `CHATBUS_KAFKA_REPLICATION`.
     pub replication: u32,
@@ -125,6 +132,7 @@ impl Default for KafkaConfig {
             partitions: 8,
             adopt_existing_partitions: false,
             partition_check_interval: Duration::from_secs(30),
+            probe_epochs_at_connect: true,
             replication: 1,
             create_topic: true,
             linger: Duration::ZERO,
@@ -254,6 +262,13 @@ impl KafkaConfig {
     #[must_use]
     pub fn with_adopt_existing_partitions(mut self, adopt: bool) -> Self {
         self.adopt_existing_partitions = adopt;
+        self
+    }
+
+    /// Sets [`probe_epochs_at_connect`](Self::probe_epochs_at_connect).
+    #[must_use]
+    pub fn with_probe_epochs_at_connect(mut self, on: bool) -> Self {
+        self.probe_epochs_at_connect = on;
         self
     }
 

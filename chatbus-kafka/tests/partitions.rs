@@ -54,7 +54,13 @@ async fn a_partition_count_change_under_a_running_broker_refuses_publishes() {
     let tansu = Tansu::start().await;
     let topic = "parts-live";
     let broker = KafkaBroker::connect(
-        common::config(&tansu, topic, 2).with_partition_check_interval(Duration::from_millis(200)),
+        common::config(&tansu, topic, 2)
+            .with_partition_check_interval(Duration::from_millis(200))
+            // This test deletes the topic under the running broker (Tansu 0.6 cannot grow
+            // one): a consumer that read the topic, as the epoch probe's does, makes librdkafka
+            // 2.12 crash (SIGSEGV) on that about one run in three. The probe is tested in
+            // tests/epoch.rs; this test is about the partition count.
+            .with_probe_epochs_at_connect(false),
     )
     .await
     .expect("connect");
