@@ -10,6 +10,8 @@
 //!   client frame once and isolating slow clients.
 //! - [`DualBus`] composes a fast broker (Redis) with a durable one (Kafka): exactly once, gaps
 //!   filled from the log.
+//! - [`store`] holds chat state (edits, deletes, reactions, read positions, conversations)
+//!   projected from the log: the [`Store`](store::Store) trait and [`MemoryStore`](store::MemoryStore).
 //! - [`backend`] holds what only broker implementors need; `conformance` (feature
 //!   `conformance`) is the suite every broker must pass.
 //!
@@ -40,6 +42,7 @@ mod error;
 mod hub;
 mod memory;
 mod queue;
+pub mod store;
 mod subscribers;
 
 #[cfg(feature = "conformance")]

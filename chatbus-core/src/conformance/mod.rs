@@ -23,6 +23,8 @@ use crate::broker::{Broker, BrokerExt, Interest, ReplayFrom, Subscription};
 use crate::envelope::{Envelope, MessageId, Room};
 use crate::Error;
 
+pub mod store;
+
 /// The outcome of one check.
 pub type CheckResult = std::result::Result<(), String>;
 
