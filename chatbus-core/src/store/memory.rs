@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use async_trait::async_trait;
 
 use super::{
-    ChatEvent, Conversation, ConversationKey, ConversationPage, EventKind, Reaction, ReadState,
-    StatePage, Store, StoredMessage,
+    ChatEvent, Claim, Conversation, ConversationKey, ConversationPage, EventKind, Reaction,
+    ReadState, StatePage, Store, StoredMessage,
 };
 use crate::envelope::{Cursor, MessageId, Room};
 use crate::Result;
@@ -308,6 +308,16 @@ impl Inner {
     }
 }
 
+/// A memory store's claim: held as long as the process lives.
+#[derive(Debug)]
+struct Held;
+
+impl Claim for Held {
+    fn is_held(&self) -> bool {
+        true
+    }
+}
+
 #[async_trait]
 impl Store for MemoryStore {
     fn name(&self) -> &'static str {
@@ -392,6 +402,13 @@ impl Store for MemoryStore {
     async fn join(&self, room: &Room, user: &str, ts: u64) -> Result<()> {
         self.lock().member(&Arc::from(user), room, ts, None);
         Ok(())
+    }
+
+    async fn claim(&self, partition: u32) -> Result<Option<Box<dyn Claim>>> {
+        // One store per process: a second claim of a partition in the same store would be two
+        // projectors of one process, which the projector never runs.
+        let _ = partition;
+        Ok(Some(Box::new(Held)))
     }
 
     async fn conversations(

@@ -211,6 +211,13 @@ pub struct ConversationPage {
     pub next: Option<ConversationKey>,
 }
 
+/// Held while this process is the one projector of a log partition (see [`Store::claim`]).
+pub trait Claim: Send + Sync + fmt::Debug {
+    /// Whether the claim still holds. A store whose claims live on a connection (PostgreSQL's
+    /// session advisory locks) loses them with it; the projector then stops and claims again.
+    fn is_held(&self) -> bool;
+}
+
 /// Indexed chat state, projected from the log.
 ///
 /// Dyn-compatible, like [`Broker`](crate::Broker): a server picks its store at run time.
@@ -259,6 +266,12 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Records that `user` is a member of `room`, so it is in the user's conversation list
     /// from now on (sending, being sent a direct message and reading make one a member too).
     async fn join(&self, room: &Room, user: &str, ts: u64) -> Result<()>;
+
+    /// Claims `partition` for this process's projector: `None` while another process holds
+    /// it. Claims make one projector per partition do the work while the others stand by;
+    /// correctness does not rest on them (two projectors applying the same events change
+    /// nothing, `apply` being idempotent). Dropping the claim releases it.
+    async fn claim(&self, partition: u32) -> Result<Option<Box<dyn Claim>>>;
 
     /// `user`'s conversations, newest activity first, starting strictly after `after`.
     async fn conversations(
