@@ -12,6 +12,7 @@ use futures::{Stream, StreamExt, TryStreamExt};
 
 use crate::envelope::{Cursor, Envelope, MessageId, Room};
 use crate::queue::{self, TrySendError};
+use crate::store::Log;
 use crate::{Error, Result};
 
 /// Which rooms a subscription receives.
@@ -181,6 +182,13 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
         let _ = room;
         None
     }
+
+    /// The broker's durable log read by partition, for projectors (see
+    /// [`Log`]). `None` (the default) for a broker without one, or one whose log cannot be
+    /// read in order by partition.
+    fn as_log(&self) -> Option<&dyn Log> {
+        None
+    }
 }
 
 /// One page of [`Broker::history`].
@@ -256,6 +264,9 @@ macro_rules! forward_broker {
             }
             fn log_partition(&self, room: &Room) -> Option<u32> {
                 (**self).log_partition(room)
+            }
+            fn as_log(&self) -> Option<&dyn Log> {
+                (**self).as_log()
             }
         }
     };

@@ -294,6 +294,11 @@ impl<F: Broker, D: Broker> Broker for DualBus<F, D> {
         self.durable.log_partition(room)
     }
 
+    /// The durable broker's: the log is the record, the fast path has none.
+    fn as_log(&self) -> Option<&dyn crate::store::Log> {
+        self.durable.as_log()
+    }
+
     fn capabilities(&self) -> Capabilities {
         let d = self.durable.capabilities();
         Capabilities {

@@ -20,6 +20,7 @@
 //! Implementations: [`MemoryStore`] here (no infrastructure, bounded per room), and
 //! `PostgresStore` in `chatbus-postgres`.
 
+mod log;
 mod memory;
 
 use std::fmt;
@@ -31,6 +32,7 @@ use async_trait::async_trait;
 use crate::envelope::{Cursor, MessageId, Room};
 use crate::{Error, Result};
 
+pub use log::{Log, LogBatch};
 pub use memory::{MemoryStore, MemoryStoreConfig};
 
 /// One event of a room's log, as a store applies it.
