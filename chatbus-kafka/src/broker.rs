@@ -218,6 +218,12 @@ impl KafkaBroker {
         partition::partition_for(room.as_str().as_bytes(), self.inner.partitions)
     }
 
+    /// The replay readers, which the [`Log`](chatbus_core::store::Log) impl (`log.rs`)
+    /// reads with too.
+    pub(crate) fn readers(&self) -> &Arc<Readers> {
+        &self.inner.readers
+    }
+
     /// Counters for metrics.
     pub fn stats(&self) -> KafkaStats {
         let tail = self.inner.tail.get().map(Tail::stats);
@@ -458,6 +464,11 @@ impl Broker for KafkaBroker {
 
     fn log_partition(&self, room: &Room) -> Option<u32> {
         Some(self.partition_of(room))
+    }
+
+    /// The topic read by partition (see `log.rs`).
+    fn as_log(&self) -> Option<&dyn chatbus_core::store::Log> {
+        Some(self)
     }
 
     fn capabilities(&self) -> Capabilities {

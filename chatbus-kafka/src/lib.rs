@@ -106,6 +106,7 @@ mod broker;
 mod client;
 mod config;
 mod epoch;
+mod log;
 mod partition;
 mod pool;
 mod producer;
