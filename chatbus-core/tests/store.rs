@@ -51,3 +51,58 @@ async fn memory_store_keeps_the_newest_messages_of_a_room() {
         3
     );
 }
+
+#[tokio::test]
+async fn memory_store_evicts_the_least_recently_active_room_and_caps_conversations() {
+    use chatbus_core::store::{ChatEvent, EventKind};
+    use chatbus_core::{Cursor, MessageId, Room};
+    let store = MemoryStore::with_config(
+        MemoryStoreConfig::default()
+            .with_max_rooms(2)
+            .with_max_conversations_per_user(2),
+    );
+    let msg = |room: &str, i: u64| ChatEvent {
+        id: MessageId::new(),
+        room: Room::new(room).unwrap(),
+        from: "a".into(),
+        ts: i,
+        cursor: Cursor::new(0, i),
+        kind: EventKind::Message {
+            name: None,
+            body: "x".into(),
+            to: None,
+        },
+    };
+    store
+        .apply(
+            &[msg("one", 1), msg("two", 2), msg("one", 3), msg("three", 4)],
+            None,
+        )
+        .await
+        .unwrap();
+    let has = |room: &str| {
+        let store = &store;
+        let room = Room::new(room).unwrap();
+        async move {
+            !store
+                .page(&room, "b", None, 10)
+                .await
+                .unwrap()
+                .unwrap()
+                .messages
+                .is_empty()
+        }
+    };
+    assert!(
+        has("one").await,
+        "the room active most recently but one stays"
+    );
+    assert!(
+        !has("two").await,
+        "the least recently active room is evicted"
+    );
+    assert!(has("three").await);
+    let convs = store.conversations("a", None, 10).await.unwrap();
+    let rooms: Vec<&str> = convs.items.iter().map(|c| c.room.as_str()).collect();
+    assert_eq!(rooms, ["three", "one"]);
+}

@@ -45,6 +45,12 @@ pub enum ApiError {
     },
     /// The broker did not take it.
     Broker(chatbus_core::Error),
+    /// The message an edit, delete or reaction names is not in the room (or is deleted).
+    NotFound(String),
+    /// An edit or delete of a message by someone other than its author.
+    NotAuthor(String),
+    /// The chat state store could not answer.
+    Store(chatbus_core::Error),
 }
 
 impl ApiError {
@@ -55,7 +61,9 @@ impl ApiError {
             Self::Denied(_) => ErrorCode::Forbidden,
             Self::Invalid(_) => ErrorCode::BadRequest,
             Self::TooLarge { .. } => ErrorCode::TooLarge,
-            Self::Broker(e) => ErrorCode::for_error(e),
+            Self::Broker(e) | Self::Store(e) => ErrorCode::for_error(e),
+            Self::NotFound(_) => ErrorCode::NotFound,
+            Self::NotAuthor(_) => ErrorCode::Forbidden,
         }
     }
 }
@@ -68,6 +76,8 @@ impl fmt::Display for ApiError {
             Self::Invalid(m) => f.write_str(m),
             Self::TooLarge { limit } => write!(f, "`body` longer than {limit} bytes"),
             Self::Broker(e) => write!(f, "broker: {e}"),
+            Self::NotFound(m) | Self::NotAuthor(m) => f.write_str(m),
+            Self::Store(e) => write!(f, "store: {e}"),
         }
     }
 }
@@ -75,9 +85,11 @@ impl fmt::Display for ApiError {
 impl std::error::Error for ApiError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            Self::Broker(e) => Some(e),
+            Self::Broker(e) | Self::Store(e) => Some(e),
             Self::Denied(d) => Some(d),
-            Self::Invalid(_) | Self::TooLarge { .. } => None,
+            Self::Invalid(_) | Self::TooLarge { .. } | Self::NotFound(_) | Self::NotAuthor(_) => {
+                None
+            }
         }
     }
 }

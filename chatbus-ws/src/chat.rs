@@ -3,10 +3,11 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
+use chatbus_core::store::{MemoryStore, Store};
 use chatbus_core::{
     Broker, Envelope, Frame, FrameEncoder, Hub, HubConfig, Interest, MessageId, Receipt, Room,
 };
@@ -21,12 +22,21 @@ use crate::auth::Identity;
 use crate::idempotency::{SendKeyConfig, SendKeys};
 use crate::payload::{self, Payload, Snapshot};
 use crate::protocol::{self, AsDisplay};
+use crate::state::{frames, StoreFeed};
 use crate::status::Users;
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Plain maps that stay consistent between statements: a panic elsewhere must not poison
     // presence (or user status) for every connection.
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn read<T>(m: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(m: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(|e| e.into_inner())
 }
 
 /// How long [`ChatHub::online_everywhere`] collects the other instances' answers for a room
@@ -141,6 +151,10 @@ struct ChatShared {
     send_keys: Arc<SendKeys>,
     stats: Arc<ChatCounters>,
     task: OnceLock<()>,
+    /// Chat state, and whether this hub feeds it from its broker's live stream (the default
+    /// memory store) or something else does (a [`Projector`](crate::state::Projector)).
+    store: RwLock<(Arc<dyn Store>, bool)>,
+    feed: OnceLock<StoreFeed>,
     stop: CancellationToken,
     // Stops the presence task when the last clone of this ChatHub is dropped.
     _guard: DropGuard,
@@ -193,6 +207,8 @@ impl ChatHub {
                 send_keys,
                 stats,
                 task: OnceLock::new(),
+                store: RwLock::new((Arc::new(MemoryStore::new()), true)),
+                feed: OnceLock::new(),
                 _guard: stop.clone().drop_guard(),
                 stop,
             }),
@@ -206,6 +222,30 @@ impl ChatHub {
     pub fn with_send_keys(self, config: SendKeyConfig) -> Self {
         self.shared.send_keys.configure(config);
         self
+    }
+
+    /// Keeps chat state (edits, deletes, reactions, read positions, conversations) in `store`,
+    /// which something else feeds: a [`Projector`](crate::state::Projector) over the durable
+    /// log, normally. Default: a [`MemoryStore`] this hub feeds itself
+    /// ([`with_live_store`](Self::with_live_store)).
+    #[must_use]
+    pub fn with_store(self, store: Arc<dyn Store>) -> Self {
+        *write(&self.shared.store) = (store, false);
+        self
+    }
+
+    /// Keeps chat state in `store`, fed by this hub from its broker's live stream (a
+    /// [`StoreFeed`], started with the hub's tasks): for a broker without a log. What the live
+    /// stream misses (a lagging subscription, a broker outage) the store misses.
+    #[must_use]
+    pub fn with_live_store(self, store: Arc<dyn Store>) -> Self {
+        *write(&self.shared.store) = (store, true);
+        self
+    }
+
+    /// The chat state store.
+    pub fn store(&self) -> Arc<dyn Store> {
+        read(&self.shared.store).0.clone()
     }
 
     pub(crate) fn send_keys(&self) -> &Arc<SendKeys> {
@@ -266,6 +306,12 @@ impl ChatHub {
 
     /// Starts the presence task once (needs a Tokio runtime, so it is not done in `new`).
     pub(crate) fn ensure_started(&self) {
+        let (store, live) = read(&self.shared.store).clone();
+        if live {
+            self.shared
+                .feed
+                .get_or_init(|| StoreFeed::spawn(self.hub.broker().clone(), store));
+        }
         self.shared.task.get_or_init(|| {
             let presence = self.shared.presence.clone();
             let hub = self.hub.clone();
@@ -453,6 +499,34 @@ impl FrameEncoder for ChatEncoder {
                 self.users.kick(user);
                 return None;
             }
+            Some(Payload::Edit { target, body }) => env.from.as_deref().map(|from| {
+                let target = MessageId::from_u128(target);
+                Frame::new(frames::target_event(
+                    env,
+                    "edit",
+                    from,
+                    target,
+                    Some(body),
+                    None,
+                ))
+            }),
+            Some(Payload::Delete { target }) => env.from.as_deref().map(|from| {
+                let target = MessageId::from_u128(target);
+                Frame::new(frames::target_event(
+                    env, "delete", from, target, None, None,
+                ))
+            }),
+            Some(Payload::React { target, emoji, on }) => env.from.as_deref().map(|from| {
+                let target = MessageId::from_u128(target);
+                let reaction = Some((emoji, on));
+                Frame::new(frames::target_event(
+                    env, "reaction", from, target, None, reaction,
+                ))
+            }),
+            Some(Payload::Read { cursor }) => env
+                .from
+                .as_deref()
+                .map(|user| Frame::new(frames::read(env, user, cursor))),
             None => None,
         };
         if frame.is_none() {

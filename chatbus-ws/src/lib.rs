@@ -156,6 +156,7 @@ mod session;
 #[cfg(feature = "socketio")]
 #[cfg_attr(docsrs, doc(cfg(feature = "socketio")))]
 pub mod socketio;
+pub mod state;
 mod status;
 
 /// Entry points for the cargo-fuzz targets in `fuzz/` (feature `fuzzing`, off by default).
@@ -198,7 +199,7 @@ pub use hooks::{Conn, ConnData, ConnectInfo, Denied, HookKind, HookStats, Hooks,
 pub use idempotency::{SendKeyConfig, SCAN_LIMIT as SEND_KEY_SCAN_LIMIT};
 pub use ip::IpLimits;
 pub use metrics::WsMetrics;
-pub use protocol::{ErrorCode, MAX_CLIENT_ID_LEN, MAX_KEY_LEN, PROTOCOL_VERSION};
+pub use protocol::{ErrorCode, MAX_CLIENT_ID_LEN, MAX_EMOJI_LEN, MAX_KEY_LEN, PROTOCOL_VERSION};
 pub use service::WsService;
 pub use session::{TransportError, WsMessage};
 

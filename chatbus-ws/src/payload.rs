@@ -14,7 +14,15 @@
 //! status    'S' instance:u128be seq:u64be online:u8 user_len:u8 user
 //! kick      'K' user_len:u8 user
 //! keyed     'I' key_len:u8 key inner   (inner: a `message` or `direct` payload)
+//! edit      'E' target:u128be body
+//! delete    'X' target:u128be
+//! react     'R' target:u128be on:u8 (0|1) emoji_len:u8 emoji
+//! read      'C' cursor (its string form, the rest)
 //! ```
+//!
+//! `edit`, `delete`, `react` and `read` are durable events of the room whose message they
+//! target (`docs/protocol.md`, "Chat state"): in the log like messages, projected into the
+//! store (`state/`), delivered live as their own frames.
 //!
 //! A direct message is a `direct` envelope in the conversation's room (`conv` and `cursor`
 //! and `id` empty: they are the envelope's own), and a copy in the personal channel of each
@@ -35,6 +43,7 @@
 use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
+use chatbus_core::{Cursor, MessageId};
 
 pub(crate) const TAG_MESSAGE: u8 = b'M';
 pub(crate) const TAG_TYPING: u8 = b'T';
@@ -44,6 +53,10 @@ pub(crate) const TAG_PROBE: u8 = b'Q';
 pub(crate) const TAG_STATUS: u8 = b'S';
 pub(crate) const TAG_KICK: u8 = b'K';
 pub(crate) const TAG_KEYED: u8 = b'I';
+pub(crate) const TAG_EDIT: u8 = b'E';
+pub(crate) const TAG_DELETE: u8 = b'X';
+pub(crate) const TAG_REACT: u8 = b'R';
+pub(crate) const TAG_READ: u8 = b'C';
 
 const FLAG_HELLO: u8 = 1;
 
@@ -65,6 +78,21 @@ pub(crate) enum Payload<'a> {
     Status(UserStatus<'a>),
     Kick {
         user: &'a str,
+    },
+    Edit {
+        target: u128,
+        body: &'a str,
+    },
+    Delete {
+        target: u128,
+    },
+    React {
+        target: u128,
+        emoji: &'a str,
+        on: bool,
+    },
+    Read {
+        cursor: &'a str,
     },
 }
 
@@ -169,6 +197,37 @@ pub(crate) fn key(bytes: &[u8]) -> Option<&str> {
         return None;
     }
     non_empty(r.short_str()?)
+}
+
+pub(crate) fn edit(target: MessageId, body: &str) -> Bytes {
+    let mut out = BytesMut::with_capacity(17 + body.len());
+    out.put_u8(TAG_EDIT);
+    out.put_u128(target.as_u128());
+    out.put_slice(body.as_bytes());
+    out.freeze()
+}
+
+pub(crate) fn delete(target: MessageId) -> Bytes {
+    let mut out = BytesMut::with_capacity(17);
+    out.put_u8(TAG_DELETE);
+    out.put_u128(target.as_u128());
+    out.freeze()
+}
+
+pub(crate) fn react(target: MessageId, emoji: &str, on: bool) -> Bytes {
+    let mut out = BytesMut::with_capacity(19 + emoji.len());
+    out.put_u8(TAG_REACT);
+    out.put_u128(target.as_u128());
+    out.put_u8(u8::from(on));
+    put_short(&mut out, Some(emoji));
+    out.freeze()
+}
+
+pub(crate) fn read(cursor: Cursor) -> Bytes {
+    let mut out = BytesMut::with_capacity(24);
+    out.put_u8(TAG_READ);
+    out.put_slice(cursor.to_string().as_bytes());
+    out.freeze()
 }
 
 fn user_only(tag: u8, user: &str) -> Bytes {
@@ -311,6 +370,30 @@ pub(crate) fn decode(bytes: &[u8]) -> Option<Payload<'_>> {
                 Payload::Kick { user }
             })
         }
+        TAG_EDIT => {
+            let target = u128::from_be_bytes(r.array()?);
+            let body = std::str::from_utf8(r.0).ok()?;
+            Some(Payload::Edit { target, body })
+        }
+        TAG_DELETE => {
+            let target = u128::from_be_bytes(r.array()?);
+            r.0.is_empty().then_some(Payload::Delete { target })
+        }
+        TAG_REACT => {
+            let target = u128::from_be_bytes(r.array()?);
+            let on = match r.u8()? {
+                0 => false,
+                1 => true,
+                _ => return None,
+            };
+            let emoji = non_empty(r.short_str()?)?;
+            r.0.is_empty()
+                .then_some(Payload::React { target, emoji, on })
+        }
+        TAG_READ => {
+            let cursor = non_empty(std::str::from_utf8(r.0).ok()?)?;
+            Some(Payload::Read { cursor })
+        }
         TAG_STATUS => {
             let instance = u128::from_be_bytes(r.array()?);
             let seq = u64::from_be_bytes(r.array()?);
@@ -342,6 +425,15 @@ fn reencode(p: &Payload<'_>) -> Bytes {
         Payload::Probe { user } => probe(user),
         Payload::Status(s) => status(s),
         Payload::Kick { user } => kick(user),
+        Payload::Edit { target, body } => edit(MessageId::from_u128(*target), body),
+        Payload::Delete { target } => delete(MessageId::from_u128(*target)),
+        Payload::React { target, emoji, on } => react(MessageId::from_u128(*target), emoji, *on),
+        Payload::Read { cursor } => {
+            let mut out = BytesMut::with_capacity(1 + cursor.len());
+            out.put_u8(TAG_READ);
+            out.put_slice(cursor.as_bytes());
+            out.freeze()
+        }
     }
 }
 
@@ -426,6 +518,29 @@ mod tests {
         let kd = keyed("c-2", &direct(&d));
         assert_eq!(decode(&kd), Some(Payload::Direct(d)));
         assert_eq!(key(&kd), Some("c-2"));
+        let target = MessageId::from_u128(5 << 70);
+        assert_eq!(
+            decode(&edit(target, "fixed ✓")),
+            Some(Payload::Edit {
+                target: 5 << 70,
+                body: "fixed ✓"
+            })
+        );
+        assert_eq!(
+            decode(&delete(target)),
+            Some(Payload::Delete { target: 5 << 70 })
+        );
+        assert_eq!(
+            decode(&react(target, "👍", false)),
+            Some(Payload::React {
+                target: 5 << 70,
+                emoji: "👍",
+                on: false
+            })
+        );
+        let c = Cursor::with_epoch(2, 99, 7);
+        let cs = c.to_string();
+        assert_eq!(decode(&read(c)), Some(Payload::Read { cursor: &cs }));
     }
 
     /// The fuzz target's property, on one payload of each tag and on garbage (the fuzzer's
@@ -459,6 +574,10 @@ mod tests {
             probe("p"),
             kick("k"),
             status(&st),
+            edit(MessageId::from_u128(1), "e"),
+            delete(MessageId::from_u128(2)),
+            react(MessageId::from_u128(3), "x", true),
+            read(Cursor::new(0, 1)),
             // Unknown presence flag bits are ignored: equal after a round trip, not byte-equal.
             Bytes::from_static(b"P\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\xfe\0\0\0\0"),
         ] {

@@ -93,6 +93,9 @@ async fn ten_thousand_abandoned_rooms_leave_server_memory_flat() {
         growth < MAX_GROWTH_KIB,
         "{ROOMS} abandoned rooms grew the server by {growth} KiB (bound {MAX_GROWTH_KIB} KiB)"
     );
+    // Echoes of the last messages may still arrive after their room's `left` (replies
+    // overtake queued messages); they are not what is checked here.
+    c.quiet(Duration::from_millis(500)).await;
     c.assert_alive().await;
     server.stop().await;
 }

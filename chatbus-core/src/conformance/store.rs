@@ -172,7 +172,7 @@ pub async fn edits_and_deletes_by_the_author_only<S: Store + ?Sized>(s: &S) -> C
     )?;
     expect("edited marker", got.edited, Some(12))?;
     expect("deleted", got.deleted, false)?;
-    let events = vec![
+    let events = [
         log.event(&room, &bob, 13, EventKind::Delete { target }),
         log.event(&room, &alice, 14, EventKind::Delete { target }),
         log.event(&room, &alice, 15, edit("back")),

@@ -1,6 +1,6 @@
 //! [`MemoryStore`]: chat state in process memory, the embedded default.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
@@ -19,12 +19,21 @@ pub struct MemoryStoreConfig {
     /// Messages kept per room, the newest; older ones are forgotten (with their reactions),
     /// so memory is bounded by rooms × this. Unread counts count within it. Default 1,000.
     pub max_messages_per_room: usize,
+    /// Rooms kept. Past it, a new room evicts the one least recently active (its messages and
+    /// read positions). Default 4,096, the memory broker's bound: with the default
+    /// `max_messages_per_room`, at most about 4 million messages.
+    pub max_rooms: usize,
+    /// Rooms kept in one user's conversation list; past it, the entry least recently active
+    /// is dropped. Default 1,000.
+    pub max_conversations_per_user: usize,
 }
 
 impl Default for MemoryStoreConfig {
     fn default() -> Self {
         Self {
             max_messages_per_room: 1_000,
+            max_rooms: 4_096,
+            max_conversations_per_user: 1_000,
         }
     }
 }
@@ -34,6 +43,20 @@ impl MemoryStoreConfig {
     #[must_use]
     pub fn with_max_messages_per_room(mut self, n: usize) -> Self {
         self.max_messages_per_room = n.max(1);
+        self
+    }
+
+    /// Sets [`max_rooms`](Self::max_rooms) (at least 1).
+    #[must_use]
+    pub fn with_max_rooms(mut self, n: usize) -> Self {
+        self.max_rooms = n.max(1);
+        self
+    }
+
+    /// Sets [`max_conversations_per_user`](Self::max_conversations_per_user) (at least 1).
+    #[must_use]
+    pub fn with_max_conversations_per_user(mut self, n: usize) -> Self {
+        self.max_conversations_per_user = n.max(1);
         self
     }
 }
@@ -59,20 +82,25 @@ impl MemoryStoreConfig {
 /// ```
 #[derive(Debug, Default)]
 pub struct MemoryStore {
-    config: MemoryStoreConfig,
     inner: Mutex<Inner>,
 }
 
 #[derive(Debug, Default)]
 struct Inner {
     rooms: HashMap<Room, RoomState>,
+    /// Rooms by last activity (a logical clock), to evict the least recently active.
+    by_activity: BTreeMap<u64, Room>,
+    clock: u64,
     /// user → room → membership.
     members: HashMap<Arc<str>, HashMap<Room, Member>>,
     positions: HashMap<u32, Cursor>,
+    config: MemoryStoreConfig,
 }
 
 #[derive(Debug, Default)]
 struct RoomState {
+    /// The clock of its last event, its key in `Inner::by_activity`.
+    active: u64,
     /// Oldest first; `seq` increases by one from the front.
     messages: VecDeque<Msg>,
     next_seq: u64,
@@ -117,8 +145,10 @@ impl MemoryStore {
     /// A store with these settings.
     pub fn with_config(config: MemoryStoreConfig) -> Self {
         Self {
-            config,
-            inner: Mutex::default(),
+            inner: Mutex::new(Inner {
+                config,
+                ..Inner::default()
+            }),
         }
     }
 
@@ -197,8 +227,45 @@ impl Msg {
 }
 
 impl Inner {
+    /// The state of `room`, created (evicting the least recently active room past `max`)
+    /// if new, marked as the most recently active.
+    fn room(&mut self, room: &Room, max: usize) -> &mut RoomState {
+        self.clock += 1;
+        let now = self.clock;
+        if let Some(state) = self.rooms.get(room) {
+            let was = state.active;
+            self.by_activity.remove(&was);
+        } else if self.rooms.len() >= max {
+            if let Some((_, old)) = self.by_activity.pop_first() {
+                self.rooms.remove(&old);
+            }
+        }
+        self.by_activity.insert(now, room.clone());
+        let state = self.rooms.entry(room.clone()).or_default();
+        state.active = now;
+        state
+    }
+
     fn member(&mut self, user: &Arc<str>, room: &Room, since: u64, with: Option<&Arc<str>>) {
+        let cap = self.config.max_conversations_per_user;
         let rooms = self.members.entry(user.clone()).or_default();
+        if rooms.len() >= cap && !rooms.contains_key(room) {
+            // Rare (a user in more rooms than the cap): one scan for the stalest entry.
+            let stalest = rooms
+                .iter()
+                .map(|(r, m)| {
+                    let ts = self
+                        .rooms
+                        .get(r)
+                        .and_then(|s| s.messages.back())
+                        .map_or(m.since, |l| l.ts);
+                    (ts, r.clone())
+                })
+                .min();
+            if let Some((_, r)) = stalest {
+                rooms.remove(&r);
+            }
+        }
         let m = rooms
             .entry(room.clone())
             .or_insert_with(|| Member { since, with: None });
@@ -207,8 +274,10 @@ impl Inner {
         }
     }
 
-    fn apply(&mut self, max: usize, e: &ChatEvent) {
-        let state = self.rooms.entry(e.room.clone()).or_default();
+    fn apply(&mut self, e: &ChatEvent) {
+        let max = self.config.max_messages_per_room;
+        let max_rooms = self.config.max_rooms;
+        let state = self.room(&e.room, max_rooms);
         match &e.kind {
             EventKind::Message { name, body, to } => {
                 // Log order per room: a message at or before the newest one is a replay.
@@ -325,10 +394,9 @@ impl Store for MemoryStore {
     }
 
     async fn apply(&self, events: &[ChatEvent], position: Option<Cursor>) -> Result<()> {
-        let max = self.config.max_messages_per_room;
         let mut inner = self.lock();
         for e in events {
-            inner.apply(max, e);
+            inner.apply(e);
         }
         if let Some(p) = position {
             inner.positions.insert(p.partition, p);

@@ -4,6 +4,7 @@
 use std::fmt;
 
 use bytes::Bytes;
+use chatbus_core::store::ReadState;
 use chatbus_core::{Cursor, Room};
 use serde::Serialize;
 
@@ -80,14 +81,28 @@ struct RoomReply<'a> {
     resuming: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     client_id: Option<&'a ClientId>,
+    /// The user's read position (`null`: nothing read yet), when the store answered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    read: Option<Option<Cursor>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    unread: Option<u64>,
 }
 
-pub(crate) fn joined(room: &Room, resuming: bool, client_id: Option<&ClientId>) -> Bytes {
+/// The `joined` reply; `read` carries the user's read position and unread count from the
+/// store (left out when the store could not answer).
+pub(crate) fn joined(
+    room: &Room,
+    resuming: bool,
+    client_id: Option<&ClientId>,
+    read: Option<ReadState>,
+) -> Bytes {
     to_bytes(&RoomReply {
         ty: "joined",
         room: room.as_str(),
         resuming: Some(resuming),
         client_id,
+        read: read.map(|r| r.cursor),
+        unread: read.map(|r| r.unread),
     })
 }
 
@@ -97,6 +112,8 @@ pub(crate) fn left(room: &Room, client_id: Option<&ClientId>) -> Bytes {
         room: room.as_str(),
         resuming: None,
         client_id,
+        read: None,
+        unread: None,
     })
 }
 

@@ -8,7 +8,8 @@ use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 
-use chatbus_core::{Cursor, Room};
+use chatbus_core::store::ConversationKey;
+use chatbus_core::{Cursor, MessageId, Room};
 use serde::{Deserialize, Serialize};
 
 use crate::idempotency::SendKey;
@@ -53,11 +54,14 @@ pub enum ErrorCode {
     Unsupported,
     /// An unexpected server error.
     Internal,
+    /// The message an `edit`, `delete` or `react` names does not exist in that room (or is
+    /// deleted, for an edit or a reaction).
+    NotFound,
 }
 
 impl ErrorCode {
     /// Every code, in a stable order (used to label metrics).
-    pub const ALL: [ErrorCode; 9] = [
+    pub const ALL: [ErrorCode; 10] = [
         Self::BadRequest,
         Self::TooLarge,
         Self::RateLimited,
@@ -67,6 +71,7 @@ impl ErrorCode {
         Self::Unavailable,
         Self::Unsupported,
         Self::Internal,
+        Self::NotFound,
     ];
 
     /// The wire name, e.g. `"bad_request"`.
@@ -81,6 +86,7 @@ impl ErrorCode {
             Self::Unavailable => "unavailable",
             Self::Unsupported => "unsupported",
             Self::Internal => "internal",
+            Self::NotFound => "not_found",
         }
     }
 
@@ -163,7 +169,33 @@ pub(crate) enum Request<'a> {
     Refresh {
         token: Cow<'a, str>,
     },
+    /// `edit`, `delete` and `react`: an event on the message `id` of `room`.
+    Target {
+        room: Room,
+        id: MessageId,
+        action: TargetAction<'a>,
+    },
+    Read {
+        room: Room,
+        cursor: Cursor,
+    },
+    Conversations {
+        before: Option<ConversationKey>,
+        limit: Option<u64>,
+    },
 }
+
+/// What an `edit`, `delete` or `react` does to its message.
+#[derive(Debug)]
+pub(crate) enum TargetAction<'a> {
+    Edit { body: Cow<'a, str> },
+    Delete,
+    React { emoji: Cow<'a, str>, on: bool },
+}
+
+/// The longest reaction `emoji` accepted, in bytes (a few code points: flags, skin tones and
+/// joined sequences take several).
+pub const MAX_EMOJI_LEN: usize = 32;
 
 impl Request<'_> {
     pub(crate) fn room(&self) -> Option<&Room> {
@@ -172,8 +204,11 @@ impl Request<'_> {
             | Self::Leave { room }
             | Self::Send { room, .. }
             | Self::Typing { room }
-            | Self::History { room, .. } => Some(room),
-            Self::Ping
+            | Self::History { room, .. }
+            | Self::Target { room, .. }
+            | Self::Read { room, .. } => Some(room),
+            Self::Conversations { .. }
+            | Self::Ping
             | Self::Refresh { .. }
             | Self::Direct { .. }
             | Self::Watch { .. }
@@ -229,6 +264,14 @@ struct Raw<'a> {
     key: Option<Cow<'a, str>>,
     #[serde(default)]
     retry: Option<bool>,
+    #[serde(borrow, default)]
+    id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    emoji: Option<Cow<'a, str>>,
+    #[serde(default)]
+    on: Option<bool>,
+    #[serde(borrow, default)]
+    cursor: Option<Cow<'a, str>>,
 }
 
 /// The most user ids one `watch` or `unwatch` frame may list (the per-connection bound is
@@ -343,6 +386,65 @@ pub(crate) fn parse(text: &[u8]) -> Result<(Request<'_>, Option<ClientId>), Reje
             before: cursor(raw.before, "before")?,
             limit: raw.limit,
         },
+        "edit" | "delete" | "react" => {
+            let id = raw
+                .id
+                .ok_or_else(|| Rejected::bad("missing field `id`", cid()))?
+                .parse::<MessageId>()
+                .map_err(|_| Rejected::bad("invalid message `id`", cid()))?;
+            let action = match &*ty {
+                "edit" => {
+                    let body = raw
+                        .body
+                        .ok_or_else(|| Rejected::bad("missing field `body`", cid()))?;
+                    if body.is_empty() {
+                        return Err(Rejected::bad("`body` is empty", cid()));
+                    }
+                    TargetAction::Edit { body }
+                }
+                "delete" => TargetAction::Delete,
+                _ => {
+                    let emoji = raw
+                        .emoji
+                        .ok_or_else(|| Rejected::bad("missing field `emoji`", cid()))?;
+                    if emoji.is_empty()
+                        || emoji.len() > MAX_EMOJI_LEN
+                        || emoji.chars().any(char::is_control)
+                    {
+                        return Err(Rejected::bad(
+                            format!(
+                                "`emoji` must be 1 to {MAX_EMOJI_LEN} bytes, no control characters"
+                            ),
+                            cid(),
+                        ));
+                    }
+                    let on = raw
+                        .on
+                        .ok_or_else(|| Rejected::bad("missing field `on`", cid()))?;
+                    TargetAction::React { emoji, on }
+                }
+            };
+            Request::Target {
+                room: room(raw.room)?,
+                id,
+                action,
+            }
+        }
+        "read" => Request::Read {
+            room: room(raw.room)?,
+            cursor: cursor(raw.cursor, "cursor")?
+                .ok_or_else(|| Rejected::bad("missing field `cursor`", cid()))?,
+        },
+        "conversations" => Request::Conversations {
+            before: raw
+                .before
+                .map(|b| {
+                    b.parse::<ConversationKey>()
+                        .map_err(|_| Rejected::bad("invalid `before`", cid()))
+                })
+                .transpose()?,
+            limit: raw.limit,
+        },
         "ping" => Request::Ping,
         "refresh" => Request::Refresh {
             token: raw
@@ -397,7 +499,18 @@ pub(crate) fn fuzz_check(bytes: &[u8]) -> bool {
                 }
                 Request::Watch { users } | Request::Unwatch { users } => users_valid(users),
                 Request::Refresh { token } => assert!(!token.is_empty()),
-                Request::Leave { .. } | Request::Typing { .. } | Request::Ping => {}
+                Request::Target { action, .. } => match action {
+                    TargetAction::Edit { body } => assert!(!body.is_empty()),
+                    TargetAction::React { emoji, .. } => {
+                        assert!(!emoji.is_empty() && emoji.len() <= MAX_EMOJI_LEN)
+                    }
+                    TargetAction::Delete => {}
+                },
+                Request::Read { cursor, .. } => cursor_round_trips(Some(*cursor)),
+                Request::Leave { .. }
+                | Request::Typing { .. }
+                | Request::Ping
+                | Request::Conversations { .. } => {}
             }
             (true, client_id)
         }

@@ -15,6 +15,8 @@ use futures::{Stream, StreamExt};
 use tokio::sync::oneshot;
 use tokio::time::{Instant, Sleep};
 
+mod state;
+
 use super::{End, TransportError, WsMessage};
 use crate::access::{self, direct_room, status_channel};
 use crate::api::{ApiError, Published};
@@ -365,6 +367,11 @@ impl<'a> Reader<'a> {
                 before,
                 limit,
             } => self.history(room, before, limit, cid).await,
+            Request::Target { room, id, action } => self.change(room, id, action, cid).await,
+            Request::Read { room, cursor } => self.read(room, cursor, cid).await,
+            Request::Conversations { before, limit } => {
+                self.conversations(before, limit, cid).await;
+            }
             Request::Watch { users } => self.watch(users, cid).await,
             Request::Unwatch { users } => {
                 for u in &users {
@@ -425,7 +432,8 @@ impl<'a> Reader<'a> {
         }
         // Same test as the hub's: a resume replays only where the broker keeps history.
         let resuming = since.is_some() && chat.hub().broker().capabilities().replay;
-        let reply = protocol::joined(&room, resuming, cid);
+        let read = self.joined_state(&room).await;
+        let reply = protocol::joined(&room, resuming, cid, read);
         let options = JoinOptions::default().since(since).reply(reply);
         if let Err(e) = self.handle.join_with(room.clone(), options).await {
             self.broker_error(&e, cid, &room, "join");
@@ -508,6 +516,11 @@ impl<'a> Reader<'a> {
             usize::try_from(l).unwrap_or(usize::MAX)
         });
         let limit = limit.clamp(1, max);
+        if let Some(items) = self.state_history(&room, before, limit).await {
+            self.handle
+                .reply(protocol::history(&room, &items, None, cid));
+            return;
+        }
         match self.svc.chat().hub().history(&room, before, limit).await {
             Ok(page) => {
                 let items: Vec<Bytes> = page.messages.iter().filter_map(history_item).collect();

@@ -162,7 +162,7 @@ impl Me<'_> {
             return Err(self.broker_error(&e, &room, "join"));
         }
         chat.presence_changed([room.clone()]);
-        Ok(protocol::joined(&room, resuming, None))
+        Ok(protocol::joined(&room, resuming, None, None))
     }
 
     /// A send to `room`, or (with `to`) a direct message in the conversation `room`, which
