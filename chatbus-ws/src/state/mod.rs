@@ -11,6 +11,7 @@
 pub(crate) mod actions;
 mod feed;
 pub(crate) mod frames;
+mod projector;
 
 use chatbus_core::store::{ChatEvent, EventKind};
 use chatbus_core::{Envelope, MessageId};
@@ -19,6 +20,7 @@ use crate::payload::{self, Payload};
 
 pub use actions::PROJECTION_WAIT;
 pub use feed::StoreFeed;
+pub use projector::{Projector, ProjectorConfig, ProjectorStats};
 
 /// The store event an envelope carries, or `None` when it is not chat state: ephemeral
 /// envelopes (typing, presence), control payloads, copies of direct messages in personal
