@@ -499,6 +499,14 @@ mod tests {
         }
     }
 
+    /// Stops a projector while Tansu still runs. A read it had in flight on a blocking
+    /// thread then ends at once; against a Tansu already gone it would wait out the request
+    /// timeout (10 s), and the test runtime's shutdown waits for blocking threads.
+    async fn stop(projector: Projector) {
+        drop(projector);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
     /// The ids of a room's messages in the store, oldest first.
     async fn stored(store: &dyn Store, room: &Room) -> Vec<MessageId> {
         let page = store
@@ -696,6 +704,7 @@ mod tests {
                 "position {position:?} is past the room's last message {last}"
             );
         }
+        stop(projector).await;
     }
 
     /// (b) A projector stopped mid-stream and a new one over the same store: every message
@@ -770,6 +779,7 @@ mod tests {
             before.partitions_held, 0,
             "the stopped projector let go of its claims"
         );
+        stop(second).await;
     }
 
     /// (c) Two projectors over one store whose claims are exclusive: each partition is
@@ -828,6 +838,7 @@ mod tests {
         for room in &rooms {
             assert_eq!(stored(&*store, room).await.len(), 2, "room {room}");
         }
+        stop(b).await;
     }
 
     /// (d) A store that fails for a while: nothing is lost once it recovers.
@@ -865,6 +876,7 @@ mod tests {
         for (room, sent) in rooms.iter().zip(&sent) {
             assert_eq!(stored(&*store, room).await, *sent, "room {room}");
         }
+        stop(projector).await;
     }
 
     /// (e) A stored position of another log (the topic was recreated): counted as a reset,
@@ -907,6 +919,7 @@ mod tests {
         for (room, sent) in rooms.iter().zip(&sent) {
             assert_eq!(stored(&*store, room).await, *sent, "room {room}");
         }
+        stop(projector).await;
     }
 
     /// With the default settings, how long a message takes from its publish being
@@ -959,5 +972,6 @@ mod tests {
         // Generous: the machine running the tests is shared; the point is "a poll, not
         // seconds".
         assert!(max < poll * 20, "max {max:?}");
+        stop(projector).await;
     }
 }
