@@ -369,15 +369,14 @@ impl Worker {
             let Some(next) = batch.next.filter(|&next| Some(next) != after) else {
                 // Caught up. (A `next` equal to `after` would be a log not moving on; waiting
                 // keeps that from becoming a busy loop too.)
+                self.recovered();
                 tokio::time::sleep(self.config.poll).await;
                 continue;
             };
             match self.apply(&batch, next).await {
                 Ok(()) => {
                     position = Some(Some(next));
-                    if std::mem::take(&mut self.failing) {
-                        tracing::info!(partition = p, "projector recovered");
-                    }
+                    self.recovered();
                 }
                 Err(e) => {
                     position = None;
@@ -403,6 +402,13 @@ impl Worker {
             c.last_lag_ms.store(lag, Ordering::Relaxed);
         }
         Ok(())
+    }
+
+    /// A step succeeded: the next error is a new outage, logged as a warning again.
+    fn recovered(&mut self) {
+        if std::mem::take(&mut self.failing) {
+            tracing::info!(partition = self.partition, "projector recovered");
+        }
     }
 
     /// Counts and logs an error, then waits `retry`.
