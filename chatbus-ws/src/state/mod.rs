@@ -11,6 +11,7 @@
 pub(crate) mod actions;
 mod feed;
 pub(crate) mod frames;
+mod reads;
 
 use chatbus_core::store::{ChatEvent, EventKind};
 use chatbus_core::{Envelope, MessageId};
