@@ -228,6 +228,14 @@ async fn acks_carry_id_and_cursor_and_errors_carry_codes() {
     assert!(metric(&metrics, r#"chatbus_errors_total{code="not_joined"}"#) >= 1);
 }
 
+/// Chat state (issue #13) over Socket.IO on two instances: only the author edits, the edit
+/// and a reaction reach both sockets once, history shows the state, read and conversations
+/// answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_state_events_over_socketio() {
+    Cluster::start(Backend::Redis).await.run("state").await;
+}
+
 /// Direct messages between Socket.IO users on two instances: acked with the conversation,
 /// delivered to both users' sockets without a join, not to anyone else.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

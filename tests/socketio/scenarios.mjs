@@ -146,6 +146,44 @@ const scenarios = {
     check(e.code === 'bad_request', 'an error without a callback is the error event');
   },
 
+  // Chat state over Socket.IO, across two instances: only the author edits; the edit and a
+  // reaction reach both sockets as `edit` (with `message` for the body) and `reaction`;
+  // history shows the state; read is acked; conversations list the room.
+  async state() {
+    const a = connect(URLS[0], 'u0');
+    const b = connect(URLS[1 % URLS.length], 'u1');
+    const events = (s) => { s.ev = []; for (const t of ['edit', 'reaction']) s.on(t, (d) => s.ev.push({ t, ...d })); };
+    events(a); events(b);
+    await Promise.all([connected(a), connected(b)]);
+    await settle([a, b]);
+    const body = `st:${tag}:helo`;
+    const ack = await a.timeout(WAIT_MS).emitWithAck('send', { room: 'general', body });
+    check(typeof ack.id === 'string', 'the message is acked');
+    await until('both to get the message', () => [a, b].every((s) => bodies(s, body).length === 1));
+    const forbidden = await b.timeout(WAIT_MS).emitWithAck('edit', { room: 'general', id: ack.id, body: 'hacked' });
+    check(forbidden.code === 'forbidden', `an edit by another user: {code: forbidden} (${JSON.stringify(forbidden)})`);
+    const missing = await b.timeout(WAIT_MS).emitWithAck('react', { room: 'general', id: '01a00000-0000-7000-8000-000000000000', emoji: '👍', on: true });
+    check(missing.code === 'not_found', 'a reaction to an unknown message: {code: not_found}');
+    const edited = await a.timeout(WAIT_MS).emitWithAck('edit', { room: 'general', id: ack.id, body: `st:${tag}:hello` });
+    check(typeof edited.id === 'string' && edited.code === undefined, 'the author\'s edit is acked');
+    const reacted = await b.timeout(WAIT_MS).emitWithAck('react', { room: 'general', id: ack.id, emoji: '👍', on: true });
+    check(reacted.code === undefined, 'the reaction is acked');
+    for (const s of [a, b]) {
+      await until(`${s.label} to get the edit and the reaction`, () => s.ev.length >= 2);
+      await sleep(200);
+      check(s.ev.length === 2 && s.ev[0].t === 'edit' && s.ev[0].message === `st:${tag}:hello` && s.ev[0].id === ack.id, `${s.label} got the edit once, body as message`);
+      check(s.ev[1].t === 'reaction' && s.ev[1].user === 'u1' && s.ev[1].emoji === '👍' && s.ev[1].on === true, `${s.label} got the reaction once`);
+    }
+    const history = await a.timeout(WAIT_MS).emitWithAck('history', { room: 'general', limit: 50 });
+    const item = (history.messages || []).find((m) => m.id === ack.id);
+    check(item && item.message === `st:${tag}:hello` && typeof item.edited === 'number', 'history shows the edited text');
+    check(item && Array.isArray(item.reactions) && item.reactions[0].emoji === '👍' && item.reactions[0].count === 1, 'history shows the reaction count');
+    const read = await b.timeout(WAIT_MS).emitWithAck('read', { room: 'general', cursor: item.cursor });
+    check(read.code === undefined, `read is acked (${JSON.stringify(read)})`);
+    const list = await b.timeout(WAIT_MS).emitWithAck('conversations', { limit: 10 });
+    check(Array.isArray(list.conversations) && list.conversations.some((c) => c.room === 'general'), 'conversations list the room');
+  },
+
   // A client disconnected for 5 s reconnects (to the other instance) with the last cursor it
   // had and gets every message it missed once, in order, then live ones.
   async resume() {

@@ -460,6 +460,17 @@ pub(crate) fn parse(text: &[u8]) -> Result<(Request<'_>, Option<ClientId>), Reje
     Ok((req, client_id))
 }
 
+/// A reaction's emoji: 1 to [`MAX_EMOJI_LEN`] bytes without control characters (clients
+/// choose their set; the server only bounds it).
+pub(crate) fn validate_emoji(emoji: &str) -> Result<(), String> {
+    if emoji.is_empty() || emoji.len() > MAX_EMOJI_LEN || emoji.chars().any(char::is_control) {
+        return Err(format!(
+            "`emoji` must be 1 to {MAX_EMOJI_LEN} bytes, no control characters"
+        ));
+    }
+    Ok(())
+}
+
 /// A user id named by a client (`to`, `users`), validated like an authenticated one.
 fn user_id(s: &str) -> Result<Arc<str>, String> {
     crate::auth::validate_user(s)

@@ -432,7 +432,7 @@ impl<'a> Reader<'a> {
         }
         // Same test as the hub's: a resume replays only where the broker keeps history.
         let resuming = since.is_some() && chat.hub().broker().capabilities().replay;
-        let read = self.joined_state(&room).await;
+        let read = chat.joined_state(&room, &self.conn.identity.user).await;
         let reply = protocol::joined(&room, resuming, cid, read);
         let options = JoinOptions::default().since(since).reply(reply);
         if let Err(e) = self.handle.join_with(room.clone(), options).await {
@@ -516,7 +516,9 @@ impl<'a> Reader<'a> {
             usize::try_from(l).unwrap_or(usize::MAX)
         });
         let limit = limit.clamp(1, max);
-        if let Some(items) = self.state_history(&room, before, limit).await {
+        let chat = self.svc.chat();
+        let viewer = &self.conn.identity.user;
+        if let Some(items) = chat.state_history(&room, viewer, before, limit).await {
             self.handle
                 .reply(protocol::history(&room, &items, None, cid));
             return;

@@ -17,6 +17,7 @@ use crate::api::{ApiError, Published};
 use crate::chat::history_item;
 use crate::hooks::{self, HookKind};
 use crate::protocol::{self, ErrorCode};
+use crate::state::{self, frames};
 
 impl Me<'_> {
     pub(super) async fn handle(&self, inbound: Inbound, allowed: bool) {
@@ -77,6 +78,63 @@ impl Me<'_> {
                     Err(e) => Err(self.broker_error(&e, &env.room, "typing")),
                 }
             }
+            Event::Change { room, id, change } => {
+                self.access(&room)?;
+                if !room.as_str().starts_with(access::DIRECT_PREFIX) {
+                    self.member(&room)?;
+                }
+                let change = match &change {
+                    events::Change::Edit { body } => {
+                        self.hook(HookKind::Send, &room, Some(body)).await?;
+                        state::actions::Change::Edit { body }
+                    }
+                    events::Change::Delete => state::actions::Change::Delete,
+                    events::Change::React { emoji, on } => {
+                        state::actions::Change::React { emoji, on: *on }
+                    }
+                };
+                let chat = self.svc.chat();
+                match chat
+                    .change(room.clone(), &self.conn.identity, id, change)
+                    .await
+                {
+                    Ok(r) => Ok(protocol::ack(None, r.id, r.cursor, None, false)),
+                    Err(e) => Err(self.api_error(&e, &room, "change")),
+                }
+            }
+            Event::Read { room, cursor } => {
+                self.access(&room)?;
+                if !room.as_str().starts_with(access::DIRECT_PREFIX) {
+                    self.member(&room)?;
+                }
+                let chat = self.svc.chat();
+                match chat
+                    .mark_read(room.clone(), &self.conn.identity, cursor)
+                    .await
+                {
+                    Ok(Some(r)) => Ok(protocol::ack(None, r.id, r.cursor, None, false)),
+                    Ok(None) => Ok(frames::read_unchanged(None, &room)),
+                    Err(e) => Err(self.api_error(&e, &room, "read")),
+                }
+            }
+            Event::Conversations { before, limit } => {
+                let limit = limit
+                    .map_or(frames::DEFAULT_CONVERSATIONS, |l| {
+                        usize::try_from(l).unwrap_or(usize::MAX)
+                    })
+                    .clamp(1, frames::MAX_CONVERSATIONS);
+                let store = self.svc.chat().store();
+                match store
+                    .conversations(&self.conn.identity.user, before.as_ref(), limit)
+                    .await
+                {
+                    Ok(page) => Ok(frames::conversations(&page, None)),
+                    Err(e) => {
+                        let code = ErrorCode::for_error(&e);
+                        Err(self.error(code, &format!("conversations failed: {e}"), None))
+                    }
+                }
+            }
             Event::History {
                 room,
                 before,
@@ -93,7 +151,12 @@ impl Me<'_> {
                         usize::try_from(l).unwrap_or(usize::MAX)
                     })
                     .clamp(1, cfg.max_history.max(1));
-                match self.svc.chat().hub().history(&room, before, limit).await {
+                let chat = self.svc.chat();
+                let viewer = &self.conn.identity.user;
+                if let Some(items) = chat.state_history(&room, viewer, before, limit).await {
+                    return Ok(protocol::history(&room, &items, None, None));
+                }
+                match chat.hub().history(&room, before, limit).await {
                     Ok(page) => {
                         let items: Vec<Bytes> =
                             page.messages.iter().filter_map(history_item).collect();
@@ -162,7 +225,8 @@ impl Me<'_> {
             return Err(self.broker_error(&e, &room, "join"));
         }
         chat.presence_changed([room.clone()]);
-        Ok(protocol::joined(&room, resuming, None, None))
+        let read = chat.joined_state(&room, &self.conn.identity.user).await;
+        Ok(protocol::joined(&room, resuming, None, read))
     }
 
     /// A send to `room`, or (with `to`) a direct message in the conversation `room`, which
@@ -247,6 +311,14 @@ impl Me<'_> {
                     .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
                 Ok(protocol::refreshed(ms, None))
             }
+        }
+    }
+
+    fn api_error(&self, e: &ApiError, room: &Room, op: &str) -> Bytes {
+        match e {
+            ApiError::Broker(e) | ApiError::Store(e) => self.broker_error(e, room, op),
+            ApiError::Denied(d) => self.error(e.code(), d.reason(), Some(room)),
+            other => self.error(other.code(), &other.to_string(), Some(room)),
         }
     }
 

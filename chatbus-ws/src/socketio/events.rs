@@ -12,12 +12,13 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
-use chatbus_core::{Cursor, Room};
+use chatbus_core::store::ConversationKey;
+use chatbus_core::{Cursor, MessageId, Room};
 use serde_json::{Map, Value};
 
 use crate::auth::validate_user;
 use crate::idempotency::SendKey;
-use crate::protocol::{ErrorCode, MAX_KEY_LEN};
+use crate::protocol::{validate_emoji, ErrorCode, MAX_KEY_LEN};
 
 /// A client event the endpoint acts on, validated.
 #[derive(Debug, PartialEq)]
@@ -53,6 +54,28 @@ pub(super) enum Event {
     Refresh {
         token: String,
     },
+    /// `edit`, `delete`, `react` of the message `id` of `room`.
+    Change {
+        room: Room,
+        id: MessageId,
+        change: Change,
+    },
+    Read {
+        room: Room,
+        cursor: Cursor,
+    },
+    Conversations {
+        before: Option<ConversationKey>,
+        limit: Option<u64>,
+    },
+}
+
+/// What a `Change` does (owned: the event's data is parsed into it).
+#[derive(Debug, PartialEq)]
+pub(super) enum Change {
+    Edit { body: String },
+    Delete,
+    React { emoji: String, on: bool },
 }
 
 /// A refused event: the code and the message the client gets.
@@ -138,18 +161,62 @@ pub(super) fn parse(name: &str, data: Value) -> Result<Event, Bad> {
         }),
         "history" => {
             let (room, mut o) = room_arg(data, "history")?;
-            let limit = match o.remove("limit") {
-                None | Some(Value::Null) => None,
-                Some(Value::Number(n)) => Some(
-                    n.as_u64()
-                        .ok_or_else(|| bad("`limit` must be a positive integer"))?,
-                ),
-                Some(_) => return Err(bad("`limit` must be a positive integer")),
-            };
             Ok(Event::History {
                 room,
                 before: cursor(o.remove("before"), "before")?,
-                limit,
+                limit: limit(o.remove("limit"))?,
+            })
+        }
+        "edit" | "delete" | "react" => {
+            let mut o = object(data, name)?;
+            let room = room(o.remove("room"))?;
+            let id = match o.remove("id") {
+                Some(Value::String(s)) => s
+                    .parse::<MessageId>()
+                    .map_err(|_| bad("`id` is not a message id"))?,
+                _ => return Err(bad(format!("`{name}` needs `id`, a message id"))),
+            };
+            let change = match name {
+                "edit" => match o.remove("body") {
+                    Some(Value::String(s)) => Change::Edit { body: nonempty(s)? },
+                    _ => return Err(bad("`edit` needs `body`, a string")),
+                },
+                "delete" => Change::Delete,
+                _ => {
+                    let Some(Value::String(emoji)) = o.remove("emoji") else {
+                        return Err(bad("`react` needs `emoji`, a string"));
+                    };
+                    validate_emoji(&emoji).map_err(bad)?;
+                    let Some(Value::Bool(on)) = o.remove("on") else {
+                        return Err(bad("`react` needs `on`, a boolean"));
+                    };
+                    Change::React { emoji, on }
+                }
+            };
+            Ok(Event::Change { room, id, change })
+        }
+        "read" => {
+            let mut o = object(data, "read")?;
+            let room = room(o.remove("room"))?;
+            let cursor = cursor(o.remove("cursor"), "cursor")?
+                .ok_or_else(|| bad("`read` needs `cursor`"))?;
+            Ok(Event::Read { room, cursor })
+        }
+        "conversations" => {
+            let mut o = match data {
+                Value::Null => Map::new(),
+                other => object(other, "conversations")?,
+            };
+            let before = match o.remove("before") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(s)) => {
+                    Some(s.parse().map_err(|_| bad("`before` is not a page key"))?)
+                }
+                Some(_) => return Err(bad("`before` must be a string")),
+            };
+            Ok(Event::Conversations {
+                before,
+                limit: limit(o.remove("limit"))?,
             })
         }
         "refresh" => match data {
@@ -164,6 +231,17 @@ pub(super) fn parse(name: &str, data: Value) -> Result<Event, Bad> {
             "unknown event `{}`; see docs/protocol.md, \"Socket.IO endpoint\"",
             other.chars().take(64).collect::<String>()
         ))),
+    }
+}
+
+fn limit(v: Option<Value>) -> Result<Option<u64>, Bad> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| bad("`limit` must be a positive integer")),
+        Some(_) => Err(bad("`limit` must be a positive integer")),
     }
 }
 
@@ -240,7 +318,17 @@ pub(super) fn outbound(frame: &[u8]) -> Option<(String, Value)> {
         return None;
     };
     match ty.as_str() {
-        "message" => rename_body(&mut o),
+        "message" | "edit" => rename_body(&mut o),
+        "conversations" => {
+            if let Some(Value::Array(items)) = o.get_mut("conversations") {
+                for item in items {
+                    if let Some(Value::Object(m)) = item.get_mut("last") {
+                        m.remove("type");
+                        rename_body(m);
+                    }
+                }
+            }
+        }
         "history" => {
             if let Some(Value::Array(items)) = o.get_mut("messages") {
                 for item in items {

@@ -8,6 +8,11 @@ use serde::Serialize;
 
 use crate::protocol::{AsDisplay, ClientId};
 
+/// The most conversations one `conversations` reply lists.
+pub(crate) const MAX_CONVERSATIONS: usize = 100;
+/// Conversations listed when the request names no `limit`.
+pub(crate) const DEFAULT_CONVERSATIONS: usize = 20;
+
 fn to_bytes(v: &impl Serialize) -> Bytes {
     // Serialising these structs (strings, numbers, options) cannot fail.
     Bytes::from(serde_json::to_vec(v).unwrap_or_default())

@@ -12,6 +12,7 @@ pub(crate) mod actions;
 mod feed;
 pub(crate) mod frames;
 mod projector;
+mod reads;
 
 use chatbus_core::store::{ChatEvent, EventKind};
 use chatbus_core::{Envelope, MessageId};
