@@ -85,13 +85,16 @@ async function newPage(browser, name, storage = null) {
   }
   const page = await context.newPage();
   page.setDefaultTimeout(WAIT);
-  const log = { sent: [], received: [] };
+  const log = { sent: [], sentAt: [], received: [] };
   frames.set(page, log);
   const parse = (payload) => {
     try { return JSON.parse(String(payload)); } catch { return { unparsed: String(payload) }; }
   };
   page.on("websocket", (ws) => {
-    ws.on("framesent", (f) => log.sent.push(parse(f.payload)));
+    ws.on("framesent", (f) => {
+      log.sent.push(parse(f.payload));
+      log.sentAt.push(Date.now());
+    });
     ws.on("framereceived", (f) => log.received.push(parse(f.payload)));
   });
   page.on("dialog", async (d) => {
@@ -439,6 +442,20 @@ async function chatState(browser) {
   await benChip.filter({ hasText: "👍 2" }).waitFor();
   step('Ben reacted 👍: Ada sees "👍 1"; her click on the chip makes it "👍 2" on both pages');
 
+  // With the keyboard: Ben focuses 🎉 and presses Enter, then Enter again (the focus stays on
+  // the button when the message is redrawn): Ada's chip comes and goes.
+  await msg(ben, id1).locator('button[data-act="react:🎉"]').focus();
+  await ben.keyboard.press("Enter");
+  await adaChip.filter({ hasText: "🎉 1" }).waitFor();
+  await msg(ben, id1).locator(".chip", { hasText: "🎉 1" }).waitFor();
+  const focused = await ben.evaluate(() => document.activeElement?.dataset?.act ?? null);
+  if (focused !== "react:🎉") problems.push(`after the reaction Ben's focus is on ${JSON.stringify(focused)}`);
+  await ben.keyboard.press("Enter");
+  await adaChip.filter({ hasText: "🎉" }).waitFor({ state: "detached" });
+  const off = sentFrames(ben).filter((f) => f.type === "react" && f.emoji === "🎉").map((f) => f.on);
+  if (JSON.stringify(off) !== "[true,false]") problems.push(`Ben's 🎉 frames had on = ${JSON.stringify(off)}`);
+  step("with the keyboard Ben added 🎉 and took it back (on: true, then false)");
+
   // Ada deletes her second message (the page asks first, inline).
   await msg(ada, id2).hover();
   await msg(ada, id2).locator('button[data-act="delete"]').click();
@@ -468,6 +485,26 @@ async function chatState(browser) {
     problems.push(`after a reload Ben's page shows ${JSON.stringify(after)}`);
   }
   step("after a reload Ben's page shows the same state from history");
+
+  // Read while looking: a burst of messages gives at most one `read` a second, the last one
+  // at the newest message.
+  const burst = Array.from({ length: 5 }, (_, i) => `burst ${i + 1}`);
+  const readsBefore = sentFrames(ben).length;
+  await ada.evaluate((bodies) => {
+    for (const body of bodies) send({ type: "send", room: "state-room", body });
+  }, burst);
+  await message(ben, "burst 5").waitFor();
+  const last = await until(() => receivedFrames(ben).find((f) => f.type === "message" && f.body === "burst 5"), "burst 5");
+  await until(() => sentFrames(ben).slice(readsBefore).find((f) => f.type === "read" && f.cursor === last.cursor), "Ben's read of the burst");
+  const reads = [];
+  frames.get(ben).sent.forEach((f, i) => {
+    if (i >= readsBefore && f.type === "read" && f.room === room) reads.push(frames.get(ben).sentAt[i]);
+  });
+  for (let i = 1; i < reads.length; i++) {
+    if (reads[i] - reads[i - 1] < 900) problems.push(`Ben sent two reads of #${room} ${reads[i] - reads[i - 1]} ms apart`);
+  }
+  if (reads.length > 3) problems.push(`Ben sent ${reads.length} reads for a burst of 5 messages`);
+  step(`a burst of 5 messages: Ben's page sent ${reads.length} read(s), the last at the newest message`);
 
   // Unread: Ada writes twice in #state-side, which Ben is not looking at.
   await joinRoom(ada, side);
