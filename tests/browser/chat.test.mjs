@@ -9,6 +9,12 @@
 // - socketio: a page using the official socket.io-client bundle (node_modules) with the seed's
 //   calls and the native page chat in the default room `general`, each seeing the other's
 //   messages and the Socket.IO user online.
+// - state: chat state between Ada and Ben in one room: Ada edits a message (Ben sees the new
+//   body and "(edited)"), Ben reacts (Ada sees the chip "👍 1", her click makes it 2), Ada
+//   deletes one (Ben sees a tombstone), a reload shows the same from `history`; an edit of
+//   another's message shows the `forbidden` toast; unread badges count, a second page of Ben's
+//   gets them from `joined.unread`, and Ben reading the room on one page clears the badge on the
+//   other (`read`); the conversation list brings Ada's direct conversation into that page.
 //
 // Usage: node chat.test.mjs <server-url> <out-dir> <test>   (screenshot: <out-dir>/<test>.png)
 //        node chat.test.mjs --list                          (the test names, one a line)
@@ -19,7 +25,7 @@ import { chromium } from "playwright-core";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 
-const TESTS = { chat, direct, socketio };
+const TESTS = { chat, direct, socketio, state: chatState };
 
 if (process.argv[2] === "--list") {
   console.log(Object.keys(TESTS).join("\n"));
@@ -67,18 +73,28 @@ async function until(probe, what) {
   }
 }
 
-async function open(browser, name, room = ROOM) {
-  // One context per person: separate localStorage, like two browsers.
+// A page in a new browser context (its own localStorage, like another browser), with every
+// WebSocket frame recorded and page errors, console errors and dialogs counted as problems.
+// `storage`: localStorage entries set before the page's script runs.
+async function newPage(browser, name, storage = null) {
   const context = await browser.newContext({ viewport: { width: 1180, height: 720 } });
+  if (storage) {
+    await context.addInitScript((entries) => {
+      for (const [k, v] of Object.entries(entries)) localStorage.setItem(k, v);
+    }, storage);
+  }
   const page = await context.newPage();
   page.setDefaultTimeout(WAIT);
-  const log = { sent: [], received: [] };
+  const log = { sent: [], sentAt: [], received: [] };
   frames.set(page, log);
   const parse = (payload) => {
     try { return JSON.parse(String(payload)); } catch { return { unparsed: String(payload) }; }
   };
   page.on("websocket", (ws) => {
-    ws.on("framesent", (f) => log.sent.push(parse(f.payload)));
+    ws.on("framesent", (f) => {
+      log.sent.push(parse(f.payload));
+      log.sentAt.push(Date.now());
+    });
     ws.on("framereceived", (f) => log.received.push(parse(f.payload)));
   });
   page.on("dialog", async (d) => {
@@ -89,6 +105,11 @@ async function open(browser, name, room = ROOM) {
   page.on("console", (m) => {
     if (m.type() === "error") problems.push(`${name}: console error: ${m.text()}`);
   });
+  return page;
+}
+
+async function open(browser, name, room = ROOM) {
+  const page = await newPage(browser, name);
   await page.goto(url);
   await page.locator("#name-input").fill(name);
   await page.locator("#name-form button[type=submit]").click();
@@ -107,6 +128,14 @@ async function say(page, text) {
 
 function message(page, body) {
   return page.locator("#messages .msg .body").filter({ hasText: body }).first();
+}
+
+// Joins `room` with the sidebar's form; it becomes the current room.
+async function joinRoom(page, room) {
+  await page.locator("#join-input").fill(room);
+  await page.locator("#join-input").press("Enter");
+  await page.locator(`#rooms li.active[data-room="${room}"]`).waitFor();
+  await page.locator("#text:not([disabled])").waitFor();
 }
 
 async function chat(browser) {
@@ -343,6 +372,199 @@ async function socketio(browser) {
   step("the Socket.IO page received Alice's message as {message, from, room, cursor}");
 
   await alice.screenshot({ path: screenshot });
+  step(`screenshot: ${screenshot}`);
+}
+
+async function chatState(browser) {
+  const room = "state-room";
+  const side = "state-side";
+  const ada = await open(browser, "Ada", room);
+  const ben = await open(browser, "Ben", room);
+  // Ben is in #state-side too (empty so far), but looks at #state-room.
+  await joinRoom(ben, side);
+  await ben.locator(`#rooms li[data-room="${room}"]`).click();
+  await ben.locator(`#rooms li.active[data-room="${room}"]`).waitFor();
+  step(`Ada and Ben joined #${room}; Ben also #${side}`);
+
+  await say(ada, "helo wrld");
+  await say(ada, "this one goes away");
+  await message(ben, "this one goes away").waitFor();
+  const id1 = await message(ada, "helo wrld").locator("xpath=..").getAttribute("data-id");
+  const id2 = await message(ada, "this one goes away").locator("xpath=..").getAttribute("data-id");
+  const msg = (page, id) => page.locator(`#messages .msg[data-id="${id}"]`);
+
+  // Ada edits her first message with the inline editor.
+  await msg(ada, id1).hover();
+  await msg(ada, id1).locator('button[data-act="edit"]').click();
+  const editor = msg(ada, id1).locator(".editor input");
+  await editor.waitFor();
+  if ((await editor.inputValue()) !== "helo wrld") problems.push(`the editor starts with ${JSON.stringify(await editor.inputValue())}`);
+  await editor.fill("hello world");
+  await editor.press("Enter");
+  const edit = await until(() => sentFrames(ada).find((f) => f.type === "edit"), "Ada's edit frame");
+  if (edit.room !== room || edit.id !== id1 || edit.body !== "hello world" || !edit.client_id) {
+    problems.push(`Ada's edit went out as ${JSON.stringify(edit)}`);
+  }
+  await msg(ben, id1).locator(".body", { hasText: "hello world" }).waitFor();
+  await msg(ben, id1).locator(".edited").waitFor();
+  const benBody = await msg(ben, id1).locator(".body").textContent();
+  const benMark = await msg(ben, id1).locator(".edited").textContent();
+  if (benBody !== "hello world" || benMark !== "(edited)") {
+    problems.push(`Ben sees the edited message as ${JSON.stringify(benBody)} ${JSON.stringify(benMark)}`);
+  }
+  await msg(ada, id1).locator(".body", { hasText: "hello world" }).waitFor();
+  step('Ada edited her message; Ben sees "hello world (edited)"');
+
+  // Ben cannot edit Ada's message: no button, and the server's refusal shows as a toast.
+  if ((await msg(ben, id1).locator('button[data-act="edit"]').count()) !== 0) problems.push("Ben is offered to edit Ada's message");
+  await ben.evaluate((id) => send({ type: "edit", room: "state-room", id, body: "hacked", client_id: "bad" }), id1);
+  await ben.locator("#toast.show", { hasText: "forbidden" }).waitFor();
+  step("an edit of someone else's message shows the forbidden toast");
+
+  // Ben reacts 👍; Ada sees the chip, adds hers with a click on it.
+  await msg(ben, id1).hover();
+  await msg(ben, id1).locator('button[data-act="react:👍"]').click();
+  const adaChip = msg(ada, id1).locator(".reactions .chip");
+  await adaChip.filter({ hasText: "👍 1" }).waitFor();
+  if ((await adaChip.count()) !== 1 || (await adaChip.textContent()) !== "👍 1") {
+    problems.push(`Ada's chips: ${JSON.stringify(await adaChip.allTextContents())}, expected ["👍 1"]`);
+  }
+  if (await adaChip.evaluate((e) => e.classList.contains("me"))) problems.push("Ada's chip is highlighted though only Ben reacted");
+  const benChip = msg(ben, id1).locator(".reactions .chip");
+  await benChip.filter({ hasText: "👍 1" }).waitFor();
+  if (!(await benChip.evaluate((e) => e.classList.contains("me")))) problems.push("Ben's own reaction chip is not highlighted");
+  const react = sentFrames(ben).find((f) => f.type === "react");
+  if (!react || react.id !== id1 || react.emoji !== "👍" || react.on !== true || react.room !== room) {
+    problems.push(`Ben's reaction went out as ${JSON.stringify(react)}`);
+  }
+  await adaChip.click();
+  await adaChip.filter({ hasText: "👍 2" }).waitFor();
+  await benChip.filter({ hasText: "👍 2" }).waitFor();
+  step('Ben reacted 👍: Ada sees "👍 1"; her click on the chip makes it "👍 2" on both pages');
+
+  // With the keyboard: Ben focuses 🎉 and presses Enter, then Enter again (the focus stays on
+  // the button when the message is redrawn): Ada's chip comes and goes.
+  await msg(ben, id1).locator('button[data-act="react:🎉"]').focus();
+  await ben.keyboard.press("Enter");
+  await adaChip.filter({ hasText: "🎉 1" }).waitFor();
+  await msg(ben, id1).locator(".chip", { hasText: "🎉 1" }).waitFor();
+  const focused = await ben.evaluate(() => document.activeElement?.dataset?.act ?? null);
+  if (focused !== "react:🎉") problems.push(`after the reaction Ben's focus is on ${JSON.stringify(focused)}`);
+  await ben.keyboard.press("Enter");
+  await adaChip.filter({ hasText: "🎉" }).waitFor({ state: "detached" });
+  const off = sentFrames(ben).filter((f) => f.type === "react" && f.emoji === "🎉").map((f) => f.on);
+  if (JSON.stringify(off) !== "[true,false]") problems.push(`Ben's 🎉 frames had on = ${JSON.stringify(off)}`);
+  step("with the keyboard Ben added 🎉 and took it back (on: true, then false)");
+
+  // Ada deletes her second message (the page asks first, inline).
+  await msg(ada, id2).hover();
+  await msg(ada, id2).locator('button[data-act="delete"]').click();
+  await msg(ada, id2).locator('button[data-act="confirm"]').click();
+  const tomb = msg(ben, id2).locator(".tombstone");
+  await tomb.waitFor();
+  if ((await tomb.textContent()) !== "message deleted") problems.push(`Ben's tombstone reads ${JSON.stringify(await tomb.textContent())}`);
+  for (const part of [".body", ".actions", ".reactions"]) {
+    if ((await msg(ben, id2).locator(part).count()) !== 0) problems.push(`Ben's tombstone still has ${part}`);
+  }
+  if (!sentFrames(ada).find((f) => f.type === "delete" && f.id === id2 && f.room === room)) problems.push("Ada sent no delete frame");
+  step("Ada deleted a message: Ben sees a tombstone");
+
+  // A reload renders the same from `history`.
+  await ben.reload();
+  await ben.locator("#status.online").waitFor();
+  await ben.locator(`#rooms li.active[data-room="${room}"]`).waitFor();
+  await msg(ben, id2).locator(".tombstone").waitFor();
+  const after = {
+    body: await msg(ben, id1).locator(".body").textContent(),
+    edited: await msg(ben, id1).locator(".edited").count(),
+    chips: await msg(ben, id1).locator(".chip").allTextContents(),
+    me: await msg(ben, id1).locator(".chip.me").count(),
+    body2: await msg(ben, id2).locator(".body").count(),
+  };
+  if (JSON.stringify(after) !== JSON.stringify({ body: "hello world", edited: 1, chips: ["👍 2"], me: 1, body2: 0 })) {
+    problems.push(`after a reload Ben's page shows ${JSON.stringify(after)}`);
+  }
+  step("after a reload Ben's page shows the same state from history");
+
+  // Read while looking: a burst of messages gives at most one `read` a second, the last one
+  // at the newest message.
+  const burst = Array.from({ length: 5 }, (_, i) => `burst ${i + 1}`);
+  const readsBefore = sentFrames(ben).length;
+  await ada.evaluate((bodies) => {
+    for (const body of bodies) send({ type: "send", room: "state-room", body });
+  }, burst);
+  await message(ben, "burst 5").waitFor();
+  const last = await until(() => receivedFrames(ben).find((f) => f.type === "message" && f.body === "burst 5"), "burst 5");
+  await until(() => sentFrames(ben).slice(readsBefore).find((f) => f.type === "read" && f.cursor === last.cursor), "Ben's read of the burst");
+  const reads = [];
+  frames.get(ben).sent.forEach((f, i) => {
+    if (i >= readsBefore && f.type === "read" && f.room === room) reads.push(frames.get(ben).sentAt[i]);
+  });
+  for (let i = 1; i < reads.length; i++) {
+    if (reads[i] - reads[i - 1] < 900) problems.push(`Ben sent two reads of #${room} ${reads[i] - reads[i - 1]} ms apart`);
+  }
+  if (reads.length > 3) problems.push(`Ben sent ${reads.length} reads for a burst of 5 messages`);
+  step(`a burst of 5 messages: Ben's page sent ${reads.length} read(s), the last at the newest message`);
+
+  // Unread: Ada writes twice in #state-side, which Ben is not looking at.
+  await joinRoom(ada, side);
+  await say(ada, "side one");
+  await say(ada, "side two");
+  const benSide = ben.locator(`#rooms li[data-room="${side}"]`);
+  await benSide.locator(".badge", { hasText: "2" }).waitFor();
+  step(`Ben's badge for #${side} shows 2`);
+
+  // Ada writes to Ben directly.
+  await ada.locator("#online li.user").filter({ hasText: /^Ben$/ }).click();
+  await ada.locator('#rooms li.dm.active[data-dm="Ben"]').waitFor();
+  await ada.locator("#text:not([disabled])").waitFor();
+  await say(ada, "psst ben");
+  await ben.locator('#rooms li.dm[data-dm="Ada"] .preview', { hasText: "psst ben" }).waitFor();
+
+  // Ben's second page (another device: the same user, fresh storage but these two rooms).
+  const ben2 = await newPage(browser, "Ben (2)", {
+    "chatbus.name": "Ben",
+    "chatbus.rooms": JSON.stringify([room, side]),
+    "chatbus.current": room,
+  });
+  await ben2.goto(url);
+  await ben2.locator("#status.online").waitFor();
+  const ben2Side = ben2.locator(`#rooms li[data-room="${side}"]`);
+  await ben2Side.locator(".badge", { hasText: "2" }).waitFor();
+  const joinedSide = receivedFrames(ben2).find((f) => f.type === "joined" && f.room === side);
+  if (!joinedSide || joinedSide.unread !== 2) problems.push(`Ben's second page joined #${side} with ${JSON.stringify(joinedSide)}`);
+  step(`Ben's second page shows 2 unread in #${side} (joined.unread)`);
+
+  // The conversation list: Ada's direct conversation, never opened on this page.
+  const conv = await until(() => sentFrames(ben2).find((f) => f.type === "conversations"), "the conversations request");
+  if (conv.limit !== 50) problems.push(`conversations asked as ${JSON.stringify(conv)}`);
+  const dm2 = ben2.locator('#rooms li.dm[data-dm="Ada"]');
+  await dm2.locator(".preview", { hasText: "psst ben" }).waitFor();
+  const dmBadge = await dm2.locator(".badge").textContent().catch(() => null);
+  if (dmBadge !== "1") problems.push(`Ben's second page: the conversation with Ada has badge ${JSON.stringify(dmBadge)}, expected "1"`);
+  step("the conversation list shows Ada's direct conversation on Ben's second page, 1 unread");
+
+  // Ben opens #state-side on his first page: it is read, and the second page's badge clears.
+  await benSide.click();
+  await message(ben, "side two").waitFor();
+  const sideTwo = receivedFrames(ben).find((f) => f.type === "message" && f.body === "side two");
+  const read = await until(() => sentFrames(ben).find((f) => f.type === "read" && f.room === side), "Ben's read frame");
+  if (!sideTwo || read.cursor !== sideTwo.cursor) problems.push(`Ben read up to ${read.cursor}, the newest message is at ${sideTwo?.cursor}`);
+  await ben2Side.locator(".badge").waitFor({ state: "detached" });
+  const got = receivedFrames(ben2).find((f) => f.type === "read" && f.room === side && f.user === "Ben");
+  if (!got) problems.push("Ben's second page received no read frame");
+  step(`Ben read #${side} on one page (cursor ${read.cursor}); the other page's badge cleared`);
+
+  // Opening the listed conversation joins it and shows its history.
+  await dm2.click();
+  await ben2.locator("#room-title", { hasText: "@Ada" }).waitFor();
+  await message(ben2, "psst ben").waitFor();
+  if (!sentFrames(ben2).find((f) => f.type === "join" && String(f.room).startsWith("dm."))) problems.push("Ben's second page did not join the conversation");
+  step("Ben's second page opened the conversation: Ada's message shows");
+
+  await ben.locator(`#rooms li[data-room="${room}"]`).click();
+  await msg(ben, id1).hover();
+  await ben.screenshot({ path: screenshot });
   step(`screenshot: ${screenshot}`);
 }
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Browser tests of the chat page: builds and starts the chat-server example (memory broker) on a
 # free loopback port (a rate limit high enough for a scripted burst), then runs each test of
-# chat.test.mjs (`node chat.test.mjs --list`: chat, direct, socketio) in its own headless
+# chat.test.mjs (`node chat.test.mjs --list`: chat, direct, socketio, state) in its own headless
 # Debian Chromium with playwright-core, each bounded by a timeout and saving a screenshot to
-# target/browser/<test>.png (chat.png, direct.png, socketio.png); stops the server.
+# target/browser/<test>.png (chat.png, direct.png, socketio.png, state.png); stops the server.
 #
 # Run with: bash tests/browser/run.sh
 # Needs /usr/bin/chromium (apt-get install chromium; installed here when missing and root),
@@ -56,11 +56,11 @@ if [ ! -x /usr/bin/chromium ]; then
 fi
 command -v node >/dev/null || fail "node not found: apt-get install nodejs npm"
 command -v npm >/dev/null || fail "npm not found: apt-get install npm"
-TESTS=$(node "$HERE/chat.test.mjs" --list) && [ -n "$TESTS" ] || fail "cannot list the tests of chat.test.mjs"
-
 if [ ! -f "$HERE/node_modules/playwright-core/package.json" ] || [ ! -f "$HERE/node_modules/socket.io-client/package.json" ]; then
   (cd "$HERE" && npm ci --no-audit --no-fund --loglevel=error) || fail "npm ci failed"
 fi
+# (after npm ci: chat.test.mjs imports playwright-core, even for --list)
+TESTS=$(node "$HERE/chat.test.mjs" --list) && [ -n "$TESTS" ] || fail "cannot list the tests of chat.test.mjs"
 
 echo "browser: building the chat-server example"
 (cd "$ROOT" && cargo build --quiet --example chat-server) || fail "cargo build --example chat-server failed"
