@@ -221,3 +221,39 @@ async fn conversations_list_rooms_and_direct_messages_newest_first() {
         .await;
     assert_eq!(reply(&mut me, "l3").await["code"], "bad_request");
 }
+
+/// A `read` up to an event the connection was handed (a reaction after the newest message) is
+/// taken as it is, at once: the store, which knows only messages, is not waited for.
+#[tokio::test]
+async fn reading_up_to_an_event_is_answered_at_once() {
+    let server = Server::start(WsConfig::default()).await;
+    let mut alice = server.client("alice").await;
+    let mut bob = server.client("bob").await;
+    alice.join("r").await;
+    bob.join("r").await;
+    let (ack, _) = alice.say("r", "m1", "s1").await;
+    alice
+        .send(json!({"type": "react", "room": "r", "id": ack["id"], "emoji": "👍", "on": true, "client_id": "x"}))
+        .await;
+    let reaction = next_of(&mut bob, "reaction").await;
+    let started = std::time::Instant::now();
+    bob.send(json!({"type": "read", "room": "r", "cursor": reaction["cursor"], "client_id": "rd"}))
+        .await;
+    let v = reply(&mut bob, "rd").await;
+    assert_eq!(v["type"], "ack", "{v}");
+    let took = started.elapsed();
+    assert!(
+        took < chatbus_ws::state::PROJECTION_WAIT / 2,
+        "a read of a cursor this connection was handed waited {took:?}"
+    );
+    // The room's members, bob's own connection too, see the new position.
+    assert_eq!(
+        next_of(&mut bob, "read").await["cursor"],
+        reaction["cursor"]
+    );
+    bob.send(json!({"type": "leave", "room": "r"})).await;
+    bob.expect("left").await;
+    let again = bob.join("r").await;
+    assert_eq!(again["read"], reaction["cursor"], "{again}");
+    assert_eq!(again["unread"], 0, "{again}");
+}

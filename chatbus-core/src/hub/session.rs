@@ -227,6 +227,18 @@ impl SessionHandle {
         lock(&self.shared.rooms).contains_key(room)
     }
 
+    /// The cursor of the last message of `room` handed to this session (live or replayed):
+    /// how far it can have shown the room. `None` when it got none, or is not a member.
+    pub fn last_cursor(&self, room: &Room) -> Option<Cursor> {
+        let entry = lock(&self.hub.inner.rooms).get(room).cloned()?;
+        let members = lock(&entry.members);
+        members
+            .list
+            .iter()
+            .find(|m| Arc::ptr_eq(&m.session, &self.shared))
+            .and_then(|m| m.last)
+    }
+
     /// Queues a reply frame (ack, error, pong) to this session only, ahead of further messages.
     /// Returns `false` and closes the session as slow if too many replies (by count or by
     /// bytes) are unread.

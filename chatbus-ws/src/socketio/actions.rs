@@ -108,8 +108,9 @@ impl Me<'_> {
                     self.member(&room)?;
                 }
                 let chat = self.svc.chat();
+                let seen = self.handle.last_cursor(&room);
                 match chat
-                    .mark_read(room.clone(), &self.conn.identity, cursor)
+                    .mark_read(room.clone(), &self.conn.identity, cursor, seen)
                     .await
                 {
                     Ok(Some(r)) => Ok(protocol::ack(None, r.id, r.cursor, None, false)),

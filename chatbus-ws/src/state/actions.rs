@@ -89,43 +89,26 @@ impl ChatHub {
         self.hub().publish(&env).await.map_err(ApiError::Broker)
     }
 
-    /// Moves `user`'s read position in `room` to `cursor`, clamped to the newest message the
-    /// store knows (waiting up to [`PROJECTION_WAIT`] for the store to reach it), so a cursor
-    /// from the future cannot mark messages read before they exist. `Ok(None)` when that is
-    /// not further than the position already stored: nothing is published.
+    /// Moves `user`'s read position in `room` to `cursor`. `seen` is the last cursor of the
+    /// room handed to the asking connection: a cursor at or before it is a position the user
+    /// can have read, taken as it is. A cursor beyond it (a client that read elsewhere, or a
+    /// made-up one) is clamped to the newest message the store knows, waiting up to
+    /// [`PROJECTION_WAIT`] for the store to reach it, so a cursor from the future cannot mark
+    /// messages read before they exist. `Ok(None)` when that is not further than the position
+    /// already stored: nothing is published.
     pub(crate) async fn mark_read(
         &self,
         room: Room,
         user: &Identity,
         cursor: Cursor,
+        seen: Option<Cursor>,
     ) -> Result<Option<Receipt>, ApiError> {
         self.ensure_started();
         let store = self.store();
-        let deadline = tokio::time::Instant::now() + PROJECTION_WAIT;
-        let newest = loop {
-            let page = store
-                .page(&room, &user.user, None, 1)
-                .await
-                .map_err(store_error)?;
-            let newest = page.and_then(|p| p.messages.last().map(|m| m.cursor));
-            match newest {
-                Some(n) if n.same_log(&cursor) && cursor.is_at_or_before(&n) => break Some(n),
-                _ if tokio::time::Instant::now() >= deadline => break newest,
-                _ => tokio::time::sleep(POLL).await,
-            }
-        };
-        let Some(newest) = newest else {
-            return Err(ApiError::NotFound(format!("no messages in {room} yet")));
-        };
-        if !newest.same_log(&cursor) || newest.partition != cursor.partition {
-            return Err(ApiError::Invalid(format!(
-                "cursor {cursor} is not of {room}'s log"
-            )));
-        }
-        let cursor = if cursor.is_at_or_before(&newest) {
+        let cursor = if seen.is_some_and(|s| cursor.is_at_or_before(&s)) {
             cursor
         } else {
-            newest
+            clamp(&*store, &room, &user.user, cursor).await?
         };
         let state = store
             .read_state(&room, &user.user)
@@ -141,4 +124,40 @@ impl ChatHub {
             .map(Some)
             .map_err(ApiError::Broker)
     }
+}
+
+/// `cursor`, or the cursor of the newest message of `room` the store has when `cursor` is
+/// beyond it (after waiting up to [`PROJECTION_WAIT`] for the store to get that far).
+async fn clamp(
+    store: &dyn Store,
+    room: &Room,
+    viewer: &str,
+    cursor: Cursor,
+) -> Result<Cursor, ApiError> {
+    let deadline = tokio::time::Instant::now() + PROJECTION_WAIT;
+    let newest = loop {
+        let page = store
+            .page(room, viewer, None, 1)
+            .await
+            .map_err(store_error)?;
+        let newest = page.and_then(|p| p.messages.last().map(|m| m.cursor));
+        match newest {
+            Some(n) if cursor.is_at_or_before(&n) => break Some(n),
+            _ if tokio::time::Instant::now() >= deadline => break newest,
+            _ => tokio::time::sleep(POLL).await,
+        }
+    };
+    let Some(newest) = newest else {
+        return Err(ApiError::NotFound(format!("no messages in {room} yet")));
+    };
+    if !newest.same_log(&cursor) || newest.partition != cursor.partition {
+        return Err(ApiError::Invalid(format!(
+            "cursor {cursor} is not of {room}'s log"
+        )));
+    }
+    Ok(if cursor.is_at_or_before(&newest) {
+        cursor
+    } else {
+        newest
+    })
 }

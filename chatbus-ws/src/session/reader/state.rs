@@ -75,8 +75,9 @@ impl Reader<'_> {
             return;
         }
         let chat = self.svc.chat();
+        let seen = self.handle.last_cursor(&room);
         match chat
-            .mark_read(room.clone(), &self.conn.identity, cursor)
+            .mark_read(room.clone(), &self.conn.identity, cursor, seen)
             .await
         {
             Ok(Some(receipt)) => {
