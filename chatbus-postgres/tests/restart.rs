@@ -38,7 +38,7 @@ async fn bodies(store: &PostgresStore, room: &Room) -> Vec<String> {
 }
 
 /// Every call fails, with Unavailable or Timeout, well within the configured timeouts.
-async fn fails_fast(store: &PostgresStore, room: &Room) {
+async fn fails_fast(store: &PostgresStore, room: &Room, phase: &str) {
     let limit = Duration::from_secs(3);
     let start = Instant::now();
     let results = [
@@ -50,7 +50,9 @@ async fn fails_fast(store: &PostgresStore, room: &Room) {
     for (i, r) in results.into_iter().enumerate() {
         match r {
             Some(Error::Unavailable { .. } | Error::Timeout { .. }) => {}
-            other => panic!("call {i} during the outage: want Unavailable/Timeout, got {other:?}"),
+            other => panic!(
+                "{phase}: call {i} during the outage: want Unavailable/Timeout, got {other:?}"
+            ),
         }
     }
     assert!(
@@ -78,7 +80,7 @@ async fn survives_restart_and_crash() {
     }
 
     pg.stop().await;
-    fails_fast(&store, &room).await;
+    fails_fast(&store, &room, "after a stop").await;
     pg.restart().await;
     // The pool checks its connections before use: the broken ones are replaced, so the
     // first call after the restart already succeeds.
@@ -97,7 +99,7 @@ async fn survives_restart_and_crash() {
 
     // A crash (SIGKILL, no goodbye to clients) and recovery.
     pg.kill();
-    fails_fast(&store, &room).await;
+    fails_fast(&store, &room, "after a kill").await;
     pg.restart().await;
     let got = bodies(&store, &room).await;
     let want: Vec<String> = (1..=20).map(|o| format!("m{o}")).collect();

@@ -18,8 +18,9 @@
 //!
 //! PostgreSQL refuses to run as root: as root, `initdb` and `postgres` run as the `postgres`
 //! user (Debian's package creates it) through `runuser`, with the directory chowned to it.
-//! The server runs in a process group of its own, so a kill takes its backends with it and a
-//! restart does not find the old ones still holding the data directory.
+//! A kill signals the postmaster's group and each of its children (backends run in sessions
+//! of their own), so no backend answers after it and a restart does not find old ones still
+//! holding the data directory.
 
 use std::fmt;
 use std::fs::File;
@@ -159,11 +160,19 @@ impl Postgres {
         }
     }
 
-    /// Kills the server and its backends at once (SIGKILL to its process group): connections
+    /// Kills the server and its backends at once (SIGKILL to each of them): connections
     /// drop without a goodbye, like a crash. The data stays for [`restart`](Self::restart)
     /// (with `fsync=off`, as of the last write the kernel has).
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
+            // Backends call setsid(), so the group signal reaches only the postmaster (and
+            // `runuser`); left alone, a backend notices its postmaster died a moment later
+            // and may answer one more query meanwhile. Kill them by name too, first.
+            if let Some(postmaster) = self.postmaster_pid() {
+                for pid in children_of(postmaster) {
+                    let _ = kill_process(pid, Signal::KILL);
+                }
+            }
             if let Some(group) = i32::try_from(child.id()).ok().and_then(Pid::from_raw) {
                 let _ = kill_process_group(group, Signal::KILL);
             }
@@ -309,7 +318,7 @@ impl Postgres {
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)
-            // A group of its own: `kill` reaches the backends too.
+            // A group of its own: `kill` reaches `runuser` and the postmaster together.
             .process_group(0)
             .spawn()
             .map_err(|e| format!("cannot run postgres: {e}"))?;
@@ -346,6 +355,28 @@ impl Postgres {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// The processes whose parent is `parent` (from `/proc`; empty where there is none).
+fn children_of(parent: Pid) -> Vec<Pid> {
+    let parent = parent.as_raw_nonzero().get();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|d| d.ok())
+        .filter_map(|d| d.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            // `pid (comm) state ppid ...`; the name may hold spaces and parentheses.
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    let after = stat.rsplit_once(')')?.1.to_owned();
+                    after.split_whitespace().nth(1)?.parse::<i32>().ok()
+                })
+                == Some(parent)
+        })
+        .filter_map(Pid::from_raw)
+        .collect()
 }
 
 impl Drop for Postgres {
