@@ -6,7 +6,7 @@
 //! `INSERT ... SELECT FROM unnest(...)` (the bulk of a log); each edit, delete, reaction or
 //! read is one prepared statement that decides by itself whether it counts (author check,
 //! tombstone, forward-only read), so it needs no answer before the next is sent; all
-//! memberships are one upsert at the end, the rooms' counters one update, and the partition's
+//! memberships are two upserts at the end, the rooms' counters one update, and the partition's
 //! position one upsert, inside the same transaction as the events.
 //!
 //! Sequence numbers are assigned here from the locked room rows, so two appliers of one room
@@ -32,11 +32,14 @@ use uuid::Uuid;
 use crate::convert::{self, SqlCursor};
 use crate::error;
 
-/// Creates the rows of the rooms about to get messages and locks them; `DO UPDATE` (a no-op
-/// one) rather than `DO NOTHING` so that existing rows are locked and returned too.
-const LOCK_ROOMS: &str = "INSERT INTO chatbus_rooms AS r (room) SELECT unnest($1::text[])
-     ON CONFLICT (room) DO UPDATE SET last_seq = r.last_seq
-     RETURNING room, last_seq, last_partition, last_epoch, last_pos";
+/// Creates the rows of the rooms about to get messages, then locks them all (new and old)
+/// in sorted order. Two statements rather than one `ON CONFLICT DO UPDATE`, which would
+/// write a new version of every row only to have the batch's end write another.
+const CREATE_ROOMS: &str = "INSERT INTO chatbus_rooms (room) SELECT unnest($1::text[])
+     ON CONFLICT (room) DO NOTHING";
+
+const LOCK_ROOMS: &str = "SELECT room, last_seq, last_partition, last_epoch, last_pos
+     FROM chatbus_rooms WHERE room = ANY($1::text[]) ORDER BY room FOR UPDATE";
 
 const KNOWN_IDS: &str = "SELECT id FROM chatbus_messages WHERE id = ANY($1::uuid[])";
 
@@ -97,12 +100,18 @@ const UPDATE_ROOMS: &str = "UPDATE chatbus_rooms r
          AS u(room, seq, ts, partition, epoch, pos)
      WHERE r.room = u.room";
 
-/// A membership keeps its first `since`; `with_user` is set once, the first time one is
-/// known. The `WHERE` keeps the common case (already a member) from rewriting the row.
-const UPSERT_MEMBERS: &str = "INSERT INTO chatbus_members AS m (user_id, room, since, with_user)
+/// Memberships without a peer: a membership keeps its first `since`, so an existing one is
+/// left alone (`DO NOTHING` does not even lock it: most messages come from members).
+const INSERT_MEMBERS: &str = "INSERT INTO chatbus_members (user_id, room, since)
+     SELECT * FROM unnest($1::text[], $2::text[], $3::int8[])
+     ON CONFLICT (user_id, room) DO NOTHING";
+
+/// Memberships of direct conversations: `with_user` is set once, the first time a peer is
+/// known.
+const UPSERT_PEERS: &str = "INSERT INTO chatbus_members AS m (user_id, room, since, with_user)
      SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], $4::text[])
      ON CONFLICT (user_id, room) DO UPDATE SET with_user = EXCLUDED.with_user
-     WHERE m.with_user IS NULL AND EXCLUDED.with_user IS NOT NULL";
+     WHERE m.with_user IS NULL";
 
 const UPSERT_POSITION: &str = "INSERT INTO chatbus_positions (partition, epoch, pos)
      VALUES ($1, $2, $3)
@@ -252,12 +261,17 @@ async fn once(
             .filter(|e| matches!(e.kind, EventKind::Message { .. }))
             .map(|e| convert::uuid(e.id))
             .collect();
+        let create = tx.prepare_cached(CREATE_ROOMS).await?;
         let lock = tx.prepare_cached(LOCK_ROOMS).await?;
         let find = tx.prepare_cached(KNOWN_IDS).await?;
         // Pipelined, in this order: the ids are looked up once the rooms are ours, so a
         // concurrent applier's committed messages are seen.
-        let (locked, found) =
-            futures::future::try_join(tx.query(&lock, &[&rooms]), tx.query(&find, &[&ids])).await?;
+        let (_, locked, found) = futures::future::try_join3(
+            tx.execute(&create, &[&rooms]),
+            tx.query(&lock, &[&rooms]),
+            tx.query(&find, &[&ids]),
+        )
+        .await?;
         for row in locked {
             let last = match (
                 row.try_get::<_, Option<i64>>("last_partition")?,
@@ -396,11 +410,19 @@ async fn once(
     // Sorted, so that concurrent batches lock membership rows in one order.
     let mut member_rows = members.rows;
     member_rows.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
-    let members_cols = (
-        member_rows.iter().map(|m| m.0).collect::<Vec<_>>(),
-        member_rows.iter().map(|m| m.1).collect::<Vec<_>>(),
-        member_rows.iter().map(|m| m.2).collect::<Vec<_>>(),
-        member_rows.iter().map(|m| m.3).collect::<Vec<_>>(),
+    type Member<'m> = &'m (&'m str, &'m str, i64, Option<&'m str>);
+    let (peers, plain): (Vec<Member<'_>>, Vec<Member<'_>>) =
+        member_rows.iter().partition(|m| m.3.is_some());
+    let plain_cols = (
+        plain.iter().map(|m| m.0).collect::<Vec<_>>(),
+        plain.iter().map(|m| m.1).collect::<Vec<_>>(),
+        plain.iter().map(|m| m.2).collect::<Vec<_>>(),
+    );
+    let peer_cols = (
+        peers.iter().map(|m| m.0).collect::<Vec<_>>(),
+        peers.iter().map(|m| m.1).collect::<Vec<_>>(),
+        peers.iter().map(|m| m.2).collect::<Vec<_>>(),
+        peers.iter().map(|m| m.3).collect::<Vec<_>>(),
     );
 
     let insert = tx.prepare_cached(INSERT_MESSAGES).await?;
@@ -410,7 +432,8 @@ async fn once(
     let react_off = tx.prepare_cached(REACT_OFF).await?;
     let read_stmt = tx.prepare_cached(READ).await?;
     let update_rooms = tx.prepare_cached(UPDATE_ROOMS).await?;
-    let upsert_members = tx.prepare_cached(UPSERT_MEMBERS).await?;
+    let insert_members = tx.prepare_cached(INSERT_MEMBERS).await?;
+    let upsert_peers = tx.prepare_cached(UPSERT_PEERS).await?;
     let upsert_position = tx.prepare_cached(UPSERT_POSITION).await?;
 
     let mut pipeline: Vec<Pending<'_>> = Vec::with_capacity(steps.len() + 3);
@@ -462,9 +485,14 @@ async fn once(
         let (a, b, c, d, e, f) = &rooms_cols;
         pipeline.push(exec(&tx, &update_rooms, vec![a, b, c, d, e, f]));
     }
-    if !members_cols.0.is_empty() {
-        let (a, b, c, d) = &members_cols;
-        pipeline.push(exec(&tx, &upsert_members, vec![a, b, c, d]));
+    // Each (user, room) is in one of the two: the batch's rows were merged above.
+    if !peer_cols.0.is_empty() {
+        let (a, b, c, d) = &peer_cols;
+        pipeline.push(exec(&tx, &upsert_peers, vec![a, b, c, d]));
+    }
+    if !plain_cols.0.is_empty() {
+        let (a, b, c) = &plain_cols;
+        pipeline.push(exec(&tx, &insert_members, vec![a, b, c]));
     }
     if let Some(p) = &position {
         pipeline.push(exec(
