@@ -3,7 +3,7 @@
 //! [`Postgres::start`] runs `initdb` into a private temp dir (trust authentication, superuser
 //! `postgres`, no fsync) and a `postgres` on a free port of 127.0.0.1, so tests never touch a
 //! PostgreSQL the machine happens to run on 5432. The server can be stopped (fast shutdown),
-//! killed (SIGKILL) and restarted on the same port with the same data, which is what fault
+//! killed (SIGKILL), paused (SIGSTOP) and restarted on the same port with the same data, which is what fault
 //! tests need. It is killed and its directory removed when the handle is dropped, even if the
 //! test panics.
 //!
@@ -12,6 +12,8 @@
 //! let mut pg = chatbus_testkit::postgres::Postgres::start().await;
 //! let url = pg.url(); // postgres://postgres@127.0.0.1:<port>/postgres
 //! pg.restart().await; // same port, same data
+//! pg.pause(); // SIGSTOP: a hung server
+//! pg.resume();
 //! pg.kill(); // SIGKILL: a crash
 //! # }
 //! ```
@@ -165,6 +167,8 @@ impl Postgres {
     /// (with `fsync=off`, as of the last write the kernel has).
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
+            // A paused server must wake to die promptly and be reaped.
+            self.signal_all_quietly(Signal::CONT);
             // Backends call setsid(), so the group signal reaches only the postmaster (and
             // `runuser`); left alone, a backend notices its postmaster died a moment later
             // and may answer one more query meanwhile. Kill them by name too, first.
@@ -202,6 +206,34 @@ impl Postgres {
         }
         self.child = Some(child);
         self.kill();
+    }
+
+    /// Freezes the server and its backends (SIGSTOP): connections stay open and connects are
+    /// accepted by the kernel, but nothing is answered, like a hung server or a partition.
+    pub fn pause(&mut self) {
+        self.signal_all(Signal::STOP);
+    }
+
+    /// Resumes a paused server (SIGCONT).
+    pub fn resume(&mut self) {
+        self.signal_all(Signal::CONT);
+    }
+
+    fn signal_all_quietly(&self, signal: Signal) {
+        if let Some(postmaster) = self.postmaster_pid() {
+            for pid in children_of(postmaster).into_iter().chain([postmaster]) {
+                let _ = kill_process(pid, signal);
+            }
+        }
+    }
+
+    fn signal_all(&self, signal: Signal) {
+        let Some(postmaster) = self.postmaster_pid() else {
+            panic!("no postmaster.pid: is PostgreSQL running?");
+        };
+        for pid in children_of(postmaster).into_iter().chain([postmaster]) {
+            let _ = kill_process(pid, signal);
+        }
     }
 
     /// Starts the server again on the same port with the same data directory (stopping it
