@@ -8,6 +8,8 @@
 //! cargo run --release -p chatbus-postgres --example store_bench -- --batch 1000 --rooms 200
 //! ```
 //!
+//! `STORE_BENCH_URL=postgres://...` runs it against a database of your own instead.
+//!
 //! (a) applies `--rooms` (1,000) rooms × `--messages` (1,000) messages, plus about 10% edits,
 //! reactions and reads, through `apply` in batches of `--batch` (or `STORE_BENCH_BATCH`, 500)
 //! events, as a projector would, and prints events/s; (b) times 10,000 `page(room, viewer,
@@ -215,8 +217,17 @@ impl Latency {
 #[tokio::main]
 async fn main() {
     let a = args();
-    let pg = Postgres::start().await;
-    let store = PostgresStore::connect(PostgresConfig::new(pg.url()))
+    // STORE_BENCH_URL: a database of your own (tuned, on other hardware) instead of a
+    // testkit one. It should be empty: the rooms are named `bench.<n>`.
+    let (_pg, url) = match std::env::var("STORE_BENCH_URL") {
+        Ok(url) => (None, url),
+        Err(_) => {
+            let pg = Postgres::start().await;
+            let url = pg.url();
+            (Some(pg), url)
+        }
+    };
+    let store = PostgresStore::connect(PostgresConfig::new(url))
         .await
         .expect("connect");
     println!(
