@@ -142,6 +142,9 @@ pub(crate) async fn apply(
         })
         .collect::<Result<Vec<_>>>()?;
     let position = position.map(SqlCursor::from_cursor).transpose()?;
+    if events.is_empty() && position.is_none() {
+        return Ok(());
+    }
     let mut attempt = 1;
     loop {
         match once(client, events, &cursors, &reads, position).await {

@@ -3,6 +3,8 @@
 use std::fmt;
 use std::time::Duration;
 
+use chatbus_core::{Error, Result};
+
 /// Settings of a [`PostgresStore`](crate::PostgresStore).
 ///
 /// ```
@@ -47,6 +49,52 @@ impl PostgresConfig {
     /// The default settings with this URL.
     pub fn new(url: impl Into<String>) -> Self {
         Self::default().with_url(url)
+    }
+
+    /// Settings from the environment, each variable overriding its default:
+    ///
+    /// | variable | setting |
+    /// |---|---|
+    /// | `CHATBUS_POSTGRES_URL` (else `DATABASE_URL`) | [`url`](Self::url) |
+    /// | `CHATBUS_POSTGRES_POOL_SIZE` | [`pool_size`](Self::pool_size) |
+    /// | `CHATBUS_POSTGRES_STATEMENT_TIMEOUT_MS` | [`statement_timeout`](Self::statement_timeout) |
+    /// | `CHATBUS_POSTGRES_CONNECT_TIMEOUT_MS` | [`connect_timeout`](Self::connect_timeout) |
+    ///
+    /// A variable with a bad value is an `Error::Config` naming it.
+    pub fn from_env() -> Result<Self> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// [`from_env`](Self::from_env) over any lookup function (for tests and for other sources
+    /// of settings).
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        let get = |name: &str| {
+            lookup(name)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+        };
+        let number = |name: &str| -> Result<Option<u64>> {
+            get(name)
+                .map(|v| {
+                    v.parse::<u64>()
+                        .map_err(|_| Error::Config(format!("{name} must be a number, got {v:?}")))
+                })
+                .transpose()
+        };
+        let mut config = Self::default();
+        if let Some(url) = get("CHATBUS_POSTGRES_URL").or_else(|| get("DATABASE_URL")) {
+            config.url = url;
+        }
+        if let Some(n) = number("CHATBUS_POSTGRES_POOL_SIZE")? {
+            config = config.with_pool_size(usize::try_from(n).unwrap_or(usize::MAX));
+        }
+        if let Some(ms) = number("CHATBUS_POSTGRES_STATEMENT_TIMEOUT_MS")? {
+            config = config.with_statement_timeout(Duration::from_millis(ms));
+        }
+        if let Some(ms) = number("CHATBUS_POSTGRES_CONNECT_TIMEOUT_MS")? {
+            config = config.with_connect_timeout(Duration::from_millis(ms));
+        }
+        Ok(config)
     }
 
     /// Sets [`url`](Self::url).
@@ -119,7 +167,30 @@ fn redacted(url: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::redacted;
+    use std::time::Duration;
+
+    use super::{redacted, PostgresConfig};
+
+    #[test]
+    fn settings_from_the_environment() {
+        let env = |name: &str| match name {
+            "CHATBUS_POSTGRES_URL" => Some("postgres://a@b/c".to_owned()),
+            "DATABASE_URL" => Some("postgres://not-this/".to_owned()),
+            "CHATBUS_POSTGRES_POOL_SIZE" => Some(" 3 ".to_owned()),
+            "CHATBUS_POSTGRES_STATEMENT_TIMEOUT_MS" => Some("250".to_owned()),
+            _ => None,
+        };
+        let c = PostgresConfig::from_lookup(env).expect("config");
+        assert_eq!(c.url, "postgres://a@b/c");
+        assert_eq!(c.pool_size, 3);
+        assert_eq!(c.statement_timeout, Duration::from_millis(250));
+        assert_eq!(c.connect_timeout, PostgresConfig::default().connect_timeout);
+        let bad = PostgresConfig::from_lookup(|n| {
+            (n == "CHATBUS_POSTGRES_CONNECT_TIMEOUT_MS").then(|| "soon".to_owned())
+        });
+        let err = bad.expect_err("a bad number").to_string();
+        assert!(err.contains("CHATBUS_POSTGRES_CONNECT_TIMEOUT_MS"), "{err}");
+    }
 
     #[test]
     fn passwords_are_redacted() {
