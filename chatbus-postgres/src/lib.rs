@@ -38,6 +38,11 @@
 //! | `chatbus_members` | `(user_id, room)` | `since`, `with_user` | user first: a conversation list reads only the user's rows, O(user's rooms) |
 //! | `chatbus_positions` | `partition` | the last log position applied | where a projector resumes |
 //!
+//! The store's sessions run with `enable_seqscan = off`: every statement is meant to be an
+//! index lookup or range scan, and a cached generic plan made while a table was nearly empty
+//! (a fresh store being filled before autovacuum's first `ANALYZE`) would otherwise keep
+//! scanning the whole table as it grows.
+//!
 //! Text that is compared or ordered is `COLLATE "C"` (byte order, as Rust's `str`), so the
 //! conversation order does not depend on the database's locale. Cursor parts and times are
 //! `bigint`: a `u32` partition or epoch fits without wrapping; an offset above `i64::MAX`
