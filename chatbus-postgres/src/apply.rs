@@ -1,8 +1,8 @@
 //! [`Store::apply`](chatbus_core::store::Store::apply): a batch of events in one transaction.
 //!
-//! Round trips per batch, whatever its size: `BEGIN`; one pipelined pair that locks the rows
-//! of the rooms receiving messages (creating them) and finds which message ids are already
-//! stored; one pipeline of every write; `COMMIT`. Consecutive messages become one
+//! Round trips per batch, whatever its size: `BEGIN`; one pipeline that creates and locks
+//! the rows of the rooms receiving messages and finds which message ids are already stored;
+//! one pipeline of every write; `COMMIT`. Consecutive messages become one
 //! `INSERT ... SELECT FROM unnest(...)` (the bulk of a log); each edit, delete, reaction or
 //! read is one prepared statement that decides by itself whether it counts (author check,
 //! tombstone, forward-only read), so it needs no answer before the next is sent; all
