@@ -8,6 +8,7 @@
 
 pub mod chat;
 pub mod client;
+pub mod postgres;
 pub mod proxy;
 pub mod redis;
 pub mod tansu;
