@@ -8,13 +8,16 @@
 //!   features, [`redis`] (`RedisBroker`), [`kafka`] (`KafkaBroker`).
 //! - Local fan-out: [`Hub`] and its [`Session`]s / [`SessionHandle`]s.
 //! - The WebSocket transport: [`ws`] (feature `ws`).
+//! - Chat state: the [`store`] trait and memory store here; [`postgres`] (`PostgresStore`,
+//!   feature `postgres`).
 //! - Writing a broker: [`backend`].
 //!
-//! Features: `redis`, `kafka`, `ws`; `full` enables all of them.
+//! Features: `redis`, `kafka`, `ws`, `socketio`, `postgres`; `full` enables all of them.
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub use chatbus_core::backend;
+pub use chatbus_core::store;
 pub use chatbus_core::{BoxError, Error, Result};
 pub use chatbus_core::{
     Broker, BrokerExt, Capabilities, Health, HistoryStream, Interest, Receipt, ReplayFrom,
@@ -39,3 +42,7 @@ pub use chatbus_kafka as kafka;
 #[cfg(feature = "ws")]
 #[cfg_attr(docsrs, doc(cfg(feature = "ws")))]
 pub use chatbus_ws as ws;
+
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use chatbus_postgres as postgres;

@@ -30,6 +30,15 @@
 //!     http://127.0.0.1:3000/api/publish
 //! ```
 //!
+//! Chat state (edits, deletes, reactions, unread counts, conversations) is kept in memory by
+//! default; `--store postgres --postgres-url postgres://…` keeps it in PostgreSQL, projected
+//! from the durable log (`--broker kafka` or `dual`), shared by every instance:
+//!
+//! ```text
+//! cargo run --release --example chat-server -- --broker dual --store postgres \
+//!     --postgres-url postgres://chatbus@127.0.0.1/chatbus
+//! ```
+//!
 //! TLS: `--tls-cert chain.pem --tls-key key.pem` serves `https://` and `wss://` on the same
 //! port (rustls). The files are read once at start: a renewed certificate takes a restart
 //! (drain one instance at a time; clients reconnect and resume).
@@ -49,13 +58,16 @@ use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use chatbus_core::store::Store;
 use chatbus_core::{
     Broker, DualBus, DualConfig, DurableDownPolicy, Health, HubConfig, MemoryBroker, MemoryConfig,
     Room, SlowPolicy,
 };
 use chatbus_kafka::{KafkaBroker, KafkaConfig};
+use chatbus_postgres::{PostgresConfig, PostgresStore};
 use chatbus_redis::{RedisBroker, RedisConfig};
 use chatbus_ws::socketio::SocketIoConfig;
+use chatbus_ws::state::{Projector, ProjectorConfig};
 use chatbus_ws::tokio_rustls::rustls;
 use chatbus_ws::{
     AllowedOrigins, ChatHub, IpLimits, JwtVerifier, PresenceConfig, RateLimit, WsConfig, WsService,
@@ -100,6 +112,25 @@ impl fmt::Display for BrokerKind {
     }
 }
 
+/// Where chat state (edits, deletes, reactions, read positions, conversations) is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum StoreKind {
+    /// In this process, fed from the broker's live stream: nothing to run, per instance.
+    Memory,
+    /// PostgreSQL (`--postgres-url`), shared by every instance, projected from the durable
+    /// log (`--broker kafka` or `dual`).
+    Postgres,
+}
+
+impl fmt::Display for StoreKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Memory => "memory",
+            Self::Postgres => "postgres",
+        })
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum SlowClients {
     /// Stop live delivery to a slow client and replay what it missed once it catches up.
@@ -121,6 +152,20 @@ struct Args {
     /// Message broker.
     #[arg(long, env = "CHATBUS_BROKER", value_enum, default_value_t = BrokerKind::Memory)]
     broker: BrokerKind,
+
+    /// Where chat state is kept (history in state, unread counts, conversations).
+    #[arg(long, env = "CHATBUS_STORE", value_enum, default_value_t = StoreKind::Memory)]
+    store: StoreKind,
+
+    /// With `--store postgres`: the database, `postgres://user:password@host:port/db`.
+    #[arg(long, env = "CHATBUS_POSTGRES_URL", hide_env_values = true)]
+    postgres_url: Option<String>,
+
+    /// With `--store postgres`: do not run the projector here (another process projects the
+    /// log into PostgreSQL). With it, every instance runs one and each partition is projected
+    /// by one of them at a time (PostgreSQL advisory locks); the others stand by.
+    #[arg(long, env = "CHATBUS_NO_PROJECTOR")]
+    no_projector: bool,
 
     /// Messages of history kept per room by the memory broker.
     #[arg(long, env = "CHATBUS_MEMORY_HISTORY", default_value_t = 1024)]
@@ -495,6 +540,35 @@ async fn shutdown_signal() {
     }
 }
 
+/// The PostgreSQL store, and the projector that feeds it from the broker's log (unless
+/// `--no-projector`).
+async fn postgres_store(
+    args: &Args,
+    broker: Arc<dyn Broker>,
+) -> Result<(Arc<dyn Store>, Option<Projector>), BoxError> {
+    let url = args
+        .postgres_url
+        .clone()
+        .ok_or("--store postgres needs --postgres-url (or CHATBUS_POSTGRES_URL)")?;
+    let store: Arc<dyn Store> = Arc::new(
+        PostgresStore::connect(PostgresConfig::new(url))
+            .await
+            .map_err(|e| format!("cannot open the PostgreSQL store: {e}"))?,
+    );
+    if args.no_projector {
+        return Ok((store, None));
+    }
+    let projector =
+        Projector::spawn(broker, store.clone(), ProjectorConfig::default()).map_err(|e| {
+            format!(
+                "--store postgres projects the durable log, which the {} broker does not have \
+                 (use --broker kafka or dual, or --no-projector with a projector elsewhere): {e}",
+                args.broker
+            )
+        })?;
+    Ok((store, Some(projector)))
+}
+
 async fn run(args: Args) -> Result<(), BoxError> {
     let Backend {
         broker,
@@ -519,7 +593,14 @@ async fn run(args: Args) -> Result<(), BoxError> {
         });
     let presence =
         PresenceConfig::default().with_interval(Duration::from_millis(args.presence_interval_ms));
-    let chat = ChatHub::with_config(broker, hub_config, presence);
+    let chat = ChatHub::with_config(broker.clone(), hub_config, presence);
+    let (chat, _projector) = match args.store {
+        StoreKind::Memory => (chat, None),
+        StoreKind::Postgres => {
+            let (store, projector) = postgres_store(&args, broker).await?;
+            (chat.with_store(store), projector)
+        }
+    };
     let ws = WsService::new(chat, config);
     let scrape = Arc::new(Scrape::new(&ws, broker_metrics));
 
@@ -546,6 +627,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
     tracing::info!(
         %addr,
         broker = %args.broker,
+        store = %args.store,
         auth,
         scheme,
         api = args.api_key.is_some(),
