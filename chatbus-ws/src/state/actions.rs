@@ -53,6 +53,48 @@ async fn target(
 }
 
 impl ChatHub {
+    /// Replaces the text of message `id` of `room` as its author `from`, like a client's
+    /// `edit` (for bots and the server API). Members receive an `edit` frame.
+    ///
+    /// Errors: [`ApiError::NotFound`] (no such message, or deleted), [`ApiError::NotAuthor`],
+    /// [`ApiError::Invalid`] (an empty body), the store's or the broker's.
+    pub async fn edit(
+        &self,
+        room: Room,
+        from: &Identity,
+        id: MessageId,
+        body: &str,
+    ) -> Result<Receipt, ApiError> {
+        if body.is_empty() {
+            return Err(ApiError::Invalid("the body is empty".into()));
+        }
+        self.change(room, from, id, Change::Edit { body }).await
+    }
+
+    /// Deletes message `id` of `room` as its author `from`, like a client's `delete`.
+    pub async fn delete(
+        &self,
+        room: Room,
+        from: &Identity,
+        id: MessageId,
+    ) -> Result<Receipt, ApiError> {
+        self.change(room, from, id, Change::Delete).await
+    }
+
+    /// Adds (`on`) or removes `from`'s `emoji` reaction to message `id` of `room`, like a
+    /// client's `react`.
+    pub async fn react(
+        &self,
+        room: Room,
+        from: &Identity,
+        id: MessageId,
+        emoji: &str,
+        on: bool,
+    ) -> Result<Receipt, ApiError> {
+        crate::protocol::validate_emoji(emoji).map_err(ApiError::Invalid)?;
+        self.change(room, from, id, Change::React { emoji, on }).await
+    }
+
     /// Applies `change` to the message `id` of `room` on behalf of `from`: checks that the
     /// message exists (and is not deleted) and, for an edit or a delete, that `from` wrote it;
     /// then publishes the event. Members of the room receive its frame (`edit`, `delete`,
