@@ -30,18 +30,26 @@ use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
-type Client = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Client =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 async fn serve(chat: ChatHub) -> u16 {
     let ws = WsService::new(chat, WsConfig::default().with_rate_limit(None));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let port = listener.local_addr().expect("addr").port();
     tokio::spawn(async move {
-        let _ = ws.serve(listener, axum::Router::new(), std::future::pending()).await;
+        let _ = ws
+            .serve(listener, axum::Router::new(), std::future::pending())
+            .await;
     });
     port
 }
@@ -65,7 +73,9 @@ async fn next(c: &mut Client) -> Value {
 
 async fn reply(c: &mut Client, frame: Value) -> Value {
     let cid = frame["client_id"].clone();
-    c.send(Message::text(frame.to_string())).await.expect("send");
+    c.send(Message::text(frame.to_string()))
+        .await
+        .expect("send");
     loop {
         let v = next(c).await;
         if v["client_id"] == cid {
@@ -92,7 +102,11 @@ async fn newest_50(c: &mut Client, room: &str, round: usize) -> (Vec<Value>, usi
         let oldest = page.first().map(|m| m["cursor"].clone());
         page.append(&mut got);
         got = page;
-        before = if v["complete"] == false { Some(v["before"].clone()) } else { oldest };
+        before = if v["complete"] == false {
+            Some(v["before"].clone())
+        } else {
+            oldest
+        };
         if v["complete"] != false && got.len() < 50 {
             break;
         }
@@ -101,7 +115,12 @@ async fn newest_50(c: &mut Client, room: &str, round: usize) -> (Vec<Value>, usi
 }
 
 fn summary(name: &str, ms: &[u64], requests: usize, sample: &[Value]) {
-    let state = sample.iter().filter(|m| m.get("edited").is_some() || m["deleted"] == true || m.get("reactions").is_some()).count();
+    let state = sample
+        .iter()
+        .filter(|m| {
+            m.get("edited").is_some() || m["deleted"] == true || m.get("reactions").is_some()
+        })
+        .count();
     println!(
         "| {name} | {} | {:.1} | {:.1} | {:.1} | {requests} | {} | {state} |",
         ms.len(),
@@ -129,19 +148,36 @@ async fn main() {
     let writer = ChatHub::new(broker.clone());
     let mut ids: Vec<MessageId> = Vec::new();
     for i in 0..50 {
-        let r = writer.post(quiet.clone(), &author, &format!("quiet {i}")).await.expect("post");
+        let r = writer
+            .post(quiet.clone(), &author, &format!("quiet {i}"))
+            .await
+            .expect("post");
         ids.push(r.id);
     }
-    let pg_store: Arc<dyn Store> = Arc::new(PostgresStore::connect(PostgresConfig::new(pg.url())).await.expect("pg"));
-    let projector = Projector::spawn(broker.clone(), pg_store.clone(), ProjectorConfig::default()).expect("projector");
+    let pg_store: Arc<dyn Store> = Arc::new(
+        PostgresStore::connect(PostgresConfig::new(pg.url()))
+            .await
+            .expect("pg"),
+    );
+    let projector = Projector::spawn(broker.clone(), pg_store.clone(), ProjectorConfig::default())
+        .expect("projector");
     let with_store = writer.with_store(pg_store.clone());
     // Edits and reactions check the store: let it see the messages first.
     while projector.stats().records < 50 {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    with_store.edit(quiet.clone(), &author, ids[49], "quiet 49, edited").await.expect("edit");
-    with_store.delete(quiet.clone(), &author, ids[48]).await.expect("delete");
-    with_store.react(quiet.clone(), &author, ids[47], "👍", true).await.expect("react");
+    with_store
+        .edit(quiet.clone(), &author, ids[49], "quiet 49, edited")
+        .await
+        .expect("edit");
+    with_store
+        .delete(quiet.clone(), &author, ids[48])
+        .await
+        .expect("delete");
+    with_store
+        .react(quiet.clone(), &author, ids[47], "👍", true)
+        .await
+        .expect("react");
 
     // Then the busy rest of the partition.
     let started = Instant::now();
@@ -173,12 +209,20 @@ async fn main() {
 
     // With the store: PostgreSQL answers. Without: a store that knows nothing, so the log.
     let port_store = serve(with_store.clone()).await;
-    let port_log = serve(ChatHub::new(broker.clone()).with_store(Arc::new(MemoryStore::new()))).await;
+    let port_log =
+        serve(ChatHub::new(broker.clone()).with_store(Arc::new(MemoryStore::new()))).await;
     println!("\n| history of the quiet room | rounds | p50 ms | p99 ms | max ms | requests per answer | messages | in state |");
     println!("|---|---|---|---|---|---|---|---|");
-    for (name, port) in [("with the PostgreSQL store", port_store), ("from the Kafka log", port_log)] {
+    for (name, port) in [
+        ("with the PostgreSQL store", port_store),
+        ("from the Kafka log", port_log),
+    ] {
         let mut c = connect(port).await;
-        let j = reply(&mut c, json!({"type": "join", "room": "quiet", "client_id": "j"})).await;
+        let j = reply(
+            &mut c,
+            json!({"type": "join", "room": "quiet", "client_id": "j"}),
+        )
+        .await;
         assert_eq!(j["type"], "joined", "{j}");
         let mut us = Vec::new();
         let mut last = (Vec::new(), 0);

@@ -518,9 +518,10 @@ impl<'a> Reader<'a> {
         let limit = limit.clamp(1, max);
         let chat = self.svc.chat();
         let viewer = &self.conn.identity.user;
-        if let Some(items) = chat.state_history(&room, viewer, before, limit).await {
+        if let Some((items, more)) = chat.state_history(&room, viewer, before, limit).await {
+            let more = more.map(|c| c.to_string());
             self.handle
-                .reply(protocol::history(&room, &items, None, cid));
+                .reply(protocol::history(&room, &items, more.as_deref(), cid));
             return;
         }
         match self.svc.chat().hub().history(&room, before, limit).await {

@@ -154,8 +154,10 @@ impl Me<'_> {
                     .clamp(1, cfg.max_history.max(1));
                 let chat = self.svc.chat();
                 let viewer = &self.conn.identity.user;
-                if let Some(items) = chat.state_history(&room, viewer, before, limit).await {
-                    return Ok(protocol::history(&room, &items, None, None));
+                if let Some((items, more)) = chat.state_history(&room, viewer, before, limit).await
+                {
+                    let more = more.map(|c| c.to_string());
+                    return Ok(protocol::history(&room, &items, more.as_deref(), None));
                 }
                 match chat.hub().history(&room, before, limit).await {
                     Ok(page) => {

@@ -92,7 +92,8 @@ impl ChatHub {
         on: bool,
     ) -> Result<Receipt, ApiError> {
         crate::protocol::validate_emoji(emoji).map_err(ApiError::Invalid)?;
-        self.change(room, from, id, Change::React { emoji, on }).await
+        self.change(room, from, id, Change::React { emoji, on })
+            .await
     }
 
     /// Applies `change` to the message `id` of `room` on behalf of `from`: checks that the

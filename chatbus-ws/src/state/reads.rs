@@ -36,19 +36,22 @@ impl ChatHub {
         }
     }
 
-    /// A `history` page in state from the store, as `message` frames: `None` when the store
-    /// cannot answer it (a `before` it does not know, an error), and the caller reads the log.
+    /// A `history` page in state from the store, as `message` frames, and the cursor to ask
+    /// the next page with when the page is partial (as a log page's `more_before`): `None`
+    /// when the store cannot answer it (a `before` it does not know, a room it has nothing
+    /// of, an error), and the caller reads the log.
     ///
     /// A page the store answers short (fewer than `limit`, nothing older in the store) may be
     /// short only because the store started after the room did (a memory store fed live, or
-    /// bounded): it is completed from the log, older messages as they were sent.
+    /// bounded): it is completed from the log, older messages as they were sent, and the log
+    /// page's own partial marker is kept.
     pub(crate) async fn state_history(
         &self,
         room: &Room,
         viewer: &str,
         before: Option<Cursor>,
         limit: usize,
-    ) -> Option<Vec<Bytes>> {
+    ) -> Option<(Vec<Bytes>, Option<Cursor>)> {
         let page = match self.store().page(room, viewer, before, limit).await {
             Ok(page) => page?,
             Err(e) => {
@@ -56,16 +59,21 @@ impl ChatHub {
                 return None;
             }
         };
+        if page.messages.is_empty() {
+            return None;
+        }
         let mut items: Vec<Bytes> = page.messages.iter().map(frames::stored_message).collect();
+        let mut more_before = None;
         if !page.more && items.len() < limit {
-            let oldest = page.messages.first().map(|m| m.cursor).or(before);
+            let oldest = page.messages.first().map(|m| m.cursor);
             let want = limit - items.len();
             if let Ok(older) = self.hub().history(room, oldest, want).await {
                 let mut head: Vec<Bytes> = older.messages.iter().filter_map(history_item).collect();
                 head.append(&mut items);
                 items = head;
+                more_before = older.more_before;
             }
         }
-        Some(items)
+        Some((items, more_before))
     }
 }
