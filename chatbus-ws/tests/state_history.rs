@@ -25,18 +25,16 @@ async fn kafka(tansu: &Tansu, topic: &str) -> Arc<dyn Broker> {
 
 /// Three messages in `quiet`, then 200 in `busy`, all before anyone reads.
 async fn fill(writer: &ChatHub) {
-    let me = Identity::new("writer").unwrap();
+    let me = Identity::new("writer").expect("user");
+    let quiet = Room::new("quiet").expect("room");
+    let busy = Room::new("busy").expect("room");
     for i in 0..3 {
-        writer
-            .post(Room::new("quiet").unwrap(), &me, &format!("old {i}"))
-            .await
-            .unwrap();
+        let body = format!("old {i}");
+        writer.post(quiet.clone(), &me, &body).await.expect("post");
     }
     for i in 0..200 {
-        writer
-            .post(Room::new("busy").unwrap(), &me, &format!("busy {i}"))
-            .await
-            .unwrap();
+        let body = format!("busy {i}");
+        writer.post(busy.clone(), &me, &body).await.expect("post");
     }
 }
 
