@@ -69,7 +69,13 @@ const MIN_WAIT: Duration = Duration::from_millis(1);
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ProjectorConfig {
-    /// Most records read and applied in one step (one store transaction). Default 500.
+    /// Most records read and applied in one step (one store transaction). Default 5,000.
+    ///
+    /// Large because a read of the log costs more than its records: each read assigns a
+    /// reader and fetches from the position on, and Tansu's fetch costs grow with the records
+    /// after the position, so a projector catching up reads at about 760 records/s in reads
+    /// of 500 and 7,200/s in reads of 5,000 (100,000 records, one partition, measured). A
+    /// batch of 5,000 small events is one PostgreSQL transaction of a few hundred ms.
     pub batch: usize,
     /// How long a partition waits after finding nothing new. Default 50 ms: the bound on the
     /// lag when keeping up.
@@ -83,7 +89,7 @@ pub struct ProjectorConfig {
 impl Default for ProjectorConfig {
     fn default() -> Self {
         Self {
-            batch: 500,
+            batch: 5_000,
             poll: Duration::from_millis(50),
             retry: Duration::from_millis(500),
             claim_retry: Duration::from_secs(1),
