@@ -10,7 +10,8 @@
 //!
 //! Both servers run in this process over the same Tansu topic (one partition); Tansu and
 //! PostgreSQL are started by the testkit. Prints the latencies (p50, p99, max of
-//! `QUIET_ROUNDS`, default 30, full answers each).
+//! `QUIET_ROUNDS`, default 30, full answers from the store; `QUIET_LOG_ROUNDS`, default 5,
+//! from the log), and the rate at which a projector started over the backlog applies it.
 //!
 //! Run with `cargo bench --all-features --bench quiet_room`.
 
@@ -135,6 +136,8 @@ fn summary(name: &str, ms: &[u64], requests: usize, sample: &[Value]) {
 async fn main() {
     let others = env_usize("QUIET_OTHER_RECORDS", 200_000);
     let rounds = env_usize("QUIET_ROUNDS", 30);
+    // Each answer from the log scans the whole busy partition backwards: seconds on Tansu.
+    let log_rounds = env_usize("QUIET_LOG_ROUNDS", 5);
     let tansu = Tansu::start().await;
     let pg = Postgres::start().await;
     let config = KafkaConfig::new(tansu.bootstrap())
@@ -159,27 +162,32 @@ async fn main() {
             .await
             .expect("pg"),
     );
-    let projector = Projector::spawn(broker.clone(), pg_store.clone(), ProjectorConfig::default())
-        .expect("projector");
     let with_store = writer.with_store(pg_store.clone());
-    // Edits and reactions check the store: let it see the messages first.
-    while projector.stats().records < 50 {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    {
+        // Edits and reactions check the store: a first projector lets it see the messages.
+        let first = Projector::spawn(broker.clone(), pg_store.clone(), ProjectorConfig::default())
+            .expect("projector");
+        while first.stats().records < 50 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        with_store
+            .edit(quiet.clone(), &author, ids[49], "quiet 49, edited")
+            .await
+            .expect("edit");
+        with_store
+            .delete(quiet.clone(), &author, ids[48])
+            .await
+            .expect("delete");
+        with_store
+            .react(quiet.clone(), &author, ids[47], "👍", true)
+            .await
+            .expect("react");
+        while first.stats().records < 53 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
-    with_store
-        .edit(quiet.clone(), &author, ids[49], "quiet 49, edited")
-        .await
-        .expect("edit");
-    with_store
-        .delete(quiet.clone(), &author, ids[48])
-        .await
-        .expect("delete");
-    with_store
-        .react(quiet.clone(), &author, ids[47], "👍", true)
-        .await
-        .expect("react");
 
-    // Then the busy rest of the partition.
+    // Then the busy rest of the partition, with no projector running: a backlog.
     let started = Instant::now();
     let busy = Room::new("busy").expect("room");
     futures::stream::iter(0..others)
@@ -193,18 +201,21 @@ async fn main() {
         })
         .await;
     let publish = started.elapsed();
-    let total = 53 + others as u64;
+    // A projector starting over that backlog, from the store's position: the catch-up rate.
     let started = Instant::now();
-    while projector.stats().records < total {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    let projector = Projector::spawn(broker.clone(), pg_store.clone(), ProjectorConfig::default())
+        .expect("projector");
+    while projector.stats().records < others as u64 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let projected = started.elapsed();
+    let caught_up = started.elapsed();
     println!(
-        "published {others} other records in {:.1} s ({:.0}/s); the projector caught up {:.1} s later ({} events applied)",
+        "published {others} other records in {:.1} s ({:.0}/s); a projector started then caught up in {:.1} s ({:.0} events/s applied into PostgreSQL, batches of {})",
         publish.as_secs_f64(),
         others as f64 / publish.as_secs_f64(),
-        projected.as_secs_f64(),
-        projector.stats().events,
+        caught_up.as_secs_f64(),
+        projector.stats().events as f64 / caught_up.as_secs_f64(),
+        ProjectorConfig::default().batch,
     );
 
     // With the store: PostgreSQL answers. Without: a store that knows nothing, so the log.
@@ -213,9 +224,9 @@ async fn main() {
         serve(ChatHub::new(broker.clone()).with_store(Arc::new(MemoryStore::new()))).await;
     println!("\n| history of the quiet room | rounds | p50 ms | p99 ms | max ms | requests per answer | messages | in state |");
     println!("|---|---|---|---|---|---|---|---|");
-    for (name, port) in [
-        ("with the PostgreSQL store", port_store),
-        ("from the Kafka log", port_log),
+    for (name, port, rounds) in [
+        ("with the PostgreSQL store", port_store, rounds),
+        ("from the Kafka log", port_log, log_rounds),
     ] {
         let mut c = connect(port).await;
         let j = reply(

@@ -19,6 +19,7 @@
 //! docs/ARCHITECTURE.md: `CHAOS_SEED=20261201 CHAOS_SECS=900 cargo test --test chaos --
 //! --nocapture`. Needs `redis-server` and `tansu` (on `PATH` or in `~/.cargo/bin`).
 
+use chatbus_testkit::rng::Rng;
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -38,28 +39,6 @@ const ROOMS: [&str; 2] = ["chaos-a", "chaos-b"];
 /// Each sender's pace: 3 instances x 2 rooms x 6.7/s = 40 messages/s in all, well under the
 /// server's rate limit per connection (20/s).
 const EVERY: Duration = Duration::from_millis(150);
-
-/// SplitMix64: a tiny seeded generator, so the schedule depends on the seed alone.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `lo..=hi`.
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo + 1)
-    }
-
-    fn millis(&mut self, lo: u64, hi: u64) -> Duration {
-        Duration::from_millis(self.range(lo, hi))
-    }
-}
 
 /// One fault of the schedule.
 #[derive(Debug, Clone, Copy)]
@@ -203,7 +182,7 @@ fn env_u64(name: &str, default: u64) -> u64 {
 async fn chaos_with_a_seeded_schedule() {
     let seed = env_u64("CHAOS_SEED", DEFAULT_SEED);
     let secs = env_u64("CHAOS_SECS", DEFAULT_SECS);
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     println!("chaos: seed {seed}, {secs} s (replay with CHAOS_SEED={seed} CHAOS_SECS={secs})");
     let started = Instant::now();
     let mut c = Cluster::start().await;

@@ -20,7 +20,7 @@ use chatbus_core::store::{ChatEvent, MemoryStore, MemoryStoreConfig, Store};
 use chatbus_core::{Broker, Cursor, Room};
 use chatbus_kafka::{KafkaBroker, KafkaConfig};
 use chatbus_postgres::{PostgresConfig, PostgresStore};
-use chatbus_testkit::chat::ChatServer;
+use chatbus_testkit::chat::{metric, ChatServer};
 use chatbus_testkit::client::WsClient;
 use chatbus_testkit::postgres::Postgres;
 use chatbus_testkit::redis::RedisServer;
@@ -562,5 +562,21 @@ async fn projector_killed_and_postgres_restarted_mid_traffic_the_store_equals_th
         );
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+    // The projector that came back holds every partition (the instances run none) and
+    // counted the PostgreSQL outage.
+    let metrics = projector.metrics().await;
+    assert_eq!(
+        metric(&metrics, "chatbus_projector_partitions_held"),
+        8,
+        "{metrics}"
+    );
+    assert!(
+        metric(&metrics, "chatbus_projector_events_total") > 0,
+        "{metrics}"
+    );
+    assert!(
+        metric(&metrics, "chatbus_projector_errors_total") > 0,
+        "{metrics}"
+    );
     drop(projector);
 }

@@ -16,6 +16,7 @@
 //! None, 50)`, 1,000 pages `before` a random message and 1,000 `conversations` of a user in
 //! 100 rooms, one call at a time, and prints p50/p99/max.
 
+use chatbus_testkit::rng::Rng;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -60,22 +61,6 @@ fn args() -> Args {
     a
 }
 
-/// xorshift64*: a deterministic workload without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
 const USERS: usize = 5_000;
 const EPOCH: u32 = 42;
 /// The user who writes in the first 100 rooms, for the conversation list.
@@ -99,7 +84,7 @@ struct Log {
 impl Log {
     fn new(a: &Args) -> Self {
         Self {
-            rng: Rng(0x1234_5678_9abc_def1),
+            rng: Rng::new(0x1234_5678_9abc_def1),
             rooms: (0..a.rooms)
                 .map(|i| Room::new(format!("bench.{i}")).expect("room"))
                 .collect(),
@@ -260,7 +245,7 @@ async fn main() {
     let rate = events as f64 / took.as_secs_f64();
 
     // (b) read latencies, one call at a time.
-    let mut rng = Rng(0xfeed_beef_dead_cafe);
+    let mut rng = Rng::new(0xfeed_beef_dead_cafe);
     let mut page = Latency::new("page(room, None, 50)");
     for _ in 0..10_000 {
         let room = &log.rooms[rng.below(a.rooms)];

@@ -3,32 +3,13 @@
 //! the rules one case at a time; this looks for the cases nobody wrote down (ties in the
 //! conversation order, reactions taken back by the first user, reads of events, epoch 0).
 
+use chatbus_testkit::rng::Rng;
 use std::sync::Arc;
 
 use chatbus_core::store::{ChatEvent, ConversationKey, EventKind, MemoryStore, Store};
 use chatbus_core::{Cursor, MessageId, Room};
 use chatbus_postgres::{PostgresConfig, PostgresStore};
 use chatbus_testkit::postgres::Postgres;
-
-/// xorshift64*: deterministic, so a failing seed can be replayed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len())]
-    }
-}
 
 struct Case {
     rooms: Vec<Room>,
@@ -38,7 +19,7 @@ struct Case {
 }
 
 fn generate(seed: u64, n: usize) -> Case {
-    let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    let mut rng = Rng::new(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
     let tag = format!("p{seed}");
     let rooms: Vec<Room> = (0..3)
         .map(|i| Room::new(format!("parity.{tag}.{i}")).expect("room"))
@@ -126,7 +107,7 @@ fn generate(seed: u64, n: usize) -> Case {
 /// Applies `events` in random batches, sometimes applying a batch twice or an older one
 /// again, to both stores; joins now and then.
 async fn apply_both(seed: u64, case: &Case, a: &dyn Store, b: &dyn Store) {
-    let mut rng = Rng(seed ^ 0x5555);
+    let mut rng = Rng::new(seed ^ 0x5555);
     let mut at = 0;
     let mut batches: Vec<(usize, usize)> = Vec::new();
     while at < case.events.len() {

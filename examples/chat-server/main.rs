@@ -81,7 +81,7 @@ mod bench_hook;
 mod metrics;
 
 use api::ApiKey;
-use metrics::{DualMetrics, KafkaMetrics, RedisMetrics, Scrape};
+use metrics::{DualMetrics, KafkaMetrics, ProjectorMetrics, RedisMetrics, Scrape};
 
 /// The page, embedded at compile time: the binary is all there is to deploy.
 const INDEX_HTML: &str = include_str!("index.html");
@@ -594,7 +594,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
     let presence =
         PresenceConfig::default().with_interval(Duration::from_millis(args.presence_interval_ms));
     let chat = ChatHub::with_config(broker.clone(), hub_config, presence);
-    let (chat, _projector) = match args.store {
+    let (chat, projector) = match args.store {
         StoreKind::Memory => (chat, None),
         StoreKind::Postgres => {
             let (store, projector) = postgres_store(&args, broker).await?;
@@ -602,7 +602,11 @@ async fn run(args: Args) -> Result<(), BoxError> {
         }
     };
     let ws = WsService::new(chat, config);
-    let scrape = Arc::new(Scrape::new(&ws, broker_metrics));
+    let mut collectors: Vec<Box<dyn Collector>> = broker_metrics.into_iter().collect();
+    if let Some(projector) = projector {
+        collectors.push(Box::new(ProjectorMetrics(Arc::new(projector))));
+    }
+    let scrape = Arc::new(Scrape::new(&ws, collectors));
 
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await

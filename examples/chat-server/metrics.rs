@@ -12,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 use chatbus_core::{DualBus, DualMode, DualStats};
 use chatbus_kafka::KafkaBroker;
 use chatbus_redis::RedisBroker;
+use chatbus_ws::state::Projector;
 use chatbus_ws::WsService;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{prometheus_text, DescriptorEncoder, EncodeMetric};
@@ -28,10 +29,10 @@ pub(crate) struct Scrape {
 }
 
 impl Scrape {
-    pub(crate) fn new(ws: &WsService, broker_metrics: Option<Box<dyn Collector>>) -> Self {
+    pub(crate) fn new(ws: &WsService, collectors: Vec<Box<dyn Collector>>) -> Self {
         let mut registry = Registry::default();
         ws.register_metrics(&mut registry);
-        if let Some(collector) = broker_metrics {
+        for collector in collectors {
             registry.register_collector(collector);
         }
         let broker_up = Gauge::default();
@@ -96,6 +97,62 @@ impl Collector for DualMetrics {
         dual_metrics(&mut encoder, &self.0.stats())?;
         redis_metrics(&mut encoder, &self.0.fast().stats())?;
         kafka_metrics(&mut encoder, &self.0.durable().stats())
+    }
+}
+
+/// [`Projector::stats`] at scrape time (with `--store postgres`).
+#[derive(Debug)]
+pub(crate) struct ProjectorMetrics(pub(crate) Arc<Projector>);
+
+impl Collector for ProjectorMetrics {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
+        let s = self.0.stats();
+        counters(
+            &mut encoder,
+            &[
+                (
+                    "chatbus_projector_records",
+                    "Log records the chat-state projector read and applied.",
+                    s.records,
+                ),
+                (
+                    "chatbus_projector_events",
+                    "Chat-state events applied to the store.",
+                    s.events,
+                ),
+                (
+                    "chatbus_projector_batches",
+                    "Batches applied (one store transaction each).",
+                    s.batches,
+                ),
+                (
+                    "chatbus_projector_errors",
+                    "Failed reads of the log or applies to the store (retried).",
+                    s.errors,
+                ),
+                (
+                    "chatbus_projector_resets",
+                    "Times a partition's stored position did not fit the log and it was projected again.",
+                    s.resets,
+                ),
+            ],
+        )?;
+        for (name, help, value) in [
+            (
+                "chatbus_projector_partitions_held",
+                "Log partitions this instance projects (the others stand by).",
+                i64::from(s.partitions_held),
+            ),
+            (
+                "chatbus_projector_lag_ms",
+                "How far behind the log the last applied batch was, in milliseconds.",
+                i64::try_from(s.last_lag_ms).unwrap_or(i64::MAX),
+            ),
+        ] {
+            let gauge = ConstGauge::new(value);
+            gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
+        }
+        Ok(())
     }
 }
 

@@ -185,8 +185,9 @@ pub(crate) enum Request<'a> {
     },
 }
 
-/// What an `edit`, `delete` or `react` does to its message.
-#[derive(Debug)]
+/// What an `edit`, `delete` or `react` does to its message (from a `/ws` frame, borrowed, or
+/// a Socket.IO event, owned).
+#[derive(Debug, PartialEq)]
 pub(crate) enum TargetAction<'a> {
     Edit { body: Cow<'a, str> },
     Delete,

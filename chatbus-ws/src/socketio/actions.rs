@@ -16,7 +16,7 @@ use crate::access;
 use crate::api::{ApiError, Published};
 use crate::chat::history_item;
 use crate::hooks::{self, HookKind};
-use crate::protocol::{self, ErrorCode};
+use crate::protocol::{self, ErrorCode, TargetAction};
 use crate::state::{self, frames};
 
 impl Me<'_> {
@@ -78,18 +78,18 @@ impl Me<'_> {
                     Err(e) => Err(self.broker_error(&e, &env.room, "typing")),
                 }
             }
-            Event::Change { room, id, change } => {
+            Event::Change { room, id, action } => {
                 self.access(&room)?;
                 if !room.as_str().starts_with(access::DIRECT_PREFIX) {
                     self.member(&room)?;
                 }
-                let change = match &change {
-                    events::Change::Edit { body } => {
+                let change = match &action {
+                    TargetAction::Edit { body } => {
                         self.hook(HookKind::Send, &room, Some(body)).await?;
                         state::actions::Change::Edit { body }
                     }
-                    events::Change::Delete => state::actions::Change::Delete,
-                    events::Change::React { emoji, on } => {
+                    TargetAction::Delete => state::actions::Change::Delete,
+                    TargetAction::React { emoji, on } => {
                         state::actions::Change::React { emoji, on: *on }
                     }
                 };

@@ -7,6 +7,7 @@
 //! (acks) are built with the same v1 builders as the native endpoint and go through the same
 //! rule, so the two endpoints cannot drift apart field by field.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
@@ -18,7 +19,7 @@ use serde_json::{Map, Value};
 
 use crate::auth::validate_user;
 use crate::idempotency::SendKey;
-use crate::protocol::{validate_emoji, ErrorCode, MAX_KEY_LEN};
+use crate::protocol::{validate_emoji, ErrorCode, TargetAction, MAX_KEY_LEN};
 
 /// A client event the endpoint acts on, validated.
 #[derive(Debug, PartialEq)]
@@ -58,7 +59,7 @@ pub(super) enum Event {
     Change {
         room: Room,
         id: MessageId,
-        change: Change,
+        action: TargetAction<'static>,
     },
     Read {
         room: Room,
@@ -68,14 +69,6 @@ pub(super) enum Event {
         before: Option<ConversationKey>,
         limit: Option<u64>,
     },
-}
-
-/// What a `Change` does (owned: the event's data is parsed into it).
-#[derive(Debug, PartialEq)]
-pub(super) enum Change {
-    Edit { body: String },
-    Delete,
-    React { emoji: String, on: bool },
 }
 
 /// A refused event: the code and the message the client gets.
@@ -176,12 +169,14 @@ pub(super) fn parse(name: &str, data: Value) -> Result<Event, Bad> {
                     .map_err(|_| bad("`id` is not a message id"))?,
                 _ => return Err(bad(format!("`{name}` needs `id`, a message id"))),
             };
-            let change = match name {
+            let action = match name {
                 "edit" => match o.remove("body") {
-                    Some(Value::String(s)) => Change::Edit { body: nonempty(s)? },
+                    Some(Value::String(s)) => TargetAction::Edit {
+                        body: Cow::Owned(nonempty(s)?),
+                    },
                     _ => return Err(bad("`edit` needs `body`, a string")),
                 },
-                "delete" => Change::Delete,
+                "delete" => TargetAction::Delete,
                 _ => {
                     let Some(Value::String(emoji)) = o.remove("emoji") else {
                         return Err(bad("`react` needs `emoji`, a string"));
@@ -190,10 +185,13 @@ pub(super) fn parse(name: &str, data: Value) -> Result<Event, Bad> {
                     let Some(Value::Bool(on)) = o.remove("on") else {
                         return Err(bad("`react` needs `on`, a boolean"));
                     };
-                    Change::React { emoji, on }
+                    TargetAction::React {
+                        emoji: Cow::Owned(emoji),
+                        on,
+                    }
                 }
             };
-            Ok(Event::Change { room, id, change })
+            Ok(Event::Change { room, id, action })
         }
         "read" => {
             let mut o = object(data, "read")?;
