@@ -64,6 +64,11 @@ pub struct PresenceConfig {
     /// total): every member gets the frame on every change, so an uncapped list would cost
     /// n × n names for a room of n. Default 200.
     pub max_listed: usize,
+    /// In a room with more local connections than `max_listed`, this instance announces
+    /// changes at most this often, instead of after each `debounce`: a burst of thousands of
+    /// joins then costs every member about one `presence` frame per interval, not one per
+    /// 25 ms (which was quadratic in the room's size). Default 1 s.
+    pub large_room_debounce: Duration,
 }
 
 impl Default for PresenceConfig {
@@ -72,6 +77,7 @@ impl Default for PresenceConfig {
             interval: Duration::from_secs(10),
             debounce: Duration::from_millis(25),
             max_listed: 200,
+            large_room_debounce: Duration::from_secs(1),
         }
     }
 }
@@ -95,6 +101,13 @@ impl PresenceConfig {
     #[must_use]
     pub fn with_max_listed(mut self, max_listed: usize) -> Self {
         self.max_listed = max_listed;
+        self
+    }
+
+    /// Sets [`large_room_debounce`](Self::large_room_debounce).
+    #[must_use]
+    pub fn with_large_room_debounce(mut self, debounce: Duration) -> Self {
+        self.large_room_debounce = debounce;
         self
     }
 }
@@ -331,6 +344,21 @@ impl ChatHub {
         &self.shared.users
     }
 
+    /// The `presence` frame a member joining `room` is answered with: the room's current list,
+    /// or in a large room (more local connections than `max_listed`) the last list sent to
+    /// its members, which the next announcement brings up to date: recomputing the union per
+    /// join would make a burst of joins quadratic.
+    pub(crate) fn join_presence(&self, room: &Room) -> Bytes {
+        let presence = &self.shared.presence;
+        let max_listed = presence.config.max_listed;
+        if self.hub.local_sessions(room) > max_listed {
+            if let Some(frame) = presence.last_frame(room) {
+                return frame;
+            }
+        }
+        protocol::presence(room, &self.online(room), max_listed)
+    }
+
     /// Presence of `rooms` changed on this instance (a join, a leave, a disconnect).
     pub(crate) fn presence_changed(&self, rooms: impl IntoIterator<Item = Room>) {
         // Personal and status channels are not rooms anyone sees the members of.
@@ -562,14 +590,20 @@ struct PresenceState {
     dirty: HashSet<Room>,
     // Rooms this instance has published a non-empty snapshot for (and must retract).
     announced: HashSet<Room>,
+    // When this instance last published a snapshot of a large room (see
+    // `PresenceConfig::large_room_debounce`).
+    large_published: HashMap<Room, Instant>,
     seq: u64,
 }
 
 #[derive(Default)]
 struct RoomView {
     instances: HashMap<u128, InstanceView>,
-    // The list last sent to local members, to send only changes.
+    // The list last sent to local members, to send only changes, and its frame: what a member
+    // joining a large room is answered with (computing the union per join would make a burst
+    // of joins quadratic).
     emitted: Option<Vec<Arc<str>>>,
+    frame: Option<Bytes>,
 }
 
 struct InstanceView {
@@ -630,6 +664,11 @@ impl Presence {
         }
     }
 
+    /// The last `presence` frame sent to the local members of `room`, if any.
+    fn last_frame(&self, room: &Room) -> Option<Bytes> {
+        lock(&self.state).views.get(room)?.frame.clone()
+    }
+
     /// A snapshot arrived through the broker; returns the frame for local members if the union
     /// changed.
     fn on_snapshot(&self, room: &Room, snap: Snapshot) -> Option<Bytes> {
@@ -665,20 +704,26 @@ impl Presence {
         }
         let frame = protocol::presence(room, &online, self.config.max_listed);
         view.emitted = Some(online);
+        view.frame = Some(frame.clone());
         Some(frame)
     }
 
     async fn run(self: Arc<Self>, hub: Hub, stats: Arc<ChatCounters>, stop: CancellationToken) {
         let mut next_beat = Instant::now() + self.config.interval;
+        // When the earliest large room deferred by `large_room_debounce` is due.
+        let mut deferred: Option<Instant> = None;
         loop {
+            let far = Instant::now() + self.config.interval;
             let beat = tokio::select! {
                 () = stop.cancelled() => return,
                 () = self.wake.notified() => {
                     tokio::time::sleep(self.config.debounce).await;
                     false
                 }
+                () = tokio::time::sleep_until(deferred.unwrap_or(far)), if deferred.is_some() => false,
                 () = tokio::time::sleep_until(next_beat) => true,
             };
+            deferred = None;
             let rooms: Vec<Room> = {
                 let mut st = lock(&self.state);
                 let mut rooms: HashSet<Room> = st.dirty.drain().collect();
@@ -690,6 +735,7 @@ impl Presence {
                         .collect();
                     // Views of rooms without local members are not delivered to anyone.
                     st.views.retain(|r, _| live.contains(r));
+                    st.large_published.retain(|r, _| live.contains(r));
                     rooms.extend(live);
                     rooms.extend(st.announced.iter().cloned());
                     next_beat = Instant::now() + self.config.interval;
@@ -700,7 +746,34 @@ impl Presence {
                 if stop.is_cancelled() {
                     return;
                 }
+                if !beat {
+                    if let Some(due) = self.defer_large(&hub, &room) {
+                        deferred = Some(deferred.map_or(due, |d| d.min(due)));
+                        continue;
+                    }
+                }
                 self.publish(&hub, &stats, room).await;
+            }
+        }
+    }
+
+    /// For a large room (more local connections than `max_listed`) published less than
+    /// `large_room_debounce` ago: keeps it dirty and returns when it is due. `None`: publish
+    /// now (and, for a large room, remember when).
+    fn defer_large(&self, hub: &Hub, room: &Room) -> Option<Instant> {
+        if hub.local_sessions(room) <= self.config.max_listed {
+            return None;
+        }
+        let now = Instant::now();
+        let mut st = lock(&self.state);
+        match st.large_published.get(room) {
+            Some(&last) if now < last + self.config.large_room_debounce => {
+                st.dirty.insert(room.clone());
+                Some(last + self.config.large_room_debounce)
+            }
+            _ => {
+                st.large_published.insert(room.clone(), now);
+                None
             }
         }
     }

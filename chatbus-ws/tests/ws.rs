@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chatbus_core::MemoryBroker;
-use chatbus_ws::{ErrorCode, RateLimit, WsConfig};
+use chatbus_ws::{ChatHub, ErrorCode, PresenceConfig, RateLimit, WsConfig};
 use common::{Client, Server};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -460,5 +460,50 @@ async fn ws_level_and_app_level_ping() {
     c.send_raw(Message::Ping(b"x".to_vec().into())).await;
     // The library answers the WebSocket ping; the session goes on.
     c.assert_alive().await;
+    server.stop().await;
+}
+
+/// A burst of joins to a room larger than `max_listed` costs each member about one `presence`
+/// frame per `large_room_debounce`, not one per join (issue #16: a room of 5,000 took 4.5 s to
+/// join and 51 KiB per connection because of it). The last frame still counts everyone.
+#[tokio::test]
+async fn a_burst_of_joins_to_a_large_room_sends_few_presence_frames() {
+    let presence = PresenceConfig::default()
+        .with_max_listed(3)
+        .with_large_room_debounce(Duration::from_secs(1));
+    let chat = ChatHub::with_config(
+        Arc::new(MemoryBroker::new()),
+        chatbus_core::HubConfig::default(),
+        presence,
+    );
+    let mut server = Server::with_chat(chat, WsConfig::default()).await;
+    let mut first = server.client("u0").await;
+    first.join("big").await;
+    let mut others = Vec::new();
+    // 20 joins 40 ms apart: each after the 25 ms debounce, so without the large-room rule
+    // every one of them is announced on its own.
+    for i in 1..20 {
+        let mut c = server.client(&format!("u{i}")).await;
+        c.join("big").await;
+        others.push(c);
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    let mut frames = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while tokio::time::Instant::now() < deadline {
+        match first.recv_within(Duration::from_millis(100)).await {
+            Some(common::Event::Frame(v)) if v["type"] == "presence" => frames.push(v),
+            Some(common::Event::Frame(_)) | None => {}
+            Some(other) => panic!("{other:?}"),
+        }
+    }
+    assert!(
+        frames.len() <= 5,
+        "{} presence frames for one burst of 19 joins: {frames:?}",
+        frames.len()
+    );
+    let last = frames.last().expect("at least one presence frame");
+    assert_eq!(last["count"], 20, "{last}");
+    assert_eq!(last["online"].as_array().map(Vec::len), Some(3), "{last}");
     server.stop().await;
 }

@@ -170,6 +170,13 @@ impl Hub {
         entry.map_or(0, |entry| fan_out(&self.inner, &entry, envelope))
     }
 
+    /// How many sessions of this instance are in `room` (a user with two connections counts
+    /// twice): O(1), where [`local_members`](Self::local_members) is O(members).
+    pub fn local_sessions(&self, room: &Room) -> usize {
+        let entry = lock(&self.inner.rooms).get(room).cloned();
+        entry.map_or(0, |e| lock(&e.members).list.len())
+    }
+
     /// The distinct users with a local session in `room`.
     pub fn local_members(&self, room: &Room) -> Vec<Arc<str>> {
         let entry = lock(&self.inner.rooms).get(room).cloned();

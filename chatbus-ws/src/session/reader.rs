@@ -440,11 +440,7 @@ impl<'a> Reader<'a> {
             return;
         }
         chat.presence_changed([room.clone()]);
-        self.handle.reply(protocol::presence(
-            &room,
-            &chat.online(&room),
-            chat.presence_config().max_listed,
-        ));
+        self.handle.reply(chat.join_presence(&room));
     }
 
     /// Rooms the client joined (its personal and status channels do not count).
