@@ -131,6 +131,11 @@ impl Collector for ProjectorMetrics {
                     s.errors,
                 ),
                 (
+                    "chatbus_projector_skipped",
+                    "Events the store refused for good, skipped (each logged as an error).",
+                    s.skipped,
+                ),
+                (
                     "chatbus_projector_resets",
                     "Times a partition's stored position did not fit the log and it was projected again.",
                     s.resets,

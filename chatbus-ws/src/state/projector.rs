@@ -152,6 +152,10 @@ pub struct ProjectorStats {
     /// Times a partition's stored position did not fit the log (the log started over) and
     /// the partition was read again from its oldest record.
     pub resets: u64,
+    /// Events the store refused for good (its data, not its state: `Error::Backend`) while
+    /// it applied the other events of their batch, skipped so the projection goes on; each
+    /// is logged as an error with its id and room.
+    pub skipped: u64,
     /// Partitions this projector holds the claim of now.
     pub partitions_held: u32,
     /// How far behind the log the last applied batch was, in milliseconds: the time it was
@@ -166,6 +170,7 @@ struct Counters {
     batches: AtomicU64,
     errors: AtomicU64,
     resets: AtomicU64,
+    skipped: AtomicU64,
     held: AtomicU32,
     last_lag_ms: AtomicU64,
 }
@@ -179,6 +184,7 @@ impl Counters {
             batches: load(&self.batches),
             errors: load(&self.errors),
             resets: load(&self.resets),
+            skipped: load(&self.skipped),
             partitions_held: self.held.load(Ordering::Relaxed),
             last_lag_ms: load(&self.last_lag_ms),
         }
@@ -379,7 +385,11 @@ impl Worker {
                 tokio::time::sleep(self.config.poll).await;
                 continue;
             };
-            match self.apply(&batch, next).await {
+            let applied = match self.apply(&batch, next).await {
+                Err(e) if refused(&e) => self.isolate(&batch, next, e).await,
+                other => other,
+            };
+            match applied {
                 Ok(()) => {
                     position = Some(Some(next));
                     self.recovered();
@@ -410,6 +420,53 @@ impl Worker {
         Ok(())
     }
 
+    /// A batch the store refused for its data: applies its events one by one (in order, so
+    /// the result is the batch's), skips those refused for good, then records `next`. Only
+    /// when some events of the batch applied: a store that refuses every one (a permission
+    /// taken away, a schema it does not know) has a problem of its own, and the batch is
+    /// retried later like after any error, never skipped.
+    async fn isolate(&self, batch: &LogBatch, next: Cursor, first: Error) -> Result<()> {
+        let events: Vec<ChatEvent> = batch.envelopes.iter().filter_map(super::event).collect();
+        let mut bad = Vec::new();
+        for e in &events {
+            match self.store.apply(std::slice::from_ref(e), None).await {
+                Ok(()) => {}
+                Err(err) if refused(&err) => bad.push((e, err)),
+                Err(err) => return Err(err),
+            }
+        }
+        if bad.len() == events.len() {
+            return Err(first);
+        }
+        for (e, err) in &bad {
+            tracing::error!(
+                partition = self.partition,
+                id = %e.id,
+                room = %e.room,
+                cursor = %e.cursor,
+                error = %err,
+                "the store refuses this event for good: skipped"
+            );
+        }
+        self.counters.skipped.fetch_add(
+            u64::try_from(bad.len()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        // The batch's position, with nothing left to apply: the good events are in.
+        let empty = LogBatch::new(Vec::new(), batch.next);
+        self.apply(&empty, next).await?;
+        let c = &self.counters;
+        c.records.fetch_add(
+            u64::try_from(batch.envelopes.len()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        c.events.fetch_add(
+            u64::try_from(events.len() - bad.len()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        Ok(())
+    }
+
     /// A step succeeded: the next error is a new outage, logged as a warning again.
     fn recovered(&mut self) {
         if std::mem::take(&mut self.failing) {
@@ -432,6 +489,12 @@ impl Worker {
             tracing::warn!(partition, error = %e, "projector failed {what}; retrying");
         }
     }
+}
+
+/// Whether the store refused `e`'s call for its data, for good (retrying does not help):
+/// `Error::Backend`, as `PostgresStore` reports a statement the server rejects.
+fn refused(e: &Error) -> bool {
+    matches!(e, Error::Backend { .. }) && !e.is_transient()
 }
 
 /// Against a real Tansu: the projector reads the log through `KafkaBroker`.
@@ -536,6 +599,8 @@ mod tests {
         inner: MemoryStore,
         exclusive: bool,
         fail_applies: AtomicU32,
+        /// Refuse, as a store refuses bad data, any batch holding a message "poison".
+        refuse_poison: bool,
         claims: Arc<Mutex<HashSet<u32>>>,
     }
 
@@ -572,6 +637,10 @@ mod tests {
                     backend: "test",
                     reason: "down for the test".into(),
                 });
+            }
+            let poison = |e: &ChatEvent| matches!(&e.kind, chatbus_core::store::EventKind::Message { body, .. } if &**body == "poison");
+            if self.refuse_poison && events.iter().any(poison) {
+                return Err(Error::backend("test", "a value the store cannot hold"));
             }
             self.inner.apply(events, position).await
         }
@@ -888,6 +957,56 @@ mod tests {
         for (room, sent) in rooms.iter().zip(&sent) {
             assert_eq!(stored(&*store, room).await, *sent, "room {room}");
         }
+        stop(projector).await;
+    }
+
+    /// (g) An event the store refuses for good is skipped, counted, and the rest of its
+    /// batch and the records after it are applied; a batch the store refuses entirely is not.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_event_the_store_refuses_for_good_is_skipped_and_the_rest_applied() {
+        let tansu = Tansu::start().await;
+        let broker = kafka(&tansu, "projector-poison", 1).await;
+        let room = rooms(&broker, "poison", 1).remove(0);
+        let store = Arc::new(TestStore {
+            refuse_poison: true,
+            ..TestStore::default()
+        });
+        let mut good = Vec::new();
+        for body in ["m0", "poison", "m2"] {
+            let env = message(&room, "alice", body);
+            if body != "poison" {
+                good.push(env.id);
+            }
+            send(&broker, env).await;
+        }
+        let projector = Projector::spawn(broker.clone(), store.clone(), config()).expect("spawn");
+        until(20, "the batch applied", || projector.stats().records >= 3).await;
+        let after = message(&room, "alice", "m3");
+        good.push(after.id);
+        send(&broker, after).await;
+        until(20, "the record after it applied", || {
+            projector.stats().records >= 4
+        })
+        .await;
+        let stats = projector.stats();
+        assert_eq!(stats.skipped, 1, "{stats:?}");
+        assert_eq!(stats.events, 3, "{stats:?}");
+        assert_eq!(stored(&*store, &room).await, good);
+        stop(projector).await;
+
+        // A batch of nothing but refused events is the store's problem: retried, not skipped.
+        let only = kafka(&tansu, "projector-poison-only", 1).await;
+        let room = rooms(&only, "poison-only", 1).remove(0);
+        send(&only, message(&room, "alice", "poison")).await;
+        let store = Arc::new(TestStore {
+            refuse_poison: true,
+            ..TestStore::default()
+        });
+        let projector = Projector::spawn(only.clone(), store.clone(), config()).expect("spawn");
+        until(20, "errors counted", || projector.stats().errors >= 2).await;
+        let stats = projector.stats();
+        assert_eq!((stats.skipped, stats.records), (0, 0), "{stats:?}");
+        assert_eq!(store.position(0).await.expect("position"), None);
         stop(projector).await;
     }
 
