@@ -382,35 +382,20 @@ pub(crate) struct MessageOut<'a> {
 
 /// The `message` frame of a chat message envelope (`ts` is the envelope's).
 pub(crate) fn message_frame(env: &Envelope, m: &MessageOut<'_>) -> Bytes {
-    #[derive(Serialize)]
-    struct Out<'a> {
-        #[serde(rename = "type")]
-        ty: &'static str,
-        room: &'a str,
-        id: AsDisplay<MessageId>,
-        from: &'a str,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        to: Option<&'a str>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        name: Option<&'a str>,
-        body: &'a str,
-        ts: u64,
-        cursor: Option<chatbus_core::Cursor>,
-    }
-    Bytes::from(
-        serde_json::to_vec(&Out {
-            ty: "message",
-            room: m.room,
-            id: AsDisplay(m.id),
-            from: m.from,
-            to: m.to,
-            name: m.name,
-            body: m.body,
-            ts: env.ts,
-            cursor: m.cursor,
-        })
-        .unwrap_or_default(),
-    )
+    frames::to_bytes(&frames::MessageState {
+        ty: "message",
+        room: m.room,
+        id: AsDisplay(m.id),
+        from: m.from,
+        to: m.to,
+        name: m.name,
+        body: Some(m.body),
+        ts: env.ts,
+        cursor: m.cursor,
+        edited: None,
+        deleted: false,
+        reactions: Vec::new(),
+    })
 }
 
 /// The frame of a chat message (plain or direct) as it is in its own room.

@@ -13,7 +13,7 @@ pub(crate) const MAX_CONVERSATIONS: usize = 100;
 /// Conversations listed when the request names no `limit`.
 pub(crate) const DEFAULT_CONVERSATIONS: usize = 20;
 
-fn to_bytes(v: &impl Serialize) -> Bytes {
+pub(crate) fn to_bytes(v: &impl Serialize) -> Bytes {
     // Serialising these structs (strings, numbers, options) cannot fail.
     Bytes::from(serde_json::to_vec(v).unwrap_or_default())
 }
@@ -86,7 +86,7 @@ pub(crate) fn read(env: &Envelope, user: &str, cursor: &str) -> Bytes {
 }
 
 #[derive(Serialize)]
-struct ReactionOut<'a> {
+pub(crate) struct ReactionOut<'a> {
     emoji: &'a str,
     count: u64,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
@@ -94,26 +94,28 @@ struct ReactionOut<'a> {
 }
 
 #[derive(Serialize)]
-struct MessageState<'a> {
+/// A `message` frame's fields: every message frame, live or in a `history` answer, is this
+/// one struct (the state fields are absent on a live message, which has none yet).
+pub(crate) struct MessageState<'a> {
     #[serde(rename = "type")]
-    ty: &'static str,
-    room: &'a str,
-    id: AsDisplay<MessageId>,
-    from: &'a str,
+    pub(crate) ty: &'static str,
+    pub(crate) room: &'a str,
+    pub(crate) id: AsDisplay<MessageId>,
+    pub(crate) from: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
-    to: Option<&'a str>,
+    pub(crate) to: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    name: Option<&'a str>,
+    pub(crate) name: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    body: Option<&'a str>,
-    ts: u64,
-    cursor: Cursor,
+    pub(crate) body: Option<&'a str>,
+    pub(crate) ts: u64,
+    pub(crate) cursor: Option<Cursor>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    edited: Option<u64>,
+    pub(crate) edited: Option<u64>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
-    deleted: bool,
+    pub(crate) deleted: bool,
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    reactions: Vec<ReactionOut<'a>>,
+    pub(crate) reactions: Vec<ReactionOut<'a>>,
 }
 
 fn message_state(m: &StoredMessage) -> MessageState<'_> {
@@ -126,7 +128,7 @@ fn message_state(m: &StoredMessage) -> MessageState<'_> {
         name: m.name.as_deref(),
         body: m.body.as_deref(),
         ts: m.ts,
-        cursor: m.cursor,
+        cursor: Some(m.cursor),
         edited: m.edited,
         deleted: m.deleted,
         reactions: m
