@@ -1,26 +1,22 @@
 //! [`ChatHub`]: a [`Hub`] whose frames are protocol v1 JSON, plus presence tracking.
 
-use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::Duration;
 
 use bytes::Bytes;
 use chatbus_core::store::{MemoryStore, Store};
 use chatbus_core::{
-    Broker, Envelope, Frame, FrameEncoder, Hub, HubConfig, Interest, MessageId, Receipt, Room,
+    Broker, Envelope, Frame, FrameEncoder, Hub, HubConfig, MessageId, Receipt, Room,
 };
-use futures::StreamExt;
 use serde::Serialize;
-use tokio::sync::Notify;
-use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::access;
 use crate::auth::Identity;
 use crate::idempotency::{SendKeyConfig, SendKeys};
-use crate::payload::{self, Payload, Snapshot};
+use crate::payload::{self, Payload};
+use crate::presence::{Presence, PresenceConfig};
 use crate::protocol::{self, AsDisplay};
 use crate::state::{frames, StoreFeed};
 use crate::status::Users;
@@ -39,94 +35,21 @@ fn write<T>(m: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
     m.write().unwrap_or_else(|e| e.into_inner())
 }
 
-/// How long [`ChatHub::online_everywhere`] collects the other instances' answers for a room
-/// this instance has no members in (each answers within its presence debounce, 25 ms by
-/// default, plus the broker's round trip).
-pub const PRESENCE_QUERY_WAIT: Duration = Duration::from_millis(300);
-
-/// How presence (and user status) is shared between instances (see `docs/protocol.md`,
-/// "Presence" and "User status").
-///
-/// Built from [`Default`] with the `with_*` setters, so fields can be added without breaking
-/// callers.
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub struct PresenceConfig {
-    /// Each instance republishes its snapshot of every room it has members in this often, and
-    /// forgets another instance's snapshot after three intervals without news (an instance that
-    /// died). Watched users are probed this often too, and a user whose instance died goes
-    /// offline for its watchers within three intervals. Default 10 s.
-    pub interval: Duration,
-    /// Joins and leaves within this window are announced together, so a burst of joins costs
-    /// one snapshot per room. Default 25 ms.
-    pub debounce: Duration,
-    /// Names listed in a `presence` frame (the first in sorted order; `count` gives the
-    /// total): every member gets the frame on every change, so an uncapped list would cost
-    /// n × n names for a room of n. Default 200.
-    pub max_listed: usize,
-    /// In a room with more local connections than `max_listed`, this instance announces
-    /// changes at most this often, instead of after each `debounce`: a burst of thousands of
-    /// joins then costs every member about one `presence` frame per interval, not one per
-    /// 25 ms (which was quadratic in the room's size). Default 1 s.
-    pub large_room_debounce: Duration,
-}
-
-impl Default for PresenceConfig {
-    fn default() -> Self {
-        Self {
-            interval: Duration::from_secs(10),
-            debounce: Duration::from_millis(25),
-            max_listed: 200,
-            large_room_debounce: Duration::from_secs(1),
-        }
-    }
-}
-
-impl PresenceConfig {
-    /// Sets [`interval`](Self::interval).
-    #[must_use]
-    pub fn with_interval(mut self, interval: Duration) -> Self {
-        self.interval = interval;
-        self
-    }
-
-    /// Sets [`debounce`](Self::debounce).
-    #[must_use]
-    pub fn with_debounce(mut self, debounce: Duration) -> Self {
-        self.debounce = debounce;
-        self
-    }
-
-    /// Sets [`max_listed`](Self::max_listed).
-    #[must_use]
-    pub fn with_max_listed(mut self, max_listed: usize) -> Self {
-        self.max_listed = max_listed;
-        self
-    }
-
-    /// Sets [`large_room_debounce`](Self::large_room_debounce).
-    #[must_use]
-    pub fn with_large_room_debounce(mut self, debounce: Duration) -> Self {
-        self.large_room_debounce = debounce;
-        self
-    }
-}
-
 /// A snapshot of the chat layer's counters, from [`ChatHub::stats`]. Totals since start.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ChatStats {
     /// Envelopes from the broker whose payload was not a chatbus-ws payload (dropped).
     pub decode_errors: u64,
-    /// Presence snapshots published by this instance.
+    /// Presence announcements (full lists and diffs) published by this instance.
     pub presence_published: u64,
 }
 
 /// The live counters behind [`ChatStats`], shared by the encoder and the presence task.
 #[derive(Debug, Default)]
-struct ChatCounters {
+pub(crate) struct ChatCounters {
     decode_errors: AtomicU64,
-    presence_published: AtomicU64,
+    pub(crate) presence_published: AtomicU64,
 }
 
 impl ChatCounters {
@@ -281,7 +204,7 @@ impl ChatHub {
     }
 
     /// Who is online in `room` as this instance knows it: the members of every instance that
-    /// announced itself (including this one), sorted. An instance follows the snapshots of a
+    /// announced itself (including this one), sorted. An instance follows the announcements of a
     /// room only while it has members there; for any room, use
     /// [`online_everywhere`](Self::online_everywhere).
     pub fn online(&self, room: &Room) -> Vec<Arc<str>> {
@@ -292,7 +215,7 @@ impl ChatHub {
 
     /// Who is online in `room` on every instance, whether or not this one has members there:
     /// with local members, what [`online`](Self::online) knows; otherwise this instance
-    /// subscribes to the room for a moment, asks the others for their snapshots (a presence
+    /// subscribes to the room for a moment, asks the others for their full lists (a presence
     /// "hello") and collects what arrives within [`PRESENCE_QUERY_WAIT`], sorted.
     pub async fn online_everywhere(&self, room: &Room) -> chatbus_core::Result<Vec<Arc<str>>> {
         if !self.hub.local_members(room).is_empty() {
@@ -503,6 +426,9 @@ impl FrameEncoder for ChatEncoder {
                     .on_snapshot(&env.room, snapshot)
                     .map(Frame::new)
             }
+            Some(Payload::PresenceDiff(diff)) => {
+                return self.presence.on_diff(&env.room, diff).map(Frame::new)
+            }
             Some(Payload::Status(status)) => return self.users.on_status(&status).map(Frame::new),
             Some(Payload::Probe { user }) => {
                 self.users.on_probe(user);
@@ -547,296 +473,5 @@ impl FrameEncoder for ChatEncoder {
             tracing::debug!(room = %env.room, id = %env.id, "dropped an envelope that is not a chatbus-ws payload");
         }
         frame
-    }
-}
-
-/// Presence across instances: each instance publishes a snapshot of its local members of a room
-/// (as an ephemeral envelope) whenever they change and periodically; every instance keeps the
-/// latest snapshot per instance and tells its local members the union whenever it changes.
-struct Presence {
-    instance: u128,
-    config: PresenceConfig,
-    state: Mutex<PresenceState>,
-    wake: Notify,
-}
-
-impl fmt::Debug for Presence {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Presence")
-            .field("instance", &format_args!("{:032x}", self.instance))
-            .finish_non_exhaustive()
-    }
-}
-
-#[derive(Default)]
-struct PresenceState {
-    views: HashMap<Room, RoomView>,
-    // Rooms whose snapshot must be published soon.
-    dirty: HashSet<Room>,
-    // Rooms this instance has published a non-empty snapshot for (and must retract).
-    announced: HashSet<Room>,
-    // When this instance last published a snapshot of a large room (see
-    // `PresenceConfig::large_room_debounce`).
-    large_published: HashMap<Room, Instant>,
-    seq: u64,
-}
-
-#[derive(Default)]
-struct RoomView {
-    instances: HashMap<u128, InstanceView>,
-    // The list last sent to local members, to send only changes, and its frame: what a member
-    // joining a large room is answered with (computing the union per join would make a burst
-    // of joins quadratic).
-    emitted: Option<Vec<Arc<str>>>,
-    frame: Option<Bytes>,
-}
-
-struct InstanceView {
-    seq: u64,
-    users: Vec<Arc<str>>,
-    seen: Instant,
-}
-
-impl RoomView {
-    fn union(&self, extra: Vec<Arc<str>>) -> Vec<Arc<str>> {
-        let mut all = extra;
-        for v in self.instances.values() {
-            all.extend(v.users.iter().cloned());
-        }
-        all.sort_unstable();
-        all.dedup();
-        all
-    }
-}
-
-impl Presence {
-    fn new(config: PresenceConfig) -> Self {
-        Self {
-            // Random and time-ordered: distinct per process start, so a restarted instance never
-            // has its fresh snapshots ignored as older than its previous life's.
-            instance: MessageId::new().as_u128(),
-            config,
-            state: Mutex::new(PresenceState::default()),
-            wake: Notify::new(),
-        }
-    }
-
-    fn ttl(&self) -> Duration {
-        self.config.interval.saturating_mul(3)
-    }
-
-    fn mark_dirty(&self, rooms: impl IntoIterator<Item = Room>) {
-        let mut st = lock(&self.state);
-        let before = st.dirty.len();
-        st.dirty.extend(rooms);
-        let changed = st.dirty.len() != before;
-        drop(st);
-        if changed {
-            self.wake.notify_one();
-        }
-    }
-
-    fn current(&self, room: &Room, local: Vec<Arc<str>>) -> Vec<Arc<str>> {
-        let st = lock(&self.state);
-        match st.views.get(room) {
-            Some(view) => view.union(local),
-            None => {
-                drop(st);
-                let mut local = local;
-                local.sort_unstable();
-                local
-            }
-        }
-    }
-
-    /// The last `presence` frame sent to the local members of `room`, if any.
-    fn last_frame(&self, room: &Room) -> Option<Bytes> {
-        lock(&self.state).views.get(room)?.frame.clone()
-    }
-
-    /// A snapshot arrived through the broker; returns the frame for local members if the union
-    /// changed.
-    fn on_snapshot(&self, room: &Room, snap: Snapshot) -> Option<Bytes> {
-        let now = Instant::now();
-        let ttl = self.ttl();
-        let mut st = lock(&self.state);
-        if snap.hello && snap.instance != self.instance && st.dirty.insert(room.clone()) {
-            self.wake.notify_one();
-        }
-        let view = st.views.entry(room.clone()).or_default();
-        if view
-            .instances
-            .get(&snap.instance)
-            .is_some_and(|v| v.seq >= snap.seq)
-        {
-            return None;
-        }
-        // An empty snapshot is kept (not removed) so that its seq still rejects older ones that
-        // arrive late; it expires with the others.
-        view.instances.insert(
-            snap.instance,
-            InstanceView {
-                seq: snap.seq,
-                users: snap.users,
-                seen: now,
-            },
-        );
-        view.instances
-            .retain(|_, v| now.saturating_duration_since(v.seen) < ttl);
-        let online = view.union(Vec::new());
-        if view.emitted.as_ref() == Some(&online) {
-            return None;
-        }
-        let frame = protocol::presence(room, &online, self.config.max_listed);
-        view.emitted = Some(online);
-        view.frame = Some(frame.clone());
-        Some(frame)
-    }
-
-    async fn run(self: Arc<Self>, hub: Hub, stats: Arc<ChatCounters>, stop: CancellationToken) {
-        let mut next_beat = Instant::now() + self.config.interval;
-        // When the earliest large room deferred by `large_room_debounce` is due.
-        let mut deferred: Option<Instant> = None;
-        loop {
-            let far = Instant::now() + self.config.interval;
-            let beat = tokio::select! {
-                () = stop.cancelled() => return,
-                () = self.wake.notified() => {
-                    tokio::time::sleep(self.config.debounce).await;
-                    false
-                }
-                () = tokio::time::sleep_until(deferred.unwrap_or(far)), if deferred.is_some() => false,
-                () = tokio::time::sleep_until(next_beat) => true,
-            };
-            deferred = None;
-            let rooms: Vec<Room> = {
-                let mut st = lock(&self.state);
-                let mut rooms: HashSet<Room> = st.dirty.drain().collect();
-                if beat {
-                    let live: HashSet<Room> = hub
-                        .rooms()
-                        .into_iter()
-                        .filter(access::is_client_room)
-                        .collect();
-                    // Views of rooms without local members are not delivered to anyone.
-                    st.views.retain(|r, _| live.contains(r));
-                    st.large_published.retain(|r, _| live.contains(r));
-                    rooms.extend(live);
-                    rooms.extend(st.announced.iter().cloned());
-                    next_beat = Instant::now() + self.config.interval;
-                }
-                rooms.into_iter().collect()
-            };
-            for room in rooms {
-                if stop.is_cancelled() {
-                    return;
-                }
-                if !beat {
-                    if let Some(due) = self.defer_large(&hub, &room) {
-                        deferred = Some(deferred.map_or(due, |d| d.min(due)));
-                        continue;
-                    }
-                }
-                self.publish(&hub, &stats, room).await;
-            }
-        }
-    }
-
-    /// For a large room (more local connections than `max_listed`) published less than
-    /// `large_room_debounce` ago: keeps it dirty and returns when it is due. `None`: publish
-    /// now (and, for a large room, remember when).
-    fn defer_large(&self, hub: &Hub, room: &Room) -> Option<Instant> {
-        if hub.local_sessions(room) <= self.config.max_listed {
-            return None;
-        }
-        let now = Instant::now();
-        let mut st = lock(&self.state);
-        match st.large_published.get(room) {
-            Some(&last) if now < last + self.config.large_room_debounce => {
-                st.dirty.insert(room.clone());
-                Some(last + self.config.large_room_debounce)
-            }
-            _ => {
-                st.large_published.insert(room.clone(), now);
-                None
-            }
-        }
-    }
-
-    /// Asks every instance for its snapshot of `room` and unions what arrives in time (for a
-    /// room without local members, whose snapshots this instance does not follow).
-    async fn query(&self, hub: &Hub, room: &Room) -> chatbus_core::Result<Vec<Arc<str>>> {
-        // Subscribed before asking, so no answer can come before we listen.
-        let mut sub = hub.broker().subscribe(Interest::room(room.clone())).await?;
-        let seq = {
-            let mut st = lock(&self.state);
-            st.seq += 1;
-            st.seq
-        };
-        // An empty snapshot that says hello: it lists nobody for this instance (true: it has
-        // no members here) and makes every other instance publish its own.
-        let hello = Snapshot {
-            instance: self.instance,
-            seq,
-            hello: true,
-            users: Vec::new(),
-        };
-        hub.publish(&Envelope::ephemeral(
-            room.clone(),
-            payload::presence(&hello),
-        ))
-        .await?;
-        let mut latest: HashMap<u128, (u64, Vec<Arc<str>>)> = HashMap::new();
-        let deadline = Instant::now() + PRESENCE_QUERY_WAIT;
-        while let Ok(Some(item)) = tokio::time::timeout_at(deadline, sub.next()).await {
-            let Ok(env) = item else { continue };
-            if let Some(Payload::Presence(snap)) = payload::decode(&env.payload) {
-                if snap.instance != self.instance
-                    && latest
-                        .get(&snap.instance)
-                        .is_none_or(|(s, _)| *s < snap.seq)
-                {
-                    latest.insert(snap.instance, (snap.seq, snap.users));
-                }
-            }
-        }
-        let mut all: Vec<Arc<str>> = latest.into_values().flat_map(|(_, u)| u).collect();
-        all.sort_unstable();
-        all.dedup();
-        Ok(all)
-    }
-
-    async fn publish(&self, hub: &Hub, stats: &ChatCounters, room: Room) {
-        let mut users = hub.local_members(&room);
-        users.sort_unstable();
-        let (seq, hello) = {
-            let mut st = lock(&self.state);
-            let hello = if users.is_empty() {
-                if !st.announced.remove(&room) {
-                    // Never announced: nothing to retract.
-                    return;
-                }
-                st.views.remove(&room);
-                false
-            } else {
-                st.announced.insert(room.clone())
-            };
-            st.seq += 1;
-            (st.seq, hello)
-        };
-        let snap = Snapshot {
-            instance: self.instance,
-            seq,
-            hello,
-            users,
-        };
-        let env = Envelope::ephemeral(room, payload::presence(&snap));
-        match hub.publish(&env).await {
-            Ok(_) => {
-                stats.presence_published.fetch_add(1, Ordering::Relaxed);
-            }
-            // The next heartbeat republishes every announced room.
-            Err(e) => tracing::warn!(room = %env.room, error = %e, "presence publish failed"),
-        }
     }
 }

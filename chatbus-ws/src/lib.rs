@@ -133,8 +133,9 @@
 //! queue, batching up to 64 frames per flush, and sends WebSocket pings. Chat messages travel
 //! between instances as envelopes whose payload is a 1-byte tag plus a compact body; every
 //! instance turns each envelope into its JSON frame once and shares the bytes among its
-//! recipients. Presence: each instance publishes an ephemeral snapshot of its local members of
-//! a room when they change and every 10 s; every instance unions the latest snapshots.
+//! recipients. Presence: each instance announces its local members of a room as ephemeral
+//! envelopes (a full list first, then diffs, and a heartbeat every 10 s); every instance keeps
+//! the union.
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
@@ -149,6 +150,7 @@ mod idempotency;
 mod ip;
 mod metrics;
 mod payload;
+mod presence;
 mod protocol;
 mod server;
 mod service;
@@ -192,13 +194,14 @@ pub use auth::JwtVerifier;
 pub use auth::{
     display_name, validate_user, AuthError, Identity, Verifier, MAX_NAME_CHARS, MAX_USER_LEN,
 };
-pub use chat::{ChatHub, ChatStats, PresenceConfig, PRESENCE_QUERY_WAIT};
+pub use chat::{ChatHub, ChatStats};
 pub use close::{CloseCode, CloseFrame, UnknownCloseCode};
 pub use config::{AllowedOrigins, RateLimit, WsConfig, DEFAULT_MAX_CONNECTIONS};
 pub use hooks::{Conn, ConnData, ConnectInfo, Denied, HookKind, HookStats, Hooks, Publish};
 pub use idempotency::{SendKeyConfig, SCAN_LIMIT as SEND_KEY_SCAN_LIMIT};
 pub use ip::IpLimits;
 pub use metrics::WsMetrics;
+pub use presence::{PresenceConfig, PRESENCE_QUERY_WAIT};
 pub use protocol::{ErrorCode, MAX_CLIENT_ID_LEN, MAX_EMOJI_LEN, MAX_KEY_LEN, PROTOCOL_VERSION};
 pub use service::WsService;
 pub use session::{TransportError, WsMessage};

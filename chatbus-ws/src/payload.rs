@@ -8,6 +8,8 @@
 //! message   'M' name_len:u8 name[name_len] body (UTF-8, the rest)
 //! typing    'T' name_len:u8 name[name_len]
 //! presence  'P' instance:u128be seq:u64be flags:u8 count:u32be { len:u8 user[len] }*count
+//! pdiff     'V' instance:u128be seq:u64be base:u64be added:u32be { len:u8 user[len] }*added
+//!               removed:u32be { len:u8 user[len] }*removed
 //! direct    'D' name_len:u8 name to_len:u8 to conv_len:u8 conv cursor_len:u8 cursor
 //!               id_len:u8 (0 or 16) id:u128be body
 //! probe     'Q' user_len:u8 user
@@ -38,7 +40,8 @@
 //! message sent with an idempotency key (`idempotency.rs`), so that every instance, and every
 //! later reader of the log, can tell a retry's original by its key. Presence flags: bit 0
 //! = "hello" (the sender just started tracking the room and asks the others for their
-//! snapshots).
+//! full lists). `pdiff` is one instance's change to its list since its announcement `base`
+//! (`presence.rs`).
 
 use std::sync::Arc;
 
@@ -48,6 +51,7 @@ use chatbus_core::{Cursor, MessageId};
 pub(crate) const TAG_MESSAGE: u8 = b'M';
 pub(crate) const TAG_TYPING: u8 = b'T';
 pub(crate) const TAG_PRESENCE: u8 = b'P';
+pub(crate) const TAG_PRESENCE_DIFF: u8 = b'V';
 pub(crate) const TAG_DIRECT: u8 = b'D';
 pub(crate) const TAG_PROBE: u8 = b'Q';
 pub(crate) const TAG_STATUS: u8 = b'S';
@@ -71,6 +75,7 @@ pub(crate) enum Payload<'a> {
         name: Option<&'a str>,
     },
     Presence(Snapshot),
+    PresenceDiff(Diff),
     Direct(Direct<'a>),
     Probe {
         user: &'a str,
@@ -126,6 +131,16 @@ pub(crate) struct Snapshot {
     pub(crate) seq: u64,
     pub(crate) hello: bool,
     pub(crate) users: Vec<Arc<str>>,
+}
+
+/// One instance's change to its list of a room since its announcement `base`.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Diff {
+    pub(crate) instance: u128,
+    pub(crate) seq: u64,
+    pub(crate) base: u64,
+    pub(crate) added: Vec<Arc<str>>,
+    pub(crate) removed: Vec<Arc<str>>,
 }
 
 fn short(s: Option<&str>) -> &[u8] {
@@ -255,19 +270,37 @@ pub(crate) fn status(s: &UserStatus<'_>) -> Bytes {
     out.freeze()
 }
 
-pub(crate) fn presence(s: &Snapshot) -> Bytes {
-    let size = 30 + s.users.iter().map(|u| 1 + u.len()).sum::<usize>();
-    let mut out = BytesMut::with_capacity(size);
-    out.put_u8(TAG_PRESENCE);
-    out.put_u128(s.instance);
-    out.put_u64(s.seq);
-    out.put_u8(if s.hello { FLAG_HELLO } else { 0 });
-    out.put_u32(u32::try_from(s.users.len()).unwrap_or(u32::MAX));
-    for u in &s.users {
+fn names_len(users: &[Arc<str>]) -> usize {
+    4 + users.iter().map(|u| 1 + u.len()).sum::<usize>()
+}
+
+fn put_names(out: &mut BytesMut, users: &[Arc<str>]) {
+    out.put_u32(u32::try_from(users.len()).unwrap_or(u32::MAX));
+    for u in users {
         let u = short(Some(u));
         out.put_u8(u.len() as u8);
         out.put_slice(u);
     }
+}
+
+pub(crate) fn presence(s: &Snapshot) -> Bytes {
+    let mut out = BytesMut::with_capacity(26 + names_len(&s.users));
+    out.put_u8(TAG_PRESENCE);
+    out.put_u128(s.instance);
+    out.put_u64(s.seq);
+    out.put_u8(if s.hello { FLAG_HELLO } else { 0 });
+    put_names(&mut out, &s.users);
+    out.freeze()
+}
+
+pub(crate) fn presence_diff(d: &Diff) -> Bytes {
+    let mut out = BytesMut::with_capacity(33 + names_len(&d.added) + names_len(&d.removed));
+    out.put_u8(TAG_PRESENCE_DIFF);
+    out.put_u128(d.instance);
+    out.put_u64(d.seq);
+    out.put_u64(d.base);
+    put_names(&mut out, &d.added);
+    put_names(&mut out, &d.removed);
     out.freeze()
 }
 
@@ -291,6 +324,20 @@ impl<'a> Reader<'a> {
     }
     fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
         self.take(N)?.try_into().ok()
+    }
+    /// A count, then that many short strings.
+    fn names(&mut self) -> Option<Vec<Arc<str>>> {
+        let count = u32::from_be_bytes(self.array()?) as usize;
+        // Each name takes at least one byte, so a count beyond the remaining bytes is a lie;
+        // checking first keeps a hostile count from reserving memory.
+        if count > self.0.len() {
+            return None;
+        }
+        let mut users = Vec::with_capacity(count);
+        for _ in 0..count {
+            users.push(Arc::from(self.short_str()?));
+        }
+        Some(users)
     }
 }
 
@@ -325,21 +372,26 @@ pub(crate) fn decode(bytes: &[u8]) -> Option<Payload<'_>> {
             let instance = u128::from_be_bytes(r.array()?);
             let seq = u64::from_be_bytes(r.array()?);
             let hello = r.u8()? & FLAG_HELLO != 0;
-            let count = u32::from_be_bytes(r.array()?) as usize;
-            // Each user takes at least one byte, so a count beyond the remaining bytes is a lie;
-            // checking first keeps a hostile count from reserving memory.
-            if count > r.0.len() {
-                return None;
-            }
-            let mut users = Vec::with_capacity(count);
-            for _ in 0..count {
-                users.push(Arc::from(r.short_str()?));
-            }
+            let users = r.names()?;
             r.0.is_empty().then_some(Payload::Presence(Snapshot {
                 instance,
                 seq,
                 hello,
                 users,
+            }))
+        }
+        TAG_PRESENCE_DIFF => {
+            let instance = u128::from_be_bytes(r.array()?);
+            let seq = u64::from_be_bytes(r.array()?);
+            let base = u64::from_be_bytes(r.array()?);
+            let added = r.names()?;
+            let removed = r.names()?;
+            r.0.is_empty().then_some(Payload::PresenceDiff(Diff {
+                instance,
+                seq,
+                base,
+                added,
+                removed,
             }))
         }
         TAG_DIRECT => {
@@ -421,6 +473,7 @@ fn reencode(p: &Payload<'_>) -> Bytes {
         Payload::Message { name, body } => message(*name, body),
         Payload::Typing { name } => typing(*name),
         Payload::Presence(s) => presence(s),
+        Payload::PresenceDiff(d) => presence_diff(d),
         Payload::Direct(d) => direct(d),
         Payload::Probe { user } => probe(user),
         Payload::Status(s) => status(s),
@@ -478,6 +531,14 @@ mod tests {
             users: vec![Arc::from("a"), Arc::from("bé")],
         };
         assert_eq!(decode(&presence(&s)), Some(Payload::Presence(s)));
+        let d = Diff {
+            instance: 3 << 90,
+            seq: 12,
+            base: 9,
+            added: vec![Arc::from("c")],
+            removed: vec![Arc::from("a"), Arc::from("bé")],
+        };
+        assert_eq!(decode(&presence_diff(&d)), Some(Payload::PresenceDiff(d)));
         let d = Direct {
             name: Some("Ann"),
             to: "bob",
@@ -563,6 +624,13 @@ mod tests {
             message(Some("Ann"), "hi"),
             typing(None),
             presence(&snap),
+            presence_diff(&Diff {
+                instance: 1,
+                seq: 3,
+                base: 2,
+                added: vec![Arc::from("b")],
+                removed: Vec::new(),
+            }),
             direct(&Direct {
                 name: None,
                 to: "",

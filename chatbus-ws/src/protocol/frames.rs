@@ -266,11 +266,17 @@ struct Presence<'a> {
 /// first in sorted order), and how many are online in all. The cap keeps a change in a room of
 /// n members from costing n × n names on the wire.
 pub(crate) fn presence<U: AsRef<str>>(room: &Room, online: &[U], max_listed: usize) -> Bytes {
+    let listed = online.iter().take(max_listed).map(AsRef::as_ref).collect();
+    presence_listed(room, listed, online.len())
+}
+
+/// A `presence` frame listing `listed` (the first names, in order) of `count` in all.
+pub(crate) fn presence_listed(room: &Room, listed: Vec<&str>, count: usize) -> Bytes {
     to_bytes(&Presence {
         ty: "presence",
         room: room.as_str(),
-        online: online.iter().take(max_listed).map(AsRef::as_ref).collect(),
-        count: online.len(),
+        online: listed,
+        count,
     })
 }
 
