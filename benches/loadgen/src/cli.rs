@@ -54,6 +54,11 @@ pub(crate) struct RunArgs {
     /// Rooms; clients are split evenly (contiguous blocks, so a room spans every URL).
     #[arg(long, default_value_t = 1)]
     pub(crate) rooms: u32,
+    /// Put each room's members on at most this many of the URLs (room `r` on URLs `r`,
+    /// `r + 1`, ... modulo their number), as a deployment that routes by room would; 0: every
+    /// room spans every URL.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) room_spread: u32,
     /// Clients that send (spread over the rooms).
     #[arg(long, default_value_t = 10)]
     pub(crate) senders: u32,

@@ -28,6 +28,8 @@ pub(crate) struct Plan {
     pub(crate) targets: Vec<Target>,
     pub(crate) clients: u32,
     pub(crate) rooms: u32,
+    /// Each room's members on at most this many targets; 0 = every target.
+    pub(crate) room_spread: u32,
     pub(crate) senders: u32,
     pub(crate) size: usize,
     /// Random per run: frames from another run (or another tool) are not counted.
@@ -49,6 +51,18 @@ impl Plan {
     /// URLs (client `i` uses URL `i % urls`) every room spans every instance.
     pub(crate) fn room_of(&self, i: u32) -> u32 {
         (u64::from(i) * u64::from(self.rooms) / u64::from(self.clients)) as u32
+    }
+
+    /// The target (index into `targets`) client `i` connects to: `i % targets`, or with a
+    /// room spread of `k`, the `j`-th member of room `r` on target `(r + j % k) % targets`.
+    pub(crate) fn target_of(&self, i: u32) -> usize {
+        let n = self.targets.len().max(1);
+        if self.room_spread == 0 {
+            return i as usize % n;
+        }
+        let r = self.room_of(i);
+        let j = i - self.room_start(r);
+        (r as usize + (j % self.room_spread) as usize) % n
     }
 
     /// The first client of room `r`.
@@ -231,6 +245,7 @@ mod tests {
             targets: Vec::new(),
             clients,
             rooms,
+            room_spread: 0,
             senders,
             size: 100,
             inst: 1,
@@ -242,6 +257,38 @@ mod tests {
             engine: 0,
             engines: 1,
         }
+    }
+
+    #[test]
+    fn a_room_spread_puts_each_room_on_that_many_targets() {
+        let target = Target {
+            addr: "127.0.0.1:1".parse().unwrap(),
+            host: String::new(),
+            path: String::new(),
+        };
+        let mut p = plan(20_000, 2_000, 0);
+        p.targets = vec![target; 4];
+        p.room_spread = 2;
+        let mut on: BTreeMap<u32, std::collections::BTreeSet<usize>> = BTreeMap::new();
+        let mut per_target = [0u32; 4];
+        for i in 0..p.clients {
+            on.entry(p.room_of(i)).or_default().insert(p.target_of(i));
+            per_target[p.target_of(i)] += 1;
+        }
+        assert!(
+            on.values().all(|t| t.len() == 2),
+            "every room on exactly 2 targets"
+        );
+        assert_eq!(per_target, [5_000; 4], "and the clients spread evenly");
+        p.room_spread = 0;
+        let spans: usize = (0..10)
+            .map(|i| p.target_of(i))
+            .collect::<std::collections::BTreeSet<_>>()
+            .len();
+        assert_eq!(
+            spans, 4,
+            "without a spread, room 0's 10 members use every target"
+        );
     }
 
     #[test]

@@ -58,6 +58,7 @@ pub(crate) fn run(args: RunArgs) -> Result<ExitCode, String> {
         targets,
         clients: args.clients,
         rooms: args.rooms,
+        room_spread: args.room_spread,
         senders: args.senders.min(args.clients),
         size: args.size.max(24),
         inst: u64::from_le_bytes(seed) % 1_000_000_000_000,

@@ -87,7 +87,7 @@ impl Engine {
 
     pub(super) fn start_connect(&mut self, idx: usize) {
         let gid = self.clients[idx].gid;
-        let target = &self.plan.targets[gid as usize % self.plan.targets.len()];
+        let target = &self.plan.targets[self.plan.target_of(gid)];
         let source = (!self.plan.sources.is_empty())
             .then(|| self.plan.sources[gid as usize % self.plan.sources.len()]);
         let c = &mut self.clients[idx];
@@ -141,7 +141,7 @@ impl Engine {
             }
         }
         let gid = self.clients[idx].gid;
-        let target = &self.plan.targets[gid as usize % self.plan.targets.len()];
+        let target = &self.plan.targets[self.plan.target_of(gid)];
         let path = match self.plan.protocol {
             Protocol::Chatbus => {
                 let sep = if target.path.contains('?') { '&' } else { '?' };
