@@ -213,6 +213,14 @@ impl ChatHub {
             .current(room, self.hub.local_members(room))
     }
 
+    /// A page of who is online in `room` as this instance knows it (see [`online`](Self::online)):
+    /// up to `limit` users after `after`, in order, and whether there may be more.
+    pub fn members(&self, room: &Room, after: Option<&str>, limit: usize) -> (Vec<Arc<str>>, bool) {
+        self.shared
+            .presence
+            .page(room, self.hub.local_members(room), after, limit)
+    }
+
     /// Who is online in `room` on every instance, whether or not this one has members there:
     /// with local members, what [`online`](Self::online) knows; otherwise this instance
     /// subscribes to the room for a moment, asks the others for their full lists (a presence

@@ -32,6 +32,7 @@ use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::hash::{Hash, Hasher};
+use std::ops::Bound;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -81,9 +82,11 @@ pub struct PresenceConfig {
     /// Joins and leaves within this window are announced together, so a burst of joins costs
     /// one announcement per room. Default 25 ms.
     pub debounce: Duration,
-    /// Names listed in a `presence` frame (the first in sorted order; `count` gives the
-    /// total): every member gets the frame on every change, so an uncapped list would cost
-    /// n × n names for a room of n. Default 200.
+    /// A `presence` frame lists every name while the room has at most this many online; beyond,
+    /// it carries the count only (`"paged":true`) and clients page the names with `members`:
+    /// every member gets the frame on every change, so a list would cost n × n names for a room
+    /// of n, and every connection's write buffer would keep the size of the largest frame it
+    /// sent. Default 200.
     pub max_listed: usize,
     /// In a room with more local connections than `max_listed`, this instance announces
     /// changes at most this often, instead of after each `debounce`: a burst of thousands of
@@ -253,12 +256,12 @@ impl RoomView {
     }
 
     fn render(&mut self, room: &Room, max_listed: usize) -> Bytes {
-        let listed: Vec<&str> = self
-            .online
-            .keys()
-            .take(max_listed)
-            .map(AsRef::as_ref)
-            .collect();
+        // Beyond `max_listed`, the count only (the names are paged with `members`).
+        let listed: Vec<&str> = if self.online.len() > max_listed {
+            Vec::new()
+        } else {
+            self.online.keys().map(AsRef::as_ref).collect()
+        };
         let frame = protocol::presence_listed(room, listed, self.online.len());
         self.frame = Some(frame.clone());
         frame
@@ -330,6 +333,42 @@ impl Presence {
                 local
             }
         }
+    }
+
+    /// Up to `limit` users online in `room` after `after`, in order (what the others announced
+    /// and `local`), and whether there may be more: a `members` page. O(local + limit).
+    pub(crate) fn page(
+        &self,
+        room: &Room,
+        mut local: Vec<Arc<str>>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> (Vec<Arc<str>>, bool) {
+        let beyond = |u: &Arc<str>| after.is_none_or(|a| &**u > a);
+        local.retain(|u| beyond(u));
+        local.sort_unstable();
+        local.dedup();
+        let views = lock(self.shard(room));
+        let announced: Vec<Arc<str>> = match views.get(room) {
+            Some(view) => {
+                let from = match after {
+                    Some(a) => view
+                        .online
+                        .range::<str, _>((Bound::Excluded(a), Bound::Unbounded)),
+                    None => view.online.range::<str, _>(..),
+                };
+                from.take(limit + 1).map(|(u, _)| u.clone()).collect()
+            }
+            None => Vec::new(),
+        };
+        drop(views);
+        let mut all = announced;
+        all.extend(local.into_iter().take(limit + 1));
+        all.sort_unstable();
+        all.dedup();
+        let more = all.len() > limit;
+        all.truncate(limit);
+        (all, more)
     }
 
     /// The last `presence` frame sent to the local members of `room`, if any.

@@ -14,6 +14,7 @@ use chatbus_core::{
 };
 use chatbus_ws::{ChatHub, PresenceConfig, WsConfig};
 use common::{Client, Server};
+use serde_json::json;
 
 /// Reads frames until a `presence` frame of `room` with `count`.
 async fn until_count(c: &mut Client, room: &str, count: u64) {
@@ -182,4 +183,63 @@ async fn heartbeats_publish_many_rooms_at_once() {
         most >= 10,
         "at most {most} presence publishes were in flight at once"
     );
+}
+
+/// A room with more online than `max_listed`: `presence` frames carry the count only (a
+/// frame every member gets on every change must not grow with the room), and `members` pages
+/// through the names of every instance, in order.
+#[tokio::test]
+async fn big_rooms_get_counts_and_page_their_members() {
+    let broker = Arc::new(MemoryBroker::new());
+    let presence = PresenceConfig::default().with_max_listed(3);
+    let hub =
+        |b: Arc<MemoryBroker>| ChatHub::with_config(b, HubConfig::default(), presence.clone());
+    let one = Server::with_chat(hub(broker.clone()), WsConfig::default()).await;
+    let two = Server::with_chat(hub(broker.clone()), WsConfig::default()).await;
+    let mut ann = one.client("ann").await;
+    ann.join("big").await;
+    let mut small = Vec::new();
+    for (server, name) in [(&two, "bob"), (&one, "cat"), (&two, "dan"), (&one, "eve")] {
+        let mut c = server.client(name).await;
+        c.join("big").await;
+        small.push(c);
+    }
+    let wait = async {
+        loop {
+            let v = ann.next().await;
+            if v["type"] == "presence" && v["count"] == 5 {
+                return v;
+            }
+        }
+    };
+    let frame = tokio::time::timeout(Duration::from_secs(10), wait)
+        .await
+        .expect("a presence frame counting all five");
+    assert_eq!(frame["online"], json!([]), "{frame}");
+    assert_eq!(frame["paged"], true, "{frame}");
+
+    ann.send(json!({"type":"members","room":"big","limit":2,"client_id":1}))
+        .await;
+    let page = ann.expect("members").await;
+    assert_eq!(page["users"], json!(["ann", "bob"]), "{page}");
+    assert_eq!(page["next"], "bob");
+    assert_eq!(page["client_id"], 1);
+    ann.send(json!({"type":"members","room":"big","after":"bob","limit":2}))
+        .await;
+    let page = ann.expect("members").await;
+    assert_eq!(page["users"], json!(["cat", "dan"]), "{page}");
+    ann.send(json!({"type":"members","room":"big","after":"dan"}))
+        .await;
+    let page = ann.expect("members").await;
+    assert_eq!(page["users"], json!(["eve"]), "{page}");
+    assert!(page.get("next").is_none(), "the last page: {page}");
+
+    // Only for members, and a bad `after` is a bad request; the connection lives on.
+    let mut out = one.client("outsider").await;
+    out.send(json!({"type":"members","room":"big"})).await;
+    out.expect_error("not_joined").await;
+    ann.send(json!({"type":"members","room":"big","after":""}))
+        .await;
+    ann.expect_error("bad_request").await;
+    ann.assert_alive().await;
 }

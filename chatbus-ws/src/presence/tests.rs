@@ -56,10 +56,14 @@ fn diffs_apply_on_top_of_the_full_list_they_follow() {
     // Another instance lists "b" too: the union does not change, no frame.
     assert!(p.on_snapshot(&room, full(8, 1, &["b"])).is_none());
     let f = p.on_diff(&room, diff(7, 2, 1, &["c"], &["a"])).unwrap();
-    // max_listed 2: the first two names, and the total.
+    assert_eq!(listed(&f), (vec!["b".into(), "c".into()], 2));
+    // A third name (max_listed 2): the count only; then back to two, listed again.
+    let f = p.on_diff(&room, diff(8, 2, 1, &["d"], &[])).unwrap();
+    assert_eq!(listed(&f), (Vec::<String>::new(), 3));
+    let f = p.on_diff(&room, diff(8, 3, 2, &[], &["d"])).unwrap();
     assert_eq!(listed(&f), (vec!["b".into(), "c".into()], 2));
     // Instance 8 leaves "b", but 7 still lists it: no change.
-    assert!(p.on_diff(&room, diff(8, 2, 1, &[], &["b"])).is_none());
+    assert!(p.on_diff(&room, diff(8, 4, 3, &[], &["b"])).is_none());
     let f = p.on_diff(&room, diff(7, 3, 2, &[], &["b"])).unwrap();
     assert_eq!(listed(&f), (vec!["c".into()], 1));
     // A heartbeat (empty diff) changes nothing and sends nothing.
@@ -89,7 +93,8 @@ fn a_missed_diff_asks_for_full_lists_once_and_a_full_list_repairs_it() {
     assert!(!lock(&p.outbox).hello.contains(&room));
     // The full list the hello brings repairs it.
     let f = p.on_snapshot(&room, full(7, 5, &["a", "b", "c"])).unwrap();
-    assert_eq!(listed(&f), (vec!["a".into(), "b".into()], 3));
+    // Three online, max_listed 2: the count only.
+    assert_eq!(listed(&f), (Vec::<String>::new(), 3));
     // And diffs apply again.
     let f = p.on_diff(&room, diff(7, 6, 5, &[], &["a"])).unwrap();
     assert_eq!(listed(&f), (vec!["b".into(), "c".into()], 2));
@@ -129,6 +134,41 @@ async fn instances_not_heard_from_for_three_intervals_are_forgotten() {
     tokio::time::advance(Duration::from_millis(1500)).await;
     let f = p.on_diff(&room, diff(8, 3, 2, &[], &[])).unwrap();
     assert_eq!(listed(&f), (vec!["b".into()], 1));
+}
+
+#[test]
+fn members_pages_through_every_instance_and_the_local_connections_in_order() {
+    let p = presence();
+    let room = Room::new("r").unwrap();
+    p.on_snapshot(&room, full(7, 1, &["a", "c", "e"]));
+    p.on_snapshot(&room, full(8, 1, &["b", "c"]));
+    // "d" is connected here and not announced yet; "a" is both.
+    let local = names(&["d", "a"]);
+    assert_eq!(
+        p.page(&room, local.clone(), None, 2),
+        (names(&["a", "b"]), true)
+    );
+    assert_eq!(
+        p.page(&room, local.clone(), Some("b"), 2),
+        (names(&["c", "d"]), true)
+    );
+    assert_eq!(
+        p.page(&room, local.clone(), Some("d"), 2),
+        (names(&["e"]), false)
+    );
+    assert_eq!(
+        p.page(&room, local.clone(), Some("e"), 2),
+        (Vec::new(), false)
+    );
+    assert_eq!(
+        p.page(&room, local, None, 10),
+        (names(&["a", "b", "c", "d", "e"]), false)
+    );
+    let other = Room::new("other").unwrap();
+    assert_eq!(
+        p.page(&other, names(&["z"]), None, 10),
+        (names(&["z"]), false)
+    );
 }
 
 #[test]

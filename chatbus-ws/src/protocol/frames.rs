@@ -2,6 +2,7 @@
 //! into the bytes every recipient shares.
 
 use std::fmt;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use chatbus_core::store::ReadState;
@@ -260,23 +261,65 @@ struct Presence<'a> {
     room: &'a str,
     online: Vec<&'a str>,
     count: usize,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    paged: bool,
 }
 
-/// `{"type":"presence","room":R,"online":[...],"count":N}`: at most `max_listed` names (the
-/// first in sorted order), and how many are online in all. The cap keeps a change in a room of
-/// n members from costing n × n names on the wire.
+/// `{"type":"presence","room":R,"online":[...],"count":N}`: every name while the room has at
+/// most `max_listed` online; beyond, `"online":[]` and `"paged":true`, and a client asks for
+/// the names page by page (`members`). Every member gets the frame on every change, so a list
+/// in it would cost n × n names for a room of n, and each connection's write buffer would
+/// keep the size of the largest frame it ever sent.
 pub(crate) fn presence<U: AsRef<str>>(room: &Room, online: &[U], max_listed: usize) -> Bytes {
-    let listed = online.iter().take(max_listed).map(AsRef::as_ref).collect();
-    presence_listed(room, listed, online.len())
+    if online.len() > max_listed {
+        return presence_listed(room, Vec::new(), online.len());
+    }
+    presence_listed(
+        room,
+        online.iter().map(AsRef::as_ref).collect(),
+        online.len(),
+    )
 }
 
-/// A `presence` frame listing `listed` (the first names, in order) of `count` in all.
+/// A `presence` frame listing `listed` (every name, in order) or, when `listed` is shorter
+/// than `count`, none (paged).
 pub(crate) fn presence_listed(room: &Room, listed: Vec<&str>, count: usize) -> Bytes {
+    let paged = listed.len() < count;
     to_bytes(&Presence {
         ty: "presence",
         room: room.as_str(),
-        online: listed,
+        online: if paged { Vec::new() } else { listed },
         count,
+        paged,
+    })
+}
+
+#[derive(Serialize)]
+struct Members<'a> {
+    #[serde(rename = "type")]
+    ty: &'static str,
+    room: &'a str,
+    users: Vec<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_id: Option<&'a ClientId>,
+}
+
+/// `{"type":"members","room":R,"users":[...],"next":U}`: a page of who is online, in order;
+/// `next` (the last user of the page) when there may be more, to ask the next page with.
+pub(crate) fn members(
+    room: &Room,
+    users: &[Arc<str>],
+    next: Option<&str>,
+    client_id: Option<&ClientId>,
+) -> Bytes {
+    to_bytes(&Members {
+        ty: "members",
+        room: room.as_str(),
+        users: users.iter().map(AsRef::as_ref).collect(),
+        next,
+        client_id,
     })
 }
 

@@ -183,6 +183,12 @@ pub(crate) enum Request<'a> {
         before: Option<ConversationKey>,
         limit: Option<u64>,
     },
+    /// A page of who is online in `room`, in order, after the user id `after`.
+    Members {
+        room: Room,
+        after: Option<Arc<str>>,
+        limit: Option<u64>,
+    },
 }
 
 /// What an `edit`, `delete` or `react` does to its message (from a `/ws` frame, borrowed, or
@@ -207,7 +213,8 @@ impl Request<'_> {
             | Self::Typing { room }
             | Self::History { room, .. }
             | Self::Target { room, .. }
-            | Self::Read { room, .. } => Some(room),
+            | Self::Read { room, .. }
+            | Self::Members { room, .. } => Some(room),
             Self::Conversations { .. }
             | Self::Ping
             | Self::Refresh { .. }
@@ -273,6 +280,8 @@ struct Raw<'a> {
     on: Option<bool>,
     #[serde(borrow, default)]
     cursor: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    after: Option<Cow<'a, str>>,
 }
 
 /// The most user ids one `watch` or `unwatch` frame may list (the per-connection bound is
@@ -446,6 +455,16 @@ pub(crate) fn parse(text: &[u8]) -> Result<(Request<'_>, Option<ClientId>), Reje
                 .transpose()?,
             limit: raw.limit,
         },
+        "members" => Request::Members {
+            room: room(raw.room)?,
+            after: raw
+                .after
+                .map(|a| {
+                    user_id(&a).map_err(|e| Rejected::bad(format!("invalid `after`: {e}"), cid()))
+                })
+                .transpose()?,
+            limit: raw.limit,
+        },
         "ping" => Request::Ping,
         "refresh" => Request::Refresh {
             token: raw
@@ -519,6 +538,11 @@ pub(crate) fn fuzz_check(bytes: &[u8]) -> bool {
                     TargetAction::Delete => {}
                 },
                 Request::Read { cursor, .. } => cursor_round_trips(Some(*cursor)),
+                Request::Members { after, .. } => {
+                    if let Some(a) = after {
+                        assert!(crate::auth::validate_user(a).is_ok(), "{a:?}");
+                    }
+                }
                 Request::Leave { .. }
                 | Request::Typing { .. }
                 | Request::Ping

@@ -173,9 +173,22 @@ fn frames_are_valid_json() {
         serde_json::from_slice(&presence(&room, &["b", "a"], 100)).expect("json");
     assert_eq!(p["online"][0], "b");
     assert_eq!(p["count"], 2);
-    // A big room lists only the first names, and says how many there are.
+    assert!(p.get("paged").is_none());
+    // A big room says how many there are, and that the names are paged (`members`).
     let p: serde_json::Value =
         serde_json::from_slice(&presence(&room, &["a", "b", "c"], 2)).expect("json");
-    assert_eq!(p["online"], serde_json::json!(["a", "b"]));
+    assert_eq!(p["online"], serde_json::json!([]));
     assert_eq!(p["count"], 3);
+    assert_eq!(p["paged"], true);
+    let m: serde_json::Value = serde_json::from_slice(&members(
+        &room,
+        &[Arc::from("a"), Arc::from("b")],
+        Some("b"),
+        Some(&ClientId::Num(7.into())),
+    ))
+    .expect("json");
+    assert_eq!(
+        m,
+        serde_json::json!({"type":"members","room":"r","users":["a","b"],"next":"b","client_id":7})
+    );
 }

@@ -15,6 +15,7 @@ use futures::{Stream, StreamExt};
 use tokio::sync::oneshot;
 use tokio::time::{Instant, Sleep};
 
+mod members;
 mod state;
 
 use super::{End, TransportError, WsMessage};
@@ -372,6 +373,7 @@ impl<'a> Reader<'a> {
             Request::Conversations { before, limit } => {
                 self.conversations(before, limit, cid).await;
             }
+            Request::Members { room, after, limit } => self.members(&room, after, limit, cid),
             Request::Watch { users } => self.watch(users, cid).await,
             Request::Unwatch { users } => {
                 for u in &users {
