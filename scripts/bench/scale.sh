@@ -13,7 +13,8 @@
 #   - the ratio of the two (the issue's target: at most 1.1x), and its CPU (user + sys, from
 #     /proc/PID/stat) per second;
 #
-# and the cluster's deliveries from the load generator. Presence heartbeats are set to once a
+# and the cluster's deliveries from the load generator. A fifth instance, which no client
+# uses, shows what the ingest alone costs (CPU per message read from the brokers). Presence heartbeats are set to once a
 # minute (--presence-interval-ms 60000) so that they do not blur the chat ingest; the joins'
 # announcements are over before the measuring window (the middle of the sending phase).
 #
@@ -35,9 +36,21 @@ CLIENTS=$((ROOMS * MEMBERS))
 build
 start_redis
 start_tansu
-for _ in $(seq "$INSTANCES"); do
+for _ in $(seq "$((INSTANCES + 1))"); do
   CHATBUS_SERVER_ARGS="--presence-interval-ms 60000 --max-connections 20000" start_chatbus dual
 done
+# The last one is an observer: no client connects to it, so what it spends is the price of
+# the durable path's ingest alone (the Redis pattern subscription, the Kafka tail, the merger).
+OBSERVER_PORT=${CB_PORTS[INSTANCES]}
+OBSERVER_PID=${CB_PIDS[INSTANCES]}
+CB_PORTS=("${CB_PORTS[@]:0:INSTANCES}")
+CB_PIDS=("${CB_PIDS[@]:0:INSTANCES}")
+# One idle client in a room of its own: a DualBus subscribes to the brokers (and reads
+# everything) from its first subscription on, which an instance without sessions never makes.
+"$LOADGEN" run --url "ws://127.0.0.1:$OBSERVER_PORT/ws" --clients 1 --rooms 1 --senders 0 \
+  --idle-at 1 --settle-secs 120 --name scale-observer --max-secs 130 \
+  >"$LOGS/scale-observer.log" 2>&1 &
+STARTED_PIDS+=("$!")
 
 # metric PORT NAME: the value of a counter (0 when absent).
 metric() {
@@ -51,11 +64,12 @@ cpu_ticks() { awk '{ sub(/.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"; }
 sample() {
   local i
   date +%s%3N >"$1"
-  for i in $(seq 0 $((INSTANCES - 1))); do
-    echo "${CB_PORTS[i]} $(metric "${CB_PORTS[i]}" chatbus_redis_received_total)" \
-      "$(metric "${CB_PORTS[i]}" chatbus_kafka_tail_records_total)" \
-      "$(metric "${CB_PORTS[i]}" chatbus_broker_messages_total)" \
-      "$(cpu_ticks "${CB_PIDS[i]}")" >>"$1"
+  local ports=("${CB_PORTS[@]}" "$OBSERVER_PORT") pids=("${CB_PIDS[@]}" "$OBSERVER_PID")
+  for i in $(seq 0 "$INSTANCES"); do
+    echo "${ports[i]} $(metric "${ports[i]}" chatbus_redis_received_total)" \
+      "$(metric "${ports[i]}" chatbus_kafka_tail_records_total)" \
+      "$(metric "${ports[i]}" chatbus_broker_messages_total)" \
+      "$(cpu_ticks "${pids[i]}")" >>"$1"
   done
 }
 
@@ -88,9 +102,9 @@ WINDOW=$((DURATION - 10))
 
 TICKS=$(getconf CLK_TCK)
 LOCAL_ROOMS=$((ROOMS * SPREAD / INSTANCES))
-python3 - "$BEFORE" "$AFTER" "$RATE" "$DURATION" "$LOCAL_ROOMS" "$ROOMS" "$TICKS" "$OUT/scale.json" >"$OUT/scale.md" <<'EOF'
+python3 - "$BEFORE" "$AFTER" "$RATE" "$DURATION" "$LOCAL_ROOMS" "$ROOMS" "$TICKS" "$OUT/scale.json" "$OBSERVER_PORT" >"$OUT/scale.md" <<'EOF'
 import json, sys
-before, after, rate, duration, local_rooms, rooms, ticks, report = sys.argv[1:]
+before, after, rate, duration, local_rooms, rooms, ticks, report, observer = sys.argv[1:]
 rate, duration = float(rate), float(duration)
 local_rooms, rooms, ticks = int(local_rooms), int(rooms), int(ticks)
 def load(path):
@@ -116,6 +130,11 @@ for port in b:
     redis, kafka, hub, cpu = [(x1 - x0) / dt for x0, x1 in zip(b[port], a[port])]
     cpu = cpu / ticks * 100
     total = redis + kafka
+    if port == observer:
+        per = cpu / 100 * 1e6 / total if total else 0
+        print(f"| :{port} observer, no members | {redis:,.0f} | {kafka:,.0f} | {total:,.0f} | 0 | "
+              f"- | {hub:,.0f} | {cpu:.1f} ({per:.1f} µs per message read) |")
+        continue
     print(f"| :{port} | {redis:,.0f} | {kafka:,.0f} | {total:,.0f} | {own:,.0f} | "
           f"{total / own:.2f}x | {hub:,.0f} | {cpu:.0f} |")
 try:
