@@ -6,6 +6,7 @@
 #   PEER=1 scripts/bench/idle.sh               # the Socket.IO peer instead (one node process)
 #   SOCKETIO=1 scripts/bench/idle.sh           # chatbus, the clients on its /socket.io/ endpoint
 #   IDLE_AT=10000 scripts/bench/idle.sh        # other checkpoints (comma-separated)
+#   CONNECT_RATE=20000 scripts/bench/idle.sh   # the generator's connect rate (default 5,000/s)
 #
 # The per-process open-file limit (20,000) cannot be raised, so the generator spreads its
 # sockets over two processes and four source addresses (127.0.0.1-4). The server holds
@@ -38,6 +39,6 @@ fi
 sleep 1
 "$LOADGEN" run --protocol "$proto" --url "$(urls "$proto" "$port")" \
   --clients "$N" --rooms "$rooms" --senders 0 --idle-at "$IDLE_AT" --settle-secs 4 \
-  --procs 2 --sources 4 --connect-rate 5000 --server-pid "$pid" \
+  --procs 2 --sources 4 --connect-rate "${CONNECT_RATE:-5000}" --server-pid "$pid" \
   --name "$name" --label "$label" --max-secs 150
 finish_line
