@@ -16,8 +16,8 @@ use crate::access;
 use crate::auth::Identity;
 use crate::idempotency::{SendKeyConfig, SendKeys};
 use crate::payload::{self, Payload};
-use crate::presence::{Presence, PresenceConfig};
-use crate::protocol::{self, AsDisplay};
+use crate::presence::{Presence, PresenceConfig, DEFAULT_MEMBERS, MAX_MEMBERS};
+use crate::protocol::{self, AsDisplay, ClientId};
 use crate::state::{frames, StoreFeed};
 use crate::status::Users;
 
@@ -219,6 +219,24 @@ impl ChatHub {
         self.shared
             .presence
             .page(room, self.hub.local_members(room), after, limit)
+    }
+
+    /// The `members` answer of a client: a page of up to `limit` (default
+    /// [`DEFAULT_MEMBERS`], clamped to 1…[`MAX_MEMBERS`]) after `after`, with `next` when there
+    /// may be more.
+    pub(crate) fn members_frame(
+        &self,
+        room: &Room,
+        after: Option<&str>,
+        limit: Option<u64>,
+        cid: Option<&ClientId>,
+    ) -> Bytes {
+        let limit = limit.map_or(DEFAULT_MEMBERS, |l| {
+            usize::try_from(l).unwrap_or(usize::MAX)
+        });
+        let (users, more) = self.members(room, after, limit.clamp(1, MAX_MEMBERS));
+        let next = more.then(|| users.last().map(AsRef::as_ref)).flatten();
+        protocol::members(room, &users, next, cid)
     }
 
     /// Who is online in `room` on every instance, whether or not this one has members there:

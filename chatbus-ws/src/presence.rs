@@ -62,6 +62,11 @@ pub(crate) const FULL_EVERY: u64 = 6;
 /// Announcements in flight at once during a heartbeat.
 pub(crate) const PUBLISH_CONCURRENCY: usize = 64;
 
+/// Users per `members` page unless the client asks for fewer or more.
+pub(crate) const DEFAULT_MEMBERS: usize = 100;
+/// The most users one `members` page holds.
+pub(crate) const MAX_MEMBERS: usize = 1000;
+
 /// Locks the per-room views are spread over.
 pub(crate) const SHARDS: usize = 16;
 

@@ -182,6 +182,19 @@ const scenarios = {
     check(read.code === undefined, `read is acked (${JSON.stringify(read)})`);
     const list = await b.timeout(WAIT_MS).emitWithAck('conversations', { limit: 10 });
     check(Array.isArray(list.conversations) && list.conversations.some((c) => c.room === 'general'), 'conversations list the room');
+    // members pages who is online, across both instances, in order.
+    let page = {};
+    for (const end = Date.now() + WAIT_MS; Date.now() < end; await sleep(50)) {
+      page = await a.timeout(WAIT_MS).emitWithAck('members', { room: 'general', limit: 1000 });
+      if (Array.isArray(page.users) && ['u0', 'u1'].every((u) => page.users.includes(u))) break;
+    }
+    check(['u0', 'u1'].every((u) => (page.users || []).includes(u)), `members lists both users (${JSON.stringify(page)})`);
+    const first = await a.timeout(WAIT_MS).emitWithAck('members', { room: 'general', limit: 1 });
+    check(first.users.length === 1 && typeof first.next === 'string', `a page of one with next (${JSON.stringify(first)})`);
+    const second = await a.timeout(WAIT_MS).emitWithAck('members', { room: 'general', after: first.next, limit: 1 });
+    check(second.users.length === 1 && second.users[0] > first.users[0], `the next page follows in order (${JSON.stringify(second)})`);
+    const notJoined = await a.timeout(WAIT_MS).emitWithAck('members', { room: `nowhere-${process.pid}` });
+    check(notJoined.code === 'not_joined', 'members of a room not joined: {code: not_joined}');
   },
 
   // A client disconnected for 5 s reconnects (to the other instance) with the last cursor it

@@ -118,6 +118,14 @@ impl Me<'_> {
                     Err(e) => Err(self.api_error(&e, &room, "read")),
                 }
             }
+            Event::Members { room, after, limit } => {
+                self.access(&room)?;
+                self.member(&room)?;
+                Ok(self
+                    .svc
+                    .chat()
+                    .members_frame(&room, after.as_deref(), limit, None))
+            }
             Event::Conversations { before, limit } => {
                 let limit = limit
                     .map_or(frames::DEFAULT_CONVERSATIONS, |l| {

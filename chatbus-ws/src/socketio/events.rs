@@ -69,6 +69,11 @@ pub(super) enum Event {
         before: Option<ConversationKey>,
         limit: Option<u64>,
     },
+    Members {
+        room: Room,
+        after: Option<Arc<str>>,
+        limit: Option<u64>,
+    },
 }
 
 /// A refused event: the code and the message the client gets.
@@ -157,6 +162,22 @@ pub(super) fn parse(name: &str, data: Value) -> Result<Event, Bad> {
             Ok(Event::History {
                 room,
                 before: cursor(o.remove("before"), "before")?,
+                limit: limit(o.remove("limit"))?,
+            })
+        }
+        "members" => {
+            let (room, mut o) = room_arg(data, "members")?;
+            let after = match o.remove("after") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(a)) => {
+                    validate_user(&a).map_err(|e| bad(format!("`after`: {e}")))?;
+                    Some(Arc::from(a))
+                }
+                Some(_) => return Err(bad("`after` must be a string")),
+            };
+            Ok(Event::Members {
+                room,
+                after,
                 limit: limit(o.remove("limit"))?,
             })
         }
