@@ -103,8 +103,10 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod broker;
+mod cluster;
 mod config;
 mod error;
+mod link;
 mod subscriber;
 mod wire;
 

@@ -22,13 +22,13 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use chatbus_core::backend::{codec, Pending, Subscribers, Target, Vacated};
 use chatbus_core::{Error, Interest, Result, Room, Subscription};
-use futures::{FutureExt, StreamExt};
-use redis::aio::{PubSubSink, PubSubStream};
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot, Notify};
 
+use crate::cluster::Event;
 use crate::config::RedisConfig;
 use crate::error::{self, RedisBrokerError};
+use crate::link::{Connector, Link, Publisher};
 use crate::wire::Keys;
 
 /// Channels per `SUBSCRIBE` command when re-subscribing many rooms at once.
@@ -210,10 +210,10 @@ enum End {
 
 /// Everything the actor needs to (re)connect.
 pub(crate) struct Actor {
-    pub(crate) client: redis::Client,
+    connector: Connector,
     // The publishing connection, checked before subscribers are told to resync (they replay
     // through it).
-    publisher: redis::aio::ConnectionManager,
+    publisher: Publisher,
     pub(crate) keys: Keys,
     pub(crate) shared: Arc<Shared>,
     pub(crate) commands: mpsc::Receiver<Command>,
@@ -224,18 +224,6 @@ pub(crate) struct Actor {
     psubscribed: bool,
     // Subscribers were told Unavailable and not yet Lagged (the outage is still going on).
     told_down: bool,
-}
-
-/// Opens the pub/sub connection (authenticating), bounded by `timeout`.
-pub(crate) async fn connect_pubsub(
-    client: &redis::Client,
-    timeout: Duration,
-) -> Result<(PubSubSink, PubSubStream)> {
-    match tokio::time::timeout(timeout, client.get_async_pubsub()).await {
-        Err(_) => Err(error::timeout("connect", timeout)),
-        Ok(Err(e)) => Err(error::map("connect", e, timeout)),
-        Ok(Ok(p)) => Ok(p.split()),
-    }
 }
 
 /// Capped exponential backoff with jitter (50–100 % of the step), so that many instances
@@ -259,8 +247,8 @@ fn jitter_seed() -> u64 {
 
 impl Actor {
     pub(crate) fn new(
-        client: redis::Client,
-        publisher: redis::aio::ConnectionManager,
+        connector: Connector,
+        publisher: Publisher,
         keys: Keys,
         shared: Arc<Shared>,
         subs: Subscribers,
@@ -268,7 +256,7 @@ impl Actor {
         timing: Timing,
     ) -> Self {
         Self {
-            client,
+            connector,
             publisher,
             keys,
             shared,
@@ -283,8 +271,10 @@ impl Actor {
 
     /// Runs until the broker is dropped (the command channel closes), starting with an
     /// established connection.
-    pub(crate) async fn run(mut self, first: (PubSubSink, PubSubStream)) {
-        let mut conn = Some(first);
+    pub(crate) async fn run(mut self, first: Link) {
+        let mut current = Some(first);
+        // Whether `current` can serve as it is (only the first link, straight from connect).
+        let mut usable = true;
         let mut reconnecting = false;
         // Failed attempts since the last connection that proved stable: the backoff step.
         let mut attempt = 0u32;
@@ -308,21 +298,30 @@ impl Actor {
                     return;
                 }
             }
-            let (mut sink, mut stream) = match conn.take() {
-                Some(c) => c,
-                None => match connect_pubsub(&self.client, self.timing.connect_timeout).await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::debug!(error = %e, attempt, "redis reconnect failed");
-                        self.note_down(&e.to_string());
-                        wait_first = true;
-                        continue;
-                    }
-                },
+            if !usable {
+                let reconnect = self.connector.reconnect(
+                    &mut current,
+                    &self.keys,
+                    self.timing.connect_timeout,
+                    self.timing.command_timeout,
+                );
+                if let Err(e) = reconnect.await {
+                    tracing::debug!(error = %e, attempt, "redis reconnect failed");
+                    self.note_down(&e.to_string());
+                    wait_first = true;
+                    continue;
+                }
+            }
+            // Whatever ends this attempt (a failed re-subscribe, a lost session) needs a
+            // reconnect.
+            usable = false;
+            let Some(link) = current.as_mut() else {
+                wait_first = true;
+                continue;
             };
             if reconnecting {
                 self.set_resubscribing();
-                if let Err(e) = self.resubscribe_all(&mut sink).await {
+                if let Err(e) = self.resubscribe_all(link).await {
                     tracing::warn!(error = %e, attempt, "redis re-subscribe failed");
                     self.lost(&e);
                     wait_first = true;
@@ -345,11 +344,15 @@ impl Actor {
                 // stream, so every subscriber is told to resync from its cursor.
                 self.subs.broadcast_error(|| Error::Lagged { missed: 0 });
                 self.told_down = false;
-                tracing::info!(rooms = self.subscribed.len(), "redis pub/sub reconnected");
+                tracing::info!(
+                    rooms = self.subscribed.len(),
+                    link = link.describe(),
+                    "redis pub/sub reconnected"
+                );
             }
             self.shared.set_state(ConnState::Up);
             let opened = Instant::now();
-            match self.session(&mut sink, &mut stream).await {
+            match self.session(link).await {
                 End::Shutdown => return,
                 End::Lost(reason) => {
                     tracing::warn!(%reason, attempt, "redis pub/sub connection lost");
@@ -446,16 +449,16 @@ impl Actor {
     }
 
     /// Subscribes every room (and the pattern) that local subscriptions want.
-    async fn resubscribe_all(&mut self, sink: &mut PubSubSink) -> std::result::Result<(), String> {
+    async fn resubscribe_all(&mut self, link: &mut Link) -> std::result::Result<(), String> {
         let rooms: Vec<Room> = self.subs.rooms();
         for chunk in rooms.chunks(CHUNK) {
             let channels: Vec<String> = chunk.iter().map(|r| self.keys.channel(r)).collect();
-            self.with_timeout("SUBSCRIBE", sink.subscribe(&channels))
+            self.with_timeout("SUBSCRIBE", link.subscribe(&channels))
                 .await?;
             self.subscribed.extend(chunk.iter().cloned());
         }
         if self.subs.has_all() {
-            self.with_timeout("PSUBSCRIBE", sink.psubscribe(self.keys.pattern()))
+            self.with_timeout("PSUBSCRIBE", link.subscribe_all(&self.keys))
                 .await?;
             self.psubscribed = true;
         }
@@ -463,7 +466,7 @@ impl Actor {
     }
 
     /// Serves one connection until it fails or the broker is dropped.
-    async fn session(&mut self, sink: &mut PubSubSink, stream: &mut PubSubStream) -> End {
+    async fn session(&mut self, link: &mut Link) -> End {
         // Due one `ping_interval` after the last sign of life: a hung server is noticed within
         // `ping_interval + command_timeout` of its last message (a fixed-period tick would
         // ping up to two intervals after it). Re-armed when it fires, not on every message.
@@ -481,14 +484,14 @@ impl Actor {
                     while let Ok(c) = self.commands.try_recv() {
                         batch.push(c);
                     }
-                    if let Err(reason) = self.apply(batch, sink, stream).await {
+                    if let Err(reason) = self.apply(batch, link).await {
                         return End::Lost(reason);
                     }
                     last_activity = Instant::now();
                 }
                 () = self.shared.overflow.notified() => {
                     // Vacated requests were dropped on a full queue: `apply` re-checks them all.
-                    if let Err(reason) = self.apply(Vec::new(), sink, stream).await {
+                    if let Err(reason) = self.apply(Vec::new(), link).await {
                         return End::Lost(reason);
                     }
                     last_activity = Instant::now();
@@ -496,7 +499,7 @@ impl Actor {
                 () = &mut idle => {
                     let due = last_activity + interval;
                     if Instant::now() >= due {
-                        if let Err(reason) = self.with_timeout("PING", sink.ping::<redis::Value>()).await {
+                        if let Err(reason) = self.with_timeout("PING", link.barrier()).await {
                             return End::Lost(reason);
                         }
                         last_activity = Instant::now();
@@ -505,9 +508,9 @@ impl Actor {
                         idle.as_mut().reset(tokio::time::Instant::from_std(due));
                     }
                 }
-                msg = stream.next() => match msg {
-                    None => return End::Lost("the server closed the connection".into()),
-                    Some(msg) => {
+                event = link.next() => match event {
+                    Event::Lost(reason) => return End::Lost(reason),
+                    Event::Message(msg) => {
                         last_activity = Instant::now();
                         // A subscriber found gone here comes back as a `Vacated` request.
                         self.dispatch(&msg);
@@ -522,8 +525,7 @@ impl Actor {
     async fn apply(
         &mut self,
         batch: Vec<Command>,
-        sink: &mut PubSubSink,
-        stream: &mut PubSubStream,
+        link: &mut Link,
     ) -> std::result::Result<(), String> {
         let mut joining = Vec::new();
         let mut touched: HashSet<Room> = HashSet::new();
@@ -568,7 +570,7 @@ impl Actor {
             .collect();
         let result = async {
             if !leave.is_empty() {
-                self.with_timeout("UNSUBSCRIBE", sink.unsubscribe(&leave))
+                self.with_timeout("UNSUBSCRIBE", link.unsubscribe(&leave))
                     .await?;
                 for r in &touched {
                     if !self.subs.has_room(r) && !wanted.contains(r) {
@@ -577,26 +579,25 @@ impl Actor {
                 }
             }
             if touched_all && self.psubscribed && !self.subs.has_all() && !want_all {
-                self.with_timeout("PUNSUBSCRIBE", sink.punsubscribe(self.keys.pattern()))
+                self.with_timeout("PUNSUBSCRIBE", link.unsubscribe_all(&self.keys))
                     .await?;
                 self.psubscribed = false;
             }
             for chunk in enter.chunks(CHUNK) {
                 let channels: Vec<String> = chunk.iter().map(|r| self.keys.channel(r)).collect();
-                self.with_timeout("SUBSCRIBE", sink.subscribe(&channels))
+                self.with_timeout("SUBSCRIBE", link.subscribe(&channels))
                     .await?;
                 self.subscribed.extend(chunk.iter().cloned());
             }
             if want_all && !self.psubscribed {
-                self.with_timeout("PSUBSCRIBE", sink.psubscribe(self.keys.pattern()))
+                self.with_timeout("PSUBSCRIBE", link.subscribe_all(&self.keys))
                     .await?;
                 self.psubscribed = true;
             }
             if !joining.is_empty() {
                 // The barrier: replies come in order with messages, so once this PONG is here
                 // every message published before `subscribe` was called has been read.
-                self.with_timeout("PING", sink.ping::<redis::Value>())
-                    .await?;
+                self.with_timeout("PING", link.barrier()).await?;
             }
             Ok::<_, String>(())
         }
@@ -608,10 +609,15 @@ impl Actor {
             return Err(reason);
         }
         // Deliver what was read before the barrier to the subscriptions that were there.
-        while let Some(next) = stream.next().now_or_never() {
+        while let Some(next) = link.try_next() {
             match next {
-                Some(msg) => self.dispatch(&msg),
-                None => break,
+                Event::Message(msg) => self.dispatch(&msg),
+                Event::Lost(reason) => {
+                    for (_, reply) in joining {
+                        let _ = reply.send(Err(error::unavailable(reason.clone())));
+                    }
+                    return Err(reason);
+                }
             }
         }
         for (pending, reply) in joining {
@@ -629,13 +635,18 @@ impl Actor {
     fn dispatch(&mut self, msg: &redis::Msg) {
         let counters = &self.shared.counters;
         counters.received.fetch_add(1, Ordering::Relaxed);
-        let Some(room_name) = self.keys.room_of_channel(msg.get_channel_name()) else {
+        let channel = msg.get_channel_name();
+        // In cluster mode, `Interest::All` subscribers listen to the broadcast channel, which
+        // names no room: its envelopes are checked by decoding alone.
+        let broadcast = channel == self.keys.broadcast();
+        let room_name = self.keys.room_of_channel(channel);
+        if room_name.is_none() && !broadcast {
             counters.decode_errors.fetch_add(1, Ordering::Relaxed);
             return;
-        };
+        }
         let payload = Bytes::copy_from_slice(msg.get_payload_bytes());
         let env = match codec::decode(&payload) {
-            Ok(env) if env.room.as_str() == room_name => env,
+            Ok(env) if broadcast || Some(env.room.as_str()) == room_name => env,
             Ok(_) => {
                 counters.decode_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(
@@ -652,7 +663,7 @@ impl Actor {
         };
         // A message of a room arrives twice when both are subscribed: on its channel for the
         // room's subscribers, and through the pattern for `Interest::All` ones.
-        let target = if msg.from_pattern() {
+        let target = if msg.from_pattern() || broadcast {
             Target::ALL_SUBSCRIBERS
         } else {
             Target::ROOM_SUBSCRIBERS

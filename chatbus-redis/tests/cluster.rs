@@ -1,0 +1,247 @@
+//! `RedisBroker` against a real Redis Cluster (three masters, three replicas on loopback):
+//! the conformance suite, messages across instances and shards, and a master SIGKILLed in
+//! the middle of traffic.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chatbus_core::{Broker, Envelope, Error, Interest, Room, Subscription};
+use chatbus_redis::{RedisBroker, RedisConfig};
+use chatbus_testkit::redis_cluster::RedisCluster;
+
+fn config(cluster: &RedisCluster, prefix: &str) -> RedisConfig {
+    RedisConfig::default()
+        .with_cluster(cluster.seeds())
+        .with_password(cluster.password())
+        .with_prefix(prefix)
+        .with_connect_timeout(Duration::from_secs(2))
+        .with_command_timeout(Duration::from_millis(1500))
+        .with_backoff(Duration::from_millis(50), Duration::from_millis(500))
+        .with_ping_interval(Duration::from_secs(1))
+}
+
+async fn connect(config: RedisConfig) -> RedisBroker {
+    match RedisBroker::connect(config).await {
+        Ok(b) => b,
+        Err(e) => panic!("cannot connect to the test cluster: {e}"),
+    }
+}
+
+/// Three rooms whose slots three different masters serve, with those masters' indexes.
+fn rooms_on_every_shard(cluster: &RedisCluster, prefix: &str) -> Vec<(Room, usize)> {
+    let mut out: Vec<(Room, usize)> = Vec::new();
+    for i in 0..200 {
+        let room = Room::new(format!("room{i}")).expect("room name");
+        let master = cluster.master_of(&format!("{prefix}:{{{}}}", room.as_str()));
+        if out.iter().all(|(_, m)| *m != master) {
+            out.push((room, master));
+        }
+        if out.len() == 3 {
+            return out;
+        }
+    }
+    panic!("no three rooms on three shards among 200");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_with_and_without_history() {
+    let cluster = RedisCluster::start().await;
+    let broker = connect(config(&cluster, "conf0").with_cluster_broadcast(true)).await;
+    assert!(!broker.capabilities().replay);
+    chatbus_core::conformance::run_all(&broker).await;
+    let broker = connect(
+        config(&cluster, "conf1")
+            .with_cluster_broadcast(true)
+            .with_history_len(1000),
+    )
+    .await;
+    assert!(broker.capabilities().replay);
+    chatbus_core::conformance::run_all(&broker).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_cross_instances_on_every_shard() {
+    let cluster = RedisCluster::start().await;
+    let rooms = rooms_on_every_shard(&cluster, "x");
+    let masters: HashSet<usize> = rooms.iter().map(|(_, m)| *m).collect();
+    assert_eq!(masters.len(), 3, "{rooms:?}");
+    let a = connect(config(&cluster, "x").with_history_len(100)).await;
+    let b = connect(config(&cluster, "x").with_history_len(100)).await;
+    let mut subs = Vec::new();
+    for (room, _) in &rooms {
+        subs.push(b.subscribe(Interest::room(room.clone())).await.unwrap());
+    }
+    for (i, (room, _)) in rooms.iter().enumerate() {
+        for n in 0..20 {
+            let r = a
+                .publish(&Envelope::new(room.clone(), format!("{i}:{n}")))
+                .await
+                .unwrap();
+            assert_eq!(r.cursor.map(|c| c.offset), Some(n + 1));
+        }
+    }
+    for (i, sub) in subs.iter_mut().enumerate() {
+        for n in 0..20 {
+            let env = chatbus_core::conformance::recv(sub).await.unwrap();
+            assert_eq!(env.payload.as_ref(), format!("{i}:{n}").as_bytes());
+        }
+    }
+    // History works on every shard: the room's stream and meta share its slot.
+    for (room, _) in &rooms {
+        let page = b.history(room, None, 5).await.unwrap();
+        assert_eq!(page.messages.len(), 5);
+    }
+    // Interest::All needs the broadcast, and says so.
+    match b.subscribe(Interest::All).await {
+        Err(Error::Config(msg)) => assert!(msg.contains("with_cluster_broadcast"), "{msg}"),
+        other => panic!("expected a config error, got {other:?}"),
+    }
+}
+
+/// What one room's subscription saw: payload numbers with arrival times, and `Lagged`s.
+#[derive(Debug, Default)]
+struct Seen {
+    got: Vec<(u64, Instant)>,
+    lagged: Vec<Instant>,
+    other_errors: usize,
+}
+
+async fn watch(mut sub: Subscription, seen: Arc<Mutex<Seen>>, stop: Arc<AtomicBool>) {
+    while !stop.load(Ordering::Relaxed) {
+        let Ok(item) = tokio::time::timeout(Duration::from_millis(200), sub.recv()).await else {
+            continue;
+        };
+        let mut s = seen.lock().expect("seen lock");
+        match item {
+            None => return,
+            Some(Ok(env)) => {
+                let n = std::str::from_utf8(&env.payload)
+                    .expect("utf8 payload")
+                    .parse()
+                    .expect("numeric payload");
+                s.got.push((n, Instant::now()));
+            }
+            Some(Err(Error::Lagged { .. })) => s.lagged.push(Instant::now()),
+            Some(Err(_)) => s.other_errors += 1,
+        }
+    }
+}
+
+/// A master is SIGKILLed while three rooms (one per shard) get a message every 10 ms: its
+/// replica takes over, publishes and deliveries of its room resume within the bound below,
+/// its room's subscription gets `Lagged`, and the rooms of the other shards lose nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn master_killed_mid_traffic_fails_over() {
+    const BOUND: Duration = Duration::from_secs(10);
+    let mut cluster = RedisCluster::start().await;
+    let rooms = rooms_on_every_shard(&cluster, "f");
+    let publisher = connect(config(&cluster, "f")).await;
+    let subscriber = connect(config(&cluster, "f")).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut seen = Vec::new();
+    let mut watchers = Vec::new();
+    for (room, _) in &rooms {
+        let sub = subscriber
+            .subscribe(Interest::room(room.clone()))
+            .await
+            .unwrap();
+        let s = Arc::new(Mutex::new(Seen::default()));
+        watchers.push(tokio::spawn(watch(sub, s.clone(), stop.clone())));
+        seen.push(s);
+    }
+    // (room index, number, when its publish started) of every acknowledged publish.
+    let acked: Arc<Mutex<Vec<(usize, u64, Instant)>>> = Arc::default();
+    let traffic = {
+        let (acked, stop, rooms) = (acked.clone(), stop.clone(), rooms.clone());
+        let publisher = publisher.clone();
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let sends = rooms.iter().enumerate().map(|(i, (room, _))| {
+                    let publisher = publisher.clone();
+                    let env = Envelope::new(room.clone(), n.to_string());
+                    async move {
+                        let at = Instant::now();
+                        publisher.publish(&env).await.ok().map(|_| (i, n, at))
+                    }
+                });
+                for ok in futures::future::join_all(sends).await.into_iter().flatten() {
+                    acked.lock().expect("acked lock").push(ok);
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let victim = rooms[0].1;
+    let killed_at = Instant::now();
+    cluster.kill(victim);
+    let failover = cluster.wait_failover(victim, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::Relaxed);
+    traffic.await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for w in watchers {
+        w.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    let seen: Vec<Seen> = seen
+        .into_iter()
+        .map(|s| std::mem::take(&mut *s.lock().unwrap()))
+        .collect();
+    // The killed shard: publishes and deliveries resume, and its subscription was told.
+    let resumed_publish = acked
+        .iter()
+        .filter(|(i, _, at)| *i == 0 && *at > killed_at + Duration::from_millis(50))
+        .map(|(_, _, at)| *at - killed_at)
+        .find(|d| *d > Duration::from_millis(50));
+    let resumed_delivery = seen[0]
+        .got
+        .iter()
+        .map(|(_, at)| *at)
+        .filter(|at| *at > killed_at)
+        .map(|at| at - killed_at)
+        .find(|d| *d > failover.min(Duration::from_millis(500)));
+    eprintln!(
+        "failover: cluster healed after {failover:?}; room of the killed shard: publish ok again \
+         {resumed_publish:?} and delivery {resumed_delivery:?} after the kill; lagged {:?}; \
+         acked {} of {} publishes",
+        seen.iter().map(|s| s.lagged.len()).collect::<Vec<_>>(),
+        acked.len(),
+        acked.iter().map(|(_, n, _)| *n).max().unwrap_or(0) * 3,
+    );
+    assert!(
+        !seen[0].lagged.is_empty(),
+        "the killed shard's room got no Lagged"
+    );
+    let resumed = resumed_delivery.expect("deliveries of the killed shard's room never resumed");
+    assert!(resumed < BOUND, "deliveries resumed only after {resumed:?}");
+    // After its Lagged notice, the killed shard's room gets every acknowledged message.
+    let lagged_at = *seen[0].lagged.last().unwrap();
+    let got0: HashSet<u64> = seen[0].got.iter().map(|(n, _)| *n).collect();
+    let missing0: Vec<u64> = acked
+        .iter()
+        .filter(|(i, n, at)| *i == 0 && *at > lagged_at && !got0.contains(n))
+        .map(|(_, n, _)| *n)
+        .collect();
+    assert!(
+        missing0.is_empty(),
+        "lost after the Lagged notice: {missing0:?}"
+    );
+    // The other shards lose nothing, and keep their order.
+    for (i, s) in seen.iter().enumerate().skip(1) {
+        let got: Vec<u64> = s.got.iter().map(|(n, _)| *n).collect();
+        let sent: Vec<u64> = acked
+            .iter()
+            .filter(|(r, _, _)| *r == i)
+            .map(|(_, n, _)| *n)
+            .collect();
+        assert_eq!(
+            got, sent,
+            "room {i} (a healthy shard) lost or reordered messages"
+        );
+    }
+}
