@@ -121,6 +121,8 @@ struct Node {
     conn: Option<MultiplexedConnection>,
     // Its connection reported a disconnection: it must be made again.
     dead: bool,
+    // The shard channels its connection has subscribed (confirmed).
+    channels: HashSet<String>,
 }
 
 /// One connection per master, and the queue their pushes arrive on.
@@ -213,6 +215,7 @@ impl ClusterLink {
                         addr: r.master.clone(),
                         conn: None,
                         dead: false,
+                        channels: HashSet::new(),
                     });
                     self.nodes.len() - 1
                 }
@@ -230,6 +233,7 @@ impl ClusterLink {
             if !masters.contains(&idx) {
                 node.conn = None;
                 node.dead = false;
+                node.channels.clear();
             }
         }
         let connects = masters
@@ -270,8 +274,10 @@ impl ClusterLink {
         for r in join_all(connects).await {
             match r {
                 Ok((idx, conn)) => {
-                    self.nodes[idx].conn = Some(conn);
-                    self.nodes[idx].dead = false;
+                    let node = &mut self.nodes[idx];
+                    node.conn = Some(conn);
+                    node.dead = false;
+                    node.channels.clear();
                 }
                 Err(e) => failure = Some(e),
             }
@@ -327,16 +333,72 @@ impl ClusterLink {
         let groups = self.by_node(channels)?;
         let mut calls = Vec::with_capacity(groups.len());
         for (idx, chans) in groups {
-            let mut pipe = redis::pipe();
-            for c in &chans {
-                pipe.cmd(command).arg(c.as_str());
-            }
-            let mut conn = self.conn(idx)?;
-            let n = chans.len();
-            calls.push(async move { conn.send_packed_commands(&pipe, 0, n).await });
+            let chans: Vec<String> = chans.into_iter().cloned().collect();
+            calls.push(self.on_node(idx, command, chans)?);
         }
-        for r in join_all(calls).await {
+        let mut result = Ok(());
+        for (idx, chans, r) in join_all(calls).await {
+            match r.and_then(check) {
+                Ok(()) => {
+                    let set = &mut self.nodes[idx].channels;
+                    if command == "SSUBSCRIBE" {
+                        set.extend(chans);
+                    } else {
+                        for c in &chans {
+                            set.remove(c);
+                        }
+                    }
+                }
+                Err(e) => result = Err(e),
+            }
+        }
+        result
+    }
+
+    /// `command` for each of `chans` on node `idx`, pipelined.
+    fn on_node(
+        &self,
+        idx: usize,
+        command: &str,
+        chans: Vec<String>,
+    ) -> redis::RedisResult<
+        impl std::future::Future<Output = (usize, Vec<String>, redis::RedisResult<Vec<Value>>)>,
+    > {
+        let mut pipe = redis::pipe();
+        for c in &chans {
+            pipe.cmd(command).arg(c.as_str());
+        }
+        let mut conn = self.conn(idx)?;
+        Ok(async move {
+            let r = conn.send_packed_commands(&pipe, 0, chans.len()).await;
+            (idx, chans, r)
+        })
+    }
+
+    /// Unsubscribes, on the connections kept through a [`refresh`](Self::refresh), the shard
+    /// channels no longer `wanted` (rooms left while the subscriber was reconnecting).
+    pub(crate) async fn prune(&mut self, wanted: &HashSet<String>) -> redis::RedisResult<()> {
+        let mut calls = Vec::new();
+        for idx in 0..self.nodes.len() {
+            let stale: Vec<String> = self.nodes[idx]
+                .channels
+                .iter()
+                .filter(|c| !wanted.contains(*c))
+                .cloned()
+                .collect();
+            if stale.is_empty() || self.conn(idx).is_err() {
+                continue;
+            }
+            for c in &stale {
+                *self.unsubscribing.entry(c.as_bytes().to_vec()).or_default() += 1;
+            }
+            calls.push(self.on_node(idx, "SUNSUBSCRIBE", stale)?);
+        }
+        for (idx, chans, r) in join_all(calls).await {
             check(r?)?;
+            for c in &chans {
+                self.nodes[idx].channels.remove(c);
+            }
         }
         Ok(())
     }

@@ -512,6 +512,45 @@ mod tests {
     }
 
     #[test]
+    fn env_cluster() -> Result<()> {
+        let c = from(&[
+            (
+                "CHATBUS_REDIS_CLUSTER",
+                " 10.0.0.1:7000, redis://10.0.0.2:7001/ ,",
+            ),
+            ("REDIS_PASSWORD", "pw"),
+            ("CHATBUS_REDIS_CLUSTER_BROADCAST", "true"),
+        ])?;
+        assert!(c.is_cluster() && c.cluster_broadcast);
+        assert_eq!(c.cluster, ["10.0.0.1:7000", "redis://10.0.0.2:7001/"]);
+        let nodes = c.cluster_nodes()?;
+        assert_eq!(nodes.len(), 2);
+        assert_eq!(nodes[1].addr().to_string(), "10.0.0.2:7001");
+        assert_eq!(nodes[0].redis_settings().password(), Some("pw"));
+        assert!(!from(&[])?.is_cluster());
+        for vars in [
+            &[("CHATBUS_REDIS_CLUSTER", "10.0.0.1")][..],
+            &[("CHATBUS_REDIS_CLUSTER", "h:notaport")][..],
+            &[("CHATBUS_REDIS_CLUSTER", "redis://:pw@h:1")][..],
+            &[
+                ("CHATBUS_REDIS_CLUSTER", "h:1"),
+                ("CHATBUS_REDIS_URL", "redis://h/2"),
+            ][..],
+            &[
+                ("CHATBUS_REDIS_CLUSTER", "h:1"),
+                ("CHATBUS_REDIS_URL", "rediss://h/"),
+            ][..],
+            &[("CHATBUS_REDIS_CLUSTER_BROADCAST", "maybe")][..],
+        ] {
+            match from(vars) {
+                Err(chatbus_core::Error::Config(msg)) => assert!(!msg.is_empty()),
+                other => panic!("{vars:?}: expected a config error, got {other:?}"),
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
     fn redaction() {
         assert_eq!(redact_url("redis://:pw@h:1/"), "redis://<redacted>@h:1/");
         assert_eq!(redact_url("redis://h:1/"), "redis://h:1/");

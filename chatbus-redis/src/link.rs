@@ -2,6 +2,7 @@
 //! publishing connection of either: what differs between the two modes, behind one face, so
 //! that the subscriber's ordering logic (`subscriber.rs`) and the broker are written once.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
@@ -142,6 +143,16 @@ impl Link {
         match self {
             Self::Single(sink, _) => sink.unsubscribe(channels).await,
             Self::Cluster(c) => c.unsubscribe(channels).await,
+        }
+    }
+
+    /// After a reconnect: drops the room subscriptions that a kept connection still has but
+    /// nobody wants (`wanted`: the channels of every room with local subscribers). A new
+    /// connection has none.
+    pub(crate) async fn prune(&mut self, wanted: &HashSet<String>) -> redis::RedisResult<()> {
+        match self {
+            Self::Single(..) => Ok(()),
+            Self::Cluster(c) => c.prune(wanted).await,
         }
     }
 

@@ -457,6 +457,9 @@ impl Actor {
                 .await?;
             self.subscribed.extend(chunk.iter().cloned());
         }
+        let wanted: HashSet<String> = rooms.iter().map(|r| self.keys.channel(r)).collect();
+        self.with_timeout("UNSUBSCRIBE", link.prune(&wanted))
+            .await?;
         if self.subs.has_all() {
             self.with_timeout("PSUBSCRIBE", link.subscribe_all(&self.keys))
                 .await?;

@@ -245,3 +245,50 @@ async fn master_killed_mid_traffic_fails_over() {
         );
     }
 }
+
+/// A room whose last subscription goes away while a master fails over is unsubscribed on its
+/// own (healthy, kept) master once the broker has recovered: the connections kept through a
+/// failover are pruned of what nobody wants any more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_left_during_a_failover_is_unsubscribed_on_the_kept_master() {
+    let mut cluster = RedisCluster::start().await;
+    let rooms = rooms_on_every_shard(&cluster, "p");
+    let broker = connect(config(&cluster, "p")).await;
+    let (kept_room, kept_master) = rooms[1].clone();
+    let channel = format!("p:{{{}}}", kept_room.as_str());
+    let numsub = |cluster: &RedisCluster| -> String {
+        cluster.command(kept_master, &["PUBSUB", "SHARDNUMSUB", &channel])
+    };
+    let mut victim_sub = broker
+        .subscribe(Interest::room(rooms[0].0.clone()))
+        .await
+        .unwrap();
+    let kept_sub = broker.subscribe(Interest::room(kept_room)).await.unwrap();
+    assert!(
+        numsub(&cluster).trim_end().ends_with('1'),
+        "{}",
+        numsub(&cluster)
+    );
+    let victim = rooms[0].1;
+    cluster.kill(victim);
+    // Wait for the broker to notice the loss, then leave the healthy shard's room.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout(Duration::from_millis(100), victim_sub.recv()).await {
+            Ok(Some(Err(Error::Unavailable { .. }))) => break,
+            _ if Instant::now() > deadline => panic!("no Unavailable after the kill"),
+            _ => {}
+        }
+    }
+    drop(kept_sub);
+    cluster.wait_failover(victim, Duration::from_secs(30)).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !numsub(&cluster).trim_end().ends_with('0') {
+        assert!(
+            Instant::now() < deadline,
+            "the left room is still subscribed on its master: {}",
+            numsub(&cluster)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -290,6 +290,13 @@ impl RedisCluster {
         }
     }
 
+    /// Runs a command on node `index` with `redis-cli` and returns its output (stdout and
+    /// stderr), e.g. `["PUBSUB", "SHARDNUMSUB", channel]`.
+    pub fn command(&self, index: usize, args: &[&str]) -> String {
+        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        self.cli(self.servers[index].port(), &args)
+    }
+
     /// The log of node `index`, for failure messages.
     pub fn log(&self, index: usize) -> String {
         self.servers[index].log()
