@@ -72,12 +72,9 @@ async fn read(
         };
         let mut guard = tally.lock().expect("tally lock");
         let t = &mut *guard;
-        let env = match item {
-            Ok(env) => env,
-            Err(_) => {
-                t.errors += 1;
-                continue;
-            }
+        let Ok(env) = item else {
+            t.errors += 1;
+            continue;
         };
         let n: u64 = std::str::from_utf8(&env.payload)
             .expect("utf8 payload")
@@ -143,7 +140,7 @@ async fn dual_bus_loses_nothing_acked_when_a_cluster_master_dies() {
             while publishing.load(Ordering::Relaxed) {
                 n += 1;
                 // Both instances publish: each round from the other one.
-                let bus = &instances[usize::from(n % 2 == 0)];
+                let bus = &instances[usize::from(n.is_multiple_of(2))];
                 let sends = rooms.iter().enumerate().map(|(i, (room, _))| {
                     let env = Envelope::new(room.clone(), n.to_string());
                     async move { bus.publish(&env).await.ok().map(|_| (i, n)) }

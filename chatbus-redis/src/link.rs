@@ -63,7 +63,8 @@ pub(crate) enum Link {
     /// One RESP2 pub/sub connection; `Interest::All` is a pattern subscription.
     Single(PubSubSink, PubSubStream),
     /// One connection per master, sharded pub/sub; `Interest::All` is the broadcast channel.
-    Cluster(ClusterLink),
+    /// (Boxed: it is much larger than the single connection's handles.)
+    Cluster(Box<ClusterLink>),
 }
 
 impl Connector {
@@ -93,7 +94,7 @@ impl Connector {
                         command_timeout,
                     )
                     .await
-                    .map(Link::Cluster)
+                    .map(|c| Link::Cluster(Box::new(c)))
                 }
             }
         };
