@@ -49,7 +49,9 @@ const SCAN_PAGE: usize = 256;
 ///   is not hammered.
 ///   Publishes and new subscriptions fail meanwhile (within
 ///   [`RedisConfig::command_timeout`]); [`health`](Broker::health) reports `Down`, then
-///   `Degraded` while re-subscribing.
+///   `Degraded` while re-subscribing. On a Redis Cluster ([`RedisConfig::with_cluster`]) a
+///   lost master affects only the subscriptions of the rooms it served: the connections to
+///   the other masters are kept (see the crate docs).
 /// - **epochs**: a room's sequence lives in one hash with its epoch, drawn when the sequence
 ///   is created, so a Redis that lost the sequence (`FLUSHALL`, eviction, failover to a
 ///   replica that missed writes) also starts a new epoch: cursors of the old log are answered

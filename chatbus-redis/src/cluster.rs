@@ -17,8 +17,10 @@
 //! that owns the room's stream and meta hash too. Anything that may have lost messages — a
 //! node connection lost (a master killed: its replica takes over), a `MOVED` answer to a
 //! subscription, or a shard channel the server unsubscribed by itself (its slot migrated) —
-//! ends the link: the subscriber then reconnects with a fresh topology, resubscribes every
-//! room and tells every subscription `Lagged`.
+//! ends the session: the subscriber then [refreshes](ClusterLink::refresh) the topology,
+//! keeping the connections of the masters that are still up, resubscribes every room and
+//! tells `Lagged` to the subscriptions that may have lost messages (for a lost node: those of
+//! its rooms; see `subscriber.rs`).
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -111,6 +113,11 @@ pub(crate) enum Event {
     Message(redis::Msg),
     /// The link cannot be trusted any more (see the module docs); the reason, for logs.
     Lost(String),
+    /// The connection to one master was lost; the others are intact.
+    NodeLost {
+        node: usize,
+        reason: String,
+    },
 }
 
 /// A master the link has (or had) a connection to. Indexes into the link's node list never
@@ -300,7 +307,7 @@ impl ClusterLink {
     }
 
     /// The node serving `channel`'s slot.
-    fn owner(&self, channel: &str) -> redis::RedisResult<usize> {
+    pub(crate) fn owner(&self, channel: &str) -> redis::RedisResult<usize> {
         let s = slot(channel.as_bytes());
         self.ranges
             .iter()
@@ -475,7 +482,10 @@ impl ClusterLink {
                 if let Some(n) = self.nodes.get_mut(idx) {
                     n.dead = true;
                 }
-                Some(Event::Lost(format!("connection to {node} lost")))
+                Some(Event::NodeLost {
+                    node: idx,
+                    reason: format!("connection to {node} lost"),
+                })
             }
             PushKind::SUnsubscribe => {
                 let channel = match push.data.first() {

@@ -203,6 +203,15 @@ impl Link {
         }
     }
 
+    /// The cluster node that serves `channel` now (`None` on a single Redis, or when no
+    /// master serves its slot).
+    pub(crate) fn owner(&self, channel: &str) -> Option<usize> {
+        match self {
+            Self::Single(..) => None,
+            Self::Cluster(c) => c.owner(channel).ok(),
+        }
+    }
+
     /// For logs: where the link goes.
     pub(crate) fn describe(&self) -> String {
         match self {

@@ -14,7 +14,7 @@
 //!   task, after checking that the room is still empty, so it can never overtake the
 //!   `SUBSCRIBE` of a newer subscription to that room.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -204,8 +204,9 @@ impl Timing {
 enum End {
     /// The broker was dropped: stop.
     Shutdown,
-    /// The connection failed: reconnect.
-    Lost(String),
+    /// The connection failed: reconnect. With the index of the cluster node whose connection
+    /// was lost, when only that one was (`None`: anything may have lost messages).
+    Lost(String, Option<usize>),
 }
 
 /// Everything the actor needs to (re)connect.
@@ -224,6 +225,11 @@ pub(crate) struct Actor {
     psubscribed: bool,
     // Subscribers were told Unavailable and not yet Lagged (the outage is still going on).
     told_down: bool,
+    // The rooms that may have lost messages in the current outage (None: every room): those
+    // of a lost cluster node; the rooms whose master changed are added when it ends.
+    affected: Option<HashSet<Room>>,
+    // The node serving each room when the outage began (cluster only).
+    owners_before: HashMap<Room, Option<usize>>,
 }
 
 /// Capped exponential backoff with jitter (50–100 % of the step), so that many instances
@@ -266,6 +272,8 @@ impl Actor {
             subscribed: HashSet::new(),
             psubscribed: false,
             told_down: false,
+            affected: None,
+            owners_before: HashMap::new(),
         }
     }
 
@@ -323,7 +331,7 @@ impl Actor {
                 self.set_resubscribing();
                 if let Err(e) = self.resubscribe_all(link).await {
                     tracing::warn!(error = %e, attempt, "redis re-subscribe failed");
-                    self.lost(&e);
+                    self.lost(&e, None, link);
                     wait_first = true;
                     continue;
                 }
@@ -341,8 +349,9 @@ impl Actor {
                     tracing::warn!(error = %e, "redis publishing connection not back yet");
                 }
                 // Live delivery resumes now; what was published meanwhile is lost to the live
-                // stream, so every subscriber is told to resync from its cursor.
-                self.subs.broadcast_error(|| Error::Lagged { missed: 0 });
+                // stream, so every subscriber that may have missed something is told to resync
+                // from its cursor.
+                self.tell_lagged(link);
                 self.told_down = false;
                 tracing::info!(
                     rooms = self.subscribed.len(),
@@ -354,9 +363,9 @@ impl Actor {
             let opened = Instant::now();
             match self.session(link).await {
                 End::Shutdown => return,
-                End::Lost(reason) => {
+                End::Lost(reason, node) => {
                     tracing::warn!(%reason, attempt, "redis pub/sub connection lost");
-                    self.lost(&reason);
+                    self.lost(&reason, node, link);
                     reconnecting = true;
                     if opened.elapsed() >= STABLE_AFTER {
                         // A one-off drop of a good connection: reconnect at once.
@@ -398,19 +407,72 @@ impl Actor {
         *state = ConnState::Resubscribing { since };
     }
 
-    /// The connection broke: forget what it had subscribed and tell every subscriber, once
-    /// per outage (a failed re-subscribe is the same outage going on, and repeating the
-    /// notice would only fill their buffers).
-    fn lost(&mut self, reason: &str) {
+    /// The connection broke: forget what it had subscribed and tell the subscribers that may
+    /// lose messages, once per outage (a failed re-subscribe is the same outage going on, and
+    /// repeating the notice would only fill their buffers).
+    ///
+    /// On a cluster whose link lost one node's connection (`node`), those are the subscribers
+    /// of the rooms that node served (and every `Interest::All` one): the other masters'
+    /// connections are kept, and their rooms lose nothing.
+    fn lost(&mut self, reason: &str, node: Option<usize>, link: &Link) {
         self.note_down(reason);
         self.subscribed.clear();
         self.psubscribed = false;
+        let rooms = self.subs.rooms();
+        let scope: Option<HashSet<Room>> = node.map(|n| {
+            rooms
+                .iter()
+                .filter(|r| link.owner(&self.keys.channel(r)) == Some(n))
+                .cloned()
+                .collect()
+        });
         if std::mem::replace(&mut self.told_down, true) {
+            // The same outage going on: whatever it may have lost adds up.
+            self.affected = match (self.affected.take(), scope) {
+                (Some(mut a), Some(b)) => {
+                    a.extend(b);
+                    Some(a)
+                }
+                _ => None,
+            };
             return;
         }
+        self.owners_before = rooms
+            .into_iter()
+            .map(|r| {
+                let owner = link.owner(&self.keys.channel(&r));
+                (r, owner)
+            })
+            .collect();
         let reason = format!("connection lost ({reason}); reconnecting");
-        self.subs
-            .broadcast_error(|| error::unavailable(reason.clone()));
+        match &scope {
+            None => self
+                .subs
+                .broadcast_error(|| error::unavailable(reason.clone())),
+            Some(rooms) => self
+                .subs
+                .error_where(|r| rooms.contains(r), || error::unavailable(reason.clone())),
+        }
+        self.affected = scope;
+    }
+
+    /// The end of an outage: `Lagged` to the subscribers of the rooms that may have lost
+    /// messages: those of [`affected`](Self::affected), and those whose master changed.
+    fn tell_lagged(&mut self, link: &Link) {
+        let before = std::mem::take(&mut self.owners_before);
+        match self.affected.take() {
+            None => self.subs.broadcast_error(|| Error::Lagged { missed: 0 }),
+            Some(mut rooms) => {
+                for r in self.subs.rooms() {
+                    let now = link.owner(&self.keys.channel(&r));
+                    if before.get(&r).copied().flatten() != now || now.is_none() {
+                        rooms.insert(r);
+                    }
+                }
+                self.subs
+                    .error_where(|r| rooms.contains(r), || Error::Lagged { missed: 0 });
+            }
+        }
     }
 
     /// Sleeps `wait` while answering requests (with `Unavailable`). Returns true on shutdown.
@@ -488,14 +550,14 @@ impl Actor {
                         batch.push(c);
                     }
                     if let Err(reason) = self.apply(batch, link).await {
-                        return End::Lost(reason);
+                        return End::Lost(reason, None);
                     }
                     last_activity = Instant::now();
                 }
                 () = self.shared.overflow.notified() => {
                     // Vacated requests were dropped on a full queue: `apply` re-checks them all.
                     if let Err(reason) = self.apply(Vec::new(), link).await {
-                        return End::Lost(reason);
+                        return End::Lost(reason, None);
                     }
                     last_activity = Instant::now();
                 }
@@ -503,7 +565,7 @@ impl Actor {
                     let due = last_activity + interval;
                     if Instant::now() >= due {
                         if let Err(reason) = self.with_timeout("PING", link.barrier()).await {
-                            return End::Lost(reason);
+                            return End::Lost(reason, None);
                         }
                         last_activity = Instant::now();
                         idle.as_mut().reset(tokio::time::Instant::from_std(last_activity + interval));
@@ -512,7 +574,8 @@ impl Actor {
                     }
                 }
                 event = link.next() => match event {
-                    Event::Lost(reason) => return End::Lost(reason),
+                    Event::Lost(reason) => return End::Lost(reason, None),
+                    Event::NodeLost { node, reason } => return End::Lost(reason, Some(node)),
                     Event::Message(msg) => {
                         last_activity = Instant::now();
                         // A subscriber found gone here comes back as a `Vacated` request.
@@ -615,7 +678,7 @@ impl Actor {
         while let Some(next) = link.try_next() {
             match next {
                 Event::Message(msg) => self.dispatch(&msg),
-                Event::Lost(reason) => {
+                Event::Lost(reason) | Event::NodeLost { reason, .. } => {
                     for (_, reply) in joining {
                         let _ = reply.send(Err(error::unavailable(reason.clone())));
                     }
