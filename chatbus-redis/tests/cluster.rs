@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chatbus_core::{Broker, Envelope, Error, Interest, Room, Subscription};
+use chatbus_core::{Broker, Envelope, Error, Health, Interest, Room, Subscription};
 use chatbus_redis::{RedisBroker, RedisConfig};
 use chatbus_testkit::redis_cluster::RedisCluster;
 
@@ -93,6 +93,7 @@ async fn messages_cross_instances_on_every_shard() {
         let page = b.history(room, None, 5).await.unwrap();
         assert_eq!(page.messages.len(), 5);
     }
+    assert_eq!(b.health().await, Health::Healthy);
     // Interest::All needs the broadcast, and says so.
     match b.subscribe(Interest::All).await {
         Err(Error::Config(msg)) => assert!(msg.contains("with_cluster_broadcast"), "{msg}"),
@@ -300,4 +301,55 @@ async fn a_room_left_during_a_failover_is_unsubscribed_on_the_kept_master() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// A room's slot is moved (with its keys) to another master under a live subscription: the
+/// old master drops the shard channel (`sunsubscribe`), the broker follows the new topology,
+/// resubscribes there and says `Lagged`; publishes (following `MOVED`) reach it again, and the
+/// room's history window moved with the slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resharded_room_is_followed_to_its_new_master() {
+    let cluster = RedisCluster::start().await;
+    let rooms = rooms_on_every_shard(&cluster, "m");
+    let (room, _) = rooms[0].clone();
+    let target = rooms[1].1;
+    let publisher = connect(config(&cluster, "m").with_history_len(100)).await;
+    let subscriber = connect(config(&cluster, "m").with_history_len(100)).await;
+    let mut sub = subscriber
+        .subscribe(Interest::room(room.clone()))
+        .await
+        .unwrap();
+    publisher
+        .publish(&Envelope::new(room.clone(), "before"))
+        .await
+        .unwrap();
+    let env = chatbus_core::conformance::recv(&mut sub).await.unwrap();
+    assert_eq!(env.payload.as_ref(), b"before");
+    let channel = format!("m:{{{}}}", room.as_str());
+    cluster.move_slot(cluster.slot_of(&channel), target).await;
+    assert_eq!(cluster.master_of(&channel), target);
+    // The subscription is told, then receives what is published from now on.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout(Duration::from_millis(200), sub.recv()).await {
+            Ok(Some(Err(Error::Lagged { .. }))) => break,
+            Ok(Some(Err(Error::Unavailable { .. }))) | Err(_) => {}
+            other => panic!("expected Lagged after the move, got {other:?}"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no Lagged within 10 s of the move"
+        );
+    }
+    let receipt = publisher
+        .publish(&Envelope::new(room.clone(), "after"))
+        .await
+        .unwrap();
+    let env = chatbus_core::conformance::recv(&mut sub).await.unwrap();
+    assert_eq!(env.payload.as_ref(), b"after");
+    // The log moved with the slot: numbering goes on, and history has both.
+    assert_eq!(receipt.cursor.map(|c| c.offset), Some(2));
+    let page = subscriber.history(&room, None, 10).await.unwrap();
+    let bodies: Vec<&[u8]> = page.messages.iter().map(|e| e.payload.as_ref()).collect();
+    assert_eq!(bodies, [b"before".as_slice(), b"after".as_slice()]);
 }

@@ -290,6 +290,84 @@ impl RedisCluster {
         }
     }
 
+    /// Moves hash slot `slot`, with its keys, to the master `to` (an index into
+    /// [`nodes`](Self::nodes)), the way `redis-cli --cluster reshard` does: `IMPORTING` on
+    /// the target, `MIGRATING` on the source, `MIGRATE` of every key, then `SETSLOT … NODE`
+    /// on every master. Returns once every node agrees on the new owner.
+    pub async fn move_slot(&self, slot: u16, to: usize) {
+        let from = {
+            let nodes = parse_nodes(&self.cli_any(&["CLUSTER".into(), "NODES".into()]));
+            let port = nodes
+                .iter()
+                .filter(|n| n.live_master)
+                .find(|n| n.slots.iter().any(|(a, b)| (*a..=*b).contains(&slot)))
+                .map(|n| n.port);
+            match port.and_then(|p| self.ports().iter().position(|q| *q == p)) {
+                Some(i) => i,
+                None => panic!("no live master serves slot {slot}"),
+            }
+        };
+        assert_ne!(from, to, "slot {slot} is on node {to} already");
+        let id = |i: usize| self.command(i, &["CLUSTER", "MYID"]).trim().to_owned();
+        let (from_id, to_id) = (id(from), id(to));
+        let slot_s = slot.to_string();
+        let ok = |what: &str, out: String| assert!(out.contains("OK"), "{what}: {out}");
+        ok(
+            "IMPORTING",
+            self.command(to, &["CLUSTER", "SETSLOT", &slot_s, "IMPORTING", &from_id]),
+        );
+        ok(
+            "MIGRATING",
+            self.command(from, &["CLUSTER", "SETSLOT", &slot_s, "MIGRATING", &to_id]),
+        );
+        let to_port = self.servers[to].port().to_string();
+        loop {
+            let keys = self.command(from, &["CLUSTER", "GETKEYSINSLOT", &slot_s, "100"]);
+            let keys: Vec<&str> = keys.split_whitespace().collect();
+            if keys.is_empty() {
+                break;
+            }
+            let mut args = vec![
+                "MIGRATE",
+                "127.0.0.1",
+                to_port.as_str(),
+                "",
+                "0",
+                "5000",
+                "AUTH",
+                self.password.as_str(),
+                "KEYS",
+            ];
+            args.extend(keys);
+            ok("MIGRATE", self.command(from, &args));
+        }
+        for (i, s) in self.servers.iter().enumerate() {
+            if s.is_started() {
+                // Replicas answer an error here; the masters' word is what counts.
+                let _ = self.command(i, &["CLUSTER", "SETSLOT", &slot_s, "NODE", &to_id]);
+            }
+        }
+        let deadline = Instant::now() + FORM_TIMEOUT;
+        loop {
+            let moved = self.live().all(|s| {
+                parse_nodes(&self.cli(s.port(), &["CLUSTER".into(), "NODES".into()]))
+                    .iter()
+                    .any(|n| {
+                        n.port == self.servers[to].port()
+                            && n.slots.iter().any(|(a, b)| (*a..=*b).contains(&slot))
+                    })
+            });
+            if moved {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "slot {slot} did not move to node {to}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Runs a command on node `index` with `redis-cli` and returns its output (stdout and
     /// stderr), e.g. `["PUBSUB", "SHARDNUMSUB", channel]`.
     pub fn command(&self, index: usize, args: &[&str]) -> String {
