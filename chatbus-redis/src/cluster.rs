@@ -206,10 +206,21 @@ impl ClusterLink {
         &mut self,
         publisher: &mut redis::cluster_async::ClusterConnection,
     ) -> redis::RedisResult<()> {
-        let reply: Value = redis::cmd("CLUSTER")
-            .arg("SLOTS")
-            .query_async(publisher)
-            .await?;
+        // Asked of a master whose connection is up, when there is one: the cluster
+        // connection may pick the dead node and wait for its retries.
+        let kept = self
+            .nodes
+            .iter()
+            .find(|n| !n.dead)
+            .and_then(|n| n.conn.clone());
+        let slots = redis::cmd("CLUSTER").arg("SLOTS").to_owned();
+        let reply: Value = match kept {
+            Some(mut conn) => match slots.query_async(&mut conn).await {
+                Ok(v) => v,
+                Err(_) => slots.query_async(publisher).await?,
+            },
+            None => slots.query_async(publisher).await?,
+        };
         let ranges = parse_slots(&reply)
             .ok_or_else(|| err("CLUSTER SLOTS", "unexpected reply".to_owned()))?;
         let mut table = Vec::with_capacity(ranges.len());

@@ -301,7 +301,7 @@ impl Actor {
                     &mut seed,
                 );
                 attempt = attempt.saturating_add(1);
-                if self.wait_down(wait).await {
+                if self.wait_down(wait, current.as_mut()).await {
                     // Dropping the actor ends every subscription (see `Drop`).
                     return;
                 }
@@ -476,7 +476,11 @@ impl Actor {
     }
 
     /// Sleeps `wait` while answering requests (with `Unavailable`). Returns true on shutdown.
-    async fn wait_down(&mut self, wait: Duration) -> bool {
+    ///
+    /// A cluster link keeps delivering meanwhile what its healthy masters' connections bring
+    /// (their subscriptions are intact), so that one shard's failover does not stall the
+    /// others' rooms; a further loss is noted like the first.
+    async fn wait_down(&mut self, wait: Duration, mut link: Option<&mut Link>) -> bool {
         let sleep = tokio::time::sleep(wait);
         tokio::pin!(sleep);
         loop {
@@ -492,6 +496,12 @@ impl Actor {
                     // Nothing is subscribed upstream while down: the re-subscribe after the
                     // outage reads the rooms from the registry.
                     Some(Command::Vacated(_)) => {}
+                },
+                event = kept_event(&mut link) => match (event, link.as_deref()) {
+                    (Event::Message(msg), _) => self.dispatch(&msg),
+                    (Event::NodeLost { node, reason }, Some(l)) => self.lost(&reason, Some(node), l),
+                    (Event::Lost(reason), Some(l)) => self.lost(&reason, None, l),
+                    (_, None) => {}
                 },
             }
         }
@@ -742,6 +752,15 @@ impl Actor {
         counters
             .dropped
             .fetch_add(count(delivered.dropped), Ordering::Relaxed);
+    }
+}
+
+/// The next event of a cluster link's kept connections; never, for a single Redis's link
+/// (which is gone while down) or none.
+async fn kept_event(link: &mut Option<&mut Link>) -> Event {
+    match link {
+        Some(Link::Cluster(c)) => c.next().await,
+        _ => std::future::pending().await,
     }
 }
 
