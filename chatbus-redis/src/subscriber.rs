@@ -1,13 +1,16 @@
-//! The subscriber: one dedicated pub/sub connection per broker, owned by one task (the
-//! "actor") that subscribes, dispatches messages to local subscriptions and reconnects.
+//! The subscriber: one dedicated pub/sub link per broker, owned by one task (the "actor")
+//! that subscribes, dispatches messages to local subscriptions and reconnects. The link is one
+//! connection to a single Redis, or one connection per master of a Redis Cluster
+//! (`cluster.rs`); `link.rs` hides the difference, so that the ordering below is written once.
 //!
 //! The local subscriptions live in the shared [`Subscribers`] registry, but only the actor
 //! activates them, and it learns of rooms left empty through the registry's on-vacated
 //! callback, in order with its other requests. That order is what makes the subscription
 //! contract hold:
 //!
-//! - a new subscription is activated only after Redis confirmed its `SUBSCRIBE` (or a `PING`,
-//!   when the channel was already subscribed) and after every message read before that
+//! - a new subscription is activated only after Redis confirmed its `SUBSCRIBE` (`SSUBSCRIBE`
+//!   on a cluster) and a `PING` (on every master of a cluster) and after every message read
+//!   before that
 //!   confirmation was dispatched, so it receives exactly the messages published after
 //!   `subscribe` returned, never an older one still in flight;
 //! - the `UNSUBSCRIBE` of a room whose last local subscription left is sent from the same
