@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use chatbus_testkit::chat::{ChatServer, Participant, Plan, Score};
 use chatbus_testkit::redis::RedisServer;
+use chatbus_testkit::redis_cluster::RedisCluster;
 use chatbus_testkit::tansu::Tansu;
 
 async fn chat_over(servers: &[ChatServer], room: &str) -> Score {
@@ -67,4 +68,42 @@ async fn chat_server_over_kafka() {
     chat_over(&[a, b], "backend-kafka")
         .await
         .assert_perfect("kafka");
+}
+
+/// `CHATBUS_REDIS_CLUSTER`: the example server over a Redis Cluster (sharded pub/sub), with
+/// `--broker redis` and with `--broker dual` (which turns the cluster broadcast on by itself).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_server_over_a_redis_cluster() {
+    let cluster = RedisCluster::start().await;
+    let tansu = Tansu::start().await;
+    let mut env = vec![
+        ("CHATBUS_REDIS_CLUSTER", cluster.seeds().join(",")),
+        ("REDIS_PASSWORD", cluster.password().to_owned()),
+    ];
+    let a = ChatServer::start(&["--broker", "redis"], &env).await;
+    let b = ChatServer::start(&["--broker", "redis"], &env).await;
+    chat_over(&[a, b], "backend-cluster")
+        .await
+        .assert_perfect("redis cluster");
+    env.extend([
+        ("CHATBUS_KAFKA_BROKERS", tansu.bootstrap()),
+        ("CHATBUS_KAFKA_TOPIC", "backend-cluster".to_owned()),
+    ]);
+    let a = ChatServer::start(&["--broker", "dual"], &env).await;
+    let b = ChatServer::start(&["--broker", "dual"], &env).await;
+    let servers = [a, b];
+    chat_over(&servers, "backend-cluster-dual")
+        .await
+        .assert_perfect("dual over a redis cluster");
+    // The fast path carried messages: the merger's Interest::All subscription works on the
+    // cluster (through the broadcast channel), it did not fall back to Kafka only.
+    for server in &servers {
+        let metrics = server.metrics().await;
+        let via_fast = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("chatbus_dual_via_fast_total "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0);
+        assert!(via_fast > 0.0, "no message came through Redis:\n{metrics}");
+    }
 }

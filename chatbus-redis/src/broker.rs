@@ -11,12 +11,13 @@ use chatbus_core::{
     Broker, Capabilities, Cursor, Envelope, Error, Health, HistoryStream, Interest, Receipt,
     ReplayFrom, Result, Room, Subscription,
 };
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManagerConfig;
 use redis::Value;
 use tokio::sync::mpsc;
 
 use crate::config::RedisConfig;
 use crate::error::{self, BACKEND};
+use crate::link::{Connector, Link, Publisher};
 use crate::subscriber::{self, Actor, Command, ConnState, Shared, Timing};
 use crate::wire::{self, Keys};
 
@@ -48,7 +49,9 @@ const SCAN_PAGE: usize = 256;
 ///   is not hammered.
 ///   Publishes and new subscriptions fail meanwhile (within
 ///   [`RedisConfig::command_timeout`]); [`health`](Broker::health) reports `Down`, then
-///   `Degraded` while re-subscribing.
+///   `Degraded` while re-subscribing. On a Redis Cluster ([`RedisConfig::with_cluster`]) a
+///   lost master affects only the subscriptions of the rooms it served: the connections to
+///   the other masters are kept (see the crate docs).
 /// - **epochs**: a room's sequence lives in one hash with its epoch, drawn when the sequence
 ///   is created, so a Redis that lost the sequence (`FLUSHALL`, eviction, failover to a
 ///   replica that missed writes) also starts a new epoch: cursors of the old log are answered
@@ -65,9 +68,10 @@ pub struct RedisBroker {
 struct Inner {
     config: RedisConfig,
     keys: Keys,
-    publisher: ConnectionManager,
+    publisher: Publisher,
     script: redis::Script,
     head_script: redis::Script,
+    fanout_script: redis::Script,
     shared: Arc<Shared>,
     commands: mpsc::Sender<Command>,
     // Local subscriptions; the actor activates them and unsubscribes the rooms they leave.
@@ -128,11 +132,54 @@ impl RedisBroker {
             // have installed already.
             let _ = rustls::crypto::ring::default_provider().install_default();
         }
+        let keys = Keys::new(&config.prefix);
+        let (connector, publisher, first) = if config.is_cluster() {
+            Self::connect_cluster(&config, &keys).await?
+        } else {
+            Self::connect_single(&config, &keys).await?
+        };
+        let shared = Arc::new(Shared::new());
+        let (commands, rx) = subscriber::command_channel();
+        let subs = subscriber::registry(config.subscriber_capacity, &commands, &shared);
+        let actor = Actor::new(
+            connector,
+            publisher.clone(),
+            keys.clone(),
+            shared.clone(),
+            subs.clone(),
+            rx,
+            Timing::of(&config),
+        );
+        let actor = tokio::spawn(actor.run(first)).abort_handle();
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                keys,
+                publisher,
+                script: redis::Script::new(wire::PUBLISH_SCRIPT),
+                head_script: redis::Script::new(wire::HEAD_SCRIPT),
+                fanout_script: redis::Script::new(wire::FANOUT_SCRIPT),
+                shared,
+                commands,
+                subs,
+                actor,
+            }),
+        })
+    }
+
+    /// A single Redis: a pub/sub connection and a connection manager.
+    async fn connect_single(
+        config: &RedisConfig,
+        keys: &Keys,
+    ) -> Result<(Connector, Publisher, Link)> {
         let info = config.connection_info()?;
-        let client = Self::client(&config, info)?;
+        let client = Self::client(config, info)?;
         // The pub/sub connection first: it reports an unreachable server or a wrong password
         // straight away, where the connection manager would retry with backoff.
-        let first = subscriber::connect_pubsub(&client, config.connect_timeout).await?;
+        let connector = Connector::Single(client.clone());
+        let first = connector
+            .connect(keys, config.connect_timeout, config.command_timeout)
+            .await?;
         let cm_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.connect_timeout))
             .set_response_timeout(Some(config.command_timeout))
@@ -164,33 +211,47 @@ impl RedisBroker {
             Ok(Err(e)) => return Err(error::map("connect", e, config.connect_timeout)),
             Ok(Ok(_)) => {}
         }
-        let keys = Keys::new(&config.prefix);
-        let shared = Arc::new(Shared::new());
-        let (commands, rx) = subscriber::command_channel();
-        let subs = subscriber::registry(config.subscriber_capacity, &commands, &shared);
-        let actor = Actor::new(
-            client,
-            publisher.clone(),
-            keys.clone(),
-            shared.clone(),
-            subs.clone(),
-            rx,
-            Timing::of(&config),
-        );
-        let actor = tokio::spawn(actor.run(first)).abort_handle();
-        Ok(Self {
-            inner: Arc::new(Inner {
-                config,
-                keys,
-                publisher,
-                script: redis::Script::new(wire::PUBLISH_SCRIPT),
-                head_script: redis::Script::new(wire::HEAD_SCRIPT),
-                shared,
-                commands,
-                subs,
-                actor,
-            }),
-        })
+        Ok((connector, Publisher::Single(publisher), first))
+    }
+
+    /// A Redis Cluster: a cluster connection for commands (it follows `MOVED` and fails
+    /// over by itself) and the sharded pub/sub link of [`crate::cluster`].
+    async fn connect_cluster(
+        config: &RedisConfig,
+        keys: &Keys,
+    ) -> Result<(Connector, Publisher, Link)> {
+        let nodes = config.cluster_nodes()?;
+        let settings = config.connection_info()?.redis_settings().clone();
+        let mut builder = redis::cluster::ClusterClientBuilder::new(nodes)
+            .connection_timeout(config.connect_timeout)
+            .response_timeout(config.command_timeout)
+            // Retries of one command (MOVED, a node down) stay within the command timeout,
+            // which bounds every operation anyway.
+            .min_retry_wait(u64::try_from(config.backoff_min.as_millis()).unwrap_or(100))
+            .max_retry_wait(u64::try_from(config.backoff_max.as_millis()).unwrap_or(2000));
+        if let Some(pw) = settings.password() {
+            builder = builder.password(pw);
+        }
+        if let Some(user) = settings.username() {
+            builder = builder.username(user);
+        }
+        let client = builder
+            .build()
+            .map_err(|e| error::config(format!("invalid Redis Cluster settings: {e}")))?;
+        let t = config.connect_timeout;
+        let publisher = match tokio::time::timeout(t, client.get_async_connection()).await {
+            Err(_) => return Err(error::timeout("connect", t)),
+            Ok(Err(e)) => return Err(error::map("connect", e, t)),
+            Ok(Ok(c)) => c,
+        };
+        let connector = Connector::Cluster {
+            publisher: publisher.clone(),
+            settings,
+        };
+        let first = connector
+            .connect(keys, config.connect_timeout, config.command_timeout)
+            .await?;
+        Ok((connector, Publisher::Cluster(publisher), first))
     }
 
     fn client(config: &RedisConfig, info: redis::ConnectionInfo) -> Result<redis::Client> {
@@ -268,6 +329,15 @@ impl RedisBroker {
         let t = inner.config.command_timeout;
         let mut conn = inner.publisher.clone();
         let channel = inner.keys.channel(&env.room);
+        let cluster = inner.config.is_cluster();
+        // On a cluster, room channels are shard channels; the broadcast copy is for
+        // `Interest::All` subscribers (see `RedisConfig::cluster_broadcast`).
+        let publish_cmd = if cluster { "SPUBLISH" } else { "PUBLISH" };
+        let broadcast = if cluster && inner.config.cluster_broadcast {
+            inner.keys.broadcast()
+        } else {
+            String::new()
+        };
         if env.is_durable() && self.history_on() {
             let (bytes, pos) = wire::encode_for_script(env)?;
             let (seq, epoch): (u64, u32) = inner
@@ -280,6 +350,8 @@ impl RedisBroker {
                 .arg(pos)
                 .arg(inner.config.history_len)
                 .arg(Cursor::new_epoch())
+                .arg(publish_cmd)
+                .arg(&broadcast)
                 .invoke_async(&mut conn)
                 .await
                 .map_err(|e| error::map("publish", e, t))?;
@@ -297,12 +369,23 @@ impl RedisBroker {
         } else {
             codec::encode(env)?
         };
-        let _receivers: i64 = redis::cmd("PUBLISH")
-            .arg(channel)
-            .arg(bytes.as_ref())
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| error::map("publish", e, t))?;
+        if broadcast.is_empty() {
+            let _receivers: i64 = redis::cmd(publish_cmd)
+                .arg(channel)
+                .arg(bytes.as_ref())
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| error::map("publish", e, t))?;
+        } else {
+            let _: i64 = inner
+                .fanout_script
+                .key(channel)
+                .arg(bytes.as_ref())
+                .arg(&broadcast)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(|e| error::map("publish", e, t))?;
+        }
         Ok(Receipt {
             id: env.id,
             cursor: None,
@@ -441,6 +524,16 @@ impl Broker for RedisBroker {
     /// See [`RedisBroker`]: the subscription is live when this returns (Redis confirmed the
     /// `SUBSCRIBE`). Fails with `Unavailable` while disconnected.
     async fn subscribe(&self, interest: Interest) -> Result<Subscription> {
+        if matches!(interest, Interest::All)
+            && self.inner.config.is_cluster()
+            && !self.inner.config.cluster_broadcast
+        {
+            return Err(error::config(
+                "Interest::All on a Redis Cluster needs the broadcast channel: set \
+                 RedisConfig::with_cluster_broadcast(true) (CHATBUS_REDIS_CLUSTER_BROADCAST=true); \
+                 every message then also reaches every node",
+            ));
+        }
         if let Interest::Rooms(rooms) = &interest {
             if rooms.is_empty() {
                 // Nothing to subscribe in Redis; the subscription simply never yields.

@@ -70,6 +70,19 @@ pub struct RedisConfig {
     /// within `ping_interval + command_timeout` of the last thing it sent (7 s with the
     /// defaults). Default 5 s.
     pub ping_interval: Duration,
+    /// Redis Cluster seed nodes, `host:port` each (a `redis://host:port` form is accepted
+    /// too). Empty (the default): a single Redis at [`url`](Self::url). Non-empty: the broker
+    /// speaks to that cluster, with sharded pub/sub (`SSUBSCRIBE`/`SPUBLISH`, Redis 7); the
+    /// URL's host is then ignored, its password (or [`password`](Self::password)) is used on
+    /// every node. TLS is not supported in cluster mode yet.
+    pub cluster: Vec<String>,
+    /// In cluster mode, whether `Interest::All` is served: every publish then also sends a
+    /// classic `PUBLISH` on one broadcast channel, which Redis Cluster forwards to every node,
+    /// and an `Interest::All` subscription listens to it on one node. This is what a `DualBus`
+    /// over a cluster needs (its merger subscribes `Interest::All`), and it costs what sharded
+    /// pub/sub saves: every message reaches every node. Default false: `Interest::All` fails
+    /// with `Error::Config` in cluster mode. Ignored without [`cluster`](Self::cluster).
+    pub cluster_broadcast: bool,
 }
 
 impl Default for RedisConfig {
@@ -86,6 +99,8 @@ impl Default for RedisConfig {
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(2),
             ping_interval: Duration::from_secs(5),
+            cluster: Vec::new(),
+            cluster_broadcast: false,
         }
     }
 }
@@ -104,6 +119,8 @@ impl fmt::Debug for RedisConfig {
             .field("backoff_min", &self.backoff_min)
             .field("backoff_max", &self.backoff_max)
             .field("ping_interval", &self.ping_interval)
+            .field("cluster", &self.cluster)
+            .field("cluster_broadcast", &self.cluster_broadcast)
             .finish()
     }
 }
@@ -129,6 +146,8 @@ impl RedisConfig {
     /// | `CHATBUS_REDIS_TLS_CA` | [`tls_ca_file`](Self::tls_ca_file) |
     /// | `CHATBUS_REDIS_PREFIX` | [`prefix`](Self::prefix) |
     /// | `CHATBUS_REDIS_HISTORY` | [`history_len`](Self::history_len) (0 = off) |
+    /// | `CHATBUS_REDIS_CLUSTER` | [`cluster`](Self::cluster): `host:port,host:port,…` seed nodes of a Redis Cluster |
+    /// | `CHATBUS_REDIS_CLUSTER_BROADCAST` | [`cluster_broadcast`](Self::cluster_broadcast): `true`/`false` |
     ///
     /// A variable with a bad value is an `Error::Config` naming it.
     pub fn from_env() -> Result<Self> {
@@ -175,8 +194,83 @@ impl RedisConfig {
                 ))
             })?;
         }
+        if let Some(nodes) = get("CHATBUS_REDIS_CLUSTER") {
+            config.cluster = nodes
+                .split(',')
+                .map(str::trim)
+                .filter(|n| !n.is_empty())
+                .map(str::to_owned)
+                .collect();
+        }
+        if let Some(b) = get("CHATBUS_REDIS_CLUSTER_BROADCAST") {
+            config.cluster_broadcast = match b.trim() {
+                "1" | "true" | "yes" | "on" => true,
+                "0" | "false" | "no" | "off" => false,
+                _ => {
+                    return Err(error::config(format!(
+                        "CHATBUS_REDIS_CLUSTER_BROADCAST must be true or false, got {b:?}"
+                    )))
+                }
+            };
+        }
         config.validate()?;
         Ok(config)
+    }
+
+    /// Sets [`cluster`](Self::cluster): the seed nodes (`host:port`) of a Redis Cluster.
+    #[must_use]
+    pub fn with_cluster<I, S>(mut self, nodes: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.cluster = nodes.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Sets [`cluster_broadcast`](Self::cluster_broadcast).
+    #[must_use]
+    pub fn with_cluster_broadcast(mut self, on: bool) -> Self {
+        self.cluster_broadcast = on;
+        self
+    }
+
+    /// Whether the broker speaks to a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        !self.cluster.is_empty()
+    }
+
+    /// The connection settings of every cluster seed node, with the URL's credentials.
+    pub(crate) fn cluster_nodes(&self) -> Result<Vec<redis::ConnectionInfo>> {
+        let base = self.connection_info()?;
+        self.cluster
+            .iter()
+            .map(|node| {
+                let n = node.trim();
+                let hostport = n
+                    .strip_prefix("redis://")
+                    .unwrap_or(n)
+                    .trim_end_matches('/');
+                if hostport.contains("://") || hostport.contains('@') || hostport.contains('/') {
+                    return Err(error::config(format!(
+                        "a cluster node must be host:port (or redis://host:port), got {n:?}; \
+                         put credentials in the URL or the password"
+                    )));
+                }
+                let (host, port) = hostport.rsplit_once(':').ok_or_else(|| {
+                    error::config(format!("a cluster node must be host:port, got {n:?}"))
+                })?;
+                let port: u16 = port
+                    .parse()
+                    .map_err(|_| error::config(format!("bad port in the cluster node {n:?}")))?;
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                let addr = redis::ConnectionAddr::Tcp(host.to_owned(), port);
+                let info = addr
+                    .into_connection_info()
+                    .map_err(|e| error::config(format!("bad cluster node {n:?}: {e}")))?;
+                Ok(info.set_redis_settings(base.redis_settings().clone()))
+            })
+            .collect()
     }
 
     /// Sets [`url`](Self::url).
@@ -285,6 +379,17 @@ impl RedisConfig {
         }
         if self.backoff_min > self.backoff_max {
             return Err(error::config("backoff_min must not exceed backoff_max"));
+        }
+        if self.is_cluster() {
+            if self.tls_ca_file.is_some() || self.url.trim().starts_with("rediss://") {
+                return Err(error::config(
+                    "TLS (rediss://, CHATBUS_REDIS_TLS_CA) is not supported in Redis Cluster mode yet",
+                ));
+            }
+            if self.connection_info()?.redis_settings().db() != 0 {
+                return Err(error::config("Redis Cluster has only database 0"));
+            }
+            return self.cluster_nodes().map(|_| ());
         }
         self.connection_info().map(|_| ())
     }
@@ -404,6 +509,45 @@ mod tests {
             .with_command_timeout(Duration::ZERO)
             .validate()
             .is_err());
+    }
+
+    #[test]
+    fn env_cluster() -> Result<()> {
+        let c = from(&[
+            (
+                "CHATBUS_REDIS_CLUSTER",
+                " 10.0.0.1:7000, redis://10.0.0.2:7001/ ,",
+            ),
+            ("REDIS_PASSWORD", "pw"),
+            ("CHATBUS_REDIS_CLUSTER_BROADCAST", "true"),
+        ])?;
+        assert!(c.is_cluster() && c.cluster_broadcast);
+        assert_eq!(c.cluster, ["10.0.0.1:7000", "redis://10.0.0.2:7001/"]);
+        let nodes = c.cluster_nodes()?;
+        assert_eq!(nodes.len(), 2);
+        assert_eq!(nodes[1].addr().to_string(), "10.0.0.2:7001");
+        assert_eq!(nodes[0].redis_settings().password(), Some("pw"));
+        assert!(!from(&[])?.is_cluster());
+        for vars in [
+            &[("CHATBUS_REDIS_CLUSTER", "10.0.0.1")][..],
+            &[("CHATBUS_REDIS_CLUSTER", "h:notaport")][..],
+            &[("CHATBUS_REDIS_CLUSTER", "redis://:pw@h:1")][..],
+            &[
+                ("CHATBUS_REDIS_CLUSTER", "h:1"),
+                ("CHATBUS_REDIS_URL", "redis://h/2"),
+            ][..],
+            &[
+                ("CHATBUS_REDIS_CLUSTER", "h:1"),
+                ("CHATBUS_REDIS_URL", "rediss://h/"),
+            ][..],
+            &[("CHATBUS_REDIS_CLUSTER_BROADCAST", "maybe")][..],
+        ] {
+            match from(vars) {
+                Err(chatbus_core::Error::Config(msg)) => assert!(!msg.is_empty()),
+                other => panic!("{vars:?}: expected a config error, got {other:?}"),
+            }
+        }
+        Ok(())
     }
 
     #[test]

@@ -33,16 +33,22 @@
 //! | `<prefix>:{R}:log` | stream | the history window (only when it is on) |
 //! | `<prefix>:{R}:meta` | hash | the room's log: `seq`, its last sequence number, and `epoch`, drawn when `seq` is created (only with the window) |
 //! | `<prefix>:{R}:seq` | string (counter) | the layout before epochs: moved into `:meta` by the first publish that finds it |
-//! | `<prefix>:{*}` | pattern | what `Interest::All` subscribes to |
+//! | `<prefix>:{*}` | pattern | what `Interest::All` subscribes to (single Redis) |
+//! | `<prefix>:all` | pub/sub channel | what `Interest::All` subscribes to on a cluster, with the broadcast on |
 //!
 //! Room names cannot contain braces, so `{R}` is exactly the Redis Cluster *hash tag*: a room's
-//! channel, stream and counter always hash to one slot. That is what sharded pub/sub on a
-//! cluster needs — `SPUBLISH <prefix>:{R}` and `SSUBSCRIBE <prefix>:{R}` on the node that owns
-//! the slot, with the publish script (which touches the stream, the counter and the channel)
-//! running on that same node. This crate speaks to a single Redis (or a primary behind a
-//! proxy/Sentinel address) today; cluster support can follow without changing any name.
-//! (`Interest::All` has no sharded equivalent: on a cluster it would need a subscription per
-//! shard.)
+//! channel, stream and counter always hash to one slot.
+//!
+//! **Redis Cluster.** With [`RedisConfig::with_cluster`] (`CHATBUS_REDIS_CLUSTER`) the broker
+//! speaks to a Redis Cluster (Redis 7+) with sharded pub/sub: `SPUBLISH <prefix>:{R}` (inside
+//! the publish script, which runs on the master of the room's slot since every key it touches
+//! shares the tag) and `SSUBSCRIBE <prefix>:{R}` on that master, so a message goes only to its
+//! room's shard and to the instances subscribed there. `Interest::All` has no sharded
+//! equivalent: it needs [`RedisConfig::with_cluster_broadcast`], which also `PUBLISH`es every
+//! message on `<prefix>:all` (reaching every node). A master that dies, a `MOVED`, a migrated
+//! slot: the subscriber re-reads the topology, keeps its connections to the healthy masters,
+//! re-subscribes and yields `Lagged`. Details and measured failover times: the "Redis
+//! Cluster" section of `docs/ARCHITECTURE.md`.
 //!
 //! **Connections.** Each broker holds two: a multiplexed connection (the `redis` crate's
 //! connection manager, which reconnects by itself) for publishing and reading history —
@@ -103,8 +109,10 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod broker;
+mod cluster;
 mod config;
 mod error;
+mod link;
 mod subscriber;
 mod wire;
 

@@ -1,20 +1,23 @@
-//! The subscriber: one dedicated pub/sub connection per broker, owned by one task (the
-//! "actor") that subscribes, dispatches messages to local subscriptions and reconnects.
+//! The subscriber: one dedicated pub/sub link per broker, owned by one task (the "actor")
+//! that subscribes, dispatches messages to local subscriptions and reconnects. The link is one
+//! connection to a single Redis, or one connection per master of a Redis Cluster
+//! (`cluster.rs`); `link.rs` hides the difference, so that the ordering below is written once.
 //!
 //! The local subscriptions live in the shared [`Subscribers`] registry, but only the actor
 //! activates them, and it learns of rooms left empty through the registry's on-vacated
 //! callback, in order with its other requests. That order is what makes the subscription
 //! contract hold:
 //!
-//! - a new subscription is activated only after Redis confirmed its `SUBSCRIBE` (or a `PING`,
-//!   when the channel was already subscribed) and after every message read before that
+//! - a new subscription is activated only after Redis confirmed its `SUBSCRIBE` (`SSUBSCRIBE`
+//!   on a cluster) and a `PING` (on every master of a cluster) and after every message read
+//!   before that
 //!   confirmation was dispatched, so it receives exactly the messages published after
 //!   `subscribe` returned, never an older one still in flight;
 //! - the `UNSUBSCRIBE` of a room whose last local subscription left is sent from the same
 //!   task, after checking that the room is still empty, so it can never overtake the
 //!   `SUBSCRIBE` of a newer subscription to that room.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -22,13 +25,13 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use chatbus_core::backend::{codec, Pending, Subscribers, Target, Vacated};
 use chatbus_core::{Error, Interest, Result, Room, Subscription};
-use futures::{FutureExt, StreamExt};
-use redis::aio::{PubSubSink, PubSubStream};
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot, Notify};
 
+use crate::cluster::Event;
 use crate::config::RedisConfig;
 use crate::error::{self, RedisBrokerError};
+use crate::link::{Connector, Link, Publisher};
 use crate::wire::Keys;
 
 /// Channels per `SUBSCRIBE` command when re-subscribing many rooms at once.
@@ -204,16 +207,17 @@ impl Timing {
 enum End {
     /// The broker was dropped: stop.
     Shutdown,
-    /// The connection failed: reconnect.
-    Lost(String),
+    /// The connection failed: reconnect. With the index of the cluster node whose connection
+    /// was lost, when only that one was (`None`: anything may have lost messages).
+    Lost(String, Option<usize>),
 }
 
 /// Everything the actor needs to (re)connect.
 pub(crate) struct Actor {
-    pub(crate) client: redis::Client,
+    connector: Connector,
     // The publishing connection, checked before subscribers are told to resync (they replay
     // through it).
-    publisher: redis::aio::ConnectionManager,
+    publisher: Publisher,
     pub(crate) keys: Keys,
     pub(crate) shared: Arc<Shared>,
     pub(crate) commands: mpsc::Receiver<Command>,
@@ -224,18 +228,11 @@ pub(crate) struct Actor {
     psubscribed: bool,
     // Subscribers were told Unavailable and not yet Lagged (the outage is still going on).
     told_down: bool,
-}
-
-/// Opens the pub/sub connection (authenticating), bounded by `timeout`.
-pub(crate) async fn connect_pubsub(
-    client: &redis::Client,
-    timeout: Duration,
-) -> Result<(PubSubSink, PubSubStream)> {
-    match tokio::time::timeout(timeout, client.get_async_pubsub()).await {
-        Err(_) => Err(error::timeout("connect", timeout)),
-        Ok(Err(e)) => Err(error::map("connect", e, timeout)),
-        Ok(Ok(p)) => Ok(p.split()),
-    }
+    // The rooms that may have lost messages in the current outage (None: every room): those
+    // of a lost cluster node; the rooms whose master changed are added when it ends.
+    affected: Option<HashSet<Room>>,
+    // The node serving each room when the outage began (cluster only).
+    owners_before: HashMap<Room, Option<usize>>,
 }
 
 /// Capped exponential backoff with jitter (50–100 % of the step), so that many instances
@@ -259,8 +256,8 @@ fn jitter_seed() -> u64 {
 
 impl Actor {
     pub(crate) fn new(
-        client: redis::Client,
-        publisher: redis::aio::ConnectionManager,
+        connector: Connector,
+        publisher: Publisher,
         keys: Keys,
         shared: Arc<Shared>,
         subs: Subscribers,
@@ -268,7 +265,7 @@ impl Actor {
         timing: Timing,
     ) -> Self {
         Self {
-            client,
+            connector,
             publisher,
             keys,
             shared,
@@ -278,13 +275,17 @@ impl Actor {
             subscribed: HashSet::new(),
             psubscribed: false,
             told_down: false,
+            affected: None,
+            owners_before: HashMap::new(),
         }
     }
 
     /// Runs until the broker is dropped (the command channel closes), starting with an
     /// established connection.
-    pub(crate) async fn run(mut self, first: (PubSubSink, PubSubStream)) {
-        let mut conn = Some(first);
+    pub(crate) async fn run(mut self, first: Link) {
+        let mut current = Some(first);
+        // Whether `current` can serve as it is (only the first link, straight from connect).
+        let mut usable = true;
         let mut reconnecting = false;
         // Failed attempts since the last connection that proved stable: the backoff step.
         let mut attempt = 0u32;
@@ -303,28 +304,37 @@ impl Actor {
                     &mut seed,
                 );
                 attempt = attempt.saturating_add(1);
-                if self.wait_down(wait).await {
+                if self.wait_down(wait, current.as_mut()).await {
                     // Dropping the actor ends every subscription (see `Drop`).
                     return;
                 }
             }
-            let (mut sink, mut stream) = match conn.take() {
-                Some(c) => c,
-                None => match connect_pubsub(&self.client, self.timing.connect_timeout).await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::debug!(error = %e, attempt, "redis reconnect failed");
-                        self.note_down(&e.to_string());
-                        wait_first = true;
-                        continue;
-                    }
-                },
+            if !usable {
+                let reconnect = self.connector.reconnect(
+                    &mut current,
+                    &self.keys,
+                    self.timing.connect_timeout,
+                    self.timing.command_timeout,
+                );
+                if let Err(e) = reconnect.await {
+                    tracing::debug!(error = %e, attempt, "redis reconnect failed");
+                    self.note_down(&e.to_string());
+                    wait_first = true;
+                    continue;
+                }
+            }
+            // Whatever ends this attempt (a failed re-subscribe, a lost session) needs a
+            // reconnect.
+            usable = false;
+            let Some(link) = current.as_mut() else {
+                wait_first = true;
+                continue;
             };
             if reconnecting {
                 self.set_resubscribing();
-                if let Err(e) = self.resubscribe_all(&mut sink).await {
+                if let Err(e) = self.resubscribe_all(link).await {
                     tracing::warn!(error = %e, attempt, "redis re-subscribe failed");
-                    self.lost(&e);
+                    self.lost(&e, None, link);
                     wait_first = true;
                     continue;
                 }
@@ -342,18 +352,23 @@ impl Actor {
                     tracing::warn!(error = %e, "redis publishing connection not back yet");
                 }
                 // Live delivery resumes now; what was published meanwhile is lost to the live
-                // stream, so every subscriber is told to resync from its cursor.
-                self.subs.broadcast_error(|| Error::Lagged { missed: 0 });
+                // stream, so every subscriber that may have missed something is told to resync
+                // from its cursor.
+                self.tell_lagged(link);
                 self.told_down = false;
-                tracing::info!(rooms = self.subscribed.len(), "redis pub/sub reconnected");
+                tracing::info!(
+                    rooms = self.subscribed.len(),
+                    link = link.describe(),
+                    "redis pub/sub reconnected"
+                );
             }
             self.shared.set_state(ConnState::Up);
             let opened = Instant::now();
-            match self.session(&mut sink, &mut stream).await {
+            match self.session(link).await {
                 End::Shutdown => return,
-                End::Lost(reason) => {
+                End::Lost(reason, node) => {
                     tracing::warn!(%reason, attempt, "redis pub/sub connection lost");
-                    self.lost(&reason);
+                    self.lost(&reason, node, link);
                     reconnecting = true;
                     if opened.elapsed() >= STABLE_AFTER {
                         // A one-off drop of a good connection: reconnect at once.
@@ -395,23 +410,80 @@ impl Actor {
         *state = ConnState::Resubscribing { since };
     }
 
-    /// The connection broke: forget what it had subscribed and tell every subscriber, once
-    /// per outage (a failed re-subscribe is the same outage going on, and repeating the
-    /// notice would only fill their buffers).
-    fn lost(&mut self, reason: &str) {
+    /// The connection broke: forget what it had subscribed and tell the subscribers that may
+    /// lose messages, once per outage (a failed re-subscribe is the same outage going on, and
+    /// repeating the notice would only fill their buffers).
+    ///
+    /// On a cluster whose link lost one node's connection (`node`), those are the subscribers
+    /// of the rooms that node served (and every `Interest::All` one): the other masters'
+    /// connections are kept, and their rooms lose nothing.
+    fn lost(&mut self, reason: &str, node: Option<usize>, link: &Link) {
         self.note_down(reason);
         self.subscribed.clear();
         self.psubscribed = false;
+        let rooms = self.subs.rooms();
+        let scope: Option<HashSet<Room>> = node.map(|n| {
+            rooms
+                .iter()
+                .filter(|r| link.owner(&self.keys.channel(r)) == Some(n))
+                .cloned()
+                .collect()
+        });
         if std::mem::replace(&mut self.told_down, true) {
+            // The same outage going on: whatever it may have lost adds up.
+            self.affected = match (self.affected.take(), scope) {
+                (Some(mut a), Some(b)) => {
+                    a.extend(b);
+                    Some(a)
+                }
+                _ => None,
+            };
             return;
         }
+        self.owners_before = rooms
+            .into_iter()
+            .map(|r| {
+                let owner = link.owner(&self.keys.channel(&r));
+                (r, owner)
+            })
+            .collect();
         let reason = format!("connection lost ({reason}); reconnecting");
-        self.subs
-            .broadcast_error(|| error::unavailable(reason.clone()));
+        match &scope {
+            None => self
+                .subs
+                .broadcast_error(|| error::unavailable(reason.clone())),
+            Some(rooms) => self
+                .subs
+                .error_where(|r| rooms.contains(r), || error::unavailable(reason.clone())),
+        }
+        self.affected = scope;
+    }
+
+    /// The end of an outage: `Lagged` to the subscribers of the rooms that may have lost
+    /// messages: those of [`affected`](Self::affected), and those whose master changed.
+    fn tell_lagged(&mut self, link: &Link) {
+        let before = std::mem::take(&mut self.owners_before);
+        match self.affected.take() {
+            None => self.subs.broadcast_error(|| Error::Lagged { missed: 0 }),
+            Some(mut rooms) => {
+                for r in self.subs.rooms() {
+                    let now = link.owner(&self.keys.channel(&r));
+                    if before.get(&r).copied().flatten() != now || now.is_none() {
+                        rooms.insert(r);
+                    }
+                }
+                self.subs
+                    .error_where(|r| rooms.contains(r), || Error::Lagged { missed: 0 });
+            }
+        }
     }
 
     /// Sleeps `wait` while answering requests (with `Unavailable`). Returns true on shutdown.
-    async fn wait_down(&mut self, wait: Duration) -> bool {
+    ///
+    /// A cluster link keeps delivering meanwhile what its healthy masters' connections bring
+    /// (their subscriptions are intact), so that one shard's failover does not stall the
+    /// others' rooms; a further loss is noted like the first.
+    async fn wait_down(&mut self, wait: Duration, mut link: Option<&mut Link>) -> bool {
         let sleep = tokio::time::sleep(wait);
         tokio::pin!(sleep);
         loop {
@@ -427,6 +499,12 @@ impl Actor {
                     // Nothing is subscribed upstream while down: the re-subscribe after the
                     // outage reads the rooms from the registry.
                     Some(Command::Vacated(_)) => {}
+                },
+                event = kept_event(&mut link) => match (event, link.as_deref()) {
+                    (Event::Message(msg), _) => self.dispatch(&msg),
+                    (Event::NodeLost { node, reason }, Some(l)) => self.lost(&reason, Some(node), l),
+                    (Event::Lost(reason), Some(l)) => self.lost(&reason, None, l),
+                    (_, None) => {}
                 },
             }
         }
@@ -446,16 +524,19 @@ impl Actor {
     }
 
     /// Subscribes every room (and the pattern) that local subscriptions want.
-    async fn resubscribe_all(&mut self, sink: &mut PubSubSink) -> std::result::Result<(), String> {
+    async fn resubscribe_all(&mut self, link: &mut Link) -> std::result::Result<(), String> {
         let rooms: Vec<Room> = self.subs.rooms();
         for chunk in rooms.chunks(CHUNK) {
             let channels: Vec<String> = chunk.iter().map(|r| self.keys.channel(r)).collect();
-            self.with_timeout("SUBSCRIBE", sink.subscribe(&channels))
+            self.with_timeout("SUBSCRIBE", link.subscribe(&channels))
                 .await?;
             self.subscribed.extend(chunk.iter().cloned());
         }
+        let wanted: HashSet<String> = rooms.iter().map(|r| self.keys.channel(r)).collect();
+        self.with_timeout("UNSUBSCRIBE", link.prune(&wanted))
+            .await?;
         if self.subs.has_all() {
-            self.with_timeout("PSUBSCRIBE", sink.psubscribe(self.keys.pattern()))
+            self.with_timeout("PSUBSCRIBE", link.subscribe_all(&self.keys))
                 .await?;
             self.psubscribed = true;
         }
@@ -463,7 +544,7 @@ impl Actor {
     }
 
     /// Serves one connection until it fails or the broker is dropped.
-    async fn session(&mut self, sink: &mut PubSubSink, stream: &mut PubSubStream) -> End {
+    async fn session(&mut self, link: &mut Link) -> End {
         // Due one `ping_interval` after the last sign of life: a hung server is noticed within
         // `ping_interval + command_timeout` of its last message (a fixed-period tick would
         // ping up to two intervals after it). Re-armed when it fires, not on every message.
@@ -481,23 +562,23 @@ impl Actor {
                     while let Ok(c) = self.commands.try_recv() {
                         batch.push(c);
                     }
-                    if let Err(reason) = self.apply(batch, sink, stream).await {
-                        return End::Lost(reason);
+                    if let Err(reason) = self.apply(batch, link).await {
+                        return End::Lost(reason, None);
                     }
                     last_activity = Instant::now();
                 }
                 () = self.shared.overflow.notified() => {
                     // Vacated requests were dropped on a full queue: `apply` re-checks them all.
-                    if let Err(reason) = self.apply(Vec::new(), sink, stream).await {
-                        return End::Lost(reason);
+                    if let Err(reason) = self.apply(Vec::new(), link).await {
+                        return End::Lost(reason, None);
                     }
                     last_activity = Instant::now();
                 }
                 () = &mut idle => {
                     let due = last_activity + interval;
                     if Instant::now() >= due {
-                        if let Err(reason) = self.with_timeout("PING", sink.ping::<redis::Value>()).await {
-                            return End::Lost(reason);
+                        if let Err(reason) = self.with_timeout("PING", link.barrier()).await {
+                            return End::Lost(reason, None);
                         }
                         last_activity = Instant::now();
                         idle.as_mut().reset(tokio::time::Instant::from_std(last_activity + interval));
@@ -505,9 +586,10 @@ impl Actor {
                         idle.as_mut().reset(tokio::time::Instant::from_std(due));
                     }
                 }
-                msg = stream.next() => match msg {
-                    None => return End::Lost("the server closed the connection".into()),
-                    Some(msg) => {
+                event = link.next() => match event {
+                    Event::Lost(reason) => return End::Lost(reason, None),
+                    Event::NodeLost { node, reason } => return End::Lost(reason, Some(node)),
+                    Event::Message(msg) => {
                         last_activity = Instant::now();
                         // A subscriber found gone here comes back as a `Vacated` request.
                         self.dispatch(&msg);
@@ -522,8 +604,7 @@ impl Actor {
     async fn apply(
         &mut self,
         batch: Vec<Command>,
-        sink: &mut PubSubSink,
-        stream: &mut PubSubStream,
+        link: &mut Link,
     ) -> std::result::Result<(), String> {
         let mut joining = Vec::new();
         let mut touched: HashSet<Room> = HashSet::new();
@@ -568,7 +649,7 @@ impl Actor {
             .collect();
         let result = async {
             if !leave.is_empty() {
-                self.with_timeout("UNSUBSCRIBE", sink.unsubscribe(&leave))
+                self.with_timeout("UNSUBSCRIBE", link.unsubscribe(&leave))
                     .await?;
                 for r in &touched {
                     if !self.subs.has_room(r) && !wanted.contains(r) {
@@ -577,26 +658,25 @@ impl Actor {
                 }
             }
             if touched_all && self.psubscribed && !self.subs.has_all() && !want_all {
-                self.with_timeout("PUNSUBSCRIBE", sink.punsubscribe(self.keys.pattern()))
+                self.with_timeout("PUNSUBSCRIBE", link.unsubscribe_all(&self.keys))
                     .await?;
                 self.psubscribed = false;
             }
             for chunk in enter.chunks(CHUNK) {
                 let channels: Vec<String> = chunk.iter().map(|r| self.keys.channel(r)).collect();
-                self.with_timeout("SUBSCRIBE", sink.subscribe(&channels))
+                self.with_timeout("SUBSCRIBE", link.subscribe(&channels))
                     .await?;
                 self.subscribed.extend(chunk.iter().cloned());
             }
             if want_all && !self.psubscribed {
-                self.with_timeout("PSUBSCRIBE", sink.psubscribe(self.keys.pattern()))
+                self.with_timeout("PSUBSCRIBE", link.subscribe_all(&self.keys))
                     .await?;
                 self.psubscribed = true;
             }
             if !joining.is_empty() {
                 // The barrier: replies come in order with messages, so once this PONG is here
                 // every message published before `subscribe` was called has been read.
-                self.with_timeout("PING", sink.ping::<redis::Value>())
-                    .await?;
+                self.with_timeout("PING", link.barrier()).await?;
             }
             Ok::<_, String>(())
         }
@@ -608,10 +688,15 @@ impl Actor {
             return Err(reason);
         }
         // Deliver what was read before the barrier to the subscriptions that were there.
-        while let Some(next) = stream.next().now_or_never() {
+        while let Some(next) = link.try_next() {
             match next {
-                Some(msg) => self.dispatch(&msg),
-                None => break,
+                Event::Message(msg) => self.dispatch(&msg),
+                Event::Lost(reason) | Event::NodeLost { reason, .. } => {
+                    for (_, reply) in joining {
+                        let _ = reply.send(Err(error::unavailable(reason.clone())));
+                    }
+                    return Err(reason);
+                }
             }
         }
         for (pending, reply) in joining {
@@ -629,13 +714,18 @@ impl Actor {
     fn dispatch(&mut self, msg: &redis::Msg) {
         let counters = &self.shared.counters;
         counters.received.fetch_add(1, Ordering::Relaxed);
-        let Some(room_name) = self.keys.room_of_channel(msg.get_channel_name()) else {
+        let channel = msg.get_channel_name();
+        // In cluster mode, `Interest::All` subscribers listen to the broadcast channel, which
+        // names no room: its envelopes are checked by decoding alone.
+        let broadcast = channel == self.keys.broadcast();
+        let room_name = self.keys.room_of_channel(channel);
+        if room_name.is_none() && !broadcast {
             counters.decode_errors.fetch_add(1, Ordering::Relaxed);
             return;
-        };
+        }
         let payload = Bytes::copy_from_slice(msg.get_payload_bytes());
         let env = match codec::decode(&payload) {
-            Ok(env) if env.room.as_str() == room_name => env,
+            Ok(env) if broadcast || Some(env.room.as_str()) == room_name => env,
             Ok(_) => {
                 counters.decode_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(
@@ -652,7 +742,7 @@ impl Actor {
         };
         // A message of a room arrives twice when both are subscribed: on its channel for the
         // room's subscribers, and through the pattern for `Interest::All` ones.
-        let target = if msg.from_pattern() {
+        let target = if msg.from_pattern() || broadcast {
             Target::ALL_SUBSCRIBERS
         } else {
             Target::ROOM_SUBSCRIBERS
@@ -665,6 +755,15 @@ impl Actor {
         counters
             .dropped
             .fetch_add(count(delivered.dropped), Ordering::Relaxed);
+    }
+}
+
+/// The next event of a cluster link's kept connections; never, for a single Redis's link
+/// (which is gone while down) or none.
+async fn kept_event(link: &mut Option<&mut Link>) -> Event {
+    match link {
+        Some(Link::Cluster(c)) => c.next().await,
+        _ => std::future::pending().await,
     }
 }
 

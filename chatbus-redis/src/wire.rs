@@ -11,12 +11,15 @@ use chatbus_core::{Cursor, Envelope, Error, ResetReason, Result, Room};
 pub(crate) struct Keys {
     // "<prefix>:{", shared by every name so that parsing a channel is a prefix check.
     head: String,
+    // "<prefix>:all": see `broadcast`.
+    broadcast: String,
 }
 
 impl Keys {
     pub(crate) fn new(prefix: &str) -> Self {
         Self {
             head: format!("{prefix}:{{"),
+            broadcast: format!("{prefix}:all"),
         }
     }
 
@@ -50,6 +53,14 @@ impl Keys {
     /// room names contain no braces).
     pub(crate) fn pattern(&self) -> String {
         format!("{}*}}", self.head)
+    }
+
+    /// `<prefix>:all`: in Redis Cluster mode with the broadcast on, every message is also
+    /// published (classic `PUBLISH`, which the cluster forwards to every node) on this one
+    /// channel, which `Interest::All` subscribes to. It has no hash tag and no braces, so no
+    /// room's channel and no pattern subscription of a single Redis ever matches it.
+    pub(crate) fn broadcast(&self) -> String {
+        self.broadcast.clone()
     }
 
     /// The room name inside a channel name of this prefix.
@@ -107,7 +118,10 @@ pub(crate) fn check_cursor(c: Cursor, head: Option<LogHead>) -> Result<()> {
 ///
 /// KEYS[1] meta hash, KEYS[2] stream, KEYS[3] legacy counter; ARGV[1] channel, ARGV[2]
 /// envelope (placeholder cursor), ARGV[3] position of the cursor offset, ARGV[4] window
-/// length, ARGV[5] a fresh epoch. Returns `{sequence number, epoch}`.
+/// length, ARGV[5] a fresh epoch, ARGV[6] the publish command (`PUBLISH`, or `SPUBLISH` on a
+/// cluster: the channel shares the keys' hash tag, so the script's node owns it), ARGV[7]
+/// the broadcast channel to `PUBLISH` on as well (empty: none). Returns `{sequence number,
+/// epoch}`.
 pub(crate) const PUBLISH_SCRIPT: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 0 then
   local legacy = redis.call('GET', KEYS[3])
@@ -133,8 +147,25 @@ local pos = tonumber(ARGV[3])
 local env = ARGV[2]
 local frame = string.sub(env, 1, pos) .. be(seq, 8) .. be(epoch, 4) .. string.sub(env, pos + 13)
 redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[4], string.format('%d-0', seq), 'e', frame)
-redis.call('PUBLISH', ARGV[1], frame)
+redis.call(ARGV[6], ARGV[1], frame)
+if ARGV[7] ~= '' then
+  redis.call('PUBLISH', ARGV[7], frame)
+end
 return {seq, epoch}
+";
+
+/// The live-only publish on a cluster with the broadcast on: `SPUBLISH` on the room's channel
+/// and `PUBLISH` on the broadcast channel, from the room's own master, in one step. From one
+/// node, so that the broadcast copies of a room keep the room's order (the cluster bus
+/// forwards one node's publishes in order; two publishes of a room sent to two nodes would
+/// not be).
+///
+/// KEYS[1] the room's channel (it routes the script); ARGV[1] envelope, ARGV[2] broadcast
+/// channel.
+pub(crate) const FANOUT_SCRIPT: &str = r"
+redis.call('SPUBLISH', KEYS[1], ARGV[1])
+redis.call('PUBLISH', ARGV[2], ARGV[1])
+return 1
 ";
 
 /// Reads the head of a room's log: `HMGET meta seq epoch` and the legacy counter.
@@ -173,6 +204,8 @@ mod tests {
         assert_eq!(k.meta(&r), "app:{general}:meta");
         assert_eq!(k.legacy_seq(&r), "app:{general}:seq");
         assert_eq!(k.pattern(), "app:{*}");
+        assert_eq!(k.broadcast(), "app:all");
+        assert_eq!(k.room_of_channel(&k.broadcast()), None);
         assert_eq!(k.room_of_channel("app:{general}"), Some("general"));
         assert_eq!(k.room_of_channel("app2:{general}"), None);
         assert_eq!(k.room_of_channel("app:{general"), None);

@@ -11,6 +11,7 @@ pub mod client;
 pub mod postgres;
 pub mod proxy;
 pub mod redis;
+pub mod redis_cluster;
 pub mod rng;
 pub mod tansu;
 

@@ -226,6 +226,12 @@ impl RedisServer {
         std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default()
     }
 
+    /// Whether the process was started and not killed or stopped since (it may have exited
+    /// by itself; [`is_running`](Self::is_running) checks).
+    pub fn is_started(&self) -> bool {
+        self.child.is_some()
+    }
+
     /// Whether the process is running (it may be paused).
     pub fn is_running(&mut self) -> bool {
         match &mut self.child {

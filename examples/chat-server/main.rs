@@ -329,7 +329,8 @@ struct Backend {
 }
 
 /// The one place the backend is chosen. Redis and Kafka settings come from the environment
-/// (`CHATBUS_REDIS_URL`, `CHATBUS_KAFKA_BROKERS`, `CHATBUS_KAFKA_TOPIC`, ...; see the README).
+/// (`CHATBUS_REDIS_URL` or `CHATBUS_REDIS_CLUSTER`, `CHATBUS_KAFKA_BROKERS`,
+/// `CHATBUS_KAFKA_TOPIC`, ...; see the README).
 async fn build_broker(args: &Args) -> Result<Backend, BoxError> {
     Ok(match args.broker {
         BrokerKind::Memory => Backend {
@@ -355,7 +356,12 @@ async fn build_broker(args: &Args) -> Result<Backend, BoxError> {
             }
         }
         BrokerKind::Dual => {
-            let redis_config = RedisConfig::from_env()?;
+            let mut redis_config = RedisConfig::from_env()?;
+            if redis_config.is_cluster() {
+                // The DualBus merger subscribes to every room (Interest::All), which a Redis
+                // Cluster serves only through the broadcast channel.
+                redis_config = redis_config.with_cluster_broadcast(true);
+            }
             if redis_config.history_len > 0 {
                 // The DualBus carries Kafka cursors through Redis; a Redis history window would
                 // replace them with its own.
