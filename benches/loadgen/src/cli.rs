@@ -45,7 +45,7 @@ pub(crate) struct RunArgs {
     pub(crate) protocol: Protocol,
     /// Server URLs (repeat or comma-separate); client i uses URL i % count. Loopback only.
     /// chatbus: ws://127.0.0.1:PORT/ws; socketio: ws://127.0.0.1:PORT (the Engine.IO path
-    /// is added).
+    /// is added); floor: ws://127.0.0.1:PORT.
     #[arg(long = "url", required = true, value_delimiter = ',')]
     pub(crate) urls: Vec<String>,
     /// Clients to connect.
