@@ -3,9 +3,10 @@
 //!
 //! CPU time is kept as its user and system parts: the system part is mostly the kernel's
 //! per-packet cost, which every server pays; the user part is what the program itself adds.
-//! `syscw` of `/proc/PID/io` counts the write-family system calls (`write`, `writev`,
-//! `sendto`, `sendmsg`, ...) of all the process's threads: divided by deliveries it says how
-//! well a server batches its writes.
+//! `syscw` of `/proc/PID/io` counts the `write` and `writev` calls of all the process's
+//! threads, but not `send`, `sendto` or `sendmsg` (they bypass the VFS): it is kept for the
+//! servers that use `writev` (the floor, Node.js); segments per delivery (`segments`) are the
+//! measure that holds for all.
 
 use std::fs;
 

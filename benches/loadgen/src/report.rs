@@ -140,13 +140,22 @@ pub(crate) struct StepOut {
     /// The system part: mostly the kernel's per-packet work, which every server pays.
     #[serde(default)]
     pub(crate) server_sys_us_per_delivery: f64,
-    /// Write-family system calls of the server processes (`syscw` of `/proc/PID/io`: write,
-    /// writev, sendto, sendmsg, ...); `None` where `/proc/PID/io` could not be read.
+    /// `write`/`writev` system calls of the server processes (`syscw` of `/proc/PID/io`; it
+    /// does not count `send`, `sendto` or `sendmsg`, so it reads near zero for servers that
+    /// write sockets with `send`, as Rust's standard library does); `None` where
+    /// `/proc/PID/io` could not be read.
     #[serde(default)]
     pub(crate) server_writes: Option<u64>,
     /// `server_writes` per unique delivery (below 1: several frames per system call).
     #[serde(default)]
     pub(crate) server_writes_per_delivery: Option<f64>,
+    /// TCP data segments the servers sent to their clients (`tcpi_data_segs_out`, see
+    /// `segments`); `None` where `ss` could not be run.
+    #[serde(default)]
+    pub(crate) server_segments: Option<u64>,
+    /// `server_segments` per unique delivery (below 1: several frames per segment).
+    #[serde(default)]
+    pub(crate) server_segments_per_delivery: Option<f64>,
     /// The same per server process, in `watched` order.
     #[serde(default)]
     pub(crate) per_server: Vec<ProcStep>,
@@ -249,7 +258,7 @@ pub(crate) fn table(r: &RunReport) -> String {
             o,
             "{:>8} {:>10} {:>10} {:>9} {:>6} {:>5} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6} {:>6} {:>6} {:>6} {:>6}  held",
             "msg/s", "target/s", "dlv/s", "delivered", "lost", "dup", "p50 ms", "p99 ms",
-            "p99.9", "max ms", "srv µs/d", "usr µs/d", "sys µs/d", "+brk µs/d", "wr/d", "srv%",
+            "p99.9", "max ms", "srv µs/d", "usr µs/d", "sys µs/d", "+brk µs/d", "seg/d", "srv%",
             "brk%", "lg%", "oth%"
         );
     }
@@ -271,7 +280,7 @@ pub(crate) fn table(r: &RunReport) -> String {
             s.server_user_us_per_delivery,
             s.server_sys_us_per_delivery,
             s.total_cpu_us_per_delivery,
-            s.server_writes_per_delivery
+            s.server_segments_per_delivery
                 .map_or("n/a".to_owned(), |w| format!("{w:.3}")),
             s.server_cpu_pct,
             s.broker_cpu_pct,
@@ -291,7 +300,7 @@ pub(crate) fn table(r: &RunReport) -> String {
     o
 }
 
-fn esc(s: &str) -> String {
+pub(crate) fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
@@ -311,7 +320,7 @@ fn nice_max(v: f64) -> f64 {
     10.0 * p
 }
 
-fn fmt_si(v: f64) -> String {
+pub(crate) fn fmt_si(v: f64) -> String {
     if v >= 1e6 {
         format!("{:.1}M", v / 1e6)
     } else if v >= 1e3 {

@@ -22,6 +22,8 @@ pub(crate) struct StepInput {
     pub(crate) after: Snapshot,
     pub(crate) wall: f64,
     pub(crate) own_cpu_us: u64,
+    /// TCP data segments the servers sent during the step (`segments`).
+    pub(crate) segments: Option<u64>,
     pub(crate) machine_busy_us: u64,
 }
 
@@ -113,6 +115,7 @@ pub(crate) fn summarize(
             writes: u.writes,
         })
         .collect();
+    s.server_segments = i.segments;
     // Counted only if every server's could be read: a partial sum would look like batching.
     s.server_writes = s
         .per_server
@@ -127,6 +130,7 @@ pub(crate) fn summarize(
         s.server_sys_us_per_delivery = s.server_sys_us as f64 / d;
         s.server_user_us_per_delivery = s.server_cpu_us.saturating_sub(s.server_sys_us) as f64 / d;
         s.server_writes_per_delivery = s.server_writes.map(|w| w as f64 / d);
+        s.server_segments_per_delivery = i.segments.map(|n| n as f64 / d);
     }
     let wall_us = i.wall * 1e6;
     if wall_us > 0.0 {
