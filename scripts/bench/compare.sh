@@ -6,12 +6,15 @@
 #   1. fanout ramp (1,000 clients in one room, 10 senders), chatbus: two instances, one
 #      redis-server
 #   2. the same with the peer (two instances, the same redis-server)
-#   3. the same with the floor: one process, one event loop per core. There is no second
-#      instance and so no hop between instances: that is what makes it a floor
+#   3. the same with the floor: one process (FLOOR_THREADS event loops, default 1). There is
+#      no second instance and so no hop between instances: that is what makes it a floor.
+#      One loop, not one per core: the generator runs on the same two vCPUs, and a second
+#      loop only competes with it (back to back on 2026-12-01: one loop held 1,978,858
+#      deliveries/s, two loops 99,748/s; docs/BENCHMARKS.md). FLOOR_THREADS=2: one per core
 #   4-6. 10,000 idle connections on one chatbus instance (memory broker), one peer instance,
 #      one floor
 # then prints the table: the highest delivery rate that held (p99 <= 50 ms, no loss), p99 and
-# server CPU µs per delivery (whole, user, system) and write system calls per delivery at a
+# server CPU µs per delivery (whole, user, system) and TCP data segments per delivery at a
 # fixed rate (FIXED msg/s = FIXED x 1,000 deliveries/s, default 30) and at each one's highest
 # rate, RSS per idle connection; chatbus / peer and chatbus / floor. Under 4 minutes.
 #
@@ -27,6 +30,8 @@ STEP_SECS=${STEP_SECS:-3}
 CB_RATES=${CB_RATES:-$FIXED,100,200,400,700,1000,1500,2000,3000}
 PEER_RATES=${PEER_RATES:-$FIXED,40,50,60,70,85,100,120,150,200}
 FLOOR_RATES=${FLOOR_RATES:-$CB_RATES}
+FLOOR_THREADS=${FLOOR_THREADS:-1}
+FLOOR_ARGS="--threads $FLOOR_THREADS ${FLOOR_ARGS:-}"
 build
 prepare_peer
 start_redis
@@ -60,7 +65,7 @@ stop_servers
 
 say "3/6 fanout, floor"
 start_floor
-fanout compare-fanout-floor floor "$FLOOR_RATES" "floor, 1 process, one event loop per core" \
+fanout compare-fanout-floor floor "$FLOOR_RATES" "floor, 1 process, $FLOOR_THREADS event loop(s)" \
   "$FLOOR_PID" "" "$FLOOR_PORT"
 stop_servers
 
