@@ -6,7 +6,7 @@
 //! writes it to each connection with one `writev`: under load several frames go out in one
 //! system call, and at low rates each frame goes out as soon as it is read. A connection
 //! whose socket is full keeps the rest in its own backlog, written when the socket drains
-//! ([`conn`](crate::conn)); the other connections are not held up by it.
+//! ([`conn`]); the other connections are not held up by it.
 
 use std::cell::RefCell;
 use std::io::{self, IoSlice};
