@@ -8,9 +8,10 @@
 #   2. the same with the peer (two instances, the same redis-server)
 #   3. the same with the floor: one process (FLOOR_THREADS event loops, default 1). There is
 #      no second instance and so no hop between instances: that is what makes it a floor.
-#      One loop, not one per core: the generator runs on the same two vCPUs, and a second
-#      loop only competes with it (back to back on 2026-12-01: one loop held 1,978,858
-#      deliveries/s, two loops 99,748/s; docs/BENCHMARKS.md). FLOOR_THREADS=2: one per core
+#      One loop, not one per core: the generator runs on the same two vCPUs, one loop never
+#      needs more than half a core, and two loops suffer more from a busy machine (back to
+#      back on 2026-12-01 under load: one loop held 1,978,858 deliveries/s, two loops
+#      99,748/s; docs/BENCHMARKS.md). FLOOR_THREADS=2: one per core
 #   4-6. 10,000 idle connections on one chatbus instance (memory broker), one peer instance,
 #      one floor
 # then prints the table: the highest delivery rate that held (p99 <= 50 ms, no loss), p99 and
