@@ -5,7 +5,9 @@
 # 2 seconds, and fails unless every client connected and every message reached every member
 # exactly once. Then the same through two processes (--procs 2) to cover the multi-process
 # path, and checks that a run against a server that refuses sends (rate limit) is reported as
-# not clean. Stops the servers.
+# not clean. Last, the floor (benches/floor, package chatbus-floor) with `--protocol floor`:
+# clean, and with the server's user/system CPU and write calls per delivery in the report.
+# Stops the servers.
 #
 # Run with: bash tests/loadgen-smoke.sh
 # Last line: "loadgen-smoke: N passed, M failed"; exit status non-zero on failure.
@@ -42,11 +44,14 @@ trap finish EXIT
 trap 'FAILED=$((FAILED + 1)); exit 130' INT TERM
 fail_now() { echo "loadgen-smoke: $*" >&2; FAILED=$((FAILED + 1)); exit 1; }
 
-echo "loadgen-smoke: building the chat-server example and the loadgen binary"
-(cd "$ROOT" && cargo build --quiet --example chat-server && cargo build --quiet -p chatbus-loadgen) \
-  || fail_now "cargo build --example chat-server / -p chatbus-loadgen failed"
+echo "loadgen-smoke: building the chat-server example, the loadgen and the floor"
+(cd "$ROOT" && cargo build --quiet --example chat-server \
+  && cargo build --quiet -p chatbus-loadgen -p chatbus-floor) \
+  || fail_now "cargo build --example chat-server / -p chatbus-loadgen -p chatbus-floor failed"
 BIN="$TARGET/debug/examples"
 LOADGEN="$TARGET/debug/loadgen"
+FLOOR="$TARGET/debug/floor"
+[ -x "$FLOOR" ] || fail_now "floor not found at $FLOOR"
 [ -x "$BIN/chat-server" ] || fail_now "chat-server not found in $BIN"
 [ -x "$LOADGEN" ] || fail_now "loadgen not found at $LOADGEN"
 
@@ -100,5 +105,29 @@ elif grep -q "NOT CLEAN" "$OUT/smoke-detects.out" && grep -q '"rejected": [1-9]'
 else
   echo "loadgen-smoke: FAIL smoke-detects"
   tail -n 20 "$OUT/smoke-detects.out"
+  FAILED=$((FAILED + 1))
+fi
+
+# The floor: every frame to every connection, the load generator's frames as they are.
+stop_server
+PORT=$("$LOADGEN" free-port) || fail_now "no free port"
+"$FLOOR" --port "$PORT" --threads 2 >"$OUT/floor.log" 2>&1 &
+SERVER_PID=$!
+for _ in $(seq 100); do
+  (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break
+  sleep 0.1
+done
+if timeout 60 "$LOADGEN" run --protocol floor --url "ws://127.0.0.1:$PORT" \
+  --server-pid "$SERVER_PID" --clients 60 --rooms 1 --senders 6 --rate 60 --duration 2 \
+  --drain-secs 5 --assert-clean --out "$OUT" --name smoke-floor --label smoke \
+  >"$OUT/smoke-floor.out" 2>&1 \
+  && grep -q '"delivered": [1-9]' "$OUT/smoke-floor.json" \
+  && grep -q '"server_writes_per_delivery": [0-9]' "$OUT/smoke-floor.json" \
+  && grep -q '"server_sys_us_per_delivery": [0-9]' "$OUT/smoke-floor.json"; then
+  echo "loadgen-smoke: ok   smoke-floor ($(grep -o 'lost [0-9]* dup [0-9]* total' "$OUT/smoke-floor.out"))"
+  PASSED=$((PASSED + 1))
+else
+  echo "loadgen-smoke: FAIL smoke-floor"
+  tail -n 20 "$OUT/smoke-floor.out"
   FAILED=$((FAILED + 1))
 fi

@@ -11,6 +11,8 @@ OUT=$TARGET/loadgen
 LOGS=$OUT/logs
 # The load generator is its own package (benches/loadgen), so a binary, not an example.
 LOADGEN=$TARGET/release/loadgen
+# The floor (benches/floor): the minimal fan-out server the others are measured against.
+FLOOR=$TARGET/release/floor
 mkdir -p "$LOGS"
 
 STARTED_PIDS=()
@@ -38,16 +40,17 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# Builds the chat server and the load generator (release). Quiet unless it fails.
-# SKIP_BUILD=1 uses the binaries already in target/release (examples/chat-server, loadgen).
+# Builds the chat server, the load generator and the floor (release). Quiet unless it fails.
+# SKIP_BUILD=1 uses the binaries already in target/release (examples/chat-server, loadgen,
+# floor).
 build() {
-  if [ -n "${SKIP_BUILD:-}" ] && [ -x "$BIN/chat-server" ] && [ -x "$LOADGEN" ]; then
+  if [ -n "${SKIP_BUILD:-}" ] && [ -x "$BIN/chat-server" ] && [ -x "$LOADGEN" ] && [ -x "$FLOOR" ]; then
     say "using the binaries already built (SKIP_BUILD)"
     return
   fi
-  say "building chat-server and loadgen (release)"
+  say "building chat-server, loadgen and floor (release)"
   (cd "$ROOT" && cargo build --release --quiet --example chat-server \
-    && cargo build --release --quiet -p chatbus-loadgen) \
+    && cargo build --release --quiet -p chatbus-loadgen -p chatbus-floor) \
     || die "cargo build failed"
 }
 
@@ -154,16 +157,31 @@ start_peer() {
   say "socket.io peer pid $PEER_PID on 127.0.0.1:$PEER_PORT"
 }
 
-# stop_servers: stops the chat servers and peers started so far (not the brokers), so one
-# script can measure both stacks one after the other on the same brokers.
+# start_floor: one floor process (benches/floor; one event loop per core, no broker: a single
+# process is the whole floor, with no hop between instances); sets FLOOR_PORT/FLOOR_PID and
+# appends to FLOOR_PIDS.
+FLOOR_PIDS=()
+start_floor() {
+  FLOOR_PORT=$(free_port)
+  # shellcheck disable=SC2086 # FLOOR_ARGS is a list of extra flags (e.g. --threads 1)
+  "$FLOOR" --port "$FLOOR_PORT" ${FLOOR_ARGS:-} >"$LOGS/floor-$FLOOR_PORT.log" 2>&1 &
+  FLOOR_PID=$!
+  STARTED_PIDS+=("$FLOOR_PID")
+  FLOOR_PIDS+=("$FLOOR_PID")
+  wait_tcp "$FLOOR_PORT"
+  say "floor pid $FLOOR_PID on 127.0.0.1:$FLOOR_PORT"
+}
+
+# stop_servers: stops the chat servers, peers and floors started so far (not the brokers), so
+# one script can measure every stack one after the other on the same brokers.
 stop_servers() {
   local pid
-  for pid in "${CB_PIDS[@]}" "${PEER_PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  for pid in "${CB_PIDS[@]}" "${PEER_PIDS[@]}"; do
+  for pid in "${CB_PIDS[@]}" "${PEER_PIDS[@]}" "${FLOOR_PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${CB_PIDS[@]}" "${PEER_PIDS[@]}" "${FLOOR_PIDS[@]}"; do
     for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     kill -KILL "$pid" 2>/dev/null || true
   done
-  CB_PIDS=(); CB_PORTS=(); PEER_PIDS=(); PEER_PORTS=()
+  CB_PIDS=(); CB_PORTS=(); PEER_PIDS=(); PEER_PORTS=(); FLOOR_PIDS=()
 }
 
 # urls PROTO PORT...: comma-separated WebSocket URLs.
@@ -179,6 +197,6 @@ urls() {
 # join_by , a b c -> a,b,c
 join_by() { local IFS=$1; shift; echo "$*"; }
 
-# Seconds since this script started (for the 3-minute budget).
+# Seconds since this script started (for the time budget).
 SECONDS=0
 finish_line() { say "done in ${SECONDS}s; reports in $OUT"; }

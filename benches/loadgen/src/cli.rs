@@ -10,7 +10,7 @@ use crate::proto::Protocol;
 #[derive(Parser, Debug)]
 #[command(
     name = "loadgen",
-    about = "WebSocket chat load generator (chatbus and Socket.IO)"
+    about = "WebSocket chat load generator (chatbus, Socket.IO and the floor)"
 )]
 pub(crate) struct Cli {
     #[command(subcommand)]
@@ -21,7 +21,8 @@ pub(crate) struct Cli {
 pub(crate) enum Sub {
     /// Connect, load, measure, report.
     Run(RunArgs),
-    /// Print the chatbus / peer ratios of four reports (fanout ramps and idle runs).
+    /// Print chatbus against the peer and the floor: ratios of their fanout ramps and idle
+    /// runs, and a chart of the ramps.
     Compare(CompareArgs),
     /// Internal: one engine in a child process, driven over stdin/stdout.
     #[command(hide = true)]
@@ -45,7 +46,7 @@ pub(crate) struct RunArgs {
     pub(crate) protocol: Protocol,
     /// Server URLs (repeat or comma-separate); client i uses URL i % count. Loopback only.
     /// chatbus: ws://127.0.0.1:PORT/ws; socketio: ws://127.0.0.1:PORT (the Engine.IO path
-    /// is added).
+    /// is added); floor: ws://127.0.0.1:PORT.
     #[arg(long = "url", required = true, value_delimiter = ',')]
     pub(crate) urls: Vec<String>,
     /// Clients to connect.
@@ -167,6 +168,12 @@ pub(crate) struct CompareArgs {
     /// Peer idle report (JSON).
     #[arg(long)]
     pub(crate) peer_idle: Option<PathBuf>,
+    /// Floor fanout ramp report (JSON; `benches/floor`).
+    #[arg(long)]
+    pub(crate) floor_fanout: Option<PathBuf>,
+    /// Floor idle report (JSON).
+    #[arg(long)]
+    pub(crate) floor_idle: Option<PathBuf>,
     /// The fixed rate (messages/s) at which CPU per delivery and p99 are compared; default:
     /// the first step of the chatbus report.
     #[arg(long)]
@@ -174,4 +181,8 @@ pub(crate) struct CompareArgs {
     /// Also write the table here (markdown).
     #[arg(long)]
     pub(crate) out: Option<PathBuf>,
+    /// Write the chart of the fanout ramps here (SVG: p99 and CPU per delivery against the
+    /// offered rate, one series per server).
+    #[arg(long)]
+    pub(crate) svg: Option<PathBuf>,
 }

@@ -13,6 +13,7 @@ use crate::plan::{new_hist, Cmd, Plan, Reply};
 use crate::procstat::{self, Snapshot, Watched};
 use crate::progress;
 use crate::report::{ConnectOut, Point, StepOut};
+use crate::segments;
 use crate::summary::{self, StepInput};
 
 /// How long `gather` waits for a reply before it reports that time passed.
@@ -101,6 +102,14 @@ impl Controller {
             }
         }
         Ok(got.into_iter().flatten().collect())
+    }
+
+    /// The servers' listening ports (their client sockets' local port).
+    fn server_ports(&self) -> Vec<u16> {
+        let mut p: Vec<u16> = self.plan.targets.iter().map(|t| t.addr.port()).collect();
+        p.sort_unstable();
+        p.dedup();
+        p
     }
 
     pub(crate) fn snapshot(&self) -> Result<Snapshot, String> {
@@ -207,6 +216,9 @@ impl Controller {
         secs: f64,
         epoch_us: u64,
     ) -> Result<StepOut, String> {
+        // Read outside the CPU window: `ss` is the generator's work, not the machine's noise.
+        let ports = self.server_ports();
+        let segs_before = segments::data_segs_out(&ports);
         let before = self.snapshot()?;
         let own_before = self.own_cpu();
         let machine_before = procstat::machine_cpu(self.ticks);
@@ -288,6 +300,9 @@ impl Controller {
             (Some((b0, _)), Some((b1, _))) => b1.saturating_sub(b0),
             _ => 0,
         };
+        let segs = segs_before
+            .zip(segments::data_segs_out(&ports))
+            .map(|(a, b)| b.saturating_sub(a));
         let wall = match (before.at, after.at) {
             (Some(a), Some(b)) => b.duration_since(a).as_secs_f64(),
             _ => secs,
@@ -312,6 +327,7 @@ impl Controller {
                 after,
                 wall,
                 own_cpu_us: own_after.saturating_sub(own_before),
+                segments: segs,
                 machine_busy_us,
             },
         ))

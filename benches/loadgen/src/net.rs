@@ -38,6 +38,7 @@ pub(crate) fn target(url: &str, protocol: Protocol) -> Result<Target, String> {
     let path = match (protocol, path) {
         (Protocol::Socketio, "" | "/") => "/socket.io/?EIO=4&transport=websocket".to_owned(),
         (Protocol::Chatbus, "") => "/ws".to_owned(),
+        (Protocol::Floor, "") => "/".to_owned(),
         (_, p) => p.to_owned(),
     };
     Ok(Target {

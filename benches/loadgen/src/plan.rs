@@ -127,6 +127,9 @@ impl Plan {
         if self.protocol == Protocol::Socketio && self.rooms != 1 {
             return Err("the Socket.IO peer broadcasts to everyone: use --rooms 1".into());
         }
+        if self.protocol == Protocol::Floor && self.rooms != 1 {
+            return Err("the floor sends every frame to everyone: use --rooms 1".into());
+        }
         Ok(())
     }
 }

@@ -1,4 +1,12 @@
-//! CPU time and RSS of other processes, from `/proc/PID/stat` and `/proc/PID/status`.
+//! CPU time, RSS and write system calls of other processes, from `/proc/PID/stat`,
+//! `/proc/PID/status` and `/proc/PID/io`.
+//!
+//! CPU time is kept as its user and system parts: the system part is mostly the kernel's
+//! per-packet cost, which every server pays; the user part is what the program itself adds.
+//! `syscw` of `/proc/PID/io` counts the `write` and `writev` calls of all the process's
+//! threads, but not `send`, `sendto` or `sendmsg` (they bypass the VFS): it is kept for the
+//! servers that use `writev` (the floor, Node.js); segments per delivery (`segments`) are the
+//! measure that holds for all.
 
 use std::fs;
 
@@ -22,6 +30,8 @@ pub(crate) struct Sample {
     pub(crate) sys_us: u64,
     /// Resident set size, bytes.
     pub(crate) rss: u64,
+    /// Write-family system calls so far (`syscw`); `None` if `/proc/PID/io` is not readable.
+    pub(crate) syscw: Option<u64>,
 }
 
 /// Clock ticks per second of `/proc/PID/stat` times (`getconf CLK_TCK`; 100 on Linux).
@@ -72,7 +82,25 @@ pub(crate) fn sample(pid: u32, ticks: u64) -> Result<Sample, String> {
         cpu_us: (utime + stime) * 1_000_000 / ticks,
         sys_us: stime * 1_000_000 / ticks,
         rss: rss_kb * 1024,
+        syscw: syscw(pid),
     })
+}
+
+/// `syscw` of `/proc/PID/io` (needs the same user, or ptrace rights, to read).
+fn syscw(pid: u32) -> Option<u64> {
+    fs::read_to_string(format!("/proc/{pid}/io"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("syscw:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// What one watched process used between two snapshots.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Usage {
+    pub(crate) user_us: u64,
+    pub(crate) sys_us: u64,
+    pub(crate) writes: Option<u64>,
 }
 
 /// Busy and total CPU time of the whole machine, microseconds (from the `cpu` line of
@@ -132,6 +160,23 @@ impl Snapshot {
             .sum()
     }
 
+    /// Per watched process (in `watched` order): CPU split and write calls since `earlier`.
+    pub(crate) fn usage_since(&self, earlier: &Snapshot) -> Vec<Usage> {
+        self.samples
+            .iter()
+            .zip(&earlier.samples)
+            .map(|(a, b)| {
+                let cpu = a.cpu_us.saturating_sub(b.cpu_us);
+                let sys = a.sys_us.saturating_sub(b.sys_us);
+                Usage {
+                    user_us: cpu.saturating_sub(sys),
+                    sys_us: sys,
+                    writes: a.syscw.zip(b.syscw).map(|(x, y)| x.saturating_sub(y)),
+                }
+            })
+            .collect()
+    }
+
     /// Total RSS of the watched processes with `role`.
     pub(crate) fn rss(&self, watched: &[Watched], role: &str) -> u64 {
         self.samples
@@ -151,6 +196,10 @@ mod tests {
     fn reads_own_process() {
         let s = sample(std::process::id(), clock_ticks()).expect("reads /proc");
         assert!(s.rss > 0);
+        // Our own /proc/PID/io is readable, and a write(2) is counted.
+        std::fs::write("/dev/null", b"x").expect("write /dev/null");
+        let later = sample(std::process::id(), clock_ticks()).expect("reads /proc");
+        assert!(later.syscw.expect("own io readable") > s.syscw.expect("own io readable"));
         assert!(sample(u32::MAX, 100).is_err());
     }
 }

@@ -1,6 +1,7 @@
 //! What the load generator says and recognises in each protocol: chatbus protocol v1 (JSON
-//! frames) and Socket.IO v5 over Engine.IO v4 (the peer stack), and the message body that
-//! carries the sender, its sequence number and the send time.
+//! frames), Socket.IO v5 over Engine.IO v4 (the peer stack) and the floor's bare frames
+//! (`benches/floor`), and the message body that carries the sender, its sequence number and
+//! the send time.
 //!
 //! Received frames are not parsed as JSON on the hot path: a chat message is recognised by
 //! finding `"body":"` (chatbus) or `"message":"` (Socket.IO) with memchr, and only the body's
@@ -21,6 +22,9 @@ pub(crate) enum Protocol {
     Chatbus,
     /// Socket.IO v5 over raw WebSocket (the peer stack): one implicit room, no acks.
     Socketio,
+    /// The floor (`benches/floor`): a frame's payload is the bare body, forwarded as it is to
+    /// every connection; one implicit room, no acks; the server says `welcome` when ready.
+    Floor,
 }
 
 /// A decoded message body: `inst:sender:seq:ts_us:padding`.
@@ -96,6 +100,11 @@ pub(crate) fn socketio_send(out: &mut String, b: Body, size: usize) {
     out.push_str(r#"42["event:message",""#);
     write_body(out, b, size);
     out.push_str(r#""]"#);
+}
+
+/// Appends a floor message (the body alone) to `out`.
+pub(crate) fn floor_send(out: &mut String, b: Body, size: usize) {
+    write_body(out, b, size);
 }
 
 /// What a received text frame is, as far as the load generator cares.
@@ -200,6 +209,15 @@ pub(crate) fn classify_socketio(text: &[u8]) -> Incoming<'_> {
     }
 }
 
+/// Classifies a floor frame: its greeting, or a body as the floor forwards it.
+pub(crate) fn classify_floor(text: &[u8]) -> Incoming<'_> {
+    match text {
+        b"welcome" => Incoming::Welcome,
+        [b'0'..=b'9', ..] => Incoming::Message(text),
+        _ => Incoming::Other,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -276,5 +294,18 @@ mod tests {
             Incoming::SioConnected
         );
         assert_eq!(classify_socketio(b"41"), Incoming::SioClosed);
+    }
+
+    #[test]
+    fn classifies_floor_frames() {
+        let mut send = String::new();
+        floor_send(&mut send, body(), 60);
+        assert_eq!(send.len(), 60);
+        match classify_floor(send.as_bytes()) {
+            Incoming::Message(b) => assert_eq!(parse_body(b), Some(body())),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(classify_floor(b"welcome"), Incoming::Welcome);
+        assert_eq!(classify_floor(b"?"), Incoming::Other);
     }
 }

@@ -134,6 +134,31 @@ pub(crate) struct StepOut {
     pub(crate) server_cpu_us_per_delivery: f64,
     /// Servers + brokers per unique delivery.
     pub(crate) total_cpu_us_per_delivery: f64,
+    /// The user part of `server_cpu_us_per_delivery`: what the server programs add.
+    #[serde(default)]
+    pub(crate) server_user_us_per_delivery: f64,
+    /// The system part: mostly the kernel's per-packet work, which every server pays.
+    #[serde(default)]
+    pub(crate) server_sys_us_per_delivery: f64,
+    /// `write`/`writev` system calls of the server processes (`syscw` of `/proc/PID/io`; it
+    /// does not count `send`, `sendto` or `sendmsg`, so it reads near zero for servers that
+    /// write sockets with `send`, as Rust's standard library does); `None` where
+    /// `/proc/PID/io` could not be read.
+    #[serde(default)]
+    pub(crate) server_writes: Option<u64>,
+    /// `server_writes` per unique delivery (below 1: several frames per system call).
+    #[serde(default)]
+    pub(crate) server_writes_per_delivery: Option<f64>,
+    /// TCP data segments the servers sent to their clients (`tcpi_data_segs_out`, see
+    /// `segments`); `None` where `ss` could not be run.
+    #[serde(default)]
+    pub(crate) server_segments: Option<u64>,
+    /// `server_segments` per unique delivery (below 1: several frames per segment).
+    #[serde(default)]
+    pub(crate) server_segments_per_delivery: Option<f64>,
+    /// The same per server process, in `watched` order.
+    #[serde(default)]
+    pub(crate) per_server: Vec<ProcStep>,
     /// Server CPU as a share of one core over the step (100 = one core).
     pub(crate) server_cpu_pct: f64,
     pub(crate) broker_cpu_pct: f64,
@@ -149,6 +174,15 @@ pub(crate) struct StepOut {
     /// Seconds since the run's epoch when the step started (for the chart).
     pub(crate) t_start: f64,
     pub(crate) t_end: f64,
+}
+
+/// What one server process used during a step.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub(crate) struct ProcStep {
+    pub(crate) pid: u32,
+    pub(crate) user_us: u64,
+    pub(crate) sys_us: u64,
+    pub(crate) writes: Option<u64>,
 }
 
 /// One bucket of the time series.
@@ -222,15 +256,16 @@ pub(crate) fn table(r: &RunReport) -> String {
     if !r.steps.is_empty() {
         let _ = writeln!(
             o,
-            "{:>8} {:>10} {:>10} {:>9} {:>6} {:>5} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6} {:>6} {:>6} {:>6}  held",
+            "{:>8} {:>10} {:>10} {:>9} {:>6} {:>5} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6} {:>6} {:>6} {:>6} {:>6}  held",
             "msg/s", "target/s", "dlv/s", "delivered", "lost", "dup", "p50 ms", "p99 ms",
-            "p99.9", "max ms", "srv µs/d", "+brk µs/d", "srv%", "brk%", "lg%", "oth%"
+            "p99.9", "max ms", "srv µs/d", "usr µs/d", "sys µs/d", "+brk µs/d", "seg/d", "srv%",
+            "brk%", "lg%", "oth%"
         );
     }
     for s in &r.steps {
         let _ = writeln!(
             o,
-            "{:>8.1} {:>10.0} {:>10.0} {:>9} {:>6} {:>5} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>6.0} {:>6.0} {:>6.0} {:>6.0}  {}",
+            "{:>8.1} {:>10.0} {:>10.0} {:>9} {:>6} {:>5} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>6} {:>6.0} {:>6.0} {:>6.0} {:>6.0}  {}",
             s.rate_msgs,
             s.target_deliveries_per_s,
             s.deliveries_per_s,
@@ -242,7 +277,11 @@ pub(crate) fn table(r: &RunReport) -> String {
             s.p999_ms,
             s.max_ms,
             s.server_cpu_us_per_delivery,
+            s.server_user_us_per_delivery,
+            s.server_sys_us_per_delivery,
             s.total_cpu_us_per_delivery,
+            s.server_segments_per_delivery
+                .map_or("n/a".to_owned(), |w| format!("{w:.3}")),
             s.server_cpu_pct,
             s.broker_cpu_pct,
             s.loadgen_cpu_pct,
@@ -261,7 +300,7 @@ pub(crate) fn table(r: &RunReport) -> String {
     o
 }
 
-fn esc(s: &str) -> String {
+pub(crate) fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
@@ -281,7 +320,7 @@ fn nice_max(v: f64) -> f64 {
     10.0 * p
 }
 
-fn fmt_si(v: f64) -> String {
+pub(crate) fn fmt_si(v: f64) -> String {
     if v >= 1e6 {
         format!("{:.1}M", v / 1e6)
     } else if v >= 1e3 {

@@ -229,7 +229,7 @@ fn drive(c: &mut Controller) -> Result<RunReport, String> {
         i += 1;
         let s = c.step(i, rate, secs, epoch_us)?;
         eprintln!(
-            "[step {i}] {:.1} msg/s -> {:.0} deliveries/s (offered {:.0}), p50 {:.2} ms p99 {:.2} ms p99.9 {:.2} ms, lost {} dup {}, server {:.2} µs/delivery ({:.0}% CPU), generator {:.0}% CPU, other {:.0}%{}",
+            "[step {i}] {:.1} msg/s -> {:.0} deliveries/s (offered {:.0}), p50 {:.2} ms p99 {:.2} ms p99.9 {:.2} ms, lost {} dup {}, server {:.2} µs/delivery (user {:.2} sys {:.2}, {} segments/delivery, {:.0}% CPU), generator {:.0}% CPU, other {:.0}%{}",
             s.rate_msgs,
             s.deliveries_per_s,
             s.target_deliveries_per_s,
@@ -239,6 +239,10 @@ fn drive(c: &mut Controller) -> Result<RunReport, String> {
             s.lost,
             s.dups,
             s.server_cpu_us_per_delivery,
+            s.server_user_us_per_delivery,
+            s.server_sys_us_per_delivery,
+            s.server_segments_per_delivery
+                .map_or("n/a".to_owned(), |w| format!("{w:.3}")),
             s.server_cpu_pct,
             s.loadgen_cpu_pct,
             s.other_cpu_pct,

@@ -4,7 +4,7 @@
 
 use crate::plan::{new_hist, Plan, StepStats};
 use crate::procstat::{Snapshot, Watched};
-use crate::report::StepOut;
+use crate::report::{ProcStep, StepOut};
 
 /// What a step measured, as the controller gathered it.
 pub(crate) struct StepInput {
@@ -22,6 +22,8 @@ pub(crate) struct StepInput {
     pub(crate) after: Snapshot,
     pub(crate) wall: f64,
     pub(crate) own_cpu_us: u64,
+    /// TCP data segments the servers sent during the step (`segments`).
+    pub(crate) segments: Option<u64>,
     pub(crate) machine_busy_us: u64,
 }
 
@@ -100,10 +102,35 @@ pub(crate) fn summarize(
     s.server_cpu_us = i.after.cpu_since(&i.before, watched, "server");
     s.server_sys_us = i.after.sys_since(&i.before, watched, "server");
     s.broker_cpu_us = i.after.cpu_since(&i.before, watched, "broker");
+    s.per_server = i
+        .after
+        .usage_since(&i.before)
+        .into_iter()
+        .zip(watched)
+        .filter(|(_, w)| w.role == "server")
+        .map(|(u, w)| ProcStep {
+            pid: w.pid,
+            user_us: u.user_us,
+            sys_us: u.sys_us,
+            writes: u.writes,
+        })
+        .collect();
+    s.server_segments = i.segments;
+    // Counted only if every server's could be read: a partial sum would look like batching.
+    s.server_writes = s
+        .per_server
+        .iter()
+        .map(|p| p.writes)
+        .sum::<Option<u64>>()
+        .filter(|_| !s.per_server.is_empty());
     if s.delivered > 0 {
-        s.server_cpu_us_per_delivery = s.server_cpu_us as f64 / s.delivered as f64;
-        s.total_cpu_us_per_delivery =
-            (s.server_cpu_us + s.broker_cpu_us) as f64 / s.delivered as f64;
+        let d = s.delivered as f64;
+        s.server_cpu_us_per_delivery = s.server_cpu_us as f64 / d;
+        s.total_cpu_us_per_delivery = (s.server_cpu_us + s.broker_cpu_us) as f64 / d;
+        s.server_sys_us_per_delivery = s.server_sys_us as f64 / d;
+        s.server_user_us_per_delivery = s.server_cpu_us.saturating_sub(s.server_sys_us) as f64 / d;
+        s.server_writes_per_delivery = s.server_writes.map(|w| w as f64 / d);
+        s.server_segments_per_delivery = i.segments.map(|n| n as f64 / d);
     }
     let wall_us = i.wall * 1e6;
     if wall_us > 0.0 {

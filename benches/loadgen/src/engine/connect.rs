@@ -147,7 +147,7 @@ impl Engine {
                 let sep = if target.path.contains('?') { '&' } else { '?' };
                 format!("{}{sep}name=lg{gid}", target.path)
             }
-            Protocol::Socketio => target.path.clone(),
+            Protocol::Socketio | Protocol::Floor => target.path.clone(),
         };
         let req = ws::upgrade_request(&target.host, &path, &self.ws_key(gid));
         let c = &mut self.clients[idx];

@@ -135,10 +135,17 @@ impl Engine {
         let incoming = match self.plan.protocol {
             Protocol::Chatbus => proto::classify_chatbus(text),
             Protocol::Socketio => proto::classify_socketio(text),
+            Protocol::Floor => proto::classify_floor(text),
         };
         let state = self.clients[idx].state;
         match incoming {
             Incoming::Message(body) => self.on_message(idx, body, now_us),
+            // The floor has no rooms: its greeting means the fan-out reaches this client.
+            Incoming::Welcome
+                if state == State::Opening && self.plan.protocol == Protocol::Floor =>
+            {
+                self.became_ready(idx);
+            }
             Incoming::Welcome if state == State::Opening => {
                 let join = proto::chatbus_join(self.clients[idx].room);
                 self.clients[idx].state = State::Joining;

@@ -89,6 +89,7 @@ impl Engine {
                     Protocol::Socketio => {
                         proto::socketio_send(&mut self.text, body, self.plan.size)
                     }
+                    Protocol::Floor => proto::floor_send(&mut self.text, body, self.plan.size),
                 }
                 let mask = (splitmix(&mut self.rng) as u32).to_le_bytes();
                 ws::write_frame(
