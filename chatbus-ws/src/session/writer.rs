@@ -3,6 +3,10 @@
 //! It batches what is already queued into one flush, sends WebSocket pings, drops a client
 //! whose socket stops taking writes, and closes the connection the way the reader's [`End`]
 //! calls for (draining the queue first where the protocol promises it).
+//!
+//! With a [write delay](crate::WsConfig::write_delay) it also holds a batch open for frames
+//! that arrive shortly after the first: under load, where the kernel's cost per segment
+//! dominates, fewer and fuller writes cost less CPU than one write per frame.
 
 use std::fmt;
 use std::future::Future;
@@ -43,6 +47,10 @@ enum Flow {
     Stop,
 }
 
+/// What [`Writer::poll_write`] returns: a socket error as its message; `Err(())` is the write
+/// timeout.
+type WriteResult = Result<Result<Batch, String>, ()>;
+
 /// The state of one [`Writer::write`] between polls.
 struct WriteState {
     /// The frame to write next; none once the batch is complete (then it flushes).
@@ -53,6 +61,17 @@ struct WriteState {
     close: Option<CloseReason>,
     /// The write timeout, armed once a poll did not complete.
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Whether the batch is held open for more frames (a write delay that has not run out):
+    /// once the queue is empty the poll returns [`Batch::Open`] instead of flushing.
+    hold: bool,
+}
+
+/// How a [`Writer::poll_write`] ended.
+enum Batch {
+    /// Flushed; with a close met in the queue, to send next.
+    Flushed(Option<CloseReason>),
+    /// The queue is empty, the batch is not full and is held open (nothing flushed yet).
+    Open,
 }
 
 impl<'a, Si> Writer<'a, Si>
@@ -96,21 +115,29 @@ where
         }
     }
 
-    /// Writes `first` and whatever else is already queued (up to a batch), then flushes.
+    /// Writes `first` and whatever else is already queued (up to a batch), then flushes; with
+    /// a write delay, also what arrives within the delay after `first`.
     async fn write(&mut self, first: Outbound) -> Flow {
         // Polled by hand rather than as an `async` block of `feed`/`flush` calls inside a
         // `timeout`: that state machine (about 650 bytes) was kept inside every idle
         // connection's writer. This one holds the frame in hand, a count and a lazy timer.
+        let delay = self.svc.config().write_delay;
         let mut state = WriteState {
             next: Some(first),
             n: 0,
             close: None,
             deadline: None,
+            hold: !delay.is_zero(),
         };
-        let result = std::future::poll_fn(|cx| self.poll_write(cx, &mut state)).await;
+        let mut result = std::future::poll_fn(|cx| self.poll_write(cx, &mut state)).await;
+        if let Ok(Ok(Batch::Open)) = result {
+            // Only with a write delay. Boxed like the close below: inline, its timer and
+            // `recv` would size every idle writer, and a delay of zero must cost nothing.
+            result = Box::pin(self.hold_open(&mut state, Instant::now() + delay)).await;
+        }
         match result {
-            Ok(Ok(None)) => Flow::Continue,
-            Ok(Ok(Some(reason))) => {
+            Ok(Ok(Batch::Flushed(None) | Batch::Open)) => Flow::Continue,
+            Ok(Ok(Batch::Flushed(Some(reason)))) => {
                 let code = match reason {
                     CloseReason::SlowConsumer => CloseCode::SlowConsumer,
                     CloseReason::Disconnected => CloseCode::Disconnected,
@@ -139,13 +166,26 @@ where
         }
     }
 
-    /// One step of [`write`](Self::write): `Ok(Ok(Some(reason)))` is a close to send after the
-    /// flush, `Ok(Err(e))` a socket error, `Err(())` the write timeout.
-    fn poll_write(
-        &mut self,
-        cx: &mut Context<'_>,
-        st: &mut WriteState,
-    ) -> Poll<Result<Result<Option<CloseReason>, String>, ()>> {
+    /// The write delay: adds the frames that arrive until `until` (or until the batch is full)
+    /// to the open batch, then flushes.
+    async fn hold_open(&mut self, st: &mut WriteState, until: Instant) -> WriteResult {
+        loop {
+            match tokio::time::timeout_at(until, self.session.recv()).await {
+                Ok(out) => st.next = Some(out),
+                // The delay ran out: flush what the batch holds.
+                Err(_) => st.hold = false,
+            }
+            let result = std::future::poll_fn(|cx| self.poll_write(cx, st)).await;
+            if !matches!(result, Ok(Ok(Batch::Open))) {
+                return result;
+            }
+        }
+    }
+
+    /// One step of [`write`](Self::write): `Ok(Ok(Batch::Flushed(Some(reason))))` is a close
+    /// to send after the flush, `Ok(Ok(Batch::Open))` a batch held open for the write delay,
+    /// `Ok(Err(e))` a socket error, `Err(())` the write timeout.
+    fn poll_write(&mut self, cx: &mut Context<'_>, st: &mut WriteState) -> Poll<WriteResult> {
         let result = loop {
             if let Some(out) = st.next.take() {
                 match Pin::new(&mut self.sink).poll_ready(cx) {
@@ -178,11 +218,16 @@ where
                 if st.n < BATCH {
                     st.next = self.session.recv().now_or_never();
                 }
+            } else if st.hold && st.n < BATCH && st.close.is_none() {
+                // Written into the sink's buffer, not flushed: more frames may join the batch.
+                break Poll::Ready(Ok(Ok(Batch::Open)));
             } else {
                 match Pin::new(&mut self.sink).poll_flush(cx) {
                     Poll::Pending => break Poll::Pending,
                     Poll::Ready(Err(e)) => break Poll::Ready(Ok(Err(e.to_string()))),
-                    Poll::Ready(Ok(())) => break Poll::Ready(Ok(Ok(st.close.take()))),
+                    Poll::Ready(Ok(())) => {
+                        break Poll::Ready(Ok(Ok(Batch::Flushed(st.close.take()))))
+                    }
                 }
             }
         };
