@@ -6,6 +6,7 @@
 #
 #   scripts/bench/write_delay.sh                        # delays 0,2,5 ms x rates 30,100,400 msg/s
 #   DELAYS=0,5 RATES=30,1000 SECS=10 scripts/bench/write_delay.sh
+#   REPEAT=2 scripts/bench/write_delay.sh               # every (rate, delay) twice, interleaved
 #
 # Per delivery, in a window that starts once all clients are connected and their presence has
 # settled and ends after the generator's drain (so connecting is not counted):
@@ -29,6 +30,7 @@ SENDERS=${SENDERS:-10}
 DELAYS=${DELAYS:-0,2,5}
 RATES=${RATES:-30,100,400}
 SECS=${SECS:-8}
+REPEAT=${REPEAT:-1}
 TSV=$OUT/write-delay.tsv
 HZ=$(getconf CLK_TCK)
 build
@@ -42,13 +44,14 @@ metric() { curl -fsS "http://127.0.0.1:$1/metrics" | awk -v m="$2" '$1 == m && !
 command -v perf >/dev/null || die "perf not found (apt-get install linux-perf)"
 SYSCALLS=syscalls:sys_enter_write,syscalls:sys_enter_writev,syscalls:sys_enter_sendto,syscalls:sys_enter_sendmsg
 
-printf 'delay_ms\trate\tframes\tuser_us\tsys_us\twrites\tsyscw\tp50_ms\tp99_ms\tgen_us\tlost\n' >"$TSV"
+printf 'round\tdelay_ms\trate\tframes\tuser_us\tsys_us\twrites\tsyscw\tp50_ms\tp99_ms\tgen_us\tlost\n' >"$TSV"
 say "machine: $(nproc) CPUs; load before: $(uptime | sed 's/.*load average: //')"
+for round in $(seq "$REPEAT"); do
 for rate in ${RATES//,/ }; do
   for delay in ${DELAYS//,/ }; do
     CHATBUS_SERVER_ARGS="--write-delay-ms $delay" start_chatbus memory
     pid=$CB_PID port=$CB_PORT
-    name=write-delay-$delay-$rate
+    name=write-delay-$delay-$rate-$round
     "$LOADGEN" run --protocol chatbus --url "ws://127.0.0.1:$port/ws" \
       --clients "$CLIENTS" --rooms 1 --senders "$SENDERS" --rate "$rate" --duration "$SECS" \
       --drain-secs 3 --server-pid "$pid" --name "$name" \
@@ -79,13 +82,14 @@ s = json.load(open(sys.argv[1]))["steps"][0]
 print(f'{s["p50_ms"]:.2f} {s["p99_ms"]:.2f} {s["server_cpu_us_per_delivery"]:.2f} {s["lost"]}')
 EOF
     )
-    awk -v d="$delay" -v r="$rate" -v f="$frames" -v u=$((u1 - u0)) -v s=$((s1 - s0)) \
+    awk -v n="$round" -v d="$delay" -v r="$rate" -v f="$frames" -v u=$((u1 - u0)) -v s=$((s1 - s0)) \
       -v c="$calls" -v w=$((w1 - w0)) -v hz="$HZ" -v p50="$p50" -v p99="$p99" -v g="$gen_us" \
       -v l="$lost" \
-      'BEGIN { printf "%s\t%s\t%d\t%.2f\t%.2f\t%.3f\t%.3f\t%s\t%s\t%s\t%s\n", d, r, f,
+      'BEGIN { printf "%s\t%s\t%s\t%d\t%.2f\t%.2f\t%.3f\t%.3f\t%s\t%s\t%s\t%s\n", n, d, r, f,
                u * 1e6 / hz / f, s * 1e6 / hz / f, c / f, w / f, p50, p99, g, l }' >>"$TSV"
     say "delay $delay ms, $rate msg/s: $(tail -n 1 "$TSV")"
   done
+done
 done
 say "load after: $(uptime | sed 's/.*load average: //')"
 column -t -s $'\t' "$TSV"
