@@ -175,6 +175,11 @@ pub struct WsConfig {
     /// then takes several frames per socket write instead of one: fewer `writev`/`sendto`
     /// calls and TCP segments per delivery, at the price of up to this much added latency
     /// per frame. A lone frame goes out at most this late. The wire does not change.
+    ///
+    /// Measure before turning it on: without it the writer already puts into one write what
+    /// queued while it was busy, and where frames are further apart than the delay there is
+    /// nothing to coalesce, only a timer per batch to pay (`docs/BENCHMARKS.md`, "Write
+    /// delay").
     pub write_delay: Duration,
     /// On shutdown, how long connections may take to flush and close. Default 5 s.
     pub drain_timeout: Duration,
