@@ -66,6 +66,18 @@ struct WriteState {
     hold: bool,
 }
 
+impl WriteState {
+    fn new(first: Outbound, hold: bool) -> Self {
+        Self {
+            next: Some(first),
+            n: 0,
+            close: None,
+            deadline: None,
+            hold,
+        }
+    }
+}
+
 /// How a [`Writer::poll_write`] ended.
 enum Batch {
     /// Flushed; with a close met in the queue, to send next.
@@ -106,7 +118,16 @@ where
                     Box::pin(self.finish(end.unwrap_or(End::WriterStopped))).await;
                     return;
                 }
-                out = self.session.recv() => self.write(out).await,
+                out = self.session.recv() => {
+                    let delay = cfg.write_delay;
+                    if delay.is_zero() {
+                        self.write(out).await
+                    } else {
+                        // Boxed: its timer and `recv` would size every writer, and a delay of
+                        // zero must cost nothing (not even a larger `write` future).
+                        Box::pin(self.write_delayed(out, delay)).await
+                    }
+                }
                 _ = ping.tick() => Box::pin(self.send_one(WsMessage::Ping(Bytes::new()))).await,
             };
             if let Flow::Stop = flow {
@@ -115,45 +136,63 @@ where
         }
     }
 
-    /// Writes `first` and whatever else is already queued (up to a batch), then flushes; with
-    /// a write delay, also what arrives within the delay after `first`.
+    /// Writes `first` and whatever else is already queued (up to a batch), then flushes.
     async fn write(&mut self, first: Outbound) -> Flow {
         // Polled by hand rather than as an `async` block of `feed`/`flush` calls inside a
         // `timeout`: that state machine (about 650 bytes) was kept inside every idle
         // connection's writer. This one holds the frame in hand, a count and a lazy timer.
-        let delay = self.svc.config().write_delay;
-        let mut state = WriteState {
-            next: Some(first),
-            n: 0,
-            close: None,
-            deadline: None,
-            hold: !delay.is_zero(),
-        };
-        let mut result = std::future::poll_fn(|cx| self.poll_write(cx, &mut state)).await;
-        if let Ok(Ok(Batch::Open)) = result {
-            // Only with a write delay. Boxed like the close below: inline, its timer and
-            // `recv` would size every idle writer, and a delay of zero must cost nothing.
-            result = Box::pin(self.hold_open(&mut state, Instant::now() + delay)).await;
-        }
-        match result {
-            Ok(Ok(Batch::Flushed(None) | Batch::Open)) => Flow::Continue,
-            Ok(Ok(Batch::Flushed(Some(reason)))) => {
-                let code = match reason {
-                    CloseReason::SlowConsumer => CloseCode::SlowConsumer,
-                    CloseReason::Disconnected => CloseCode::Disconnected,
-                    // Shutdown, and any reason a later hub adds: the client should reconnect.
-                    _ => CloseCode::GoingAway,
-                };
+        let mut state = WriteState::new(first, false);
+        let result = std::future::poll_fn(|cx| self.poll_write(cx, &mut state)).await;
+        match self.written(result) {
+            Ok(flow) => flow,
+            Err(code) => {
                 // Boxed, like the ping below: once per session, and inline its timer and send
                 // would size every idle writer.
                 Box::pin(self.close(code)).await;
                 Flow::Stop
             }
-            Ok(Err(e)) => {
-                tracing::debug!(session = self.session.handle().id(), error = %e, "socket write failed");
+        }
+    }
+
+    /// [`write`](Self::write) with a write delay: the batch stays open for the frames that
+    /// arrive within `delay` after `first` (or until it is full), then flushes.
+    async fn write_delayed(&mut self, first: Outbound, delay: Duration) -> Flow {
+        let until = Instant::now() + delay;
+        let mut state = WriteState::new(first, true);
+        let mut result = std::future::poll_fn(|cx| self.poll_write(cx, &mut state)).await;
+        while let Ok(Ok(Batch::Open)) = result {
+            match tokio::time::timeout_at(until, self.session.recv()).await {
+                Ok(out) => state.next = Some(out),
+                // The delay ran out: flush what the batch holds.
+                Err(_) => state.hold = false,
+            }
+            result = std::future::poll_fn(|cx| self.poll_write(cx, &mut state)).await;
+        }
+        match self.written(result) {
+            Ok(flow) => flow,
+            Err(code) => {
+                self.close(code).await;
                 Flow::Stop
             }
-            Err(_) => {
+        }
+    }
+
+    /// What a finished batch means for the connection: go on, stop, or (`Err`) send this close
+    /// and stop.
+    fn written(&self, result: WriteResult) -> Result<Flow, CloseCode> {
+        match result {
+            Ok(Ok(Batch::Flushed(None) | Batch::Open)) => Ok(Flow::Continue),
+            Ok(Ok(Batch::Flushed(Some(reason)))) => Err(match reason {
+                CloseReason::SlowConsumer => CloseCode::SlowConsumer,
+                CloseReason::Disconnected => CloseCode::Disconnected,
+                // Shutdown, and any reason a later hub adds: the client should reconnect.
+                _ => CloseCode::GoingAway,
+            }),
+            Ok(Err(e)) => {
+                tracing::debug!(session = self.session.handle().id(), error = %e, "socket write failed");
+                Ok(Flow::Stop)
+            }
+            Err(()) => {
                 // The client stopped reading: its TCP window is full. Dropping the connection is
                 // the only way to free what it holds.
                 WsCounters::inc(&self.svc.counters().slow_closed);
@@ -161,29 +200,14 @@ where
                     session = self.session.handle().id(),
                     "write timed out; dropping slow client"
                 );
-                Flow::Stop
+                Ok(Flow::Stop)
             }
         }
     }
 
-    /// The write delay: adds the frames that arrive until `until` (or until the batch is full)
-    /// to the open batch, then flushes.
-    async fn hold_open(&mut self, st: &mut WriteState, until: Instant) -> WriteResult {
-        loop {
-            match tokio::time::timeout_at(until, self.session.recv()).await {
-                Ok(out) => st.next = Some(out),
-                // The delay ran out: flush what the batch holds.
-                Err(_) => st.hold = false,
-            }
-            let result = std::future::poll_fn(|cx| self.poll_write(cx, st)).await;
-            if !matches!(result, Ok(Ok(Batch::Open))) {
-                return result;
-            }
-        }
-    }
-
-    /// One step of [`write`](Self::write): `Ok(Ok(Batch::Flushed(Some(reason))))` is a close
-    /// to send after the flush, `Ok(Ok(Batch::Open))` a batch held open for the write delay,
+    /// One step of [`write`](Self::write) and [`write_delayed`](Self::write_delayed):
+    /// `Ok(Ok(Batch::Flushed(Some(reason))))` is a close to send after the flush,
+    /// `Ok(Ok(Batch::Open))` a batch held open for the write delay,
     /// `Ok(Err(e))` a socket error, `Err(())` the write timeout.
     fn poll_write(&mut self, cx: &mut Context<'_>, st: &mut WriteState) -> Poll<WriteResult> {
         let result = loop {
