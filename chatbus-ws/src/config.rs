@@ -165,6 +165,22 @@ pub struct WsConfig {
     pub idle_timeout: Duration,
     /// A socket write that takes longer than this drops the connection. Default 10 s.
     pub write_timeout: Duration,
+    /// How long the writer holds a connection's batch open for more frames before it flushes
+    /// (a *write delay*, like Centrifugo's `write_delay`). Zero (the default) flushes as soon
+    /// as what is already queued is written, as before; the delay costs nothing then.
+    ///
+    /// When set, the writer starts a batch with the first frame that is ready and writes
+    /// further frames into it as they arrive, flushing once the batch is full (64 frames) or
+    /// this long after the first frame, whichever comes first. A connection in a busy room
+    /// then takes several frames per socket write instead of one: fewer `writev`/`sendto`
+    /// calls and TCP segments per delivery, at the price of up to this much added latency
+    /// per frame. A lone frame goes out at most this late. The wire does not change.
+    ///
+    /// Measure before turning it on: without it the writer already puts into one write what
+    /// queued while it was busy, and where frames are further apart than the delay there is
+    /// nothing to coalesce, only a timer per batch to pay (`docs/BENCHMARKS.md`, "Write
+    /// delay").
+    pub write_delay: Duration,
     /// On shutdown, how long connections may take to flush and close. Default 5 s.
     pub drain_timeout: Duration,
     /// How long a new TCP connection may take to send its first complete HTTP request (the
@@ -217,6 +233,7 @@ impl Default for WsConfig {
             ping_interval: Duration::from_secs(20),
             idle_timeout: Duration::from_secs(60),
             write_timeout: Duration::from_secs(10),
+            write_delay: Duration::ZERO,
             drain_timeout: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(10),
             ip_limits: IpLimits::default(),
@@ -313,6 +330,22 @@ impl WsConfig {
     #[must_use]
     pub fn with_write_timeout(mut self, d: Duration) -> Self {
         self.write_timeout = d;
+        self
+    }
+
+    /// Sets [`write_delay`](Self::write_delay); `Duration::ZERO` turns it off.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use chatbus_ws::WsConfig;
+    ///
+    /// assert_eq!(WsConfig::default().write_delay, Duration::ZERO);
+    /// let config = WsConfig::default().with_write_delay(Duration::from_millis(5));
+    /// assert_eq!(config.write_delay, Duration::from_millis(5));
+    /// ```
+    #[must_use]
+    pub fn with_write_delay(mut self, d: Duration) -> Self {
+        self.write_delay = d;
         self
     }
 

@@ -226,6 +226,11 @@ struct Args {
     #[arg(long, env = "CHATBUS_PING_INTERVAL_SECS", default_value_t = 20)]
     ping_interval_secs: u64,
 
+    /// Milliseconds the writer holds a connection's batch open for more frames before it
+    /// flushes (fewer socket writes under load, up to this much added latency); 0 is off.
+    #[arg(long, env = "CHATBUS_WRITE_DELAY_MS", default_value_t = 0)]
+    write_delay_ms: u64,
+
     /// Seconds connections get on shutdown to flush and close.
     #[arg(long, env = "CHATBUS_DRAIN_TIMEOUT_SECS", default_value_t = 5)]
     drain_timeout_secs: u64,
@@ -399,6 +404,7 @@ fn ws_config(args: &Args) -> Result<WsConfig, BoxError> {
         .with_idle_timeout(Duration::from_secs(args.idle_timeout_secs.max(1)))
         .with_ping_interval(Duration::from_secs(args.ping_interval_secs.max(1)))
         .with_drain_timeout(Duration::from_secs(args.drain_timeout_secs))
+        .with_write_delay(Duration::from_millis(args.write_delay_ms))
         .with_handshake_timeout(Duration::from_secs(args.handshake_timeout_secs.max(1)))
         .with_control_rate_limit((args.control_rate_per_sec > 0.0).then(|| {
             // The library default is burst 20 at 2/s; keep that ratio for other rates.

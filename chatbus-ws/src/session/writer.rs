@@ -3,6 +3,10 @@
 //! It batches what is already queued into one flush, sends WebSocket pings, drops a client
 //! whose socket stops taking writes, and closes the connection the way the reader's [`End`]
 //! calls for (draining the queue first where the protocol promises it).
+//!
+//! With a [write delay](crate::WsConfig::write_delay) it also holds a batch open for frames
+//! that arrive shortly after the first: under load, where the kernel's cost per segment
+//! dominates, fewer and fuller writes cost less CPU than one write per frame.
 
 use std::fmt;
 use std::future::Future;
@@ -43,6 +47,10 @@ enum Flow {
     Stop,
 }
 
+/// What [`Writer::poll_write`] returns: a socket error as its message; `Err(())` is the write
+/// timeout.
+type WriteResult = Result<Result<Batch, String>, ()>;
+
 /// The state of one [`Writer::write`] between polls.
 struct WriteState {
     /// The frame to write next; none once the batch is complete (then it flushes).
@@ -53,6 +61,29 @@ struct WriteState {
     close: Option<CloseReason>,
     /// The write timeout, armed once a poll did not complete.
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Whether the batch is held open for more frames (a write delay that has not run out):
+    /// once the queue is empty the poll returns [`Batch::Open`] instead of flushing.
+    hold: bool,
+}
+
+impl WriteState {
+    fn new(first: Outbound, hold: bool) -> Self {
+        Self {
+            next: Some(first),
+            n: 0,
+            close: None,
+            deadline: None,
+            hold,
+        }
+    }
+}
+
+/// How a [`Writer::poll_write`] ended.
+enum Batch {
+    /// Flushed; with a close met in the queue, to send next.
+    Flushed(Option<CloseReason>),
+    /// The queue is empty, the batch is not full and is held open (nothing flushed yet).
+    Open,
 }
 
 impl<'a, Si> Writer<'a, Si>
@@ -87,7 +118,16 @@ where
                     Box::pin(self.finish(end.unwrap_or(End::WriterStopped))).await;
                     return;
                 }
-                out = self.session.recv() => self.write(out).await,
+                out = self.session.recv() => {
+                    let delay = cfg.write_delay;
+                    if delay.is_zero() {
+                        self.write(out).await
+                    } else {
+                        // Boxed: its timer and `recv` would size every writer, and a delay of
+                        // zero must cost nothing (not even a larger `write` future).
+                        Box::pin(self.write_delayed(out, delay)).await
+                    }
+                }
                 _ = ping.tick() => Box::pin(self.send_one(WsMessage::Ping(Bytes::new()))).await,
             };
             if let Flow::Stop = flow {
@@ -101,32 +141,58 @@ where
         // Polled by hand rather than as an `async` block of `feed`/`flush` calls inside a
         // `timeout`: that state machine (about 650 bytes) was kept inside every idle
         // connection's writer. This one holds the frame in hand, a count and a lazy timer.
-        let mut state = WriteState {
-            next: Some(first),
-            n: 0,
-            close: None,
-            deadline: None,
-        };
+        let mut state = WriteState::new(first, false);
         let result = std::future::poll_fn(|cx| self.poll_write(cx, &mut state)).await;
-        match result {
-            Ok(Ok(None)) => Flow::Continue,
-            Ok(Ok(Some(reason))) => {
-                let code = match reason {
-                    CloseReason::SlowConsumer => CloseCode::SlowConsumer,
-                    CloseReason::Disconnected => CloseCode::Disconnected,
-                    // Shutdown, and any reason a later hub adds: the client should reconnect.
-                    _ => CloseCode::GoingAway,
-                };
+        match self.written(result) {
+            Ok(flow) => flow,
+            Err(code) => {
                 // Boxed, like the ping below: once per session, and inline its timer and send
                 // would size every idle writer.
                 Box::pin(self.close(code)).await;
                 Flow::Stop
             }
-            Ok(Err(e)) => {
-                tracing::debug!(session = self.session.handle().id(), error = %e, "socket write failed");
+        }
+    }
+
+    /// [`write`](Self::write) with a write delay: the batch stays open for the frames that
+    /// arrive within `delay` after `first` (or until it is full), then flushes.
+    async fn write_delayed(&mut self, first: Outbound, delay: Duration) -> Flow {
+        let until = Instant::now() + delay;
+        let mut state = WriteState::new(first, true);
+        let mut result = std::future::poll_fn(|cx| self.poll_write(cx, &mut state)).await;
+        while let Ok(Ok(Batch::Open)) = result {
+            match tokio::time::timeout_at(until, self.session.recv()).await {
+                Ok(out) => state.next = Some(out),
+                // The delay ran out: flush what the batch holds.
+                Err(_) => state.hold = false,
+            }
+            result = std::future::poll_fn(|cx| self.poll_write(cx, &mut state)).await;
+        }
+        match self.written(result) {
+            Ok(flow) => flow,
+            Err(code) => {
+                self.close(code).await;
                 Flow::Stop
             }
-            Err(_) => {
+        }
+    }
+
+    /// What a finished batch means for the connection: go on, stop, or (`Err`) send this close
+    /// and stop.
+    fn written(&self, result: WriteResult) -> Result<Flow, CloseCode> {
+        match result {
+            Ok(Ok(Batch::Flushed(None) | Batch::Open)) => Ok(Flow::Continue),
+            Ok(Ok(Batch::Flushed(Some(reason)))) => Err(match reason {
+                CloseReason::SlowConsumer => CloseCode::SlowConsumer,
+                CloseReason::Disconnected => CloseCode::Disconnected,
+                // Shutdown, and any reason a later hub adds: the client should reconnect.
+                _ => CloseCode::GoingAway,
+            }),
+            Ok(Err(e)) => {
+                tracing::debug!(session = self.session.handle().id(), error = %e, "socket write failed");
+                Ok(Flow::Stop)
+            }
+            Err(()) => {
                 // The client stopped reading: its TCP window is full. Dropping the connection is
                 // the only way to free what it holds.
                 WsCounters::inc(&self.svc.counters().slow_closed);
@@ -134,18 +200,16 @@ where
                     session = self.session.handle().id(),
                     "write timed out; dropping slow client"
                 );
-                Flow::Stop
+                Ok(Flow::Stop)
             }
         }
     }
 
-    /// One step of [`write`](Self::write): `Ok(Ok(Some(reason)))` is a close to send after the
-    /// flush, `Ok(Err(e))` a socket error, `Err(())` the write timeout.
-    fn poll_write(
-        &mut self,
-        cx: &mut Context<'_>,
-        st: &mut WriteState,
-    ) -> Poll<Result<Result<Option<CloseReason>, String>, ()>> {
+    /// One step of [`write`](Self::write) and [`write_delayed`](Self::write_delayed):
+    /// `Ok(Ok(Batch::Flushed(Some(reason))))` is a close to send after the flush,
+    /// `Ok(Ok(Batch::Open))` a batch held open for the write delay,
+    /// `Ok(Err(e))` a socket error, `Err(())` the write timeout.
+    fn poll_write(&mut self, cx: &mut Context<'_>, st: &mut WriteState) -> Poll<WriteResult> {
         let result = loop {
             if let Some(out) = st.next.take() {
                 match Pin::new(&mut self.sink).poll_ready(cx) {
@@ -178,11 +242,16 @@ where
                 if st.n < BATCH {
                     st.next = self.session.recv().now_or_never();
                 }
+            } else if st.hold && st.n < BATCH && st.close.is_none() {
+                // Written into the sink's buffer, not flushed: more frames may join the batch.
+                break Poll::Ready(Ok(Ok(Batch::Open)));
             } else {
                 match Pin::new(&mut self.sink).poll_flush(cx) {
                     Poll::Pending => break Poll::Pending,
                     Poll::Ready(Err(e)) => break Poll::Ready(Ok(Err(e.to_string()))),
-                    Poll::Ready(Ok(())) => break Poll::Ready(Ok(Ok(st.close.take()))),
+                    Poll::Ready(Ok(())) => {
+                        break Poll::Ready(Ok(Ok(Batch::Flushed(st.close.take()))))
+                    }
                 }
             }
         };
