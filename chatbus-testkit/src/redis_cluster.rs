@@ -255,7 +255,11 @@ impl RedisCluster {
 
     /// The index (into [`nodes`](Self::nodes)) of the master that serves `key`'s slot now.
     pub fn master_of(&self, key: &str) -> usize {
-        let slot = self.slot_of(key);
+        self.master_of_slot(self.slot_of(key))
+    }
+
+    /// The index (into [`nodes`](Self::nodes)) of the master that serves `slot` now.
+    pub fn master_of_slot(&self, slot: u16) -> usize {
         let nodes = parse_nodes(&self.cli_any(&["CLUSTER".into(), "NODES".into()]));
         let port = nodes
             .iter()
@@ -264,7 +268,7 @@ impl RedisCluster {
             .map(|n| n.port);
         match port.and_then(|p| self.ports().iter().position(|q| *q == p)) {
             Some(i) => i,
-            None => panic!("no live master serves slot {slot} of {key}"),
+            None => panic!("no live master serves slot {slot}"),
         }
     }
 
@@ -295,18 +299,7 @@ impl RedisCluster {
     /// the target, `MIGRATING` on the source, `MIGRATE` of every key, then `SETSLOT … NODE`
     /// on every master. Returns once every node agrees on the new owner.
     pub async fn move_slot(&self, slot: u16, to: usize) {
-        let from = {
-            let nodes = parse_nodes(&self.cli_any(&["CLUSTER".into(), "NODES".into()]));
-            let port = nodes
-                .iter()
-                .filter(|n| n.live_master)
-                .find(|n| n.slots.iter().any(|(a, b)| (*a..=*b).contains(&slot)))
-                .map(|n| n.port);
-            match port.and_then(|p| self.ports().iter().position(|q| *q == p)) {
-                Some(i) => i,
-                None => panic!("no live master serves slot {slot}"),
-            }
-        };
+        let from = self.master_of_slot(slot);
         assert_ne!(from, to, "slot {slot} is on node {to} already");
         let id = |i: usize| self.command(i, &["CLUSTER", "MYID"]).trim().to_owned();
         let (from_id, to_id) = (id(from), id(to));

@@ -181,6 +181,20 @@ struct Sent {
     users: Vec<Arc<str>>,
 }
 
+impl Outbox {
+    /// Takes the next seq for an announcement of `users` (sorted) in `room` and remembers it,
+    /// the base of the next diff.
+    fn record(&mut self, room: &Room, users: &[Arc<str>]) -> u64 {
+        self.seq += 1;
+        let sent = Sent {
+            seq: self.seq,
+            users: users.to_vec(),
+        };
+        self.announced.insert(room.clone(), sent);
+        self.seq
+    }
+}
+
 #[derive(Default)]
 struct RoomView {
     instances: HashMap<u128, InstanceView>,
@@ -593,15 +607,7 @@ impl Presence {
                 })
             }
             None => {
-                ob.seq += 1;
-                let seq = ob.seq;
-                ob.announced.insert(
-                    room.clone(),
-                    Sent {
-                        seq,
-                        users: users.clone(),
-                    },
-                );
+                let seq = ob.record(&room, &users);
                 Announce::Full(Snapshot {
                     instance: self.instance,
                     seq,
@@ -629,15 +635,7 @@ impl Presence {
                     return None;
                 }
                 let base = sent.seq;
-                ob.seq += 1;
-                let seq = ob.seq;
-                ob.announced.insert(
-                    room.clone(),
-                    Sent {
-                        seq,
-                        users: users.clone(),
-                    },
-                );
+                let seq = ob.record(&room, &users);
                 if full {
                     Announce::Full(Snapshot {
                         instance: self.instance,
