@@ -242,7 +242,8 @@ impl ChatHub {
     /// Who is online in `room` on every instance, whether or not this one has members there:
     /// with local members, what [`online`](Self::online) knows; otherwise this instance
     /// subscribes to the room for a moment, asks the others for their full lists (a presence
-    /// "hello") and collects what arrives within [`PRESENCE_QUERY_WAIT`], sorted.
+    /// "hello") and collects what arrives within
+    /// [`PRESENCE_QUERY_WAIT`](crate::PRESENCE_QUERY_WAIT), sorted.
     pub async fn online_everywhere(&self, room: &Room) -> chatbus_core::Result<Vec<Arc<str>>> {
         if !self.hub.local_members(room).is_empty() {
             return Ok(self.online(room));
