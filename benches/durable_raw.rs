@@ -18,6 +18,9 @@
 //! | `rdkafka+redis` | raw `send`, then raw `PUBLISH` of the same payload: the raw clients doing what the dual path does |
 //! | `kb+rb` | `KafkaBroker::publish`, then `RedisBroker::publish` of the envelope with its cursor, by hand: DualBus's two stages without DualBus |
 //!
+//! For the two-stage cases the table also gives the second stage alone (the Redis publish
+//! after the Kafka ack), to compare with a Redis publish on its own.
+//!
 //! The cases run one after the other, all of them once per round (every other round in the
 //! reverse order), so that a shared machine's load spreads over every case; each Kafka case has its own topic (8 partitions), created by
 //! `KafkaBroker::connect` before the first round. No subscriber is attached anywhere (publish
@@ -263,28 +266,43 @@ impl Clients {
             .map_err(|e| e.to_string())
     }
 
-    /// One publish of `case` to `room`, from the call to the ack.
-    async fn publish(&self, case: Case, room: &Room) -> Result<(), String> {
+    /// One publish of `case` to `room`, from the call to the ack. For the two-stage cases, the
+    /// time of the second stage (the Redis publish after the Kafka ack).
+    async fn publish(&self, case: Case, room: &Room) -> Result<Option<Duration>, String> {
         let env = || Envelope::new(room.clone(), self.payload.clone());
         let err = |e: chatbus_core::Error| e.to_string();
+        let one = |r: chatbus_core::Result<chatbus_core::Receipt>| r.map(|_| None).map_err(err);
         match case {
-            Case::RawKafka => self.raw_send(room).await,
-            Case::RawRedis => self.raw_publish(room).await,
-            Case::KafkaBroker => self.kafka.publish(&env()).await.map(|_| ()).map_err(err),
-            Case::RedisBroker => self.redis.publish(&env()).await.map(|_| ()).map_err(err),
-            Case::Dual => self.dual.publish(&env()).await.map(|_| ()).map_err(err),
+            Case::RawKafka => self.raw_send(room).await.map(|()| None),
+            Case::RawRedis => self.raw_publish(room).await.map(|()| None),
+            Case::KafkaBroker => one(self.kafka.publish(&env()).await),
+            Case::RedisBroker => one(self.redis.publish(&env()).await),
+            Case::Dual => one(self.dual.publish(&env()).await),
             Case::RawBoth => {
                 self.raw_send(room).await?;
-                self.raw_publish(room).await
+                let t = Instant::now();
+                self.raw_publish(room).await?;
+                Ok(Some(t.elapsed()))
             }
             Case::BrokersByHand => {
                 let mut env = env();
                 let receipt = self.kafka.publish(&env).await.map_err(err)?;
                 env.cursor = receipt.cursor;
-                self.redis.publish(&env).await.map(|_| ()).map_err(err)
+                let t = Instant::now();
+                self.redis.publish(&env).await.map_err(err)?;
+                Ok(Some(t.elapsed()))
             }
         }
     }
+}
+
+/// Latencies in µs, 1 µs to 60 s.
+fn new_hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1)
 }
 
 /// utime + stime of a process, in clock ticks (`/proc/PID/stat` fields 14 and 15).
@@ -302,6 +320,8 @@ const TICKS_PER_SEC: f64 = 100.0;
 struct Sample {
     secs: f64,
     hist: Histogram<u64>,
+    /// The second stage of the two-stage cases (empty for the others).
+    stage2: Histogram<u64>,
     errors: usize,
     /// CPU seconds of Tansu, redis-server and this process during the sample.
     cpu: [Option<f64>; 3],
@@ -324,8 +344,8 @@ async fn run(
         .map(|_| {
             let (clients, next) = (clients.clone(), next.clone());
             tokio::spawn(async move {
-                let mut hist =
-                    Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+                let mut hist = new_hist();
+                let mut stage2 = new_hist();
                 let mut errors = 0;
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
@@ -335,9 +355,11 @@ async fn run(
                     let room = &clients.rooms[i % clients.rooms.len()];
                     let t = Instant::now();
                     match clients.publish(case, room).await {
-                        Ok(()) => {
-                            let us = u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX);
-                            hist.saturating_record(us.max(1));
+                        Ok(second) => {
+                            hist.saturating_record(micros(t.elapsed()));
+                            if let Some(d) = second {
+                                stage2.saturating_record(micros(d));
+                            }
                         }
                         Err(e) => {
                             if errors == 0 {
@@ -347,15 +369,16 @@ async fn run(
                         }
                     }
                 }
-                (hist, errors)
+                (hist, stage2, errors)
             })
         })
         .collect();
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+    let (mut hist, mut stage2) = (new_hist(), new_hist());
     let mut errors = 0;
     for w in workers {
-        let (h, e) = w.await.expect("worker task");
+        let (h, h2, e) = w.await.expect("worker task");
         hist.add(&h).expect("same bounds");
+        stage2.add(&h2).expect("same bounds");
         errors += e;
     }
     let secs = start.elapsed().as_secs_f64();
@@ -368,6 +391,7 @@ async fn run(
     Sample {
         secs,
         hist,
+        stage2,
         errors,
         cpu,
     }
@@ -399,7 +423,7 @@ impl Results {
     fn figures(&self, case: Case, inflight: usize, count: usize) -> (f64, u64, u64) {
         let s = self.get(case, inflight);
         let rate = median(s.iter().map(|x| count as f64 / x.secs).collect());
-        let mut all = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+        let mut all = new_hist();
         for x in s {
             all.add(&x.hist).expect("same bounds");
         }
@@ -430,9 +454,9 @@ fn report(args: &Args, results: &Results) -> String {
     );
     let _ = writeln!(
         out,
-        "| case | in flight | publishes/s | p50 ms | p99 ms | max ms | tansu CPU % | redis CPU % | bench CPU % | errors |"
+        "| case | in flight | publishes/s | p50 ms | p99 ms | max ms | 2nd stage p50 / p99 ms | tansu CPU % | redis CPU % | bench CPU % | errors |"
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|");
     for &inflight in &args.inflight {
         for case in CASES {
             let s = results.get(case, inflight);
@@ -441,9 +465,22 @@ fn report(args: &Args, results: &Results) -> String {
             let secs: f64 = s.iter().map(|x| x.secs).sum();
             let cpu = |k: usize| -> Option<f64> { s.iter().map(|x| x.cpu[k]).sum() };
             let errors: usize = s.iter().map(|x| x.errors).sum();
+            let mut stage2 = new_hist();
+            for x in s {
+                stage2.add(&x.stage2).expect("same bounds");
+            }
+            let stage2 = if stage2.is_empty() {
+                "—".to_string()
+            } else {
+                format!(
+                    "{} / {}",
+                    ms(stage2.value_at_quantile(0.5)),
+                    ms(stage2.value_at_quantile(0.99))
+                )
+            };
             let _ = writeln!(
                 out,
-                "| {} | {inflight} | {rate:.0} | {} | {} | {} | {} | {} | {} | {errors} |",
+                "| {} | {inflight} | {rate:.0} | {} | {} | {} | {stage2} | {} | {} | {} | {errors} |",
                 case.name(),
                 ms(p50),
                 ms(p99),
