@@ -74,7 +74,7 @@ struct Args {
     inflight: Vec<usize>,
     /// Rounds over every case (the figures are medians over rounds, latencies from every
     /// round's publishes together).
-    #[arg(long, env = "DURABLE_RAW_ROUNDS", default_value_t = 5)]
+    #[arg(long, env = "DURABLE_RAW_ROUNDS", default_value_t = 8)]
     rounds: usize,
     /// Untimed publishes per case before its first round (connections, producer id, leaders).
     #[arg(long, default_value_t = 200)]
@@ -94,6 +94,9 @@ struct Args {
     /// redis-server's pid, likewise.
     #[arg(long, env = "DURABLE_RAW_REDIS_PID")]
     redis_pid: Option<u32>,
+    /// Run only these cases (names as in the table, comma separated), e.g. to profile one.
+    #[arg(long, value_delimiter = ',')]
+    cases: Vec<String>,
     /// Write the tables (Markdown) to this file as well as stdout.
     #[arg(long, env = "DURABLE_RAW_OUT")]
     out: Option<std::path::PathBuf>,
@@ -458,7 +461,7 @@ fn report(args: &Args, results: &Results) -> String {
     );
     let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|");
     for &inflight in &args.inflight {
-        for case in CASES {
+        for case in CASES.into_iter().filter(|c| selected(args, *c)) {
             let s = results.get(case, inflight);
             let (rate, p50, p99) = results.figures(case, inflight, args.count);
             let max = s.iter().map(|x| x.hist.max()).max().unwrap_or(0);
@@ -497,7 +500,7 @@ fn report(args: &Args, results: &Results) -> String {
     );
     let _ = writeln!(
         out,
-        "| ratio | in flight | publishes/s | p50 | p99 |\n|---|---|---|---|---|"
+        "| ratio | in flight | publishes/s | p50 | p99 | publishes/s, per round: median [min–max] | p50, per round: median [min–max] |\n|---|---|---|---|---|---|---|"
     );
     let pairs = [
         (
@@ -516,18 +519,44 @@ fn report(args: &Args, results: &Results) -> String {
     ];
     for &inflight in &args.inflight {
         for (num, den, label) in pairs {
+            if !selected(args, num) || !selected(args, den) {
+                continue;
+            }
             let (r1, a1, b1) = results.figures(num, inflight, args.count);
             let (r0, a0, b0) = results.figures(den, inflight, args.count);
+            // Each round's pair ran seconds apart, under the same load: their ratios spread
+            // less than the ratio of two medians when the machine's load drifts.
+            let (s1, s0) = (results.get(num, inflight), results.get(den, inflight));
+            let rate_ratios: Vec<f64> = s1.iter().zip(s0).map(|(x, y)| y.secs / x.secs).collect();
+            let p50_ratios: Vec<f64> = s1
+                .iter()
+                .zip(s0)
+                .map(|(x, y)| {
+                    x.hist.value_at_quantile(0.5) as f64
+                        / y.hist.value_at_quantile(0.5).max(1) as f64
+                })
+                .collect();
+            let spread = |v: &[f64]| {
+                let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+                let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                format!("{:.3} [{lo:.2}–{hi:.2}]", median(v.to_vec()))
+            };
             let _ = writeln!(
                 out,
-                "| {label} | {inflight} | {:.3} | {:.3} | {:.3} |",
+                "| {label} | {inflight} | {:.3} | {:.3} | {:.3} | {} | {} |",
                 r1 / r0,
                 a1 as f64 / a0.max(1) as f64,
                 b1 as f64 / b0.max(1) as f64,
+                spread(&rate_ratios),
+                spread(&p50_ratios),
             );
         }
     }
     out
+}
+
+fn selected(args: &Args, case: Case) -> bool {
+    args.cases.is_empty() || args.cases.iter().any(|n| n == case.name())
 }
 
 fn main() {
@@ -548,7 +577,7 @@ fn main() {
             args.redis_pid.map(|p| p.to_string()),
             Some(std::process::id().to_string()),
         ];
-        for case in CASES {
+        for case in CASES.into_iter().filter(|c| selected(&args, *c)) {
             let warm = run(&clients, case, args.warmup, 1, &pids).await;
             assert_eq!(warm.errors, 0, "{}: the warm-up failed", case.name());
         }
@@ -558,11 +587,12 @@ fn main() {
         for round in 0..args.rounds {
             // Every other round in the reverse order, so that no case always follows the
             // same one (librdkafka's threads after a Kafka case, a warm Redis connection).
-            let order: Vec<Case> = if round % 2 == 0 {
+            let mut order: Vec<Case> = if round % 2 == 0 {
                 CASES.to_vec()
             } else {
                 CASES.iter().rev().copied().collect()
             };
+            order.retain(|c| selected(&args, *c));
             for &inflight in &args.inflight {
                 for &case in &order {
                     let s = run(&clients, case, args.count, inflight, &pids).await;
