@@ -3,13 +3,13 @@
 # throughput of raw rdkafka, raw Redis PUBLISH, KafkaBroker, RedisBroker (history off) and
 # DualBus (Redis + Kafka, as `chat-server --broker dual` builds it) on one Tansu (SQLite
 # storage) and one redis-server, 100-byte payloads over 16 rooms, 1 and 16 publishes in
-# flight, 2,000 publishes per case per round, 5 rounds with the cases interleaved
+# flight, 2,000 publishes per case per round, 8 rounds with the cases interleaved
 # (benches/durable_raw.rs says what each case times).
 #
 #   scripts/bench/durable_raw.sh
 #   ROUNDS=3 COUNT=4000 INFLIGHT=1,16,64 scripts/bench/durable_raw.sh
 #
-# Report: target/loadgen/durable-raw.md (the tables); also on stdout. Under 3 minutes once
+# Report: target/loadgen/durable-raw.md (the tables); also on stdout. About 75 s once
 # built (the first run builds the bench: `cargo bench --bench durable_raw --no-run`).
 source "$(dirname "$0")/lib.sh"
 
@@ -26,7 +26,7 @@ say "load before the run: $(cut -d' ' -f1-3 /proc/loadavg)"
   --redis-url "redis://127.0.0.1:$REDIS_PORT" \
   --kafka-brokers "127.0.0.1:$KAFKA_PORT" \
   --tansu-pid "$TANSU_PID" --redis-pid "$REDIS_PID" \
-  --count "${COUNT:-2000}" --rounds "${ROUNDS:-5}" --inflight "${INFLIGHT:-1,16}" \
+  --count "${COUNT:-2000}" --rounds "${ROUNDS:-8}" --inflight "${INFLIGHT:-1,16}" \
   --out "$OUT/durable-raw.md")
 say "load after the run: $(cut -d' ' -f1-3 /proc/loadavg)"
 # Where Tansu's CPU went (whole run, connect and warm-up included): its busiest threads, in
