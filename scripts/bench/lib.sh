@@ -78,6 +78,40 @@ start_redis() {
   say "redis-server pid $REDIS_PID on 127.0.0.1:$REDIS_PORT"
 }
 
+# start_redis_cluster: three masters and three replicas of redis-server --cluster-enabled,
+# joined with redis-cli --cluster create; sets REDIS_CLUSTER (host:port,...) and
+# REDIS_CLUSTER_PIDS, and waits until every node says cluster_state:ok.
+start_redis_cluster() {
+  command -v redis-server >/dev/null || die "redis-server not found: apt-get install redis-server"
+  command -v redis-cli >/dev/null || die "redis-cli not found: apt-get install redis-tools"
+  local dir port i nodes=() ports=()
+  dir=$(mktemp -d "${TMPDIR:-/tmp}/chatbus-bench-cluster.XXXXXX")
+  TMP_DIRS+=("$dir")
+  REDIS_CLUSTER_PIDS=()
+  for i in 1 2 3 4 5 6; do
+    port=$(free_port)
+    (cd "$dir" && exec redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no \
+      --cluster-enabled yes --cluster-config-file "nodes-$port.conf" \
+      --cluster-node-timeout 1000 --logfile "$LOGS/redis-cluster-$port.log") &
+    STARTED_PIDS+=("$!")
+    REDIS_CLUSTER_PIDS+=("$!")
+    ports+=("$port")
+    nodes+=("127.0.0.1:$port")
+  done
+  for port in "${ports[@]}"; do wait_tcp "$port"; done
+  redis-cli --cluster create "${nodes[@]}" --cluster-replicas 1 --cluster-yes >"$LOGS/redis-cluster-create.log" 2>&1 \
+    || { tail -n 20 "$LOGS/redis-cluster-create.log" >&2; die "redis-cli --cluster create failed"; }
+  for port in "${ports[@]}"; do
+    for i in $(seq 100); do
+      redis-cli -p "$port" cluster info 2>/dev/null | grep -q "cluster_state:ok" && break
+      [ "$i" -lt 100 ] || die "the Redis Cluster did not reach cluster_state:ok"
+      sleep 0.1
+    done
+  done
+  REDIS_CLUSTER=$(join_by , "${nodes[@]}")
+  say "Redis Cluster of 3 masters + 3 replicas: $REDIS_CLUSTER"
+}
+
 # start_tansu: sets KAFKA_PORT and TANSU_PID (SQLite storage in a temp dir, absolute path).
 start_tansu() {
   local tansu
@@ -113,6 +147,7 @@ start_chatbus() {
   # requires it off anyway: Kafka keeps the history).
   local envs=(RUST_LOG="${RUST_LOG:-warn}" CHATBUS_REDIS_HISTORY="${CHATBUS_REDIS_HISTORY:-0}")
   if [ -n "${REDIS_PORT:-}" ]; then envs+=(CHATBUS_REDIS_URL="redis://127.0.0.1:$REDIS_PORT"); fi
+  if [ -n "${REDIS_CLUSTER:-}" ]; then envs+=(CHATBUS_REDIS_CLUSTER="$REDIS_CLUSTER"); fi
   if [ -n "${KAFKA_PORT:-}" ]; then envs+=(CHATBUS_KAFKA_BROKERS="127.0.0.1:$KAFKA_PORT"); fi
   # shellcheck disable=SC2086 # CHATBUS_SERVER_ARGS is a list of extra flags
   env "${envs[@]}" "${CHATBUS_BIN:-$BIN/chat-server}" --listen "127.0.0.1:$CB_PORT" --broker "$broker" \

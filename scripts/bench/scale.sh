@@ -20,6 +20,7 @@
 #
 #   scripts/bench/scale.sh
 #   RATE=400 DURATION=30 scripts/bench/scale.sh
+#   CLUSTER=1 scripts/bench/scale.sh      # on a Redis Cluster (3 masters, 3 replicas)
 #
 # Report: target/loadgen/scale.md (the table) and target/loadgen/scale.json (the load
 # generator's report). Takes about 2 minutes once built.
@@ -34,7 +35,13 @@ SPREAD=2
 CLIENTS=$((ROOMS * MEMBERS))
 
 build
-start_redis
+if [ -n "${CLUSTER:-}" ]; then
+  start_redis_cluster
+  BROKER_PIDS=$(join_by , "${REDIS_CLUSTER_PIDS[@]}")
+else
+  start_redis
+  BROKER_PIDS=$REDIS_PID
+fi
 start_tansu
 for _ in $(seq "$((INSTANCES + 1))"); do
   CHATBUS_SERVER_ARGS="--presence-interval-ms 60000 --max-connections 20000" start_chatbus dual
@@ -86,8 +93,8 @@ WINDOW=$((DURATION - 10))
   --clients "$CLIENTS" --rooms "$ROOMS" --room-spread "$SPREAD" --senders "$ROOMS" \
   --rate "$RATE" --duration "$DURATION" --drain-secs 5 --procs 2 --sources 4 \
   --connect-rate 4000 \
-  --server-pid "$(join_by , "${CB_PIDS[@]}")" --broker-pid "$REDIS_PID,$TANSU_PID" \
-  --name scale --label "chatbus --broker dual, 4 instances, $ROOMS rooms of $MEMBERS on $SPREAD instances" \
+  --server-pid "$(join_by , "${CB_PIDS[@]}")" --broker-pid "$BROKER_PIDS,$TANSU_PID" \
+  --name scale --label "chatbus --broker dual${CLUSTER:+ on a Redis Cluster}, 4 instances, $ROOMS rooms of $MEMBERS on $SPREAD instances" \
   --max-secs 150 2>&1 | tee "$OUT/scale-loadgen.log" | {
   while IFS= read -r line; do
     printf '%s\n' "$line" >&2
