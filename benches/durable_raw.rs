@@ -42,7 +42,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use chatbus_core::{Broker, DualBus, DualConfig, Envelope, Room};
-use chatbus_kafka::rdkafka::config::ClientConfig;
 use chatbus_kafka::rdkafka::producer::{FutureProducer, FutureRecord};
 use chatbus_kafka::rdkafka::util::Timeout;
 use chatbus_kafka::{KafkaBroker, KafkaConfig};
@@ -158,30 +157,12 @@ fn kafka_config(args: &Args, topic: String) -> KafkaConfig {
         .with_probe_epochs_at_connect(false)
 }
 
-/// The producer settings of `KafkaBroker` (`client::producer_config` over the defaults of
-/// `KafkaConfig`), key by key.
+/// A raw rdkafka producer with exactly `KafkaBroker`'s settings
+/// ([`KafkaConfig::producer_client_config`]).
 fn raw_producer(config: &KafkaConfig) -> FutureProducer {
-    let ms = |d: Duration| d.as_millis().to_string();
-    ClientConfig::new()
-        .set("bootstrap.servers", &config.brokers)
+    config
+        .producer_client_config()
         .set("client.id", "durable-raw")
-        .set("reconnect.backoff.ms", "50")
-        .set("reconnect.backoff.max.ms", "1000")
-        .set("socket.keepalive.enable", "true")
-        .set("log.connection.close", "false")
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", ms(config.linger))
-        .set("batch.num.messages", config.batch_size.to_string())
-        .set("message.timeout.ms", ms(config.publish_timeout))
-        .set(
-            "request.timeout.ms",
-            ms(config.publish_timeout.min(Duration::from_secs(30))),
-        )
-        .set(
-            "message.max.bytes",
-            (config.max_message_bytes + 1024).to_string(),
-        )
         .create()
         .expect("raw rdkafka producer (the settings are fixed)")
 }

@@ -151,6 +151,14 @@ impl Default for KafkaConfig {
 }
 
 impl KafkaConfig {
+    /// The librdkafka settings of [`KafkaBroker`](crate::KafkaBroker)'s producer for this
+    /// configuration (idempotent, `acks=all`, the timeouts and the pass-through properties):
+    /// for a raw rdkafka client that must behave as the broker's does, such as a benchmark's
+    /// baseline.
+    pub fn producer_client_config(&self) -> rdkafka::ClientConfig {
+        crate::client::producer_config(self)
+    }
+
     /// The default configuration with these bootstrap servers.
     pub fn new(brokers: impl Into<String>) -> Self {
         Self::default().with_brokers(brokers)
