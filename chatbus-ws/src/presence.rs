@@ -29,7 +29,7 @@
 //! nothing for rooms without local members (they are not subscribed).
 
 use std::collections::hash_map::DefaultHasher;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::ops::Bound;
@@ -47,7 +47,14 @@ use tokio_util::sync::CancellationToken;
 use crate::access;
 use crate::chat::{lock, ChatCounters};
 use crate::payload::{self, Diff, Payload, Snapshot};
-use crate::protocol;
+
+mod config;
+#[cfg(test)]
+mod tests;
+mod view;
+
+pub use config::PresenceConfig;
+use view::{InstanceView, RoomView};
 
 /// How long [`ChatHub::online_everywhere`](crate::ChatHub::online_everywhere) collects the
 /// other instances' answers for a room this instance has no members in (each answers within
@@ -69,77 +76,6 @@ pub(crate) const MAX_MEMBERS: usize = 1000;
 
 /// Locks the per-room views are spread over.
 pub(crate) const SHARDS: usize = 16;
-
-/// How presence (and user status) is shared between instances (see `docs/protocol.md`,
-/// "Presence" and "User status").
-///
-/// Built from [`Default`] with the `with_*` setters, so fields can be added without breaking
-/// callers.
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub struct PresenceConfig {
-    /// Each instance re-announces every room it has members in this often (an empty diff, or
-    /// its full list every sixth time), and forgets another instance's list after three
-    /// intervals without news (an instance that died). Watched users are probed this often
-    /// too, and a user whose instance died goes offline for its watchers within three
-    /// intervals. Default 10 s.
-    pub interval: Duration,
-    /// Joins and leaves within this window are announced together, so a burst of joins costs
-    /// one announcement per room. Default 25 ms.
-    pub debounce: Duration,
-    /// A `presence` frame lists every name while the room has at most this many online; beyond,
-    /// it carries the count only (`"paged":true`) and clients page the names with `members`:
-    /// every member gets the frame on every change, so a list would cost n × n names for a room
-    /// of n, and every connection's write buffer would keep the size of the largest frame it
-    /// sent. Default 200.
-    pub max_listed: usize,
-    /// In a room with more local connections than `max_listed`, this instance announces
-    /// changes at most this often, instead of after each `debounce`: a burst of thousands of
-    /// joins then costs every member about one `presence` frame per interval, not one per
-    /// 25 ms (which was quadratic in the room's size). Default 1 s.
-    pub large_room_debounce: Duration,
-}
-
-impl Default for PresenceConfig {
-    fn default() -> Self {
-        Self {
-            interval: Duration::from_secs(10),
-            debounce: Duration::from_millis(25),
-            max_listed: 200,
-            large_room_debounce: Duration::from_secs(1),
-        }
-    }
-}
-
-impl PresenceConfig {
-    /// Sets [`interval`](Self::interval).
-    #[must_use]
-    pub fn with_interval(mut self, interval: Duration) -> Self {
-        self.interval = interval;
-        self
-    }
-
-    /// Sets [`debounce`](Self::debounce).
-    #[must_use]
-    pub fn with_debounce(mut self, debounce: Duration) -> Self {
-        self.debounce = debounce;
-        self
-    }
-
-    /// Sets [`max_listed`](Self::max_listed).
-    #[must_use]
-    pub fn with_max_listed(mut self, max_listed: usize) -> Self {
-        self.max_listed = max_listed;
-        self
-    }
-
-    /// Sets [`large_room_debounce`](Self::large_room_debounce).
-    #[must_use]
-    pub fn with_large_room_debounce(mut self, debounce: Duration) -> Self {
-        self.large_room_debounce = debounce;
-        self
-    }
-}
 
 pub(crate) struct Presence {
     pub(crate) instance: u128,
@@ -195,99 +131,6 @@ impl Outbox {
     }
 }
 
-#[derive(Default)]
-struct RoomView {
-    instances: HashMap<u128, InstanceView>,
-    // The union: per user, how many instances list it.
-    online: BTreeMap<Arc<str>, u32>,
-    // The last frame sent to local members: what a member joining a large room is answered
-    // with (computing the list per join would make a burst of joins quadratic).
-    frame: Option<Bytes>,
-}
-
-struct InstanceView {
-    seq: u64,
-    users: HashSet<Arc<str>>,
-    seen: Instant,
-    // Set when a diff did not fit: when this instance last asked for full lists.
-    asked: Option<Instant>,
-}
-
-impl RoomView {
-    /// Adds or removes one instance's listing of `user`; true if the union changed.
-    fn count(&mut self, user: &Arc<str>, add: bool) -> bool {
-        if add {
-            let n = self.online.entry(user.clone()).or_insert(0);
-            *n += 1;
-            *n == 1
-        } else {
-            match self.online.get_mut(user) {
-                Some(n) if *n > 1 => {
-                    *n -= 1;
-                    false
-                }
-                Some(_) => {
-                    self.online.remove(user);
-                    true
-                }
-                None => false,
-            }
-        }
-    }
-
-    fn drop_instance(&mut self, instance: u128) -> bool {
-        let Some(v) = self.instances.remove(&instance) else {
-            return false;
-        };
-        let mut changed = false;
-        for u in &v.users {
-            changed |= self.count(u, false);
-        }
-        changed
-    }
-
-    /// Replaces an instance's list; true if the union changed.
-    fn replace(&mut self, instance: u128, seq: u64, users: Vec<Arc<str>>, now: Instant) -> bool {
-        let mut changed = self.drop_instance(instance);
-        let users: HashSet<Arc<str>> = users.into_iter().collect();
-        for u in &users {
-            changed |= self.count(u, true);
-        }
-        self.instances.insert(
-            instance,
-            InstanceView {
-                seq,
-                users,
-                seen: now,
-                asked: None,
-            },
-        );
-        changed
-    }
-
-    /// The union with `extra` (this instance's local members), sorted.
-    fn with(&self, extra: Vec<Arc<str>>) -> Vec<Arc<str>> {
-        let mut all = extra;
-        all.extend(self.online.keys().cloned());
-        all.sort_unstable();
-        all.dedup();
-        all
-    }
-
-    fn render(&mut self, room: &Room, max_listed: usize) -> Bytes {
-        // Beyond `max_listed`, the count only (the names are paged with `members`).
-        let listed: Vec<&str> = if self.online.len() > max_listed {
-            Vec::new()
-        } else {
-            self.online.keys().map(AsRef::as_ref).collect()
-        };
-        let frame = protocol::presence_listed(room, listed, self.online.len());
-        self.frame = Some(frame.clone());
-        frame
-    }
-}
-
-/// An announcement ready to publish.
 enum Announce {
     Full(Snapshot),
     Diff(Diff),
@@ -761,6 +604,3 @@ fn changes(before: &[Arc<str>], now: &[Arc<str>]) -> (Vec<Arc<str>>, Vec<Arc<str
     }
     (added, removed)
 }
-
-#[cfg(test)]
-mod tests;
