@@ -13,6 +13,7 @@ use futures::{Stream, StreamExt, TryStreamExt};
 use crate::envelope::{Cursor, Envelope, MessageId, Room};
 use crate::queue::{self, TrySendError};
 use crate::store::Log;
+use crate::tickets::Tickets;
 use crate::{Error, Result};
 
 /// Which rooms a subscription receives.
@@ -189,6 +190,12 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
     fn as_log(&self) -> Option<&dyn Log> {
         None
     }
+
+    /// The broker's per-room ticket counters, for a fast broker under an interest-based
+    /// DualBus (see [`Tickets`]). `None` (the default) for a broker without them.
+    fn tickets(&self) -> Option<&dyn Tickets> {
+        None
+    }
 }
 
 /// One page of [`Broker::history`].
@@ -267,6 +274,9 @@ macro_rules! forward_broker {
             }
             fn as_log(&self) -> Option<&dyn Log> {
                 (**self).as_log()
+            }
+            fn tickets(&self) -> Option<&dyn Tickets> {
+                (**self).tickets()
             }
         }
     };

@@ -44,6 +44,7 @@ mod memory;
 mod queue;
 pub mod store;
 mod subscribers;
+mod tickets;
 
 #[cfg(feature = "conformance")]
 #[cfg_attr(docsrs, doc(cfg(feature = "conformance")))]
@@ -61,3 +62,4 @@ pub use hub::{
     Outbound, RawPayload, Session, SessionHandle, SlowPolicy,
 };
 pub use memory::{MemoryBroker, MemoryConfig};
+pub use tickets::{Baseline, Ticket, Tickets, COUNTER_TTL, OPEN_TICKET_TTL};

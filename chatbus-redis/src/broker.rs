@@ -3,6 +3,7 @@
 use std::fmt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -19,6 +20,7 @@ use crate::config::RedisConfig;
 use crate::error::{self, BACKEND};
 use crate::link::{Connector, Link, Publisher};
 use crate::subscriber::{self, Actor, Command, ConnState, Shared, Timing};
+use crate::tickets;
 use crate::wire::{self, Keys};
 
 /// Entries read per `XRANGE` while scanning the window for a replay by time.
@@ -72,6 +74,7 @@ struct Inner {
     script: redis::Script,
     head_script: redis::Script,
     fanout_script: redis::Script,
+    ticket_scripts: tickets::Scripts,
     shared: Arc<Shared>,
     commands: mpsc::Sender<Command>,
     // Local subscriptions; the actor activates them and unsubscribes the rooms they leave.
@@ -159,6 +162,7 @@ impl RedisBroker {
                 script: redis::Script::new(wire::PUBLISH_SCRIPT),
                 head_script: redis::Script::new(wire::HEAD_SCRIPT),
                 fanout_script: redis::Script::new(wire::FANOUT_SCRIPT),
+                ticket_scripts: tickets::Scripts::default(),
                 shared,
                 commands,
                 subs,
@@ -313,7 +317,7 @@ impl RedisBroker {
     }
 
     /// Runs `f` within the command timeout.
-    async fn bounded<T>(
+    pub(crate) async fn bounded<T>(
         &self,
         op: &'static str,
         f: impl std::future::Future<Output = Result<T>>,
@@ -322,6 +326,18 @@ impl RedisBroker {
         tokio::time::timeout(t, f)
             .await
             .unwrap_or_else(|_| Err(error::timeout(op, t)))
+    }
+
+    /// What the ticket counters (`tickets.rs`) run their scripts through: the command
+    /// connection, the key names, the scripts and the command timeout.
+    pub(crate) fn ticket_parts(&self) -> (Publisher, &Keys, &tickets::Scripts, Duration) {
+        let inner = &self.inner;
+        (
+            inner.publisher.clone(),
+            &inner.keys,
+            &inner.ticket_scripts,
+            inner.config.command_timeout,
+        )
     }
 
     async fn publish_inner(&self, env: &Envelope) -> Result<Receipt> {
@@ -650,6 +666,11 @@ impl Broker for RedisBroker {
             room_order: true,
             interest_filtering: true,
         }
+    }
+
+    /// Per-room ticket counters in Redis (`tickets.rs`), for an interest-based DualBus.
+    fn tickets(&self) -> Option<&dyn chatbus_core::Tickets> {
+        Some(self)
     }
 
     /// `Down` while the pub/sub connection is lost (publishes fail), `Degraded` while it

@@ -114,6 +114,7 @@ mod config;
 mod error;
 mod link;
 mod subscriber;
+mod tickets;
 mod wire;
 
 pub use broker::{RedisBroker, RedisStats};

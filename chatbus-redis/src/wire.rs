@@ -49,6 +49,18 @@ impl Keys {
         format!("{}{}}}:seq", self.head, room.as_str())
     }
 
+    /// `<prefix>:{<room>}:tk`: the room's ticket counter (`tickets.rs`), fields `e` (epoch)
+    /// and `n`.
+    pub(crate) fn tickets(&self, room: &Room) -> String {
+        format!("{}{}}}:tk", self.head, room.as_str())
+    }
+
+    /// `<prefix>:{<room>}:open`: the room's open tickets (`tickets.rs`), scored by when they
+    /// were taken.
+    pub(crate) fn open_tickets(&self, room: &Room) -> String {
+        format!("{}{}}}:open", self.head, room.as_str())
+    }
+
     /// `<prefix>:{*}`: matches the channel of every room (and nothing of another prefix, since
     /// room names contain no braces).
     pub(crate) fn pattern(&self) -> String {

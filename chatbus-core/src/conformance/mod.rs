@@ -24,6 +24,7 @@ use crate::envelope::{Envelope, MessageId, Room};
 use crate::Error;
 
 pub mod store;
+pub mod tickets;
 
 /// The outcome of one check.
 pub type CheckResult = std::result::Result<(), String>;

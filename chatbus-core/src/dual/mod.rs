@@ -303,6 +303,11 @@ impl<F: Broker, D: Broker> Broker for DualBus<F, D> {
         self.durable.as_log()
     }
 
+    /// None: a DualBus takes tickets from its fast broker, it does not hand them out.
+    fn tickets(&self) -> Option<&dyn crate::Tickets> {
+        None
+    }
+
     fn capabilities(&self) -> Capabilities {
         let d = self.durable.capabilities();
         Capabilities {

@@ -17,25 +17,7 @@ use std::collections::BTreeMap;
 // tokio's clock, like the merger's, so that paused time drives the caller's timeouts.
 use tokio::time::Instant;
 
-/// A ticket: the room counter's epoch (when the counter was created; a restarted fast broker
-/// starts a new one) and its value.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Ticket {
-    pub epoch: u64,
-    pub n: u64,
-}
-
-/// The room counter as a new subscriber reads it, after its fast subscription is live.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Baseline {
-    pub epoch: u64,
-    /// The counter: the highest ticket taken so far.
-    pub counter: u64,
-    /// Tickets at or below `counter` still in flight (taken, neither published on the fast
-    /// path nor abandoned). Every other ticket at or below `counter` was published before the
-    /// baseline was read, so after its durable ack: a replay started now has it.
-    pub open: Vec<u64>,
-}
+use crate::tickets::{Baseline, Ticket};
 
 /// What became of a fast copy or an abandon notice.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,5 +1,7 @@
 //! [`MemoryBroker`]: the embedded default, no infrastructure needed.
 
+mod tickets;
+
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -104,6 +106,7 @@ struct Shared {
     epoch: u32,
     state: Mutex<State>,
     subscribers: Subscribers,
+    tickets: tickets::Counters,
 }
 
 #[derive(Debug, Default)]
@@ -176,6 +179,7 @@ impl MemoryBroker {
                 config,
                 epoch: Cursor::new_epoch(),
                 state: Mutex::new(State::default()),
+                tickets: tickets::Counters::default(),
             }),
         }
     }
@@ -315,6 +319,10 @@ impl Broker for MemoryBroker {
     async fn health(&self) -> Health {
         Health::Healthy
     }
+
+    fn tickets(&self) -> Option<&dyn crate::Tickets> {
+        Some(self)
+    }
 }
 
 #[cfg(test)]
@@ -446,5 +454,10 @@ mod conformance_tests {
     async fn memory_relay_passes_conformance() {
         let relay = MemoryBroker::with_config(MemoryConfig::default().with_history_len(0));
         crate::conformance::run_all(&relay).await;
+    }
+
+    #[tokio::test]
+    async fn memory_tickets_pass_conformance() {
+        crate::conformance::tickets::run_all(&MemoryBroker::new()).await;
     }
 }
