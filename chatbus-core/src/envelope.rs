@@ -340,6 +340,20 @@ pub struct Envelope {
     pub payload: Bytes,
     /// Position in the durable log, set by the durable broker.
     pub cursor: Option<Cursor>,
+    /// The room ticket the message was published with, under an interest-based DualBus (see
+    /// [`Stamp`]); `None` otherwise.
+    pub stamp: Option<Stamp>,
+}
+
+/// What a message carries of its room ticket ([`Tickets`](crate::Tickets)): the ticket taken
+/// before its durable write and, on the fast path, the horizon read after the durable ack
+/// (0 in the durable record, which is written before the horizon is known).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    /// The ticket.
+    pub ticket: crate::Ticket,
+    /// The highest ticket of the room taken when this one was closed; 0 when unknown.
+    pub horizon: u64,
 }
 
 impl Envelope {
@@ -353,6 +367,7 @@ impl Envelope {
             ts: now_ms(),
             payload: payload.into(),
             cursor: None,
+            stamp: None,
         }
     }
 
@@ -387,6 +402,7 @@ impl fmt::Debug for Envelope {
             .field("ts", &self.ts)
             .field("payload_len", &self.payload.len())
             .field("cursor", &self.cursor)
+            .field("stamp", &self.stamp)
             .finish()
     }
 }

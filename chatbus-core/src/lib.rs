@@ -55,7 +55,7 @@ pub use broker::{
     ReplayFrom, Subscription,
 };
 pub use dual::{DualBus, DualConfig, DualMode, DualStats, DurableDownPolicy};
-pub use envelope::{Cursor, Envelope, Kind, MessageId, Room, MAX_ROOM_LEN};
+pub use envelope::{Cursor, Envelope, Kind, MessageId, Room, Stamp, MAX_ROOM_LEN};
 pub use error::{BoxError, Error, ResetReason, Result};
 pub use hub::{
     CloseReason, Frame, FrameEncoder, Hub, HubBuilder, HubConfig, HubStats, JoinOptions, Joined,

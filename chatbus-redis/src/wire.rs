@@ -89,9 +89,10 @@ pub(crate) fn encode_for_script(env: &Envelope) -> Result<(Bytes, usize)> {
     // A nonzero placeholder epoch, so that the codec writes the epoch field.
     env.cursor = Some(Cursor::with_epoch(0, 0, u32::MAX));
     let bytes = codec::encode(&env)?;
-    // The codec ends with: cursor (u32 partition, u64 offset, u32 epoch), u32 payload length,
-    // payload.
-    let pos = bytes.len() - env.payload.len() - 4 - 4 - 8;
+    // The codec ends with: cursor (u32 partition, u64 offset, u32 epoch), the stamp if any
+    // (24 bytes), u32 payload length, payload.
+    let stamp = if env.stamp.is_some() { 24 } else { 0 };
+    let pos = bytes.len() - env.payload.len() - 4 - stamp - 4 - 8;
     Ok((bytes, pos))
 }
 
@@ -228,9 +229,14 @@ mod tests {
     /// the script does) decodes to that cursor.
     #[test]
     fn script_splice_position() -> Result<()> {
-        for from in [None, Some("alice")] {
+        let stamp = chatbus_core::Stamp {
+            ticket: chatbus_core::Ticket { epoch: 3, n: 4 },
+            horizon: 5,
+        };
+        for (from, stamp) in [(None, None), (Some("alice"), None), (None, Some(stamp))] {
             let mut env = Envelope::new(Room::new("r.1")?, "payload bytes");
             env.from = from.map(Into::into);
+            env.stamp = stamp;
             let (bytes, pos) = encode_for_script(&env)?;
             let seq: u64 = 0x0102_0304_0506_0708;
             let epoch: u32 = 0x0a0b_0c0d;
@@ -240,6 +246,7 @@ mod tests {
             let got = codec::decode(&Bytes::from(v))?;
             assert_eq!(got.cursor, Some(Cursor::with_epoch(0, seq, epoch)));
             assert_eq!((got.id, got.payload), (env.id, env.payload));
+            assert_eq!(got.stamp, stamp);
         }
         Ok(())
     }

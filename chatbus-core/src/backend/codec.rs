@@ -5,13 +5,14 @@
 //! ```text
 //! u8   version (= 1)
 //! u8   flags: bit 0 ephemeral, bit 1 has `from`, bit 2 has `cursor`, bit 3 the cursor has an
-//!      epoch (only with bit 2); other bits must be 0
+//!      epoch (only with bit 2), bit 4 has a `stamp`; other bits must be 0
 //! [16] message id
 //! u64  ts (Unix ms)
 //! u8   room length, then the room bytes (validated as a Room on decode)
 //! if from:   u16 length, then UTF-8 bytes
 //! if cursor: u32 partition, u64 offset
 //! if epoch:  u32 epoch (nonzero)
+//! if stamp:  u64 ticket epoch (nonzero), u64 ticket number, u64 horizon
 //! u32  payload length, then the payload bytes (zero-copy slice of the input on decode)
 //! ```
 //!
@@ -22,13 +23,16 @@
 //! The epoch bit came after the first release: a cursor of an unknown epoch (0) is written
 //! without it, byte for byte as before, and only cursors of a known log set it. A decoder from
 //! before the bit rejects such frames (unknown flag) rather than misreading them, so mixed
-//! versions of chatbus must not share a broker that assigns epochs.
+//! versions of chatbus must not share a broker that assigns epochs. The stamp bit (the
+//! interest-based DualBus) came later still, the same way: an envelope without a stamp is
+//! written as before.
 
 use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::envelope::{Cursor, Envelope, Kind, MessageId, Room};
+use crate::envelope::{Cursor, Envelope, Kind, MessageId, Room, Stamp};
+use crate::tickets::Ticket;
 use crate::{Error, Result};
 
 /// The version this build writes.
@@ -38,7 +42,8 @@ const F_EPHEMERAL: u8 = 1;
 const F_FROM: u8 = 1 << 1;
 const F_CURSOR: u8 = 1 << 2;
 const F_EPOCH: u8 = 1 << 3;
-const F_KNOWN: u8 = F_EPHEMERAL | F_FROM | F_CURSOR | F_EPOCH;
+const F_STAMP: u8 = 1 << 4;
+const F_KNOWN: u8 = F_EPHEMERAL | F_FROM | F_CURSOR | F_EPOCH | F_STAMP;
 
 /// The number of bytes [`encode`] writes for `env`.
 pub fn encoded_len(env: &Envelope) -> usize {
@@ -49,6 +54,7 @@ pub fn encoded_len(env: &Envelope) -> usize {
         + env.room.as_str().len()
         + env.from.as_ref().map_or(0, |f| 2 + f.len())
         + env.cursor.map_or(0, |c| if c.epoch == 0 { 12 } else { 16 })
+        + env.stamp.map_or(0, |_| 24)
         + 4
         + env.payload.len()
 }
@@ -82,6 +88,9 @@ pub fn encode_into(env: &Envelope, buf: &mut BytesMut) -> Result<()> {
             flags |= F_EPOCH;
         }
     }
+    if env.stamp.is_some() {
+        flags |= F_STAMP;
+    }
     buf.reserve(encoded_len(env));
     buf.put_u8(VERSION);
     buf.put_u8(flags);
@@ -101,6 +110,11 @@ pub fn encode_into(env: &Envelope, buf: &mut BytesMut) -> Result<()> {
         if c.epoch != 0 {
             buf.put_u32(c.epoch);
         }
+    }
+    if let Some(stamp) = env.stamp {
+        buf.put_u64(stamp.ticket.epoch);
+        buf.put_u64(stamp.ticket.n);
+        buf.put_u64(stamp.horizon);
     }
     buf.put_u32(payload_len);
     buf.put_slice(&env.payload);
@@ -179,6 +193,20 @@ pub fn decode(bytes: &Bytes) -> Result<Envelope> {
     } else {
         None
     };
+    let stamp = if flags & F_STAMP != 0 {
+        let epoch = u64::from_be_bytes(r.array("truncated stamp")?);
+        let n = u64::from_be_bytes(r.array("truncated stamp")?);
+        let horizon = u64::from_be_bytes(r.array("truncated stamp")?);
+        if epoch == 0 {
+            return Err(Error::Decode("zero ticket epoch"));
+        }
+        Some(Stamp {
+            ticket: Ticket { epoch, n },
+            horizon,
+        })
+    } else {
+        None
+    };
     let len = u32::from_be_bytes(r.array("truncated payload length")?);
     let start = r.pos;
     r.take(len as usize, "truncated payload")?;
@@ -197,6 +225,7 @@ pub fn decode(bytes: &Bytes) -> Result<Envelope> {
         ts,
         payload: bytes.slice(start..r.pos),
         cursor,
+        stamp,
     })
 }
 
@@ -226,11 +255,52 @@ mod tests {
             e.from = from.map(Arc::from);
             e.cursor = cursor;
             e.kind = kind;
-            let b = encode(&e).unwrap_or_else(|err| panic!("{err}"));
-            assert_eq!(b.len(), encoded_len(&e));
-            assert_eq!(b[0], VERSION);
-            assert_eq!(decode(&b).ok(), Some(e.clone()));
+            for stamp in [
+                None,
+                Some(Stamp {
+                    ticket: Ticket { epoch: 1, n: 0 },
+                    horizon: 0,
+                }),
+                Some(Stamp {
+                    ticket: Ticket {
+                        epoch: 1_764_800_000_123_456,
+                        n: u64::MAX,
+                    },
+                    horizon: 42,
+                }),
+            ] {
+                e.stamp = stamp;
+                let b = encode(&e).unwrap_or_else(|err| panic!("{err}"));
+                assert_eq!(b.len(), encoded_len(&e));
+                assert_eq!(b[0], VERSION);
+                assert_eq!(decode(&b).ok(), Some(e.clone()));
+            }
         }
+    }
+
+    /// An envelope without a stamp encodes exactly as before the stamp bit existed; a stamp of
+    /// epoch 0 (never handed out) is refused.
+    #[test]
+    fn the_stamp_is_an_optional_block() {
+        let plain = sample();
+        let mut stamped = plain.clone();
+        stamped.stamp = Some(Stamp {
+            ticket: Ticket { epoch: 9, n: 3 },
+            horizon: 5,
+        });
+        let a = encode(&plain).expect("encodes");
+        let b = encode(&stamped).expect("encodes");
+        assert_eq!(a[1] & F_STAMP, 0);
+        assert_eq!(b[1], a[1] | F_STAMP);
+        assert_eq!(b.len(), a.len() + 24);
+        let mut v = b.to_vec();
+        // The stamp block sits right before the payload length and the payload.
+        let at = v.len() - 4 - plain.payload.len() - 24;
+        v[at..at + 8].copy_from_slice(&0u64.to_be_bytes());
+        assert!(matches!(
+            decode(&Bytes::from(v)),
+            Err(Error::Decode("zero ticket epoch"))
+        ));
     }
 
     #[test]
@@ -292,16 +362,23 @@ mod tests {
             any::<u64>(),
             proptest::collection::vec(any::<u8>(), 0..512),
             proptest::option::of((any::<u32>(), any::<u64>(), any::<u32>())),
+            proptest::option::of((1..u64::MAX, any::<u64>(), any::<u64>())),
         )
-            .prop_map(|(id, room, eph, from, ts, payload, cursor)| Envelope {
-                id: MessageId::from_u128(id),
-                room: Room::new(room).expect("valid room name"),
-                kind: if eph { Kind::Ephemeral } else { Kind::Durable },
-                from: from.map(Arc::from),
-                ts,
-                payload: Bytes::from(payload),
-                cursor: cursor.map(|(p, o, e)| Cursor::with_epoch(p, o, e)),
-            })
+            .prop_map(
+                |(id, room, eph, from, ts, payload, cursor, stamp)| Envelope {
+                    id: MessageId::from_u128(id),
+                    room: Room::new(room).expect("valid room name"),
+                    kind: if eph { Kind::Ephemeral } else { Kind::Durable },
+                    from: from.map(Arc::from),
+                    ts,
+                    payload: Bytes::from(payload),
+                    cursor: cursor.map(|(p, o, e)| Cursor::with_epoch(p, o, e)),
+                    stamp: stamp.map(|(epoch, n, horizon)| Stamp {
+                        ticket: Ticket { epoch, n },
+                        horizon,
+                    }),
+                },
+            )
     }
 
     proptest! {
