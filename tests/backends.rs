@@ -107,3 +107,45 @@ async fn chat_server_over_a_redis_cluster() {
         assert!(via_fast > 0.0, "no message came through Redis:\n{metrics}");
     }
 }
+
+/// The value of counter `name` in a server's metrics (0 when absent).
+async fn counter(server: &ChatServer, name: &str) -> f64 {
+    let metrics = server.metrics().await;
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(0.0)
+}
+
+/// `--dual-interest` (experimental): the interest-based DualBus over a real Redis and Tansu.
+/// Three instances, clients on all: every message to every client once, in one order, through
+/// Redis, and no instance tails the Kafka topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_server_over_the_interest_based_dual_bus() {
+    let redis = RedisServer::start().await;
+    let tansu = Tansu::start().await;
+    let env = [
+        ("CHATBUS_REDIS_URL", redis.url()),
+        ("CHATBUS_KAFKA_BROKERS", tansu.bootstrap()),
+        ("CHATBUS_KAFKA_TOPIC", "backend-interest".to_owned()),
+    ];
+    let args = ["--broker", "dual", "--dual-interest"];
+    let servers = [
+        ChatServer::start(&args, &env).await,
+        ChatServer::start(&args, &env).await,
+        ChatServer::start(&args, &env).await,
+    ];
+    chat_over(&servers, "backend-interest")
+        .await
+        .assert_perfect("interest-based dual");
+    for server in &servers {
+        let via_fast = counter(server, "chatbus_dual_via_fast_total").await;
+        let tailed = counter(server, "chatbus_kafka_tail_records_total").await;
+        assert!(via_fast > 0.0, "no message came through Redis");
+        assert_eq!(
+            tailed, 0.0,
+            "an interest-based instance read the Kafka tail"
+        );
+    }
+}

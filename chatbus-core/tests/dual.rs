@@ -2,7 +2,7 @@
 //! over real Redis and Kafka processes are proven by the fault suite in the root `tests/`.)
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,57 +13,7 @@ use chatbus_core::{
     conformance, Broker, Cursor, DualBus, DualConfig, DurableDownPolicy, Envelope, Error, Health,
     Interest, MemoryBroker, MemoryConfig, Receipt, Result, Subscription,
 };
-use support::{room, Hooked, Hooks};
-
-/// A memory broker with switchable faults (clones share them).
-type Faulty = Hooked<Faults>;
-
-#[derive(Debug, Default)]
-struct Faults {
-    /// Silently lose every Nth publish (acknowledged, never delivered); 0 = never.
-    lose_every: AtomicU64,
-    /// Publishes fail with Unavailable.
-    down: AtomicBool,
-    /// Delay every Nth publish by 5 ms (so concurrent publishers overtake it); 0 = never.
-    delay_every: AtomicU64,
-    count: AtomicU64,
-}
-
-fn faulty(inner: MemoryBroker) -> Faulty {
-    Hooked::new(inner, Faults::default())
-}
-
-#[async_trait]
-impl Hooks for Faults {
-    async fn publish(&self, inner: &MemoryBroker, envelope: &Envelope) -> Result<Receipt> {
-        if self.down.load(Ordering::Relaxed) {
-            return Err(Error::Unavailable {
-                backend: "faulty",
-                reason: "switched off".into(),
-            });
-        }
-        let n = self.count.fetch_add(1, Ordering::Relaxed) + 1;
-        let lose = self.lose_every.load(Ordering::Relaxed);
-        if lose > 0 && n.is_multiple_of(lose) {
-            return Ok(Receipt {
-                id: envelope.id,
-                cursor: envelope.cursor,
-            });
-        }
-        let delay = self.delay_every.load(Ordering::Relaxed);
-        if delay > 0 && n.is_multiple_of(delay) {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        inner.publish(envelope).await
-    }
-    fn health(&self) -> Health {
-        if self.down.load(Ordering::Relaxed) {
-            Health::Down("switched off".into())
-        } else {
-            Health::Healthy
-        }
-    }
-}
+use support::{faulty, room, Hooked, Hooks};
 
 fn relay() -> MemoryBroker {
     MemoryBroker::with_config(MemoryConfig::default().with_history_len(0))

@@ -249,6 +249,12 @@ struct Args {
     #[arg(long, env = "CHATBUS_DURABLE_DOWN", value_enum, default_value_t = DurableDown::Reject)]
     durable_down: DurableDown,
 
+    /// With `--broker dual`: **experimental** interest-based DualBus, which receives from the
+    /// brokers only the rooms with local members (per-room tickets in Redis). Not yet
+    /// fault-tolerant: while Redis is unreachable, sends are refused (docs/ARCHITECTURE.md).
+    #[arg(long, env = "CHATBUS_DUAL_INTEREST", default_value_t = false)]
+    dual_interest: bool,
+
     /// Serve TLS (https://, wss://) with this PEM certificate chain (leaf first). Read once at
     /// start: not reloaded, restart to change it.
     #[arg(long, env = "CHATBUS_TLS_CERT", requires = "tls_key")]
@@ -362,9 +368,10 @@ async fn build_broker(args: &Args) -> Result<Backend, BoxError> {
         }
         BrokerKind::Dual => {
             let mut redis_config = RedisConfig::from_env()?;
-            if redis_config.is_cluster() {
+            if redis_config.is_cluster() && !args.dual_interest {
                 // The DualBus merger subscribes to every room (Interest::All), which a Redis
-                // Cluster serves only through the broadcast channel.
+                // Cluster serves only through the broadcast channel; the interest-based one
+                // subscribes room by room.
                 redis_config = redis_config.with_cluster_broadcast(true);
             }
             if redis_config.history_len > 0 {
@@ -383,7 +390,9 @@ async fn build_broker(args: &Args) -> Result<Backend, BoxError> {
             let bus = Arc::new(DualBus::new(
                 fast,
                 durable,
-                DualConfig::default().with_policy(policy),
+                DualConfig::default()
+                    .with_policy(policy)
+                    .with_interest(args.dual_interest),
             ));
             Backend {
                 broker: bus.clone(),

@@ -32,6 +32,14 @@ pub struct DualConfig {
     pub gap_timeout: Duration,
     /// Buffer of each local subscription. Default 8,192.
     pub subscriber_capacity: usize,
+    /// **Experimental.** Receive from the brokers only the rooms with local subscribers: one
+    /// fast subscription per room, per-room order from tickets the fast broker hands out
+    /// (`Broker::tickets`, e.g. Redis), lost fast copies read from the room's log. Not yet
+    /// fault-tolerant: while the fast broker is unreachable, durable sends are rejected and
+    /// live delivery stops (subscribers resync when it returns); see docs/ARCHITECTURE.md,
+    /// "Interest-based DualBus". Room subscriptions only (`Interest::All` is refused). Default
+    /// off.
+    pub interest: bool,
 }
 
 impl Default for DualConfig {
@@ -42,6 +50,7 @@ impl Default for DualConfig {
             max_held: 100_000,
             gap_timeout: Duration::from_secs(30),
             subscriber_capacity: 8192,
+            interest: false,
         }
     }
 }
@@ -72,6 +81,13 @@ impl DualConfig {
     #[must_use]
     pub fn with_subscriber_capacity(mut self, messages: usize) -> Self {
         self.subscriber_capacity = messages;
+        self
+    }
+
+    /// Sets [`interest`](Self::interest).
+    #[must_use]
+    pub fn with_interest(mut self, on: bool) -> Self {
+        self.interest = on;
         self
     }
 

@@ -3,6 +3,7 @@
 
 mod config;
 mod dedupe;
+mod interest;
 mod merge;
 // The receiving half of the interest-based DualBus (docs/ARCHITECTURE.md), tested on its own
 // until the merger that uses it lands.
@@ -90,6 +91,9 @@ pub struct DualBus<F, D> {
     // Set when a fast publish failed, cleared when one succeeds.
     fast_failed: Arc<AtomicBool>,
     background: Arc<tokio::sync::Semaphore>,
+    // With `DualConfig::interest`: the rooms followed, and the merger's commands until it starts.
+    interest: Option<Arc<interest::Shared>>,
+    interest_cmds: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<interest::Cmd>>>,
 }
 
 /// Fast-path copies sent in the background at once while the fast broker is failing.
@@ -116,10 +120,28 @@ impl<F, D> Drop for DualBus<F, D> {
 impl<F: Broker, D: Broker> DualBus<F, D> {
     /// Composes `fast` (live fan-out) and `durable` (the record).
     pub fn new(fast: F, durable: D, config: DualConfig) -> Self {
+        let (subscribers, interest, interest_cmds) = if config.interest {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let vacated = tx.clone();
+            let subscribers = Subscribers::with_on_vacated(config.subscriber_capacity, move |v| {
+                for room in v.rooms {
+                    let _ = vacated.send(interest::Cmd::Vacated(room));
+                }
+            });
+            let shared = Arc::new(interest::Shared {
+                cmds: tx,
+                followed: std::sync::Mutex::new(std::collections::HashMap::new()),
+            });
+            (subscribers, Some(shared), Some(rx))
+        } else {
+            (Subscribers::new(config.subscriber_capacity), None, None)
+        };
         Self {
             fast: Arc::new(fast),
             durable: Arc::new(durable),
-            subscribers: Subscribers::new(config.subscriber_capacity),
+            subscribers,
+            interest,
+            interest_cmds: std::sync::Mutex::new(interest_cmds),
             config,
             stats: Arc::new(Counters::default()),
             merger: OnceCell::new(),
@@ -193,6 +215,9 @@ impl<F: Broker, D: Broker> DualBus<F, D> {
 
     async fn ensure_merger(&self) -> Result<()> {
         self.check_fast()?;
+        if self.interest.is_some() {
+            return self.ensure_interest_merger();
+        }
         self.merger
             .get_or_try_init(|| async {
                 let tail = self.durable.subscribe(Interest::All).await?;
@@ -223,6 +248,144 @@ impl<F: Broker, D: Broker> DualBus<F, D> {
     }
 }
 
+impl<F: Broker, D: Broker> DualBus<F, D> {
+    fn tickets(&self) -> Result<&dyn crate::Tickets> {
+        self.fast.tickets().ok_or_else(|| {
+            Error::Config(format!(
+                "the interest-based DualBus needs a fast broker with ticket counters; the {} \
+                 broker has none",
+                self.fast.name()
+            ))
+        })
+    }
+
+    fn ensure_interest_merger(&self) -> Result<()> {
+        self.tickets()?;
+        let (Some(shared), Some(cmds)) = (
+            self.interest.as_ref(),
+            self.interest_cmds
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(),
+        ) else {
+            return Ok(());
+        };
+        let merger = interest::InterestMerger::new(
+            self.config.clone(),
+            self.subscribers.clone(),
+            self.stats.clone(),
+            shared.clone(),
+            self.fast.clone(),
+            self.durable.clone(),
+        );
+        let task = tokio::spawn(merger.run(cmds));
+        let _ = self.merger.set(task.abort_handle());
+        Ok(())
+    }
+
+    /// Makes the interest-based merger follow `room` (once per room): its fast subscription
+    /// is live and its baseline read before this returns, so every later publish reaches it.
+    async fn follow(&self, shared: &interest::Shared, room: &Room) -> Result<()> {
+        let cell = shared.followed().entry(room.clone()).or_default().clone();
+        cell.get_or_try_init(|| async {
+            let sub = self.fast.subscribe(Interest::room(room.clone())).await?;
+            let baseline = self.tickets()?.ticket_baseline(room).await?;
+            shared
+                .cmds
+                .send(interest::Cmd::Follow {
+                    room: room.clone(),
+                    sub,
+                    baseline,
+                })
+                .map_err(|_| Error::Unavailable {
+                    backend: "dual",
+                    reason: "the merger stopped".to_owned(),
+                })
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Publishes a durable message with a room ticket (the interest-based DualBus): the ticket
+    /// before the durable write, its close (the horizon) after the ack, then the fast copy
+    /// carrying both. A durable failure closes the ticket and announces it on the fast path
+    /// (a stamped ephemeral notice), so receivers do not wait for it.
+    async fn publish_ticketed(&self, envelope: &Envelope) -> Result<Receipt> {
+        let tickets = self.tickets()?;
+        let ticket = tickets
+            .take_ticket(&envelope.room)
+            .await
+            .map_err(|e| Error::Unavailable {
+                backend: "dual",
+                reason: format!(
+                    "no room ticket from the {} broker, so the message was rejected (the \
+                     interest-based DualBus does not yet publish without one): {e}",
+                    self.fast.name()
+                ),
+            })?;
+        let mut env = envelope.clone();
+        env.stamp = Some(crate::Stamp { ticket, horizon: 0 });
+        let written = self.durable.publish(&env).await;
+        // Closing fails only with the fast broker; receivers then find the message in the log
+        // by a repair read (or give the ticket up after the gap timeout, if it was not written).
+        let horizon = match tickets.close_ticket(&env.room, ticket).await {
+            Ok(now) if now.epoch == ticket.epoch => Some(now.n),
+            // The counter was recreated since: receivers of the new one take a new baseline.
+            Ok(_) => Some(ticket.n),
+            Err(e) => {
+                inc(&self.stats.fast_publish_errors);
+                tracing::debug!(error = %e, "closing a room ticket failed");
+                None
+            }
+        };
+        match written {
+            Ok(receipt) => {
+                self.stats.durable_down.store(false, Ordering::Relaxed);
+                if let Some(horizon) = horizon {
+                    env.cursor = receipt.cursor;
+                    env.stamp = Some(crate::Stamp { ticket, horizon });
+                    self.publish_fast(env).await;
+                }
+                Ok(receipt)
+            }
+            Err(e) => {
+                if let Some(horizon) = horizon {
+                    let mut notice = Envelope::ephemeral(env.room.clone(), bytes::Bytes::new());
+                    notice.stamp = Some(crate::Stamp { ticket, horizon });
+                    self.publish_fast(notice).await;
+                }
+                self.durable_failed(envelope, e).await
+            }
+        }
+    }
+
+    /// A durable publish failed: the [`DurableDownPolicy`] decides.
+    async fn durable_failed(&self, envelope: &Envelope, e: Error) -> Result<Receipt> {
+        inc(&self.stats.durable_publish_errors);
+        self.stats.durable_down.store(true, Ordering::Relaxed);
+        match self.config.policy {
+            DurableDownPolicy::Reject => Err(Error::Unavailable {
+                backend: "dual",
+                reason: format!(
+                    "the durable {} broker did not take the message, so it was rejected: {e}",
+                    self.durable.name()
+                ),
+            }),
+            DurableDownPolicy::DegradeToFast => {
+                let mut env = envelope.clone();
+                env.cursor = None;
+                env.stamp = None;
+                let receipt = self.fast.publish(&env).await?;
+                inc(&self.stats.degraded_publishes);
+                Ok(Receipt {
+                    id: receipt.id,
+                    cursor: None,
+                })
+            }
+        }
+    }
+}
+
 #[deny(clippy::missing_trait_methods)]
 #[async_trait]
 impl<F: Broker, D: Broker> Broker for DualBus<F, D> {
@@ -237,6 +400,9 @@ impl<F: Broker, D: Broker> Broker for DualBus<F, D> {
         if !envelope.is_durable() {
             return self.fast.publish(envelope).await;
         }
+        if self.interest.is_some() {
+            return self.publish_ticketed(envelope).await;
+        }
         match self.durable.publish(envelope).await {
             Ok(receipt) => {
                 self.stats.durable_down.store(false, Ordering::Relaxed);
@@ -245,29 +411,7 @@ impl<F: Broker, D: Broker> Broker for DualBus<F, D> {
                 self.publish_fast(env).await;
                 Ok(receipt)
             }
-            Err(e) => {
-                inc(&self.stats.durable_publish_errors);
-                self.stats.durable_down.store(true, Ordering::Relaxed);
-                match self.config.policy {
-                    DurableDownPolicy::Reject => Err(Error::Unavailable {
-                        backend: "dual",
-                        reason: format!(
-                            "the durable {} broker did not take the message, so it was rejected: {e}",
-                            self.durable.name()
-                        ),
-                    }),
-                    DurableDownPolicy::DegradeToFast => {
-                        let mut env = envelope.clone();
-                        env.cursor = None;
-                        let receipt = self.fast.publish(&env).await?;
-                        inc(&self.stats.degraded_publishes);
-                        Ok(Receipt {
-                            id: receipt.id,
-                            cursor: None,
-                        })
-                    }
-                }
-            }
+            Err(e) => self.durable_failed(envelope, e).await,
         }
     }
 
@@ -276,7 +420,23 @@ impl<F: Broker, D: Broker> Broker for DualBus<F, D> {
     /// starts the merger and fails if the durable broker cannot be subscribed to.
     async fn subscribe(&self, interest: Interest) -> Result<Subscription> {
         self.ensure_merger().await?;
-        Ok(self.subscribers.subscribe(interest))
+        let Some(shared) = self.interest.as_ref() else {
+            return Ok(self.subscribers.subscribe(interest));
+        };
+        let Interest::Rooms(rooms) = &interest else {
+            return Err(Error::Config(
+                "the interest-based DualBus serves room subscriptions only, not Interest::All"
+                    .to_owned(),
+            ));
+        };
+        let rooms = rooms.clone();
+        // Registered first, so that the merger never leaves a room this subscriber is in
+        // (it checks for local subscribers under the lock `follow` takes).
+        let sub = self.subscribers.subscribe(interest);
+        for room in &rooms {
+            self.follow(shared, room).await?;
+        }
+        Ok(sub)
     }
 
     /// From the durable broker.
@@ -314,7 +474,7 @@ impl<F: Broker, D: Broker> Broker for DualBus<F, D> {
             durable: d.durable,
             replay: d.replay,
             room_order: true,
-            interest_filtering: false,
+            interest_filtering: self.interest.is_some(),
         }
     }
 

@@ -5,11 +5,13 @@
 #![allow(dead_code, unreachable_pub)]
 
 use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chatbus_core::{
-    Broker, Capabilities, Cursor, Envelope, Health, HistoryStream, Interest, MemoryBroker, Receipt,
-    ReplayFrom, Result, Room, Subscription,
+    Broker, Capabilities, Cursor, Envelope, Error, Health, HistoryStream, Interest, MemoryBroker,
+    Receipt, ReplayFrom, Result, Room, Subscription,
 };
 
 /// The room `name`. (The other crates' tests use `chatbus_core::conformance::room`; these
@@ -94,5 +96,58 @@ impl<H: Hooks> Broker for Hooked<H> {
     }
     async fn health(&self) -> Health {
         self.hooks.health()
+    }
+    fn tickets(&self) -> Option<&dyn chatbus_core::Tickets> {
+        self.inner.tickets()
+    }
+}
+
+/// A memory broker with switchable faults (clones share them).
+pub type Faulty = Hooked<Faults>;
+
+#[derive(Debug, Default)]
+pub struct Faults {
+    /// Silently lose every Nth publish (acknowledged, never delivered); 0 = never.
+    pub lose_every: AtomicU64,
+    /// Publishes fail with Unavailable.
+    pub down: AtomicBool,
+    /// Delay every Nth publish by 5 ms (so concurrent publishers overtake it); 0 = never.
+    pub delay_every: AtomicU64,
+    pub count: AtomicU64,
+}
+
+pub fn faulty(inner: MemoryBroker) -> Faulty {
+    Hooked::new(inner, Faults::default())
+}
+
+#[async_trait]
+impl Hooks for Faults {
+    async fn publish(&self, inner: &MemoryBroker, envelope: &Envelope) -> Result<Receipt> {
+        if self.down.load(Ordering::Relaxed) {
+            return Err(Error::Unavailable {
+                backend: "faulty",
+                reason: "switched off".into(),
+            });
+        }
+        let n = self.count.fetch_add(1, Ordering::Relaxed) + 1;
+        let lose = self.lose_every.load(Ordering::Relaxed);
+        if lose > 0 && n.is_multiple_of(lose) {
+            return Ok(Receipt {
+                id: envelope.id,
+                cursor: envelope.cursor,
+            });
+        }
+        let delay = self.delay_every.load(Ordering::Relaxed);
+        if delay > 0 && n.is_multiple_of(delay) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        inner.publish(envelope).await
+    }
+    fn health(&self) -> Health {
+        if self.down.load(Ordering::Relaxed) {
+            Health::Down("switched off".into())
+        } else {
+            Health::Healthy
+        }
     }
 }
