@@ -11,34 +11,9 @@ use async_trait::async_trait;
 mod support;
 use chatbus_core::{
     conformance, Broker, Cursor, DualBus, DualConfig, DurableDownPolicy, Envelope, Error, Health,
-    Interest, MemoryBroker, MemoryConfig, Receipt, Result, Subscription,
+    Interest, MemoryBroker, Receipt, Result, Subscription,
 };
-use support::{faulty, room, Hooked, Hooks};
-
-fn relay() -> MemoryBroker {
-    MemoryBroker::with_config(MemoryConfig::default().with_history_len(0))
-}
-
-fn log() -> MemoryBroker {
-    MemoryBroker::with_config(MemoryConfig::default().with_history_len(100_000))
-}
-
-/// Receives `n` messages and checks: every published id exactly once, in cursor order.
-async fn collect(sub: &mut Subscription, n: usize) -> Vec<Envelope> {
-    let mut out = Vec::with_capacity(n);
-    while out.len() < n {
-        match tokio::time::timeout(Duration::from_secs(10), sub.recv()).await {
-            Ok(Some(Ok(env))) => out.push(env),
-            Ok(Some(Err(e))) => panic!("subscription error after {} messages: {e}", out.len()),
-            Ok(None) => panic!("subscription ended after {} messages", out.len()),
-            Err(_) => panic!("timed out after {} of {n} messages", out.len()),
-        }
-    }
-    if let Ok(Some(extra)) = tokio::time::timeout(Duration::from_millis(300), sub.recv()).await {
-        panic!("more than {n} messages: {extra:?}");
-    }
-    out
-}
+use support::{collect, faulty, log, relay, room, Hooked, Hooks};
 
 fn assert_exactly_once_in_order(got: &[Envelope], receipts: &[Receipt]) {
     let mut seen = HashMap::new();

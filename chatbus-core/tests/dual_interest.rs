@@ -9,39 +9,13 @@ use std::time::Duration;
 
 mod support;
 use chatbus_core::{
-    Broker, BrokerExt, DualBus, DualConfig, Envelope, Error, Interest, MemoryBroker, MemoryConfig,
-    Receipt, ReplayFrom, Room, Stamp, Subscription,
+    Broker, BrokerExt, DualBus, DualConfig, Envelope, Error, Interest, MemoryBroker, Receipt,
+    ReplayFrom, Room, Stamp,
 };
-use support::{faulty, room, Faulty};
-
-fn relay() -> MemoryBroker {
-    MemoryBroker::with_config(MemoryConfig::default().with_history_len(0))
-}
-
-fn log() -> MemoryBroker {
-    MemoryBroker::with_config(MemoryConfig::default().with_history_len(100_000))
-}
+use support::{collect, faulty, log, relay, room, Faulty};
 
 fn interest() -> DualConfig {
     DualConfig::default().with_interest(true)
-}
-
-/// Receives `n` messages (panics on an error, an early end, or a wait over 10 s), then checks
-/// that nothing more comes.
-async fn collect(sub: &mut Subscription, n: usize) -> Vec<Envelope> {
-    let mut out = Vec::with_capacity(n);
-    while out.len() < n {
-        match tokio::time::timeout(Duration::from_secs(10), sub.recv()).await {
-            Ok(Some(Ok(env))) => out.push(env),
-            Ok(Some(Err(e))) => panic!("subscription error after {} messages: {e}", out.len()),
-            Ok(None) => panic!("subscription ended after {} messages", out.len()),
-            Err(_) => panic!("timed out after {} of {n} messages", out.len()),
-        }
-    }
-    if let Ok(Some(extra)) = tokio::time::timeout(Duration::from_millis(300), sub.recv()).await {
-        panic!("more than {n} messages: {extra:?}");
-    }
-    out
 }
 
 /// Every acked message exactly once, and in the order of the durable log.

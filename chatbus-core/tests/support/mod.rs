@@ -11,7 +11,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chatbus_core::{
     Broker, Capabilities, Cursor, Envelope, Error, Health, HistoryStream, Interest, MemoryBroker,
-    Receipt, ReplayFrom, Result, Room, Subscription,
+    MemoryConfig, Receipt, ReplayFrom, Result, Room, Subscription,
 };
 
 /// The room `name`. (The other crates' tests use `chatbus_core::conformance::room`; these
@@ -150,4 +150,31 @@ impl Hooks for Faults {
             Health::Healthy
         }
     }
+}
+
+/// A memory broker without history: a plain relay, as a DualBus fast path.
+pub fn relay() -> MemoryBroker {
+    MemoryBroker::with_config(MemoryConfig::default().with_history_len(0))
+}
+
+/// A memory broker that keeps 100,000 messages per room, as a DualBus durable log.
+pub fn log() -> MemoryBroker {
+    MemoryBroker::with_config(MemoryConfig::default().with_history_len(100_000))
+}
+
+/// Receives `n` messages and checks: every published id exactly once, in cursor order.
+pub async fn collect(sub: &mut Subscription, n: usize) -> Vec<Envelope> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        match tokio::time::timeout(Duration::from_secs(10), sub.recv()).await {
+            Ok(Some(Ok(env))) => out.push(env),
+            Ok(Some(Err(e))) => panic!("subscription error after {} messages: {e}", out.len()),
+            Ok(None) => panic!("subscription ended after {} messages", out.len()),
+            Err(_) => panic!("timed out after {} of {n} messages", out.len()),
+        }
+    }
+    if let Ok(Some(extra)) = tokio::time::timeout(Duration::from_millis(300), sub.recv()).await {
+        panic!("more than {n} messages: {extra:?}");
+    }
+    out
 }
