@@ -252,7 +252,7 @@ struct Args {
     /// With `--broker dual`: **experimental** interest-based DualBus, which receives from the
     /// brokers only the rooms with local members (per-room tickets in Redis). Not yet
     /// fault-tolerant: while Redis is unreachable, sends are refused (docs/ARCHITECTURE.md).
-    #[arg(long, env = "CHATBUS_DUAL_INTEREST", default_value_t = false)]
+    #[arg(long, env = "CHATBUS_DUAL_INTEREST")]
     dual_interest: bool,
 
     /// Serve TLS (https://, wss://) with this PEM certificate chain (leaf first). Read once at
