@@ -46,6 +46,16 @@ pub mod store;
 mod subscribers;
 mod tickets;
 
+/// Pushes onto a vector that is often left with one to three elements (the members of a
+/// personal channel, the subscribers of a room): the first pushes allocate exactly, where a
+/// plain `push` would allocate four slots at once; from four on it grows as usual.
+pub(crate) fn push_compact<T>(v: &mut Vec<T>, item: T) {
+    if v.len() < 4 && v.len() == v.capacity() {
+        v.reserve_exact(1);
+    }
+    v.push(item);
+}
+
 #[cfg(feature = "conformance")]
 #[cfg_attr(docsrs, doc(cfg(feature = "conformance")))]
 pub mod conformance;

@@ -201,10 +201,11 @@ impl Registry {
             Interest::All => self.all.push(entry),
             Interest::Rooms(rooms) => {
                 for room in rooms {
-                    self.by_room
-                        .entry(room.clone())
-                        .or_default()
-                        .push(entry.clone());
+                    // Most rooms have one subscriber per instance (the hub's).
+                    crate::push_compact(
+                        self.by_room.entry(room.clone()).or_default(),
+                        entry.clone(),
+                    );
                 }
             }
         }

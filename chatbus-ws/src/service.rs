@@ -1,6 +1,7 @@
 //! [`WsService`]: the transport's shared state, independent of the HTTP framework.
 
 use std::fmt;
+use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -173,10 +174,47 @@ impl WsService {
         // Boxed: inline, rustc keeps the moved-in sink and stream next to the session's future,
         // and all of it inside the connection's task (about 2.2 KiB over axum's socket); boxed,
         // the session state is one allocation of the size it needs (about 0.7 KiB).
+        // Boxed: inline, rustc keeps the moved-in sink and stream next to the session's future,
+        // and all of it inside the connection's task (about 2.2 KiB over axum's socket); boxed,
+        // the session state is one allocation of the size it needs (about 0.7 KiB).
         self.inner
             .sessions
-            .track_future(Box::pin(session::run(self, identity, data, sink, stream)))
+            .track_future(Box::pin(session::run(
+                self,
+                identity,
+                data,
+                sink,
+                stream,
+                (),
+            )))
             .await;
+    }
+
+    /// One connection's session as a boxed, tracked future that owns all it needs (a clone of
+    /// this service, the sink and stream, and `guard`, dropped when it ends).
+    pub(crate) fn session_future<Si, St, G>(
+        &self,
+        identity: Identity,
+        data: ConnData,
+        sink: Si,
+        stream: St,
+        guard: G,
+    ) -> impl Future<Output = ()> + Send + 'static
+    where
+        Si: Sink<WsMessage> + Unpin + Send + 'static,
+        Si::Error: fmt::Display,
+        St: Stream<Item = Result<WsMessage, TransportError>> + Unpin + Send + 'static,
+        G: Send + 'static,
+    {
+        // Boxed, as in `run_session_with`; owning the service, it needs no caller's frame.
+        self.inner.sessions.track_future(Box::pin(session::run(
+            self.clone(),
+            identity,
+            data,
+            sink,
+            stream,
+            guard,
+        )))
     }
 
     /// Whether shutdown has begun (new connections are refused with 503).

@@ -103,7 +103,11 @@ impl Users {
     pub(crate) fn connected(&self, handle: SessionHandle) {
         let mut st = lock(&self.state);
         let user = handle.user().clone();
-        let list = st.local.entry(user.clone()).or_default();
+        // Most users have one connection: room for one, not the four a first push makes.
+        let list = st
+            .local
+            .entry(user.clone())
+            .or_insert_with(|| Vec::with_capacity(1));
         list.push(handle);
         if list.len() == 1 {
             st.announce.insert(user);

@@ -25,21 +25,12 @@ pub(super) async fn pump(hub: Weak<HubInner>, entry: Weak<RoomEntry>, mut sub: S
         if sub.recv_many(&mut batch, 64).await == 0 {
             // The broker ended the subscription (it gave up reconnecting): resubscribe, and let
             // members resync from their cursors since messages may have been missed.
-            let (Some(hub), Some(entry)) = (hub.upgrade(), entry.upgrade()) else {
-                return;
-            };
-            inc(&hub.stats.broker_errors);
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            match hub
-                .broker
-                .subscribe(Interest::room(entry.room.clone()))
-                .await
-            {
-                Ok(s) => {
-                    sub = s;
-                    resync_all(&hub, &entry);
-                }
-                Err(e) => tracing::warn!(room = %entry.room, error = %e, "resubscribe failed"),
+            // Boxed: inline, its timer and the broker's future made every pump task (one per
+            // room, and every connection has its personal channel's) larger, idle or not.
+            match Box::pin(resubscribe(&hub, &entry)).await {
+                Some(Some(s)) => sub = s,
+                Some(None) => {}
+                None => return,
             }
             continue;
         }
@@ -63,6 +54,31 @@ pub(super) async fn pump(hub: Weak<HubInner>, entry: Weak<RoomEntry>, mut sub: S
         if sub.is_empty() {
             // Idle now: give the buffer back. While messages keep coming it is reused.
             batch = Vec::new();
+        }
+    }
+}
+
+/// After the broker ended the subscription: a new one (`Some(None)` if that failed, to retry),
+/// with every member resynced; `None` when the room or the hub is gone.
+async fn resubscribe(
+    hub: &Weak<HubInner>,
+    entry: &Weak<RoomEntry>,
+) -> Option<Option<Subscription>> {
+    let (hub, entry) = (hub.upgrade()?, entry.upgrade()?);
+    inc(&hub.stats.broker_errors);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    match hub
+        .broker
+        .subscribe(Interest::room(entry.room.clone()))
+        .await
+    {
+        Ok(s) => {
+            resync_all(&hub, &entry);
+            Some(Some(s))
+        }
+        Err(e) => {
+            tracing::warn!(room = %entry.room, error = %e, "resubscribe failed");
+            Some(None)
         }
     }
 }

@@ -207,12 +207,15 @@ impl Hub {
                     m.mode = mode;
                     m.gen = gen;
                 }
-                None => members.list.push(Member {
-                    session: session.shared.clone(),
-                    last: None,
-                    mode,
-                    gen,
-                }),
+                None => crate::push_compact(
+                    &mut members.list,
+                    Member {
+                        session: session.shared.clone(),
+                        last: None,
+                        mode,
+                        gen,
+                    },
+                ),
             }
             // Read under the lock that set the mode: the pump hands this member everything
             // after it from now on.

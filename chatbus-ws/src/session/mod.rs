@@ -16,6 +16,7 @@
 mod reader;
 mod writer;
 
+use std::borrow::Borrow;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -108,17 +109,25 @@ impl Drop for ConnectionGuard<'_> {
 }
 
 /// Runs one connection to its end.
-pub(crate) async fn run<Si, St>(
-    svc: &WsService,
+///
+/// `svc` may be owned (a clone) and `guard` is whatever must live as long as the connection,
+/// so that a caller can box this future alone, with nothing of it left outside.
+pub(crate) async fn run<Sv, Si, St, G>(
+    svc: Sv,
     identity: Identity,
     data: ConnData,
     sink: Si,
     mut stream: St,
+    guard: G,
 ) where
     Si: Sink<WsMessage> + Unpin + Send,
     Si::Error: fmt::Display,
     St: Stream<Item = Result<WsMessage, TransportError>> + Unpin + Send,
+    Sv: Borrow<WsService> + Send,
+    G: Send,
 {
+    let _guard = guard;
+    let svc: &WsService = svc.borrow();
     let counters = svc.counters();
     WsCounters::inc(&counters.connections);
     WsCounters::inc(&counters.connections_total);
