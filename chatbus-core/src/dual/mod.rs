@@ -5,9 +5,6 @@ mod config;
 mod dedupe;
 mod interest;
 mod merge;
-// The receiving half of the interest-based DualBus (docs/ARCHITECTURE.md), tested on its own
-// until the merger that uses it lands.
-#[cfg_attr(not(test), allow(dead_code))]
 mod sequence;
 mod stats;
 
@@ -65,6 +62,15 @@ use crate::{Error, Result};
 /// each).
 ///
 /// Local subscriptions (one per room from the Hub) are served from the merger's output by room.
+///
+/// **Interest-based (experimental, [`DualConfig::interest`]).** Instead of everything, the bus
+/// subscribes on the fast broker to the rooms it has local subscribers for, and nothing on the
+/// durable one. A publish takes a room ticket from the fast broker ([`Broker::tickets`])
+/// before its durable write and closes it after the ack, which gives the *horizon* the fast
+/// copy carries; a receiver delivers a message in log order once every ticket up to its
+/// horizon is accounted for, and reads the room's log for a copy that does not come. While
+/// the fast broker cannot hand out tickets, durable publishes are refused; the design that
+/// keeps them going (leases, a tail of the rooms' partitions) is in docs/ARCHITECTURE.md.
 ///
 /// ```
 /// use std::sync::Arc;
