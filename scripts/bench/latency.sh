@@ -9,6 +9,8 @@
 #   redis1      chatbus, one instance, --broker redis: + the Redis hop, no second instance
 #   redis2      chatbus, two instances, --broker redis: the issue's scenario
 #   memory-wd2  chatbus, one instance, memory broker, --write-delay-ms 2
+#   memory-w1, redis2-w1   as memory and redis2 with one tokio worker thread per instance
+#               (TOKIO_WORKER_THREADS=1; the default is one per core): fewer runnable threads
 #
 #   scripts/bench/latency.sh                            # all of the above, 3 rounds, 100 msg/s
 #   CONFIGS=floor,redis2 ROUNDS=5 RATE=100 SECS=8 scripts/bench/latency.sh
@@ -43,6 +45,12 @@ run_one() {
       proto=floor ports=("$FLOOR_PORT") pids=("$FLOOR_PID")
       [ "$stack" = floor-g2 ] && procs=2 ;;
     memory) start_chatbus memory; ports=("${CB_PORTS[@]}") pids=("${CB_PIDS[@]}") ;;
+    memory-w1)
+      export TOKIO_WORKER_THREADS=1; start_chatbus memory; unset TOKIO_WORKER_THREADS
+      ports=("${CB_PORTS[@]}") pids=("${CB_PIDS[@]}") ;;
+    redis2-w1)
+      export TOKIO_WORKER_THREADS=1; start_chatbus redis; start_chatbus redis; unset TOKIO_WORKER_THREADS
+      ports=("${CB_PORTS[@]}") pids=("${CB_PIDS[@]}") broker=$REDIS_PID ;;
     memory-wd2)
       CHATBUS_SERVER_ARGS="--write-delay-ms 2" start_chatbus memory
       ports=("${CB_PORTS[@]}") pids=("${CB_PIDS[@]}") ;;
@@ -98,15 +106,19 @@ if [ -n "${SCHED:-}" ]; then
 fi
 say "load after: $(uptime | sed 's/.*load average: //')"
 column -t -s $'\t' "$TSV"
-# Medians and min-max per stack over the plain rounds (not the perf sched runs).
+# Medians and min-max per stack over the plain rounds (not the perf sched runs), and the p99
+# over the floor's p99 of the same round (when floor is among the stacks).
 python3 - "$TSV" >"$SUMMARY" <<'EOF'
 import csv, statistics, sys
 rows = [r for r in csv.DictReader(open(sys.argv[1]), delimiter="\t") if not r["round"].endswith("sched")]
 cols = ["p50", "p99", "p999", "srv%", "brk%", "gen%", "oth%", "late_ms", "user_us", "sys_us", "seg/d"]
-print("\t".join(["stack", "runs"] + [f"{c} med [min-max]" for c in cols]))
+floor = {r["round"]: float(r["p99"]) for r in rows if r["stack"] == "floor"}
+print("\t".join(["stack", "runs", "p99/floor med [min-max]"] + [f"{c} med [min-max]" for c in cols]))
 for stack in dict.fromkeys(r["stack"] for r in rows):
     rs = [r for r in rows if r["stack"] == stack]
     out = [stack, str(len(rs))]
+    q = [float(r["p99"]) / floor[r["round"]] for r in rs if r["round"] in floor]
+    out.append(f"{statistics.median(q):.2f} [{min(q):.2f}-{max(q):.2f}]" if q else "-")
     for c in cols:
         v = [float(r[c]) for r in rs if r[c] != "-"]
         out.append(f"{statistics.median(v):g} [{min(v):g}-{max(v):g}]" if v else "-")
