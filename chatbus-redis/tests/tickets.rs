@@ -101,3 +101,104 @@ async fn a_ticket_left_open_is_forgotten_after_its_ttl() {
     let base = t.ticket_baseline(&room).await.expect("baseline");
     assert_eq!((base.counter, base.open), (2, vec![young.n]));
 }
+
+/// The interest-based DualBus over a Redis that restarts empty (its counters gone): sends are
+/// refused while it is down, the follower is told to resync (`Lagged`) when its subscription
+/// comes back, and the sends after it, under the counter's new epoch, are delivered once and
+/// in the log's order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_interest_dual_bus_carries_on_after_redis_restarts_empty() {
+    use chatbus_core::{
+        BrokerExt, DualBus, DualConfig, Envelope, Error, Interest, MemoryBroker, MemoryConfig,
+        ReplayFrom,
+    };
+    let mut server = RedisServer::start().await;
+    let log = MemoryBroker::with_config(MemoryConfig::default().with_history_len(10_000));
+    let interest = DualConfig::default().with_interest(true);
+    let a = DualBus::new(
+        common::broker(&server, 0).await,
+        log.clone(),
+        interest.clone(),
+    );
+    let b = DualBus::new(common::broker(&server, 0).await, log.clone(), interest);
+    let room = Room::new("tk-dual-restart").expect("room");
+    let mut sub = b
+        .subscribe(Interest::room(room.clone()))
+        .await
+        .expect("subscribe");
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let env = Envelope::new(room.clone(), format!("before {i}"));
+        ids.push(a.publish(&env).await.expect("publish").id);
+    }
+    let mut last = None;
+    for want in &ids {
+        match tokio::time::timeout(Duration::from_secs(5), sub.recv()).await {
+            Ok(Some(Ok(env))) => {
+                assert_eq!(&env.id, want);
+                last = env.cursor;
+            }
+            other => panic!("before the restart: {other:?}"),
+        }
+    }
+    server.kill();
+    match a.publish(&Envelope::new(room.clone(), "while down")).await {
+        Err(Error::Unavailable { .. } | Error::Timeout { .. }) => {}
+        other => panic!("a send without tickets must be refused, got {other:?}"),
+    }
+    server.restart().await;
+    // Sends succeed again once the broker has reconnected.
+    let mut after = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while after.len() < 5 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "sends never came back"
+        );
+        let env = Envelope::new(room.clone(), format!("after {}", after.len()));
+        match a.publish(&env).await {
+            Ok(r) => after.push(r.id),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+    // The follower: a Lagged (resync from the cursor), then live messages; whatever it missed
+    // live is in the log after its last cursor. Together: every acked message once, in order.
+    let mut got = Vec::new();
+    let mut lagged = false;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while !after.iter().all(|id| got.contains(id)) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "got {} of the sends after",
+            got.len()
+        );
+        match tokio::time::timeout(Duration::from_secs(5), sub.recv()).await {
+            Ok(Some(Ok(env))) => {
+                // A copy at or below the last cursor was read from the log already.
+                let offset = env.cursor.map(|c| c.offset);
+                if last.is_none_or(|l: chatbus_core::Cursor| offset > Some(l.offset)) {
+                    got.push(env.id);
+                    last = env.cursor;
+                }
+            }
+            Ok(Some(Err(Error::Lagged { .. }))) => {
+                lagged = true;
+                // Resync as the Hub does: everything after the last cursor, from the log.
+                let cursor = last.expect("a cursor before the restart");
+                let missed = log
+                    .replay_vec(&room, ReplayFrom::Cursor(cursor), 1000)
+                    .await
+                    .expect("replay");
+                for env in missed {
+                    got.push(env.id);
+                    last = env.cursor;
+                }
+            }
+            other => panic!("after the restart: {other:?}"),
+        }
+    }
+    assert!(lagged, "the follower was not told to resync");
+    // One sender, one send at a time: the log's order is the order of `after`.
+    got.retain(|id| after.contains(id));
+    assert_eq!(got, after, "every send after the restart once, in order");
+}
