@@ -70,52 +70,47 @@ impl Default for Scripts {
     }
 }
 
+/// Runs one of the scripts on `room`'s two keys, with the keys' time to live and then `args`,
+/// within the command timeout.
+async fn run<T: redis::FromRedisValue>(
+    broker: &RedisBroker,
+    op: &'static str,
+    script: fn(&Scripts) -> &redis::Script,
+    room: &Room,
+    args: &[u64],
+) -> Result<T> {
+    let (mut conn, keys, scripts, t) = broker.ticket_parts();
+    let mut call = script(scripts).key(keys.tickets(room));
+    call.key(keys.open_tickets(room)).arg(COUNTER_TTL.as_secs());
+    for arg in args {
+        call.arg(*arg);
+    }
+    broker
+        .bounded(op, async {
+            call.invoke_async(&mut conn)
+                .await
+                .map_err(|e| error::map(op, e, t))
+        })
+        .await
+}
+
 #[async_trait]
 impl Tickets for RedisBroker {
     async fn take_ticket(&self, room: &Room) -> Result<Ticket> {
-        let (mut conn, keys, scripts, t) = self.ticket_parts();
-        let mut call = scripts.take.key(keys.tickets(room));
-        call.key(keys.open_tickets(room)).arg(COUNTER_TTL.as_secs());
-        let (epoch, n): (u64, u64) = self
-            .bounded("take_ticket", async {
-                call.invoke_async(&mut conn)
-                    .await
-                    .map_err(|e| error::map("take_ticket", e, t))
-            })
-            .await?;
+        let (epoch, n) = run(self, "take_ticket", |s| &s.take, room, &[]).await?;
         Ok(Ticket { epoch, n })
     }
 
     async fn close_ticket(&self, room: &Room, ticket: Ticket) -> Result<Ticket> {
-        let (mut conn, keys, scripts, t) = self.ticket_parts();
-        let mut call = scripts.close.key(keys.tickets(room));
-        call.key(keys.open_tickets(room))
-            .arg(COUNTER_TTL.as_secs())
-            .arg(ticket.epoch)
-            .arg(ticket.n);
-        let (epoch, n): (u64, u64) = self
-            .bounded("close_ticket", async {
-                call.invoke_async(&mut conn)
-                    .await
-                    .map_err(|e| error::map("close_ticket", e, t))
-            })
-            .await?;
+        let args = [ticket.epoch, ticket.n];
+        let (epoch, n) = run(self, "close_ticket", |s| &s.close, room, &args).await?;
         Ok(Ticket { epoch, n })
     }
 
     async fn ticket_baseline(&self, room: &Room) -> Result<Baseline> {
-        let (mut conn, keys, scripts, t) = self.ticket_parts();
-        let mut call = scripts.baseline.key(keys.tickets(room));
-        call.key(keys.open_tickets(room))
-            .arg(COUNTER_TTL.as_secs())
-            .arg(OPEN_TICKET_TTL.as_millis() as u64);
-        let (epoch, counter, mut open): (u64, u64, Vec<u64>) = self
-            .bounded("ticket_baseline", async {
-                call.invoke_async(&mut conn)
-                    .await
-                    .map_err(|e| error::map("ticket_baseline", e, t))
-            })
-            .await?;
+        let ttl = OPEN_TICKET_TTL.as_millis() as u64;
+        let (epoch, counter, mut open): (u64, u64, Vec<u64>) =
+            run(self, "ticket_baseline", |s| &s.baseline, room, &[ttl]).await?;
         // The set is ordered by the time taken, which can differ from the number's order.
         open.sort_unstable();
         Ok(Baseline {

@@ -220,11 +220,12 @@ impl<F: Broker, D: Broker> InterestMerger<F, D> {
             return;
         };
         f.seq.deliverable(&mut self.batch);
-        for env in self.batch.drain(..) {
-            f.last = env.cursor.or(f.last);
-            inc(&self.stats.via_fast);
-            self.out.dispatch(&env);
-        }
+        dispatch(
+            &mut self.batch,
+            &mut f.last,
+            &self.stats.via_fast,
+            &self.out,
+        );
     }
 
     async fn rebaseline(&mut self, room: Room) {
@@ -256,11 +257,12 @@ impl<F: Broker, D: Broker> InterestMerger<F, D> {
             let waited = now.saturating_duration_since(since);
             if waited >= timeout {
                 let given_up = f.seq.give_up(now - timeout, &mut self.batch);
-                for env in self.batch.drain(..) {
-                    f.last = env.cursor.or(f.last);
-                    inc(&self.stats.via_fast);
-                    self.out.dispatch(&env);
-                }
+                dispatch(
+                    &mut self.batch,
+                    &mut f.last,
+                    &self.stats.via_fast,
+                    &self.out,
+                );
                 if given_up > 0 {
                     inc(&self.stats.gap_timeouts);
                     lagged.push(room.clone());
@@ -316,11 +318,27 @@ impl<F: Broker, D: Broker> InterestMerger<F, D> {
         if !self.batch.is_empty() {
             inc(&self.stats.gaps_filled);
         }
-        for env in self.batch.drain(..) {
-            f.last = env.cursor.or(f.last);
-            inc(&self.stats.via_durable);
-            self.out.dispatch(&env);
-        }
+        dispatch(
+            &mut self.batch,
+            &mut f.last,
+            &self.stats.via_durable,
+            &self.out,
+        );
+    }
+}
+
+/// Hands a room's deliverable messages to the local subscribers, in order, remembering the
+/// last cursor (where a repair reads from) and counting them on the path they came by.
+fn dispatch(
+    batch: &mut Vec<Envelope>,
+    last: &mut Option<Cursor>,
+    path: &std::sync::atomic::AtomicU64,
+    out: &Subscribers,
+) {
+    for env in batch.drain(..) {
+        *last = env.cursor.or(*last);
+        inc(path);
+        out.dispatch(&env);
     }
 }
 
