@@ -72,4 +72,6 @@ pub use hub::{
     Outbound, RawPayload, Session, SessionHandle, SlowPolicy,
 };
 pub use memory::{MemoryBroker, MemoryConfig};
-pub use tickets::{Baseline, Ticket, Tickets, COUNTER_TTL, OPEN_TICKET_TTL};
+pub use tickets::{
+    Baseline, Lease, Leases, Renewal, Ticket, Tickets, COUNTER_TTL, OPEN_TICKET_TTL,
+};

@@ -7,9 +7,19 @@
 //! they were taken). Whatever loses the hash (a restart without persistence, `FLUSHALL`,
 //! expiry after [`COUNTER_TTL`] idle) creates it again with a new epoch, so a counter that
 //! starts over is never mistaken for the old one.
+//!
+//! The leases are one hash, `<prefix>:leases` (no hash tag: one key, so one slot on a
+//! cluster): field per instance, value its expiry in the server's milliseconds, and the field
+//! `_reset`, when the hash was created by an instance that had held a lease before (the
+//! server had lost it). Every time is the server's `TIME`, so instances' clocks are never
+//! compared with each other.
 
 use async_trait::async_trait;
-use chatbus_core::{Baseline, Result, Room, Ticket, Tickets, COUNTER_TTL, OPEN_TICKET_TTL};
+use std::time::Duration;
+
+use chatbus_core::{
+    Baseline, Lease, Leases, Renewal, Result, Room, Ticket, Tickets, COUNTER_TTL, OPEN_TICKET_TTL,
+};
 
 use crate::broker::RedisBroker;
 use crate::error;
@@ -53,11 +63,47 @@ redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ms - tonumber(ARGV[2]))
 return {e, redis.call('HGET', KEYS[1], 'n'), redis.call('ZRANGE', KEYS[2], 0, -1)}
 ";
 
-/// The three scripts, hashed once.
+/// The server's clock in milliseconds, as `ms`.
+const CLOCK: &str = r"
+local t = redis.call('TIME')
+local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+";
+
+/// Renews lease ARGV[1] (KEYS[1] the lease hash) for ARGV[2] ms unless the clock is past
+/// ARGV[3]; ARGV[4] is 1 if the instance held a lease before, ARGV[5] how long the hash
+/// outlives its last renewal. Returns {1, ms} renewed, {0, ms} too late.
+const RENEW: &str = r"
+if ms > tonumber(ARGV[3]) then return {0, ms} end
+if redis.call('EXISTS', KEYS[1]) == 0 and ARGV[4] == '1' then
+  redis.call('HSET', KEYS[1], '_reset', ms)
+end
+redis.call('HSET', KEYS[1], ARGV[1], ms + tonumber(ARGV[2]))
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) + tonumber(ARGV[5]))
+return {1, ms}
+";
+
+/// Every lease of KEYS[1], forgetting those lapsed more than ARGV[1] ms ago: returns {ms,
+/// reset, {instances}, {expiries}}.
+const LEASES: &str = r"
+local all = redis.call('HGETALL', KEYS[1])
+local reset, ids, exps = 0, {}, {}
+for i = 1, #all, 2 do
+  local v = tonumber(all[i + 1])
+  if all[i] == '_reset' then reset = v
+  elseif v + tonumber(ARGV[1]) < ms then redis.call('HDEL', KEYS[1], all[i])
+  else ids[#ids + 1] = all[i]; exps[#exps + 1] = v end
+end
+return {ms, reset, ids, exps}
+";
+
+/// The scripts, hashed once.
 pub(crate) struct Scripts {
     take: redis::Script,
     close: redis::Script,
     baseline: redis::Script,
+    renew: redis::Script,
+    clock: redis::Script,
+    leases: redis::Script,
 }
 
 impl Default for Scripts {
@@ -66,24 +112,40 @@ impl Default for Scripts {
             take: redis::Script::new(&format!("{ENSURE}{TAKE}")),
             close: redis::Script::new(CLOSE),
             baseline: redis::Script::new(&format!("{ENSURE}{BASELINE}")),
+            renew: redis::Script::new(&format!("{CLOCK}{RENEW}")),
+            clock: redis::Script::new(&format!("{CLOCK}return ms")),
+            leases: redis::Script::new(&format!("{CLOCK}{LEASES}")),
         }
     }
 }
 
-/// Runs one of the scripts on `room`'s two keys, with the keys' time to live and then `args`,
-/// within the command timeout.
+/// The keys and the leading arguments of a script call.
+enum On<'a> {
+    /// `room`'s two keys, then the keys' time to live.
+    Room(&'a Room),
+    /// The lease hash.
+    Leases,
+}
+
+/// Runs one of the scripts on its keys with `args`, within the command timeout.
 async fn run<T: redis::FromRedisValue>(
     broker: &RedisBroker,
     op: &'static str,
     script: fn(&Scripts) -> &redis::Script,
-    room: &Room,
-    args: &[u64],
+    on: On<'_>,
+    args: &[String],
 ) -> Result<T> {
     let (mut conn, keys, scripts, t) = broker.ticket_parts();
-    let mut call = script(scripts).key(keys.tickets(room));
-    call.key(keys.open_tickets(room)).arg(COUNTER_TTL.as_secs());
+    let mut call = match on {
+        On::Room(room) => {
+            let mut call = script(scripts).key(keys.tickets(room));
+            call.key(keys.open_tickets(room)).arg(COUNTER_TTL.as_secs());
+            call
+        }
+        On::Leases => script(scripts).key(keys.leases()),
+    };
     for arg in args {
-        call.arg(*arg);
+        call.arg(arg);
     }
     broker
         .bounded(op, async {
@@ -97,20 +159,26 @@ async fn run<T: redis::FromRedisValue>(
 #[async_trait]
 impl Tickets for RedisBroker {
     async fn take_ticket(&self, room: &Room) -> Result<Ticket> {
-        let (epoch, n) = run(self, "take_ticket", |s| &s.take, room, &[]).await?;
+        let (epoch, n) = run(self, "take_ticket", |s| &s.take, On::Room(room), &[]).await?;
         Ok(Ticket { epoch, n })
     }
 
     async fn close_ticket(&self, room: &Room, ticket: Ticket) -> Result<Ticket> {
-        let args = [ticket.epoch, ticket.n];
-        let (epoch, n) = run(self, "close_ticket", |s| &s.close, room, &args).await?;
+        let args = [ticket.epoch.to_string(), ticket.n.to_string()];
+        let (epoch, n) = run(self, "close_ticket", |s| &s.close, On::Room(room), &args).await?;
         Ok(Ticket { epoch, n })
     }
 
     async fn ticket_baseline(&self, room: &Room) -> Result<Baseline> {
-        let ttl = OPEN_TICKET_TTL.as_millis() as u64;
-        let (epoch, counter, mut open): (u64, u64, Vec<u64>) =
-            run(self, "ticket_baseline", |s| &s.baseline, room, &[ttl]).await?;
+        let ttl = OPEN_TICKET_TTL.as_millis().to_string();
+        let (epoch, counter, mut open): (u64, u64, Vec<u64>) = run(
+            self,
+            "ticket_baseline",
+            |s| &s.baseline,
+            On::Room(room),
+            &[ttl],
+        )
+        .await?;
         // The set is ordered by the time taken, which can differ from the number's order.
         open.sort_unstable();
         Ok(Baseline {
@@ -119,4 +187,53 @@ impl Tickets for RedisBroker {
             open,
         })
     }
+
+    async fn renew_lease(
+        &self,
+        instance: &str,
+        ttl: Duration,
+        deadline_ms: u64,
+        held_before: bool,
+    ) -> Result<Renewal> {
+        let args = [
+            instance.to_owned(),
+            ttl.as_millis().to_string(),
+            deadline_ms.to_string(),
+            u8::from(held_before).to_string(),
+            LEASES_OUTLIVE.as_millis().to_string(),
+        ];
+        let (renewed, now_ms): (u8, u64) =
+            run(self, "renew_lease", |s| &s.renew, On::Leases, &args).await?;
+        Ok(if renewed == 1 {
+            Renewal::Renewed { now_ms }
+        } else {
+            Renewal::TooLate { now_ms }
+        })
+    }
+
+    async fn lease_clock(&self) -> Result<u64> {
+        run(self, "lease_clock", |s| &s.clock, On::Leases, &[]).await
+    }
+
+    async fn leases(&self, keep: Duration) -> Result<Leases> {
+        let args = [keep.as_millis().to_string()];
+        let (now_ms, reset_ms, ids, expiries): (u64, u64, Vec<String>, Vec<u64>) =
+            run(self, "leases", |s| &s.leases, On::Leases, &args).await?;
+        Ok(Leases {
+            now_ms,
+            reset_ms,
+            leases: ids
+                .into_iter()
+                .zip(expiries)
+                .map(|(instance, expires_ms)| Lease {
+                    instance,
+                    expires_ms,
+                })
+                .collect(),
+        })
+    }
 }
+
+/// How long the lease hash outlives its last renewal: every lease in it has lapsed so long
+/// ago by then that no receiver needs it (`DualBus` retires a lapsed lease within a minute).
+const LEASES_OUTLIVE: Duration = Duration::from_secs(600);

@@ -13,6 +13,8 @@ pub(crate) struct Keys {
     head: String,
     // "<prefix>:all": see `broadcast`.
     broadcast: String,
+    // "<prefix>:leases": see `leases`.
+    leases: String,
 }
 
 impl Keys {
@@ -20,6 +22,7 @@ impl Keys {
         Self {
             head: format!("{prefix}:{{"),
             broadcast: format!("{prefix}:all"),
+            leases: format!("{prefix}:leases"),
         }
     }
 
@@ -59,6 +62,12 @@ impl Keys {
     /// were taken.
     pub(crate) fn open_tickets(&self, room: &Room) -> String {
         format!("{}{}}}:open", self.head, room.as_str())
+    }
+
+    /// `<prefix>:leases`: the instances' leases (`tickets.rs`), a hash of instance to expiry.
+    /// No braces: no room's key or channel is ever named like it.
+    pub(crate) fn leases(&self) -> &str {
+        &self.leases
     }
 
     /// `<prefix>:{*}`: matches the channel of every room (and nothing of another prefix, since

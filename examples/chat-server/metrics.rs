@@ -288,8 +288,25 @@ fn dual_metrics(encoder: &mut DescriptorEncoder<'_>, s: &DualStats) -> fmt::Resu
                 "Durable messages published fast-only.",
                 s.degraded_publishes,
             ),
+            (
+                "chatbus_dual_ticketless_publishes",
+                "Interest-based: durable messages written without a room ticket (lease lapsed).",
+                s.ticketless_publishes,
+            ),
+            (
+                "chatbus_dual_tail_periods",
+                "Interest-based: times the rooms were followed through the durable log.",
+                s.tail_periods,
+            ),
         ],
     )?;
+    let tailing = ConstGauge::new(i64::from(s.tailing));
+    tailing.encode(encoder.encode_descriptor(
+        "chatbus_dual_tailing",
+        "Interest-based: 1 while the rooms are followed through the durable log.",
+        None,
+        tailing.metric_type(),
+    )?)?;
     let current = match s.mode {
         DualMode::Dual => "dual",
         DualMode::DurableOnly => "durable-only",

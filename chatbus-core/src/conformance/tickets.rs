@@ -13,7 +13,7 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 
 use super::{unique_room, CheckResult};
-use crate::tickets::{Baseline, Ticket, Tickets};
+use crate::tickets::{Baseline, Renewal, Ticket, Tickets};
 
 fn check(ok: bool, what: impl FnOnce() -> String) -> CheckResult {
     if ok {
@@ -100,6 +100,58 @@ pub async fn concurrent_takers_get_every_number_once<T: Tickets + ?Sized>(t: &T)
     check(o.n == 1, || format!("another room's first ticket: {o:?}"))
 }
 
+/// A lease runs for its time to live from the broker's clock, a renewal that arrives past its
+/// deadline changes nothing, and a lapsed lease is listed (lapsed) until `keep` has passed.
+pub async fn leases_renew_refuse_late_and_lapse<T: Tickets + ?Sized>(t: &T) -> CheckResult {
+    use std::time::Duration;
+    let me = unique_room("lease");
+    let me = me.as_str();
+    let now = t.lease_clock().await.map_err(err)?;
+    let ttl = Duration::from_millis(300);
+    let renewed = t
+        .renew_lease(me, ttl, now + 60_000, false)
+        .await
+        .map_err(err)?;
+    let Renewal::Renewed { now_ms } = renewed else {
+        return Err(format!("a renewal before its deadline: {renewed:?}"));
+    };
+    check(now_ms >= now && now_ms < now + 10_000, || {
+        format!("clock {now}, then renewed at {now_ms}")
+    })?;
+    let mine = |l: &crate::Leases| {
+        l.leases
+            .iter()
+            .find(|x| x.instance == me)
+            .map(|x| x.expires_ms)
+    };
+    let keep = Duration::from_secs(1);
+    let listed = t.leases(keep).await.map_err(err)?;
+    check(mine(&listed) == Some(now_ms + 300), || {
+        format!("renewed at {now_ms} for 300 ms, listed {listed:?}")
+    })?;
+    let late = t
+        .renew_lease(me, ttl, now.saturating_sub(1), false)
+        .await
+        .map_err(err)?;
+    check(matches!(late, Renewal::TooLate { .. }), || {
+        format!("a renewal past its deadline: {late:?}")
+    })?;
+    let after = t.leases(keep).await.map_err(err)?;
+    check(mine(&after) == Some(now_ms + 300), || {
+        format!("a late renewal changed the lease: {after:?}")
+    })?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let lapsed = t.leases(keep).await.map_err(err)?;
+    check(mine(&lapsed).is_some_and(|e| e <= lapsed.now_ms), || {
+        format!("a lapsed lease is listed as lapsed until `keep`: {lapsed:?}")
+    })?;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let gone = t.leases(keep).await.map_err(err)?;
+    check(mine(&gone).is_none(), || {
+        format!("a lease lapsed longer than `keep` ago: {gone:?}")
+    })
+}
+
 /// Every check by name.
 pub fn checks<'a, T: Tickets + ?Sized>(
     t: &'a T,
@@ -113,6 +165,10 @@ pub fn checks<'a, T: Tickets + ?Sized>(
         (
             "concurrent_takers_get_every_number_once",
             concurrent_takers_get_every_number_once(t).boxed(),
+        ),
+        (
+            "leases_renew_refuse_late_and_lapse",
+            leases_renew_refuse_late_and_lapse(t).boxed(),
         ),
     ]
 }

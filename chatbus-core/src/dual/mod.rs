@@ -4,6 +4,7 @@
 mod config;
 mod dedupe;
 mod interest;
+mod lease;
 mod merge;
 mod sequence;
 mod stats;
@@ -100,7 +101,14 @@ pub struct DualBus<F, D> {
     // With `DualConfig::interest`: the rooms followed, and the merger's commands until it starts.
     interest: Option<Arc<interest::Shared>>,
     interest_cmds: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<interest::Cmd>>>,
+    // With `DualConfig::interest`: this instance's lease, renewed by its own task.
+    lease: Option<Arc<lease::Holder>>,
+    lease_task: std::sync::OnceLock<tokio::task::AbortHandle>,
 }
+
+/// How long a durable send waits for this instance's lease to lapse when it cannot get a room
+/// ticket: longer than a lease can outlive the last renewal (about 3.5 s).
+const LAPSE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Fast-path copies sent in the background at once while the fast broker is failing.
 const FAST_IN_BACKGROUND: usize = 4096;
@@ -119,6 +127,9 @@ impl<F, D> Drop for DualBus<F, D> {
     fn drop(&mut self) {
         if let Some(m) = self.merger.get() {
             m.abort();
+        }
+        if let Some(l) = self.lease_task.get() {
+            l.abort();
         }
     }
 }
@@ -142,12 +153,15 @@ impl<F: Broker, D: Broker> DualBus<F, D> {
         } else {
             (Subscribers::new(config.subscriber_capacity), None, None)
         };
+        let lease = config.interest.then(|| Arc::new(lease::Holder::new()));
         Self {
             fast: Arc::new(fast),
             durable: Arc::new(durable),
             subscribers,
             interest,
             interest_cmds: std::sync::Mutex::new(interest_cmds),
+            lease,
+            lease_task: std::sync::OnceLock::new(),
             config,
             stats: Arc::new(Counters::default()),
             merger: OnceCell::new(),
@@ -222,7 +236,7 @@ impl<F: Broker, D: Broker> DualBus<F, D> {
     async fn ensure_merger(&self) -> Result<()> {
         self.check_fast()?;
         if self.interest.is_some() {
-            return self.ensure_interest_merger();
+            return self.ensure_interest_merger().await;
         }
         self.merger
             .get_or_try_init(|| async {
@@ -265,8 +279,24 @@ impl<F: Broker, D: Broker> DualBus<F, D> {
         })
     }
 
-    fn ensure_interest_merger(&self) -> Result<()> {
+    /// Starts renewing this instance's lease (once), and returns it.
+    fn start_lease(&self) -> Option<&lease::Holder> {
+        let holder = self.lease.as_ref()?;
+        self.lease_task.get_or_init(|| {
+            let (fast, holder) = (self.fast.clone(), holder.clone());
+            tokio::spawn(async move {
+                if let Some(tickets) = fast.tickets() {
+                    holder.run(tickets).await;
+                }
+            })
+            .abort_handle()
+        });
+        Some(holder)
+    }
+
+    async fn ensure_interest_merger(&self) -> Result<()> {
         self.tickets()?;
+        self.start_lease();
         let (Some(shared), Some(cmds)) = (
             self.interest.as_ref(),
             self.interest_cmds
@@ -276,7 +306,7 @@ impl<F: Broker, D: Broker> DualBus<F, D> {
         ) else {
             return Ok(());
         };
-        let merger = interest::InterestMerger::new(
+        let mut merger = interest::InterestMerger::new(
             self.config.clone(),
             self.subscribers.clone(),
             self.stats.clone(),
@@ -284,6 +314,9 @@ impl<F: Broker, D: Broker> DualBus<F, D> {
             self.fast.clone(),
             self.durable.clone(),
         );
+        // One lease scan before the first room is followed, so that a healthy start does not
+        // begin in tail mode.
+        merger.scan_now().await;
         let task = tokio::spawn(merger.run(cmds));
         let _ = self.merger.set(task.abort_handle());
         Ok(())
@@ -291,11 +324,24 @@ impl<F: Broker, D: Broker> DualBus<F, D> {
 
     /// Makes the interest-based merger follow `room` (once per room): its fast subscription
     /// is live and its baseline read before this returns, so every later publish reaches it.
+    ///
+    /// Without the fast broker the room is followed through the log (the merger's tail mode)
+    /// until it is back: a join does not fail for it.
     async fn follow(&self, shared: &interest::Shared, room: &Room) -> Result<()> {
         let cell = shared.followed().entry(room.clone()).or_default().clone();
         cell.get_or_try_init(|| async {
-            let sub = self.fast.subscribe(Interest::room(room.clone())).await?;
-            let baseline = self.tickets()?.ticket_baseline(room).await?;
+            let fast = async {
+                let sub = self.fast.subscribe(Interest::room(room.clone())).await?;
+                let baseline = self.tickets()?.ticket_baseline(room).await?;
+                Ok::<_, Error>((sub, baseline))
+            };
+            let (sub, baseline) = match fast.await {
+                Ok((sub, baseline)) => (Some(sub), Some(baseline)),
+                Err(e) => {
+                    tracing::debug!(error = %e, room = %room, "following a room through the log until the fast broker is back");
+                    (None, None)
+                }
+            };
             shared
                 .cmds
                 .send(interest::Cmd::Follow {
@@ -312,23 +358,68 @@ impl<F: Broker, D: Broker> DualBus<F, D> {
         .map(|_| ())
     }
 
-    /// Publishes a durable message with a room ticket (the interest-based DualBus): the ticket
-    /// before the durable write, its close (the horizon) after the ack, then the fast copy
-    /// carrying both. A durable failure closes the ticket and announces it on the fast path
-    /// (a stamped ephemeral notice), so receivers do not wait for it.
+    /// Publishes a durable message of the interest-based DualBus: with a room ticket if the fast
+    /// broker hands one out; without one once this instance's lease has certainly lapsed (see
+    /// `lease.rs`), so that receivers read the log instead of trusting tickets.
     async fn publish_ticketed(&self, envelope: &Envelope) -> Result<Receipt> {
         let tickets = self.tickets()?;
-        let ticket = tickets
-            .take_ticket(&envelope.room)
-            .await
-            .map_err(|e| Error::Unavailable {
-                backend: "dual",
-                reason: format!(
-                    "no room ticket from the {} broker, so the message was rejected (the \
-                     interest-based DualBus does not yet publish without one): {e}",
-                    self.fast.name()
-                ),
-            })?;
+        let Some(holder) = self.start_lease() else {
+            return Err(Error::Config("no lease outside interest mode".to_owned()));
+        };
+        let give_up_at = tokio::time::Instant::now() + LAPSE_WAIT;
+        let mut last_error = None;
+        // A retry follows a renewal of the lease, which comes at most every few hundred ms.
+        for _ in 0..8 {
+            if !holder.lapsed() {
+                match tickets.take_ticket(&envelope.room).await {
+                    Ok(ticket) => return self.publish_with_ticket(tickets, envelope, ticket).await,
+                    Err(e) => last_error = Some(e),
+                }
+            }
+            match holder.ticketless(give_up_at).await {
+                lease::Ticketless::Go(gate) => {
+                    let mut env = envelope.clone();
+                    env.stamp = None;
+                    let written = self.durable.publish(&env).await;
+                    drop(gate);
+                    return match written {
+                        Ok(receipt) => {
+                            self.stats.durable_down.store(false, Ordering::Relaxed);
+                            inc(&self.stats.ticketless_publishes);
+                            Ok(receipt)
+                        }
+                        Err(e) => self.durable_failed(envelope, e).await,
+                    };
+                }
+                lease::Ticketless::Retry => {}
+                lease::Ticketless::Refused(why) => {
+                    return Err(Error::Unavailable {
+                        backend: "dual",
+                        reason: match last_error {
+                            Some(e) => format!("{why} (the ticket: {e})"),
+                            None => why,
+                        },
+                    })
+                }
+            }
+        }
+        Err(Error::Unavailable {
+            backend: "dual",
+            reason: "the fast broker kept refusing room tickets while this instance's lease \
+                     kept being renewed"
+                .to_owned(),
+        })
+    }
+
+    /// The ticket before the durable write, its close (the horizon) after the ack, then the
+    /// fast copy carrying both. A durable failure closes the ticket and announces it on the
+    /// fast path (a stamped ephemeral notice), so receivers do not wait for it.
+    async fn publish_with_ticket(
+        &self,
+        tickets: &dyn crate::Tickets,
+        envelope: &Envelope,
+        ticket: crate::Ticket,
+    ) -> Result<Receipt> {
         let mut env = envelope.clone();
         env.stamp = Some(crate::Stamp { ticket, horizon: 0 });
         let written = self.durable.publish(&env).await;

@@ -71,6 +71,13 @@ impl<T> RoomSequence<T> {
         }
     }
 
+    /// The same, for a room already delivered up to `last` (a copy at or below it is a
+    /// duplicate).
+    pub(crate) fn after(mut self, last: Option<u64>) -> Self {
+        self.last = last;
+        self
+    }
+
     /// A fast copy: the message at log `offset`, with its ticket and horizon.
     pub(crate) fn accept(
         &mut self,

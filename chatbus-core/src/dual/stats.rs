@@ -39,6 +39,14 @@ pub struct DualStats {
     pub durable_publish_errors: u64,
     /// Durable messages published fast-only under `DegradeToFast`.
     pub degraded_publishes: u64,
+    /// Interest-based: durable messages written without a room ticket, while this instance's
+    /// lease had lapsed (its fast broker out of reach).
+    pub ticketless_publishes: u64,
+    /// Interest-based: times the merger stopped trusting tickets and followed its rooms
+    /// through the log (a lease lapsed, or the fast broker out of reach).
+    pub tail_periods: u64,
+    /// Interest-based: true while the merger follows its rooms through the log (gauge).
+    pub tailing: bool,
     /// The current mode, from what the merger and publishes last saw.
     pub mode: DualMode,
 }
@@ -55,6 +63,9 @@ pub(super) struct Counters {
     pub(super) fast_publish_errors: AtomicU64,
     pub(super) durable_publish_errors: AtomicU64,
     pub(super) degraded_publishes: AtomicU64,
+    pub(super) ticketless_publishes: AtomicU64,
+    pub(super) tail_periods: AtomicU64,
+    pub(super) tailing: AtomicBool,
     pub(super) fast_down: AtomicBool,
     pub(super) durable_down: AtomicBool,
 }
@@ -72,6 +83,9 @@ impl Counters {
             fast_publish_errors: get(&self.fast_publish_errors),
             durable_publish_errors: get(&self.durable_publish_errors),
             degraded_publishes: get(&self.degraded_publishes),
+            ticketless_publishes: get(&self.ticketless_publishes),
+            tail_periods: get(&self.tail_periods),
+            tailing: self.tailing.load(Ordering::Relaxed),
             mode: match (
                 self.fast_down.load(Ordering::Relaxed),
                 self.durable_down.load(Ordering::Relaxed),

@@ -4,13 +4,13 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
 use super::MemoryBroker;
 use crate::envelope::Room;
-use crate::tickets::{Baseline, Ticket, Tickets, OPEN_TICKET_TTL};
+use crate::tickets::{Baseline, Lease, Leases, Renewal, Ticket, Tickets, OPEN_TICKET_TTL};
 use crate::Result;
 
 /// Counters kept before idle ones (no open ticket) are forgotten; a forgotten room gets a new
@@ -22,6 +22,42 @@ pub(super) struct Counters {
     rooms: Mutex<HashMap<Room, Counter>>,
     // Epochs handed out by this broker: unique, so two counters of a room never share one.
     epochs: AtomicU64,
+    leases: Mutex<LeaseSet>,
+    clock: Clock,
+}
+
+#[derive(Debug, Default)]
+struct LeaseSet {
+    created: bool,
+    reset_ms: u64,
+    // Instance -> when its lease runs out (ms of `Clock`).
+    expires: HashMap<String, u64>,
+}
+
+/// Unix milliseconds that follow tokio's clock, so that a test with paused time moves the
+/// leases' clock with the DualBus's timers.
+#[derive(Debug)]
+struct Clock {
+    unix_ms: u64,
+    at: tokio::time::Instant,
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        let unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        Self {
+            unix_ms,
+            at: tokio::time::Instant::now(),
+        }
+    }
+}
+
+impl Clock {
+    fn now_ms(&self) -> u64 {
+        self.unix_ms + self.at.elapsed().as_millis() as u64
+    }
 }
 
 #[derive(Debug)]
@@ -84,5 +120,51 @@ impl Tickets for MemoryBroker {
                 open: c.open.iter().map(|&(n, _)| n).collect(),
             }
         }))
+    }
+
+    async fn renew_lease(
+        &self,
+        instance: &str,
+        ttl: Duration,
+        deadline_ms: u64,
+        held_before: bool,
+    ) -> Result<Renewal> {
+        let t = &self.shared.tickets;
+        let now_ms = t.clock.now_ms();
+        if now_ms > deadline_ms {
+            return Ok(Renewal::TooLate { now_ms });
+        }
+        let mut set = t.leases.lock().unwrap_or_else(|e| e.into_inner());
+        if !set.created && held_before {
+            set.reset_ms = now_ms;
+        }
+        set.created = true;
+        set.expires
+            .insert(instance.to_owned(), now_ms + ttl.as_millis() as u64);
+        Ok(Renewal::Renewed { now_ms })
+    }
+
+    async fn lease_clock(&self) -> Result<u64> {
+        Ok(self.shared.tickets.clock.now_ms())
+    }
+
+    async fn leases(&self, keep: Duration) -> Result<Leases> {
+        let t = &self.shared.tickets;
+        let now_ms = t.clock.now_ms();
+        let mut set = t.leases.lock().unwrap_or_else(|e| e.into_inner());
+        let keep = keep.as_millis() as u64;
+        set.expires.retain(|_, &mut e| e + keep >= now_ms);
+        Ok(Leases {
+            now_ms,
+            reset_ms: set.reset_ms,
+            leases: set
+                .expires
+                .iter()
+                .map(|(i, &e)| Lease {
+                    instance: i.clone(),
+                    expires_ms: e,
+                })
+                .collect(),
+        })
     }
 }
