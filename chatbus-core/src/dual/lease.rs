@@ -36,17 +36,20 @@ use tokio::time::Instant;
 
 use crate::tickets::{Leases, Renewal, Tickets};
 
-/// How long a lease runs after a renewal.
-pub(crate) const LEASE_TTL: Duration = Duration::from_secs(2);
+/// How long a lease runs after a renewal. Short, because a send that finds the fast broker
+/// gone waits for its instance's lease to lapse: `RENEW_LATENESS + LEASE_TTL + LEASE_TTL / 4 +
+/// MARGIN` = 2 s after the last renewal at most, as long as a send waits for a fast
+/// broker's command timeout anyway.
+pub(crate) const LEASE_TTL: Duration = Duration::from_secs(1);
 
 /// How often a lease is renewed.
-const RENEW_EVERY: Duration = Duration::from_millis(600);
+const RENEW_EVERY: Duration = Duration::from_millis(300);
 
 /// How late after it was sent a renewal may still take effect (its deadline).
-const RENEW_LATENESS: Duration = Duration::from_millis(300);
+const RENEW_LATENESS: Duration = Duration::from_millis(250);
 
 /// Slack for scheduling delays between a receiver's scan and its deliveries.
-const MARGIN: Duration = Duration::from_millis(400);
+const MARGIN: Duration = Duration::from_millis(500);
 
 /// How long an instance cut from the fast broker keeps publishing without tickets, counted
 /// from its last successful renewal; after it, durable sends are refused until it is back.
@@ -64,10 +67,10 @@ pub(crate) const RETIRE_AFTER: Duration =
 /// How old (since it was sent) a receiver's last good lease scan may be for it to trust
 /// tickets. At most `LEASE_TTL / 4 + MARGIN` (see the module docs); a little less, for the
 /// time between the check and the delivery.
-pub(crate) const FRESH_FOR: Duration = Duration::from_millis(700);
+pub(crate) const FRESH_FOR: Duration = Duration::from_millis(650);
 
 /// How often a receiver scans the leases: well inside [`FRESH_FOR`].
-pub(crate) const SCAN_EVERY: Duration = Duration::from_millis(200);
+pub(crate) const SCAN_EVERY: Duration = Duration::from_millis(150);
 
 /// How long a probe of the fast broker's clock may take while the lease is lost.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(250);

@@ -107,7 +107,7 @@ pub struct DualBus<F, D> {
 }
 
 /// How long a durable send waits for this instance's lease to lapse when it cannot get a room
-/// ticket: longer than a lease can outlive the last renewal (about 3.5 s).
+/// ticket: longer than a lease can outlive the last renewal (about 2 s).
 const LAPSE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Fast-path copies sent in the background at once while the fast broker is failing.
@@ -370,10 +370,15 @@ impl<F: Broker, D: Broker> DualBus<F, D> {
         let mut last_error = None;
         // A retry follows a renewal of the lease, which comes at most every few hundred ms.
         for _ in 0..8 {
-            if !holder.lapsed() {
+            // After a fast-broker failure, sends wait for the lease instead of for another
+            // command timeout each; the lease's next renewal says when it works again.
+            if !holder.lapsed() && !self.fast_failed.load(Ordering::Relaxed) {
                 match tickets.take_ticket(&envelope.room).await {
                     Ok(ticket) => return self.publish_with_ticket(tickets, envelope, ticket).await,
-                    Err(e) => last_error = Some(e),
+                    Err(e) => {
+                        self.fast_failed.store(true, Ordering::Relaxed);
+                        last_error = Some(e);
+                    }
                 }
             }
             match holder.ticketless(give_up_at).await {
@@ -391,7 +396,7 @@ impl<F: Broker, D: Broker> DualBus<F, D> {
                         Err(e) => self.durable_failed(envelope, e).await,
                     };
                 }
-                lease::Ticketless::Retry => {}
+                lease::Ticketless::Retry => self.fast_failed.store(false, Ordering::Relaxed),
                 lease::Ticketless::Refused(why) => {
                     return Err(Error::Unavailable {
                         backend: "dual",
@@ -431,6 +436,7 @@ impl<F: Broker, D: Broker> DualBus<F, D> {
             Ok(_) => Some(ticket.n),
             Err(e) => {
                 inc(&self.stats.fast_publish_errors);
+                self.fast_failed.store(true, Ordering::Relaxed);
                 tracing::debug!(error = %e, "closing a room ticket failed");
                 None
             }
