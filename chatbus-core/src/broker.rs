@@ -140,6 +140,9 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
     /// (`missed` = 0 when the number is unknown), so the subscriber resyncs from its cursor.
     /// Messages published while disconnected are lost to the live stream but are still in the
     /// log of brokers that keep one.
+    ///
+    /// A broker that serves room subscriptions only (the interest-based `DualBus`) refuses
+    /// [`Interest::All`] with `Error::Config`.
     async fn subscribe(&self, interest: Interest) -> Result<Subscription>;
 
     /// Durable messages of `room` from `from`, oldest first, at most `limit`.

@@ -178,3 +178,111 @@ pub async fn collect(sub: &mut Subscription, n: usize) -> Vec<Envelope> {
     }
     out
 }
+
+/// A memory broker that one DualBus sees cut off (the others share the broker and still reach
+/// it): while `cut` is set, its publishes, subscriptions and ticket calls fail.
+#[derive(Debug, Clone)]
+pub struct Cut {
+    pub inner: MemoryBroker,
+    pub cut: std::sync::Arc<AtomicBool>,
+}
+
+impl Cut {
+    pub fn new(inner: MemoryBroker) -> Self {
+        Self {
+            inner,
+            cut: std::sync::Arc::default(),
+        }
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.cut.load(Ordering::Relaxed) {
+            return Err(Error::Unavailable {
+                backend: "cut",
+                reason: "cut off".into(),
+            });
+        }
+        Ok(())
+    }
+
+    fn tickets_of_inner(&self) -> Result<&dyn chatbus_core::Tickets> {
+        self.check()?;
+        self.inner
+            .tickets()
+            .ok_or_else(|| Error::Config("no tickets".into()))
+    }
+}
+
+#[async_trait]
+impl Broker for Cut {
+    fn name(&self) -> &'static str {
+        "cut"
+    }
+    async fn publish(&self, envelope: &Envelope) -> Result<Receipt> {
+        self.check()?;
+        self.inner.publish(envelope).await
+    }
+    async fn subscribe(&self, interest: Interest) -> Result<Subscription> {
+        self.check()?;
+        self.inner.subscribe(interest).await
+    }
+    async fn replay(&self, room: &Room, from: ReplayFrom, limit: usize) -> Result<HistoryStream> {
+        self.check()?;
+        self.inner.replay(room, from, limit).await
+    }
+    async fn history(
+        &self,
+        room: &Room,
+        before: Option<Cursor>,
+        limit: usize,
+    ) -> Result<chatbus_core::HistoryPage> {
+        self.check()?;
+        self.inner.history(room, before, limit).await
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    async fn health(&self) -> Health {
+        match self.check() {
+            Ok(()) => Health::Healthy,
+            Err(e) => Health::Down(e.to_string()),
+        }
+    }
+    fn tickets(&self) -> Option<&dyn chatbus_core::Tickets> {
+        Some(self)
+    }
+}
+
+#[async_trait]
+impl chatbus_core::Tickets for Cut {
+    async fn take_ticket(&self, room: &Room) -> Result<chatbus_core::Ticket> {
+        self.tickets_of_inner()?.take_ticket(room).await
+    }
+    async fn close_ticket(
+        &self,
+        room: &Room,
+        ticket: chatbus_core::Ticket,
+    ) -> Result<chatbus_core::Ticket> {
+        self.tickets_of_inner()?.close_ticket(room, ticket).await
+    }
+    async fn ticket_baseline(&self, room: &Room) -> Result<chatbus_core::Baseline> {
+        self.tickets_of_inner()?.ticket_baseline(room).await
+    }
+    async fn renew_lease(
+        &self,
+        instance: &str,
+        ttl: Duration,
+        deadline_ms: u64,
+        held_before: bool,
+    ) -> Result<chatbus_core::Renewal> {
+        self.tickets_of_inner()?
+            .renew_lease(instance, ttl, deadline_ms, held_before)
+            .await
+    }
+    async fn lease_clock(&self) -> Result<u64> {
+        self.tickets_of_inner()?.lease_clock().await
+    }
+    async fn leases(&self, keep: Duration) -> Result<chatbus_core::Leases> {
+        self.tickets_of_inner()?.leases(keep).await
+    }
+}
