@@ -118,7 +118,7 @@ async fn counter(server: &ChatServer, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// `--dual-interest` (experimental): the interest-based DualBus over a real Redis and Tansu.
+/// `--dual-interest`: the interest-based DualBus over a real Redis and Tansu.
 /// Three instances, clients on all: every message to every client once, in one order, through
 /// Redis, and no instance tails the Kafka topic.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

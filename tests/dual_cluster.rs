@@ -1,14 +1,18 @@
 //! `DualBus<RedisBroker, KafkaBroker>` over a real Redis Cluster (three masters, three
 //! replicas) and Tansu: a cluster master is SIGKILLed in the middle of steady traffic to rooms
 //! on every shard, and two DualBus instances still deliver every acknowledged message exactly
-//! once, in order per room.
+//! once, in order per room. The same with the interest-based DualBus, whose readers resync
+//! from their cursors on `Lagged` as the Hub does.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chatbus_core::{Broker, DualBus, DualConfig, Envelope, Interest, Room, Subscription};
+use chatbus_core::{
+    Broker, BrokerExt, Cursor, DualBus, DualConfig, Envelope, Error, Interest, ReplayFrom, Room,
+    Subscription,
+};
 use chatbus_kafka::{KafkaBroker, KafkaConfig};
 use chatbus_redis::{RedisBroker, RedisConfig};
 use chatbus_testkit::redis_cluster::RedisCluster;
@@ -16,7 +20,7 @@ use chatbus_testkit::tansu::Tansu;
 
 type Bus = DualBus<RedisBroker, KafkaBroker>;
 
-async fn bus(cluster: &RedisCluster, tansu: &Tansu) -> Bus {
+async fn bus(cluster: &RedisCluster, tansu: &Tansu, config: &DualConfig, topic: &str) -> Bus {
     let fast = RedisBroker::connect(
         RedisConfig::default()
             .with_cluster(cluster.seeds())
@@ -33,12 +37,12 @@ async fn bus(cluster: &RedisCluster, tansu: &Tansu) -> Bus {
     .expect("redis cluster");
     let durable = KafkaBroker::connect(
         KafkaConfig::new(tansu.bootstrap())
-            .with_topic("dual-cluster")
+            .with_topic(topic)
             .with_partitions(3),
     )
     .await
     .expect("kafka");
-    DualBus::new(fast, durable, DualConfig::default())
+    DualBus::new(fast, durable, config.clone())
 }
 
 /// Per instance and room: what arrived, counted against the acknowledged publishes.
@@ -50,12 +54,53 @@ struct Tally {
     errors: usize,
     last: HashMap<usize, u64>,
     seen: HashMap<usize, Vec<u64>>,
+    // With resync: the last cursor per room, copies at or below it dropped (as the Hub does).
+    cursors: HashMap<usize, Cursor>,
+    resyncs: usize,
+    overlaps: usize,
 }
 
+impl Tally {
+    fn take(&mut self, room: usize, env: &Envelope, by_cursor: bool) {
+        if by_cursor {
+            if let (Some(c), Some(last)) = (env.cursor, self.cursors.get(&room)) {
+                if c.offset <= last.offset {
+                    self.overlaps += 1;
+                    return;
+                }
+            }
+            if let Some(c) = env.cursor {
+                self.cursors.insert(room, c);
+            }
+        }
+        let n: u64 = std::str::from_utf8(&env.payload)
+            .expect("utf8 payload")
+            .parse()
+            .expect("numeric payload");
+        let seen = self.seen.entry(room).or_default();
+        if seen.contains(&n) {
+            self.duplicated += 1;
+            return;
+        }
+        seen.push(n);
+        self.received += 1;
+        let last = self.last.entry(room).or_insert(0);
+        if n < *last {
+            self.reordered += 1;
+        }
+        *last = (*last).max(n);
+    }
+}
+
+/// Reads every room's subscription into `tally`. With `resync` (the bus the subscriptions are
+/// of), a `Lagged` is answered as the Hub does: the room's log after its last cursor.
 async fn read(
     mut subs: Vec<(usize, Subscription)>,
+    rooms: Vec<Room>,
     tally: Arc<Mutex<Tally>>,
     stop: Arc<AtomicBool>,
+    resync: Option<Arc<[Bus; 2]>>,
+    which: usize,
 ) {
     let mut streams = futures::stream::select_all(
         subs.drain(..)
@@ -70,36 +115,56 @@ async fn read(
         let Ok(Some((room, item))) = next else {
             continue;
         };
-        let mut guard = tally.lock().expect("tally lock");
-        let t = &mut *guard;
-        let Ok(env) = item else {
-            t.errors += 1;
-            continue;
-        };
-        let n: u64 = std::str::from_utf8(&env.payload)
-            .expect("utf8 payload")
-            .parse()
-            .expect("numeric payload");
-        let seen = t.seen.entry(room).or_default();
-        if seen.contains(&n) {
-            t.duplicated += 1;
-            continue;
+        match (item, &resync) {
+            (Ok(env), _) => tally
+                .lock()
+                .expect("tally lock")
+                .take(room, &env, resync.is_some()),
+            (Err(Error::Lagged { .. }), Some(buses)) => {
+                let from = tally
+                    .lock()
+                    .expect("tally lock")
+                    .cursors
+                    .get(&room)
+                    .map_or(ReplayFrom::Beginning, |&c| ReplayFrom::Cursor(c));
+                let missed = buses[which]
+                    .replay_vec(&rooms[room], from, 100_000)
+                    .await
+                    .expect("replay after Lagged");
+                let mut t = tally.lock().expect("tally lock");
+                t.resyncs += 1;
+                for env in &missed {
+                    t.take(room, env, true);
+                }
+            }
+            (Err(_), _) => tally.lock().expect("tally lock").errors += 1,
         }
-        seen.push(n);
-        t.received += 1;
-        let last = t.last.entry(room).or_insert(0);
-        if n < *last {
-            t.reordered += 1;
-        }
-        *last = (*last).max(n);
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dual_bus_loses_nothing_acked_when_a_cluster_master_dies() {
+    master_dies_under(DualConfig::default(), "dual-cluster").await;
+}
+
+/// The interest-based DualBus (room tickets and leases on the cluster), the same failover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interest_based_dual_bus_loses_nothing_acked_when_a_cluster_master_dies() {
+    master_dies_under(
+        DualConfig::default().with_interest(true),
+        "dual-cluster-interest",
+    )
+    .await;
+}
+
+async fn master_dies_under(config: DualConfig, topic: &str) {
+    let interest = config.interest;
     let mut cluster = RedisCluster::start().await;
     let tansu = Tansu::start().await;
-    let instances = Arc::new([bus(&cluster, &tansu).await, bus(&cluster, &tansu).await]);
+    let instances = Arc::new([
+        bus(&cluster, &tansu, &config, topic).await,
+        bus(&cluster, &tansu, &config, topic).await,
+    ]);
     // Three rooms served by three different masters.
     let mut rooms: Vec<(Room, usize)> = Vec::new();
     for i in 0..200 {
@@ -116,16 +181,25 @@ async fn dual_bus_loses_nothing_acked_when_a_cluster_master_dies() {
     let stop = Arc::new(AtomicBool::new(false));
     let mut tallies = Vec::new();
     let mut readers = Vec::new();
-    for bus in instances.iter() {
+    for (which, bus) in instances.iter().enumerate() {
         let mut subs = Vec::new();
         for (i, (room, _)) in rooms.iter().enumerate() {
             subs.push((
                 i,
-                bus.subscribe(Interest::room(room.clone())).await.unwrap(),
+                bus.subscribe(Interest::room(room.clone()))
+                    .await
+                    .expect("subscribe"),
             ));
         }
         let tally = Arc::new(Mutex::new(Tally::default()));
-        readers.push(tokio::spawn(read(subs, tally.clone(), stop.clone())));
+        readers.push(tokio::spawn(read(
+            subs,
+            rooms.iter().map(|(r, _)| r.clone()).collect(),
+            tally.clone(),
+            stop.clone(),
+            interest.then(|| instances.clone()),
+            which,
+        )));
         tallies.push(tally);
     }
     let acked: Arc<Mutex<Vec<(usize, u64)>>> = Arc::default();
@@ -154,18 +228,25 @@ async fn dual_bus_loses_nothing_acked_when_a_cluster_master_dies() {
         })
     };
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let victim = rooms[0].1;
+    // A master that does not hold the instances' leases: those keep renewing while the rooms
+    // of the victim get no tickets (the interest-based bus must then let its lease lapse).
+    let leases_master = cluster.master_of("dual:leases");
+    let victim = rooms
+        .iter()
+        .map(|&(_, m)| m)
+        .find(|&m| m != leases_master)
+        .expect("a room on a shard without the leases");
     cluster.kill(victim);
     let failover = cluster.wait_failover(victim, Duration::from_secs(30)).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     publishing.store(false, Ordering::Relaxed);
-    traffic.await.unwrap();
-    let acked = acked.lock().unwrap().clone();
+    traffic.await.expect("traffic task");
+    let acked = acked.lock().expect("acked lock").clone();
     // Everything acknowledged arrives on both instances (bounded wait).
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let done = tallies.iter().all(|t| {
-            let t = t.lock().unwrap();
+            let t = t.lock().expect("tally lock");
             acked
                 .iter()
                 .all(|(r, n)| t.seen.get(r).is_some_and(|s| s.contains(n)))
@@ -179,10 +260,10 @@ async fn dual_bus_loses_nothing_acked_when_a_cluster_master_dies() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);
     for r in readers {
-        r.await.unwrap();
+        r.await.expect("reader task");
     }
     for (k, t) in tallies.iter().enumerate() {
-        let t = t.lock().unwrap().clone();
+        let t = t.lock().expect("tally lock").clone();
         let missing: Vec<(usize, u64)> = acked
             .iter()
             .copied()
@@ -190,7 +271,7 @@ async fn dual_bus_loses_nothing_acked_when_a_cluster_master_dies() {
             .collect();
         eprintln!(
             "instance {k}: sent {} acked {} received {} duplicated {} reordered {} missing {} \
-             errors {} (failover took {failover:?})",
+             errors {} resyncs {} overlaps {} (failover took {failover:?})",
             sent.load(Ordering::Relaxed),
             acked.len(),
             t.received,
@@ -198,6 +279,8 @@ async fn dual_bus_loses_nothing_acked_when_a_cluster_master_dies() {
             t.reordered,
             missing.len(),
             t.errors,
+            t.resyncs,
+            t.overlaps,
         );
         assert!(
             missing.is_empty(),

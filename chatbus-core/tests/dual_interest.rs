@@ -323,3 +323,56 @@ async fn a_bus_cut_from_the_fast_broker_keeps_publishing_and_order_holds() {
         b.stats()
     );
 }
+
+/// The fast broker refuses this bus's room tickets for longer than a send waits (5 s) while its
+/// lease still renews, as when the cluster shard of the room fails over and the leases' shard
+/// does not: the bus lets its lease lapse and publishes without tickets, so no send is refused,
+/// and both buses still deliver every message once, in log order.
+#[tokio::test]
+async fn sends_go_on_when_only_the_rooms_tickets_fail_and_the_lease_renews() {
+    let fast = relay();
+    let durable = log();
+    let cut_a = Cut::new(fast.clone());
+    let a = Arc::new(DualBus::new(cut_a.clone(), durable.clone(), interest()));
+    let b = Arc::new(DualBus::new(Cut::new(fast), durable.clone(), interest()));
+    let r = room("interest-shard-down");
+    let mut sa = a
+        .subscribe(Interest::room(r.clone()))
+        .await
+        .expect("subscribe");
+    let mut sb = b
+        .subscribe(Interest::room(r.clone()))
+        .await
+        .expect("subscribe");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let sender = {
+        let (a, r) = (a.clone(), r.clone());
+        tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for i in 0..60 {
+                let env = Envelope::new(r.clone(), format!("a {i}"));
+                match a.publish(&env).await {
+                    Ok(receipt) => ids.push(receipt.id),
+                    Err(e) => panic!("send {i} refused while the lease renewed: {e}"),
+                }
+                tokio::time::sleep(Duration::from_millis(150)).await;
+            }
+            ids
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cut_a.rooms_down.store(true, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    cut_a.rooms_down.store(false, Ordering::Relaxed);
+    let ids = sender.await.expect("sender a");
+    for sub in [&mut sa, &mut sb] {
+        let got = follow_as_the_hub(sub, &durable, &r, &ids).await;
+        let receipts: Vec<Receipt> = ids.iter().map(|&id| Receipt { id, cursor: None }).collect();
+        assert_log_order_once(&got, &receipts, &durable, &r).await;
+    }
+    assert!(
+        a.stats().ticketless_publishes > 0,
+        "the bus wrote without tickets: {:?}",
+        a.stats()
+    );
+}

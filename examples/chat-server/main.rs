@@ -249,9 +249,10 @@ struct Args {
     #[arg(long, env = "CHATBUS_DURABLE_DOWN", value_enum, default_value_t = DurableDown::Reject)]
     durable_down: DurableDown,
 
-    /// With `--broker dual`: **experimental** interest-based DualBus, which receives from the
-    /// brokers only the rooms with local members (per-room tickets in Redis). Not yet
-    /// fault-tolerant: while Redis is unreachable, sends are refused (docs/ARCHITECTURE.md).
+    /// With `--broker dual`: the interest-based DualBus, which receives from the brokers only
+    /// the rooms with local members (per-room tickets and instance leases in Redis; while a
+    /// lease is lapsed the rooms are read from Kafka). Every instance must use the same value
+    /// (docs/ARCHITECTURE.md, "Interest-based DualBus").
     #[arg(long, env = "CHATBUS_DUAL_INTEREST")]
     dual_interest: bool,
 

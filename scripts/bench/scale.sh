@@ -21,7 +21,7 @@
 #   scripts/bench/scale.sh
 #   RATE=400 DURATION=30 scripts/bench/scale.sh
 #   CLUSTER=1 scripts/bench/scale.sh      # on a Redis Cluster (3 masters, 3 replicas)
-#   CHATBUS_DUAL_INTEREST=true scripts/bench/scale.sh   # the interest-based DualBus (experimental)
+#   CHATBUS_DUAL_INTEREST=true scripts/bench/scale.sh   # the interest-based DualBus
 #
 # Report: target/loadgen/scale.md (the table) and target/loadgen/scale.json (the load
 # generator's report). Takes about 2 minutes once built.

@@ -32,13 +32,13 @@ pub struct DualConfig {
     pub gap_timeout: Duration,
     /// Buffer of each local subscription. Default 8,192.
     pub subscriber_capacity: usize,
-    /// **Experimental.** Receive from the brokers only the rooms with local subscribers: one
+    /// Receive from the brokers only the rooms with local subscribers (opt-in): one
     /// fast subscription per room, per-room order from tickets the fast broker hands out
-    /// (`Broker::tickets`, e.g. Redis), lost fast copies read from the room's log. Not yet
-    /// fault-tolerant: while the fast broker is unreachable, durable sends are rejected and
-    /// live delivery stops (subscribers resync when it returns); see docs/ARCHITECTURE.md,
-    /// "Interest-based DualBus". Room subscriptions only (`Interest::All` is refused). Default
-    /// off.
+    /// (`Broker::tickets`, e.g. Redis), lost fast copies read from the room's log; instance
+    /// leases in the fast broker keep sends and delivery going through the durable log while
+    /// the fast broker is out of reach (see docs/ARCHITECTURE.md, "Interest-based DualBus").
+    /// Every instance of a deployment must agree. Room subscriptions only (`Interest::All` is
+    /// refused). Default off.
     pub interest: bool,
 }
 

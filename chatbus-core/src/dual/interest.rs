@@ -1,5 +1,4 @@
-//! The interest-based merger ([`DualConfig::interest`](super::DualConfig::interest),
-//! experimental): one fast subscription per local room instead of everything from both
+//! The interest-based merger ([`DualConfig::interest`](super::DualConfig::interest)): one fast subscription per local room instead of everything from both
 //! brokers, delivery in log order per room from tickets ([`RoomSequence`]), lost fast copies
 //! filled by a targeted log read of the room. See docs/ARCHITECTURE.md, "Interest-based
 //! DualBus", for the design.

@@ -72,6 +72,10 @@ pub(crate) const FRESH_FOR: Duration = Duration::from_millis(650);
 /// How often a receiver scans the leases: well inside [`FRESH_FOR`].
 pub(crate) const SCAN_EVERY: Duration = Duration::from_millis(150);
 
+/// How long a lease let lapse on purpose ([`Holder::suspend`]) stays lapsed before the
+/// instance tries tickets again.
+const SUSPENDED_FOR: Duration = Duration::from_secs(1);
+
 /// How long a probe of the fast broker's clock may take while the lease is lost.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(250);
 
@@ -123,6 +127,9 @@ pub(super) struct Holder {
     // Ticketless writes hold it shared; a renewal after a lapse takes it alone.
     gate: RwLock<()>,
     renewed: Notify,
+    // Set by a publish that got no ticket while the lease was live (a cluster shard failing
+    // over, say): the lease is let lapse, so that sends can go on without tickets.
+    suspended: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -153,6 +160,7 @@ impl Holder {
             state: Mutex::new(State::default()),
             gate: RwLock::new(()),
             renewed: Notify::new(),
+            suspended: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -175,6 +183,21 @@ impl Holder {
         let now = Instant::now();
         self.window()
             .is_some_and(|(from, until)| now >= from && now < until)
+    }
+
+    /// A publish got no ticket although the lease is live: stop renewing it, so that it lapses
+    /// and publishes go on without tickets (receivers then read the log). The renewer tries
+    /// again [`SUSPENDED_FOR`] after the lapse.
+    pub(super) fn suspend(&self) {
+        if !self
+            .suspended
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::warn!(
+                "no room ticket from the fast broker: letting this instance's lease lapse to \
+                 publish without tickets"
+            );
+        }
     }
 
     /// Waits (until `give_up_at` at most) until a ticketless write is allowed.
@@ -233,6 +256,19 @@ impl Holder {
                         continue;
                     }
                 }
+            }
+            if self.suspended.load(std::sync::atomic::Ordering::Relaxed) {
+                // Let the lease lapse; once it has for a while, try tickets again.
+                let lapsed_long = self
+                    .state()
+                    .may_run_until
+                    .is_none_or(|u| Instant::now() >= u + SUSPENDED_FOR);
+                if !lapsed_long {
+                    tokio::time::sleep(RENEW_EVERY).await;
+                    continue;
+                }
+                self.suspended
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
             }
             probing = !self.renew(tickets).await;
             tokio::time::sleep(if probing { PROBE_TIMEOUT } else { RENEW_EVERY }).await;

@@ -64,14 +64,17 @@ use crate::{Error, Result};
 ///
 /// Local subscriptions (one per room from the Hub) are served from the merger's output by room.
 ///
-/// **Interest-based (experimental, [`DualConfig::interest`]).** Instead of everything, the bus
+/// **Interest-based (opt-in, [`DualConfig::interest`]).** Instead of everything, the bus
 /// subscribes on the fast broker to the rooms it has local subscribers for, and nothing on the
 /// durable one. A publish takes a room ticket from the fast broker ([`Broker::tickets`])
 /// before its durable write and closes it after the ack, which gives the *horizon* the fast
 /// copy carries; a receiver delivers a message in log order once every ticket up to its
-/// horizon is accounted for, and reads the room's log for a copy that does not come. While
-/// the fast broker cannot hand out tickets, durable publishes are refused; the design that
-/// keeps them going (leases, a tail of the rooms' partitions) is in docs/ARCHITECTURE.md.
+/// horizon is accounted for, and reads the room's log for a copy that does not come. Every
+/// instance holds a lease in the fast broker: one that cannot get tickets publishes without
+/// them once its lease has certainly lapsed (for at most 20 s), and a receiver that sees a
+/// lapsed lease, or cannot check, reads its rooms from the durable log's tail meanwhile
+/// (its subscribers get `Lagged` at each switch and resync from their cursors). See
+/// docs/ARCHITECTURE.md, "Interest-based DualBus".
 ///
 /// ```
 /// use std::sync::Arc;
@@ -377,6 +380,9 @@ impl<F: Broker, D: Broker> DualBus<F, D> {
                     Ok(ticket) => return self.publish_with_ticket(tickets, envelope, ticket).await,
                     Err(e) => {
                         self.fast_failed.store(true, Ordering::Relaxed);
+                        // The lease may still renew (a cluster shard of this room failing
+                        // over, say): let it lapse, or the send would wait in vain.
+                        holder.suspend();
                         last_error = Some(e);
                     }
                 }

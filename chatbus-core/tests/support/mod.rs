@@ -180,11 +180,14 @@ pub async fn collect(sub: &mut Subscription, n: usize) -> Vec<Envelope> {
 }
 
 /// A memory broker that one DualBus sees cut off (the others share the broker and still reach
-/// it): while `cut` is set, its publishes, subscriptions and ticket calls fail.
+/// it): while `cut` is set, its publishes, subscriptions and ticket calls fail. While
+/// `rooms_down` is set, only the calls about rooms fail and the leases still renew, as when the
+/// cluster shard of the rooms fails over and the one of the leases does not.
 #[derive(Debug, Clone)]
 pub struct Cut {
     pub inner: MemoryBroker,
     pub cut: std::sync::Arc<AtomicBool>,
+    pub rooms_down: std::sync::Arc<AtomicBool>,
 }
 
 impl Cut {
@@ -192,6 +195,7 @@ impl Cut {
         Self {
             inner,
             cut: std::sync::Arc::default(),
+            rooms_down: std::sync::Arc::default(),
         }
     }
 
@@ -205,11 +209,27 @@ impl Cut {
         Ok(())
     }
 
+    fn check_room(&self) -> Result<()> {
+        self.check()?;
+        if self.rooms_down.load(Ordering::Relaxed) {
+            return Err(Error::Unavailable {
+                backend: "cut",
+                reason: "the rooms' shard is down".into(),
+            });
+        }
+        Ok(())
+    }
+
     fn tickets_of_inner(&self) -> Result<&dyn chatbus_core::Tickets> {
         self.check()?;
         self.inner
             .tickets()
             .ok_or_else(|| Error::Config("no tickets".into()))
+    }
+
+    fn room_tickets_of_inner(&self) -> Result<&dyn chatbus_core::Tickets> {
+        self.check_room()?;
+        self.tickets_of_inner()
     }
 }
 
@@ -219,15 +239,15 @@ impl Broker for Cut {
         "cut"
     }
     async fn publish(&self, envelope: &Envelope) -> Result<Receipt> {
-        self.check()?;
+        self.check_room()?;
         self.inner.publish(envelope).await
     }
     async fn subscribe(&self, interest: Interest) -> Result<Subscription> {
-        self.check()?;
+        self.check_room()?;
         self.inner.subscribe(interest).await
     }
     async fn replay(&self, room: &Room, from: ReplayFrom, limit: usize) -> Result<HistoryStream> {
-        self.check()?;
+        self.check_room()?;
         self.inner.replay(room, from, limit).await
     }
     async fn history(
@@ -236,7 +256,7 @@ impl Broker for Cut {
         before: Option<Cursor>,
         limit: usize,
     ) -> Result<chatbus_core::HistoryPage> {
-        self.check()?;
+        self.check_room()?;
         self.inner.history(room, before, limit).await
     }
     fn capabilities(&self) -> Capabilities {
@@ -256,17 +276,19 @@ impl Broker for Cut {
 #[async_trait]
 impl chatbus_core::Tickets for Cut {
     async fn take_ticket(&self, room: &Room) -> Result<chatbus_core::Ticket> {
-        self.tickets_of_inner()?.take_ticket(room).await
+        self.room_tickets_of_inner()?.take_ticket(room).await
     }
     async fn close_ticket(
         &self,
         room: &Room,
         ticket: chatbus_core::Ticket,
     ) -> Result<chatbus_core::Ticket> {
-        self.tickets_of_inner()?.close_ticket(room, ticket).await
+        self.room_tickets_of_inner()?
+            .close_ticket(room, ticket)
+            .await
     }
     async fn ticket_baseline(&self, room: &Room) -> Result<chatbus_core::Baseline> {
-        self.tickets_of_inner()?.ticket_baseline(room).await
+        self.room_tickets_of_inner()?.ticket_baseline(room).await
     }
     async fn renew_lease(
         &self,
