@@ -332,7 +332,8 @@ async fn redis_blackholed() {
     report("redis blackholed", &records, &score);
     let slowest = Duration::from_millis(acks_ms(&records).max().unwrap_or(0));
     println!(
-        "redis blackholed: pub/sub loss detected after {detected:?} (bound {detect_bound:?}), \
+        "redis blackholed: pub/sub loss detected after {detected:?} (design {detect_bound:?}, \
+         asserted {hold:?} for the log poll and a loaded machine), \
          modes then {modes:?}; all reconnected {back:?} after the link returned (bound \
          {back_bound:?}); slowest ack {slowest:?} (bound {ack_bound:?}); proxy {:?}",
         proxy.stats()
@@ -342,7 +343,8 @@ async fn redis_blackholed() {
     for (i, d) in detected.iter().enumerate() {
         assert!(
             d.is_some_and(|d| d <= hold),
-            "instance {i} noticed the hung Redis after {d:?}, bound {detect_bound:?}"
+            "instance {i} noticed the hung Redis after {d:?}, bound {hold:?} (design \
+             {detect_bound:?})"
         );
     }
     assert_eq!(

@@ -266,28 +266,62 @@ async fn follow_as_the_hub(
     got
 }
 
+/// Two interest buses on one fast broker and one log, the first behind a [`Cut`], both
+/// subscribed to room `name`, their leases renewed once.
+struct Pair {
+    cut_a: Cut,
+    a: Arc<DualBus<Cut, MemoryBroker>>,
+    b: Arc<DualBus<Cut, MemoryBroker>>,
+    durable: MemoryBroker,
+    r: Room,
+    sa: chatbus_core::Subscription,
+    sb: chatbus_core::Subscription,
+}
+
+impl Pair {
+    async fn new(name: &str) -> Self {
+        let fast = relay();
+        let durable = log();
+        let cut_a = Cut::new(fast.clone());
+        let a = Arc::new(DualBus::new(cut_a.clone(), durable.clone(), interest()));
+        let b = Arc::new(DualBus::new(Cut::new(fast), durable.clone(), interest()));
+        let r = room(name);
+        let sa = a
+            .subscribe(Interest::room(r.clone()))
+            .await
+            .expect("subscribe");
+        let sb = b
+            .subscribe(Interest::room(r.clone()))
+            .await
+            .expect("subscribe");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        Self {
+            cut_a,
+            a,
+            b,
+            durable,
+            r,
+            sa,
+            sb,
+        }
+    }
+}
+
 /// One bus cut from the fast broker while both send to one room: the cut bus's sends wait for
 /// its lease to lapse, then go to the log without tickets; the other bus stops trusting
 /// tickets and reads the room from the log. Both subscribers (resyncing on `Lagged` as the
 /// Hub does) get every acked message once, in the log's order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bus_cut_from_the_fast_broker_keeps_publishing_and_order_holds() {
-    let fast = relay();
-    let durable = log();
-    let cut_a = Cut::new(fast.clone());
-    let a = Arc::new(DualBus::new(cut_a.clone(), durable.clone(), interest()));
-    let b = Arc::new(DualBus::new(Cut::new(fast), durable.clone(), interest()));
-    let r = room("interest-cut");
-    let mut sa = a
-        .subscribe(Interest::room(r.clone()))
-        .await
-        .expect("subscribe");
-    let mut sb = b
-        .subscribe(Interest::room(r.clone()))
-        .await
-        .expect("subscribe");
-    // Let both leases be renewed once.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let Pair {
+        cut_a,
+        a,
+        b,
+        durable,
+        r,
+        mut sa,
+        mut sb,
+    } = Pair::new("interest-cut").await;
     let send = |bus: Arc<DualBus<Cut, MemoryBroker>>, tag: &'static str, n: usize| {
         let r = r.clone();
         tokio::spawn(async move {
@@ -330,21 +364,15 @@ async fn a_bus_cut_from_the_fast_broker_keeps_publishing_and_order_holds() {
 /// and both buses still deliver every message once, in log order.
 #[tokio::test]
 async fn sends_go_on_when_only_the_rooms_tickets_fail_and_the_lease_renews() {
-    let fast = relay();
-    let durable = log();
-    let cut_a = Cut::new(fast.clone());
-    let a = Arc::new(DualBus::new(cut_a.clone(), durable.clone(), interest()));
-    let b = Arc::new(DualBus::new(Cut::new(fast), durable.clone(), interest()));
-    let r = room("interest-shard-down");
-    let mut sa = a
-        .subscribe(Interest::room(r.clone()))
-        .await
-        .expect("subscribe");
-    let mut sb = b
-        .subscribe(Interest::room(r.clone()))
-        .await
-        .expect("subscribe");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let Pair {
+        cut_a,
+        a,
+        b: _b, // kept alive: its subscription ends with it
+        durable,
+        r,
+        mut sa,
+        mut sb,
+    } = Pair::new("interest-shard-down").await;
     let sender = {
         let (a, r) = (a.clone(), r.clone());
         tokio::spawn(async move {
