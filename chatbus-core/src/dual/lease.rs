@@ -27,6 +27,7 @@
 //! Only clock *rates* are compared across processes (durations measured by each), never two
 //! clocks' readings, except the fast broker's against itself.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -129,7 +130,7 @@ pub(super) struct Holder {
     renewed: Notify,
     // Set by a publish that got no ticket while the lease was live (a cluster shard failing
     // over, say): the lease is let lapse, so that sends can go on without tickets.
-    suspended: std::sync::atomic::AtomicBool,
+    suspended: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -160,7 +161,7 @@ impl Holder {
             state: Mutex::new(State::default()),
             gate: RwLock::new(()),
             renewed: Notify::new(),
-            suspended: std::sync::atomic::AtomicBool::new(false),
+            suspended: AtomicBool::new(false),
         }
     }
 
@@ -189,10 +190,7 @@ impl Holder {
     /// and publishes go on without tickets (receivers then read the log). The renewer tries
     /// again [`SUSPENDED_FOR`] after the lapse.
     pub(super) fn suspend(&self) {
-        if !self
-            .suspended
-            .swap(true, std::sync::atomic::Ordering::Relaxed)
-        {
+        if !self.suspended.swap(true, Ordering::Relaxed) {
             tracing::warn!(
                 "no room ticket from the fast broker: letting this instance's lease lapse to \
                  publish without tickets"
@@ -257,7 +255,7 @@ impl Holder {
                     }
                 }
             }
-            if self.suspended.load(std::sync::atomic::Ordering::Relaxed) {
+            if self.suspended.load(Ordering::Relaxed) {
                 // Let the lease lapse; once it has for a while, try tickets again.
                 let lapsed_long = self
                     .state()
@@ -267,8 +265,7 @@ impl Holder {
                     tokio::time::sleep(RENEW_EVERY).await;
                     continue;
                 }
-                self.suspended
-                    .store(false, std::sync::atomic::Ordering::Relaxed);
+                self.suspended.store(false, Ordering::Relaxed);
             }
             probing = !self.renew(tickets).await;
             tokio::time::sleep(if probing { PROBE_TIMEOUT } else { RENEW_EVERY }).await;
