@@ -266,6 +266,19 @@ async fn follow_as_the_hub(
     got
 }
 
+/// Follows `sub` as the Hub does until every id in `ids` is in, and asserts each came once, in
+/// the log's order.
+async fn follows_in_log_order_once(
+    sub: &mut chatbus_core::Subscription,
+    durable: &MemoryBroker,
+    r: &Room,
+    ids: &[chatbus_core::MessageId],
+) {
+    let got = follow_as_the_hub(sub, durable, r, ids).await;
+    let receipts: Vec<Receipt> = ids.iter().map(|&id| Receipt { id, cursor: None }).collect();
+    assert_log_order_once(&got, &receipts, durable, r).await;
+}
+
 /// Two interest buses on one fast broker and one log, the first behind a [`Cut`], both
 /// subscribed to room `name`, their leases renewed once.
 struct Pair {
@@ -342,9 +355,7 @@ async fn a_bus_cut_from_the_fast_broker_keeps_publishing_and_order_holds() {
     let mut ids = ta.await.expect("sender a");
     ids.extend(tb.await.expect("sender b"));
     for sub in [&mut sa, &mut sb] {
-        let got = follow_as_the_hub(sub, &durable, &r, &ids).await;
-        let receipts: Vec<Receipt> = ids.iter().map(|&id| Receipt { id, cursor: None }).collect();
-        assert_log_order_once(&got, &receipts, &durable, &r).await;
+        follows_in_log_order_once(sub, &durable, &r, &ids).await;
     }
     assert!(
         a.stats().ticketless_publishes > 0,
@@ -394,9 +405,7 @@ async fn sends_go_on_when_only_the_rooms_tickets_fail_and_the_lease_renews() {
     cut_a.rooms_down.store(false, Ordering::Relaxed);
     let ids = sender.await.expect("sender a");
     for sub in [&mut sa, &mut sb] {
-        let got = follow_as_the_hub(sub, &durable, &r, &ids).await;
-        let receipts: Vec<Receipt> = ids.iter().map(|&id| Receipt { id, cursor: None }).collect();
-        assert_log_order_once(&got, &receipts, &durable, &r).await;
+        follows_in_log_order_once(sub, &durable, &r, &ids).await;
     }
     assert!(
         a.stats().ticketless_publishes > 0,

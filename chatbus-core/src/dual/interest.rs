@@ -1,7 +1,7 @@
-//! The interest-based merger ([`DualConfig::interest`](super::DualConfig::interest)): one fast subscription per local room instead of everything from both
-//! brokers, delivery in log order per room from tickets ([`RoomSequence`]), lost fast copies
-//! filled by a targeted log read of the room. See docs/ARCHITECTURE.md, "Interest-based
-//! DualBus", for the design.
+//! The interest-based merger ([`DualConfig::interest`](super::DualConfig::interest)): one
+//! fast subscription per local room instead of everything from both brokers, delivery in log
+//! order per room from tickets ([`RoomSequence`]), lost fast copies filled by a targeted log
+//! read of the room. See docs/ARCHITECTURE.md, "Interest-based DualBus", for the design.
 //!
 //! Tickets are trusted only while the instances' leases say that nobody writes without one
 //! (`lease.rs`). Otherwise (a lease lapsed, the fast broker out of reach, a room that could not
